@@ -1,0 +1,33 @@
+"""samba-hf: Samba (Mamba + sliding-window attention) for Hugging Face transformers.
+
+Importing the package registers the model with transformers' Auto classes (and PEFT's default
+LoRA targets, when PEFT is installed).
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from .configuration_samba import PRESETS, SambaConfig
+from .modeling_samba import SambaForCausalLM, SambaForSequenceClassification, SambaModel, SambaPreTrainedModel
+
+__version__ = "0.1.0"
+
+AutoConfig.register("samba", SambaConfig, exist_ok=True)
+AutoModel.register(SambaConfig, SambaModel, exist_ok=True)
+AutoModelForCausalLM.register(SambaConfig, SambaForCausalLM, exist_ok=True)
+AutoModelForSequenceClassification.register(SambaConfig, SambaForSequenceClassification, exist_ok=True)
+
+# Saved folders carry the modeling code and an `auto_map`, so they load with trust_remote_code=True
+# where samba-hf is not installed.
+SambaConfig.register_for_auto_class()
+SambaModel.register_for_auto_class("AutoModel")
+SambaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+SambaForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+
+__all__ = [
+    "PRESETS",
+    "SambaConfig",
+    "SambaForCausalLM",
+    "SambaForSequenceClassification",
+    "SambaModel",
+    "SambaPreTrainedModel",
+]

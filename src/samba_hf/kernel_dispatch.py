@@ -1,0 +1,121 @@
+"""The one place where the Mamba ops of a Samba model are chosen.
+
+`"auto"`: samba_kernels' Triton kernels for CUDA tensors, the PyTorch references elsewhere.
+`"triton"` / `"torch"` / `"mamba_ssm"` force one implementation (`config.kernel_implementation`,
+overridden by the environment variable SAMBA_KERNELS). A forced implementation that is not
+installed, or an error inside a kernel, is raised: no silent fallback to a slower path.
+
+This file ships with the model's remote code, so it imports optional libraries inside try blocks
+and keeps the PyTorch references (mamba_reference.py) beside it.
+"""
+
+import logging
+import os
+from types import SimpleNamespace
+
+import torch
+
+from .mamba_reference import (
+    causal_conv1d_ref,
+    causal_conv1d_update_ref,
+    selective_scan_ref,
+    selective_state_update_ref,
+)
+
+logger = logging.getLogger(__name__)
+
+try:  # samba-hf's own Triton kernels (installed with samba-hf)
+    import samba_kernels
+except ImportError:
+    samba_kernels = None
+
+try:  # the CUDA extensions of mamba-ssm / causal-conv1d (optional extra)
+    from causal_conv1d import causal_conv1d_fn as _cc_causal_conv1d_fn
+    from causal_conv1d import causal_conv1d_update as _cc_causal_conv1d_update
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _ms_selective_scan_fn
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update as _ms_selective_state_update
+except ImportError:
+    _ms_selective_scan_fn = None
+
+IMPLEMENTATIONS = ("auto", "triton", "torch", "mamba_ssm")
+
+TORCH_OPS = SimpleNamespace(
+    name="torch",
+    selective_scan=selective_scan_ref,
+    causal_conv1d=causal_conv1d_ref,
+    causal_conv1d_update=causal_conv1d_update_ref,
+    selective_state_update=selective_state_update_ref,
+)
+
+
+def _triton_ops():
+    if samba_kernels is None or not hasattr(samba_kernels, "selective_scan_fn"):
+        raise RuntimeError(
+            "kernel implementation 'triton' needs samba_kernels with its Triton kernels: `pip install samba-hf`, "
+            "or choose SAMBA_KERNELS=torch."
+        )
+    return SimpleNamespace(
+        name="triton",
+        selective_scan=samba_kernels.selective_scan_fn,
+        causal_conv1d=samba_kernels.causal_conv1d_fn,
+        causal_conv1d_update=samba_kernels.causal_conv1d_update,
+        selective_state_update=samba_kernels.selective_state_update,
+    )
+
+
+def _mamba_ssm_scan(*args, initial_state=None, seq_idx=None, **kwargs):
+    if initial_state is not None or seq_idx is not None:
+        raise NotImplementedError(
+            "mamba-ssm's selective scan cannot continue from a cached state or reset at packed-document boundaries; "
+            "use kernel implementation 'triton' (the default on CUDA) for chunked prefill and packed sequences."
+        )
+    return _ms_selective_scan_fn(*args, **kwargs)
+
+
+def _mamba_ssm_ops():
+    if _ms_selective_scan_fn is None:
+        raise RuntimeError(
+            "kernel implementation 'mamba_ssm' needs the CUDA packages: `pip install samba-hf[mamba-ssm]` "
+            "(mamba-ssm and causal-conv1d build against your CUDA), or choose SAMBA_KERNELS=triton."
+        )
+    return SimpleNamespace(
+        name="mamba_ssm",
+        selective_scan=_mamba_ssm_scan,
+        causal_conv1d=_cc_causal_conv1d_fn,
+        causal_conv1d_update=_cc_causal_conv1d_update,
+        selective_state_update=_ms_selective_state_update,
+    )
+
+
+def requested_implementation(config_choice: str = "auto") -> str:
+    choice = os.environ.get("SAMBA_KERNELS", config_choice)
+    if choice not in IMPLEMENTATIONS:
+        raise ValueError(f"SAMBA_KERNELS / kernel_implementation must be one of {IMPLEMENTATIONS}, got {choice!r}.")
+    return choice
+
+
+_logged = set()
+
+
+def mamba_ops(config_choice: str, device: torch.device) -> SimpleNamespace:
+    """The Mamba ops for tensors on `device` (see the module docstring)."""
+    choice = requested_implementation(config_choice)
+    if choice == "auto":
+        choice = "triton" if device.type == "cuda" and samba_kernels is not None else "torch"
+    ops = {"triton": _triton_ops, "mamba_ssm": _mamba_ssm_ops}.get(choice, lambda: TORCH_OPS)()
+    if (ops.name, device.type) not in _logged:
+        _logged.add((ops.name, device.type))
+        logger.info("samba: Mamba ops on %s tensors use the %s implementation", device.type, ops.name)
+    return ops
+
+
+def describe(config_choice: str = "auto") -> dict:
+    """Which implementation each device would use here, for `samba-hf env`."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    report = {}
+    for device in devices:
+        try:
+            report[device] = mamba_ops(config_choice, torch.device(device)).name
+        except (RuntimeError, ValueError) as error:
+            report[device] = f"unavailable: {error}"
+    return report
