@@ -1,0 +1,28 @@
+"""samba_kernels: Triton kernels for Samba's Mamba ops and their PyTorch references.
+
+Imports torch and triton only, never transformers. The public ops run their Triton kernels on
+CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (see `use_triton`); elsewhere they
+run the PyTorch references of `reference.py`.
+"""
+
+from ._common import use_triton
+from .causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+from .reference import (
+    causal_conv1d_ref,
+    causal_conv1d_update_ref,
+    selective_scan_ref,
+    selective_state_update_ref,
+)
+from .selective_scan import selective_scan_fn, selective_state_update
+
+__all__ = [
+    "causal_conv1d_fn",
+    "causal_conv1d_ref",
+    "causal_conv1d_update",
+    "causal_conv1d_update_ref",
+    "selective_scan_fn",
+    "selective_scan_ref",
+    "selective_state_update",
+    "selective_state_update_ref",
+    "use_triton",
+]

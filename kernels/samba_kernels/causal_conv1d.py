@@ -1,0 +1,178 @@
+"""Depthwise causal conv1d in Triton (forward, backward, decode update).
+
+Each program computes a (BLOCK_D channels, BLOCK_L positions) tile; the width-W taps are unrolled.
+Positions are "padded": position p < 0 reads the initial states, which belong to the first
+document of `seq_idx`. The backward recomputes the pre-activation where the activation needs it
+instead of saving it, and sums dweight / dbias over batch and time with fp32 atomics.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import block_size, silu_grad, use_triton
+from .reference import causal_conv1d_ref, causal_conv1d_update_ref
+
+
+@triton.jit
+def _seq_at(seq_idx, b, L, p):
+    # Document of padded position p; the initial states (p < 0) belong to the first one.
+    return tl.load(seq_idx + b * L + tl.minimum(tl.maximum(p, 0), L - 1))
+
+
+@triton.jit
+def _load_padded(x, init, b, d, d_mask, p, dim, L, s_ib, s_id, s_il, W: tl.constexpr, HAS_INIT: tl.constexpr):
+    """x at padded positions p (BLOCK_L,) for channels d, as fp32 (BLOCK_D, BLOCK_L)."""
+    v = tl.load(x + (b * dim + d[:, None]) * L + p[None, :],
+                mask=d_mask[:, None] & ((p >= 0) & (p < L))[None, :], other=0.0).to(tl.float32)
+    if HAS_INIT:  # the reference rounds the initial states to x's dtype
+        h_mask = d_mask[:, None] & ((p < 0) & (p >= 1 - W))[None, :]
+        h = tl.load(init + b * s_ib + d[:, None] * s_id + (p + W - 1)[None, :] * s_il, mask=h_mask, other=0.0)
+        v += h.to(x.dtype.element_ty).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _conv_pre(x, init, seq_idx, weight, bias, b, d, d_mask, s, dim, L, s_ib, s_id, s_il,
+              W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+              HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Pre-activation output at positions s (BLOCK_L,), fp32 (BLOCK_D, BLOCK_L)."""
+    acc = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
+    if HAS_SEQ:
+        seq_s = _seq_at(seq_idx, b, L, s)
+    for k in tl.static_range(W):
+        p = s - (W - 1) + k
+        v = _load_padded(x, init, b, d, d_mask, p, dim, L, s_ib, s_id, s_il, W, HAS_INIT)
+        if HAS_SEQ:  # never read across a document boundary
+            v = tl.where((_seq_at(seq_idx, b, L, p) == seq_s)[None, :], v, 0.0)
+        acc += tl.load(weight + d * W + k, mask=d_mask, other=0.0).to(tl.float32)[:, None] * v
+    if HAS_BIAS:
+        acc += tl.load(bias + d, mask=d_mask, other=0.0).to(tl.float32)[:, None]
+    return acc
+
+
+@triton.jit
+def _conv_fwd_kernel(x, init, seq_idx, weight, bias, out, dim, L, s_ib, s_id, s_il,
+                     W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, HAS_INIT: tl.constexpr,
+                     HAS_SEQ: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = d < dim
+    s = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)
+    acc = _conv_pre(x, init, seq_idx, weight, bias, b, d, d_mask, s, dim, L, s_ib, s_id, s_il,
+                    W, BLOCK_D, BLOCK_L, HAS_INIT, HAS_SEQ, HAS_BIAS)
+    if SILU:
+        acc *= tl.sigmoid(acc)
+    tl.store(out + (b * dim + d[:, None]) * L + s[None, :], acc, mask=d_mask[:, None] & (s < L)[None, :])
+
+
+@triton.jit
+def _conv_bwd_kernel(x, init, seq_idx, weight, bias, dout, dx, dinit, dweight, dbias, dim, L, s_ib, s_id, s_il,
+                     W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, HAS_INIT: tl.constexpr,
+                     HAS_SEQ: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
+    # Program tile over padded input positions p in [1 - W, L): dx for p >= 0, dinit for p < 0.
+    b = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = d < dim
+    p = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L) - (W - 1)
+    xp = _load_padded(x, init, b, d, d_mask, p, dim, L, s_ib, s_id, s_il, W, HAS_INIT)
+    if HAS_SEQ:
+        seq_p = _seq_at(seq_idx, b, L, p)
+    dxp = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
+    for k in tl.static_range(W):
+        s = p + (W - 1 - k)  # the output that reads input p through tap k
+        s_mask = d_mask[:, None] & ((s >= 0) & (s < L))[None, :]
+        g = tl.load(dout + (b * dim + d[:, None]) * L + s[None, :], mask=s_mask, other=0.0).to(tl.float32)
+        if SILU:
+            g *= silu_grad(_conv_pre(x, init, seq_idx, weight, bias, b, d, d_mask, s, dim, L, s_ib, s_id, s_il,
+                                     W, BLOCK_D, BLOCK_L, HAS_INIT, HAS_SEQ, HAS_BIAS))
+        if HAS_SEQ:
+            g = tl.where((_seq_at(seq_idx, b, L, s) == seq_p)[None, :], g, 0.0)
+        dxp += tl.load(weight + d * W + k, mask=d_mask, other=0.0).to(tl.float32)[:, None] * g
+        tl.atomic_add(dweight + d * W + k, tl.sum(g * xp, axis=1), mask=d_mask)
+        if HAS_BIAS and k == W - 1:  # tap W - 1 has s == p: every output once
+            tl.atomic_add(dbias + d, tl.sum(g, axis=1), mask=d_mask)
+    row = (b * dim + d[:, None]) * L
+    tl.store(dx + row + p[None, :], dxp, mask=d_mask[:, None] & ((p >= 0) & (p < L))[None, :])
+    if HAS_INIT:
+        tl.store(dinit + b * s_ib + d[:, None] * s_id + (p + W - 1)[None, :] * s_il, dxp,
+                 mask=d_mask[:, None] & (p < 0)[None, :])
+
+
+def _conv_launch(kernel, x, weight, bias, seq_idx, init, activation, n_positions, *extra):
+    """Launches `kernel` over (batch, channel blocks, blocks of n_positions) of contiguous x."""
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"activation must be None or 'silu', got {activation!r}")
+    batch, dim, L = x.shape
+    W = weight.shape[-1]
+    BLOCK_D, BLOCK_L = block_size(dim, 16), block_size(n_positions, 64)
+    grid = (batch, triton.cdiv(dim, BLOCK_D), triton.cdiv(n_positions, BLOCK_L))
+    strides = init.stride() if init is not None else (0, 0, 0)
+    kernel[grid](
+        x, x if init is None else init, x if seq_idx is None else seq_idx, weight, x if bias is None else bias,
+        *extra, dim, L, *strides,
+        W=W, BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L, HAS_INIT=init is not None, HAS_SEQ=seq_idx is not None,
+        HAS_BIAS=bias is not None, SILU=activation is not None, num_warps=4,
+    )
+
+
+def _conv_forward(x, weight, bias, seq_idx, init, activation):
+    out = torch.empty_like(x)
+    _conv_launch(_conv_fwd_kernel, x, weight, bias, seq_idx, init, activation, x.shape[-1], out)
+    return out
+
+
+class _CausalConv1dFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, seq_idx, initial_states, activation):
+        x, weight = x.contiguous(), weight.contiguous()
+        bias = None if bias is None else bias.contiguous()
+        seq_idx = None if seq_idx is None else seq_idx.to(torch.int32).contiguous()
+        ctx.activation = activation
+        ctx.save_for_backward(x, weight, bias, seq_idx, initial_states)
+        return _conv_forward(x, weight, bias, seq_idx, initial_states, activation)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight, bias, seq_idx, init = ctx.saved_tensors
+        W = weight.shape[-1]
+        dx = torch.empty_like(x)
+        dinit = None if init is None else torch.empty(init.shape, dtype=torch.float32, device=x.device)
+        dweight = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
+        dbias = torch.zeros(weight.shape[0], dtype=torch.float32, device=x.device)
+        init_c = None if init is None else init.contiguous()
+        _conv_launch(_conv_bwd_kernel, x, weight, bias, seq_idx, init_c, ctx.activation, x.shape[-1] + W - 1,
+                     dout.contiguous(), dx, dx if dinit is None else dinit, dweight, dbias)
+        return (dx, dweight.to(weight.dtype), None if bias is None else dbias.to(bias.dtype), None,
+                None if dinit is None else dinit.to(init.dtype), None)
+
+
+def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False,
+                     activation=None):
+    """Depthwise causal conv1d (semantics: `reference.causal_conv1d_ref`), differentiable in x,
+    weight, bias and initial_states. x: (batch, dim, length), weight: (dim, width)."""
+    if not use_triton(x):
+        return causal_conv1d_ref(x, weight, bias, seq_idx, initial_states, return_final_states, activation)
+    W = weight.shape[-1]
+    init = initial_states.contiguous() if initial_states is not None and W > 1 else None
+    out = _CausalConv1dFn.apply(x, weight, bias, seq_idx, init, activation)
+    if not return_final_states:
+        return out
+    history = x.new_zeros(x.shape[0], x.shape[1], W - 1) if init is None else init.to(x.dtype)
+    return out, torch.cat([history, x], dim=-1)[:, :, x.shape[-1]:]  # the last W - 1 inputs
+
+
+def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
+    """Decode step(s): x (batch, dim) or (batch, dim, length); `conv_state` (batch, dim,
+    state_len >= width - 1) holds the latest inputs and is updated in place."""
+    if not use_triton(x):
+        return causal_conv1d_update_ref(x, conv_state, weight, bias, activation)
+    W, S = weight.shape[-1], conv_state.shape[-1]
+    if S < W - 1:
+        raise ValueError(f"conv_state holds {S} steps, the convolution needs at least {W - 1}")
+    xs = (x.unsqueeze(-1) if x.dim() == 2 else x).contiguous()
+    # The state's last W - 1 columns are the convolution's initial states (read in place, strided).
+    out = _conv_forward(xs, weight.contiguous(), bias, None, conv_state[:, :, S - W + 1:] if W > 1 else None,
+                        activation)
+    conv_state.copy_(torch.cat([conv_state.to(xs.dtype), xs], dim=-1)[:, :, -S:])
+    return out.squeeze(-1) if x.dim() == 2 else out
