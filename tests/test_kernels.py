@@ -1,0 +1,239 @@
+"""The Triton ops of samba_kernels against the PyTorch references, on fresh random inputs.
+
+Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1), so sizes are tiny.
+"""
+
+import importlib
+import os
+import pathlib
+import sys
+
+# Triton decides when a @triton.jit function is *defined* whether it is interpreted.
+_PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+try:
+    import samba_kernels
+except ImportError:  # not installed: use the source tree
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "kernels"))
+    import samba_kernels
+from samba_kernels import _common, causal_conv1d, selective_scan  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+if _common.interpreter_enabled() and not isinstance(selective_scan._scan_fwd_kernel, InterpretedFunction):
+    # Another module imported samba_kernels before the variable was set: define the kernels again.
+    # (reload keeps each module's namespace, so functions bound earlier see the new kernels.)
+    for module in (_common, selective_scan, causal_conv1d):
+        importlib.reload(module)
+
+# Leave the variable as found for the other test modules (collected before these tests run).
+if _PREVIOUS_INTERPRET is None:
+    del os.environ["TRITON_INTERPRET"]
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = dict(rtol=2e-4, atol=2e-4)
+
+
+@pytest.fixture(autouse=True)
+def _kernels_on(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", _PREVIOUS_INTERPRET or "1")
+    if not samba_kernels.use_triton(torch.empty(0, device=DEVICE)):
+        pytest.skip("TRITON_INTERPRET is off and there is no GPU: the ops would run the references")
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(g, *shape):
+    return torch.randn(*shape, generator=g).to(DEVICE)
+
+
+def _seq_idx(g, batch, length, cuts=()):
+    """Random packed-document ids (batch, length), with documents also starting at `cuts`."""
+    starts = torch.rand(batch, length, generator=g) < 0.1
+    starts[:, list(cuts)] = True
+    starts[:, 0] = False
+    return torch.cumsum(starts, dim=-1).to(torch.int32).to(DEVICE)
+
+
+def _assert_grads_match(out, out_ref, inputs, g):
+    outs, refs = (out, out_ref) if isinstance(out, tuple) else ((out,), (out_ref,))
+    for o, r in zip(outs, refs):
+        torch.testing.assert_close(o, r, **TOL)
+    cotangents = [_randn(g, *o.shape) for o in outs]
+    grads = torch.autograd.grad(outs, inputs, cotangents)
+    grads_ref = torch.autograd.grad(refs, inputs, cotangents)
+    for x, gr, gr_ref in zip(inputs, grads, grads_ref):
+        assert gr.shape == x.shape and gr.dtype == x.dtype
+        torch.testing.assert_close(gr, gr_ref, **TOL)
+
+
+def _scan_inputs(g, batch, dim, d_state, length, groups=None, *, D=False, z=False, bias=False, init=False):
+    bc_shape = (batch, d_state, length) if groups is None else (batch, groups, d_state, length)
+    t = dict(
+        u=_randn(g, batch, dim, length),
+        delta=F.softplus(_randn(g, batch, dim, length) - 2),
+        A=-torch.exp(torch.rand(dim, d_state, generator=g)).to(DEVICE),
+        B=_randn(g, *bc_shape),
+        C=_randn(g, *bc_shape),
+        D=_randn(g, dim) if D else None,
+        z=_randn(g, batch, dim, length) if z else None,
+        delta_bias=_randn(g, dim) * 0.5 if bias else None,
+        initial_state=_randn(g, batch, dim, d_state) if init else None,
+    )
+    return {k: v.requires_grad_() for k, v in t.items() if v is not None}
+
+
+SCAN_CASES = {
+    # name: (batch, dim, d_state, length, groups, chunk, options)
+    "plain": (1, 5, 4, 7, None, 64, {}),
+    "everything": (2, 5, 3, 19, None, 8, dict(D=True, z=True, bias=True, init=True, softplus=True, seq=True, last=True)),
+    "grouped": (1, 6, 3, 11, 2, 4, dict(D=True, z=True, softplus=True, seq=True, last=True)),
+    "length-1": (2, 5, 2, 1, None, 64, dict(bias=True, init=True, softplus=True, last=True)),
+    "dim-37": (1, 37, 2, 9, None, 64, dict(D=True, z=True)),
+    "length-130": (1, 3, 2, 130, None, 64, dict(D=True, bias=True, init=True, softplus=True, seq=True, last=True)),
+}
+
+
+@pytest.mark.parametrize("case", SCAN_CASES)
+def test_selective_scan_matches_reference(case, monkeypatch):
+    batch, dim, d_state, length, groups, chunk, opt = SCAN_CASES[case]
+    monkeypatch.setattr(selective_scan, "CHUNK", chunk)  # small chunks: cross checkpoints at tiny lengths
+    g = _gen(len(case))
+    tensors = _scan_inputs(g, batch, dim, d_state, length, groups,
+                           **{k: opt.get(k, False) for k in ("D", "z", "bias", "init")})
+    kwargs = dict(delta_softplus=opt.get("softplus", False), return_last_state=opt.get("last", False))
+    if opt.get("seq"):
+        kwargs["seq_idx"] = _seq_idx(g, batch, length, cuts=(chunk, length - 1))
+    out = samba_kernels.selective_scan_fn(**tensors, **kwargs)
+    out_ref = samba_kernels.selective_scan_ref(**tensors, **kwargs)
+    _assert_grads_match(out, out_ref, list(tensors.values()), g)
+
+
+def test_selective_scan_bf16():
+    g = _gen(1)
+    t = _scan_inputs(g, 1, 5, 3, 9, D=True, z=True, bias=True)
+    t = {k: v.detach().to(torch.bfloat16).requires_grad_() for k, v in t.items()}
+    y = samba_kernels.selective_scan_fn(**t, delta_softplus=True)
+    y_ref = samba_kernels.selective_scan_ref(**t, delta_softplus=True)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2)
+    dy = _randn(g, *y.shape).to(torch.bfloat16)
+    for gr, gr_ref in zip(torch.autograd.grad(y, list(t.values()), dy), torch.autograd.grad(y_ref, list(t.values()), dy)):
+        assert gr.dtype == torch.bfloat16
+        torch.testing.assert_close(gr.float(), gr_ref.float(), rtol=5e-2, atol=5e-2)
+
+
+CONV_CASES = {
+    # name: (batch, dim, length, width, activation, seq_idx, initial_states, bias, return_final_states)
+    "silu-everything": (2, 5, 19, 4, "silu", True, True, True, True),
+    "plain-width-3": (1, 37, 7, 3, None, False, False, False, False),
+    "shorter-than-width": (2, 3, 2, 4, "silu", False, True, True, True),
+    "length-1": (1, 4, 1, 2, None, True, True, False, True),
+    "long": (1, 3, 130, 4, "silu", True, False, True, False),
+}
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_causal_conv1d_matches_reference(case):
+    batch, dim, length, width, activation, seq, init, bias, final = CONV_CASES[case]
+    g = _gen(len(case))
+    tensors = dict(x=_randn(g, batch, dim, length), weight=_randn(g, dim, width) * 0.5)
+    if bias:
+        tensors["bias"] = _randn(g, dim)
+    if init:
+        tensors["initial_states"] = _randn(g, batch, dim, width - 1)
+    tensors = {k: v.requires_grad_() for k, v in tensors.items()}
+    kwargs = dict(activation=activation, return_final_states=final,
+                  seq_idx=_seq_idx(g, batch, length, cuts=(1,) if length > 1 else ()) if seq else None)
+    out = samba_kernels.causal_conv1d_fn(**tensors, **kwargs)
+    out_ref = samba_kernels.causal_conv1d_ref(**tensors, **kwargs)
+    _assert_grads_match(out, out_ref, list(tensors.values()), g)
+
+
+@pytest.mark.parametrize("extra_state, length", [(0, None), (2, None), (3, 3)])
+def test_causal_conv1d_update_matches_reference(extra_state, length):
+    g = _gen(extra_state)
+    batch, dim, width = 2, 5, 4
+    x = _randn(g, batch, dim) if length is None else _randn(g, batch, dim, length)
+    weight, bias = _randn(g, dim, width), _randn(g, dim)
+    state = _randn(g, batch, dim, width - 1 + extra_state)
+    state_ref, ptr = state.clone(), state.data_ptr()
+    out = samba_kernels.causal_conv1d_update(x, state, weight, bias, activation="silu")
+    out_ref = samba_kernels.causal_conv1d_update_ref(x, state_ref, weight, bias, activation="silu")
+    torch.testing.assert_close(out, out_ref, **TOL)
+    torch.testing.assert_close(state, state_ref, **TOL)
+    assert state.data_ptr() == ptr
+    with pytest.raises(ValueError):
+        samba_kernels.causal_conv1d_update(x, state[:, :, :2], weight)
+
+
+@pytest.mark.parametrize("groups", [None, 2])
+def test_selective_state_update_matches_reference(groups):
+    g = _gen(3)
+    batch, dim, d_state = 2, 6, 3
+    bc = (batch, d_state) if groups is None else (batch, groups, d_state)
+    x, dt, z = _randn(g, batch, dim), _randn(g, batch, dim), _randn(g, batch, dim)
+    A = -torch.exp(torch.rand(dim, d_state, generator=g)).to(DEVICE)
+    B, C, D, dt_bias = _randn(g, *bc), _randn(g, *bc), _randn(g, dim), _randn(g, dim)
+    # A strided state, as a slice of a bigger cache.
+    cache = _randn(g, batch, dim, d_state + 2)
+    state = cache[:, :, 1:-1]
+    state_ref, cache_before, ptr = state.clone(), cache.clone(), state.data_ptr()
+    y = samba_kernels.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus=True)
+    y_ref = samba_kernels.selective_state_update_ref(state_ref, x, dt, A, B, C, D, z, dt_bias, dt_softplus=True)
+    torch.testing.assert_close(y, y_ref, **TOL)
+    torch.testing.assert_close(state, state_ref, **TOL)
+    assert state.data_ptr() == ptr  # updated in place, its neighbours in the cache untouched
+    assert torch.equal(cache[:, :, [0, -1]], cache_before[:, :, [0, -1]])
+
+
+def test_decode_token_by_token_matches_full_sequence():
+    g = _gen(4)
+    batch, dim, d_state, width, length = 2, 5, 3, 4, 6
+    x, dt, z = _randn(g, batch, dim, length), _randn(g, batch, dim, length), _randn(g, batch, dim, length)
+    weight, conv_bias = _randn(g, dim, width) * 0.5, _randn(g, dim)
+    A = -torch.exp(torch.rand(dim, d_state, generator=g)).to(DEVICE)
+    B, C, D, dt_bias = _randn(g, batch, d_state, length), _randn(g, batch, d_state, length), _randn(g, dim), _randn(g, dim)
+
+    xc, conv_final = samba_kernels.causal_conv1d_fn(x, weight, conv_bias, activation="silu", return_final_states=True)
+    y, ssm_final = samba_kernels.selective_scan_fn(xc, dt, A, B, C, D, z, dt_bias, True, return_last_state=True)
+
+    conv_state = torch.zeros(batch, dim, width - 1, device=DEVICE)
+    ssm_state = torch.zeros(batch, dim, d_state, device=DEVICE)
+    ys = []
+    for t in range(length):
+        xc_t = samba_kernels.causal_conv1d_update(x[:, :, t], conv_state, weight, conv_bias, activation="silu")
+        ys.append(samba_kernels.selective_state_update(
+            ssm_state, xc_t, dt[:, :, t], A, B[:, :, t], C[:, :, t], D, z[:, :, t], dt_bias, dt_softplus=True))
+    torch.testing.assert_close(torch.stack(ys, dim=-1), y, **TOL)
+    torch.testing.assert_close(conv_state, conv_final, **TOL)
+    torch.testing.assert_close(ssm_state, ssm_final, **TOL)
+
+
+def test_cpu_without_interpreter_takes_the_reference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not samba_kernels.use_triton(torch.zeros(1))
+
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("a kernel was launched")
+
+    for module in (selective_scan, causal_conv1d):
+        monkeypatch.setattr(module, "use_triton", lambda x: x.is_cuda)
+    monkeypatch.setattr(selective_scan, "_scan_forward", no_kernel)
+    monkeypatch.setattr(causal_conv1d, "_conv_forward", no_kernel)
+    g = _gen(5)
+    t = _scan_inputs(g, 1, 3, 2, 4, D=True)
+    t = {k: v.detach().cpu() for k, v in t.items()}
+    torch.testing.assert_close(samba_kernels.selective_scan_fn(**t), samba_kernels.selective_scan_ref(**t))
+    x, w = torch.randn(1, 3, 4, generator=g), torch.randn(3, 4, generator=g)
+    torch.testing.assert_close(samba_kernels.causal_conv1d_fn(x, w), samba_kernels.causal_conv1d_ref(x, w))
+    state = torch.zeros(1, 3, 2)
+    samba_kernels.selective_state_update(state, t["u"][:, :, 0], t["delta"][:, :, 0], t["A"], t["B"][:, :, 0],
+                                         t["C"][:, :, 0])
+    assert state.abs().sum() > 0
