@@ -8,15 +8,19 @@ import pathlib
 import subprocess
 import sys
 
-# Triton decides whether a @triton.jit function (its own tl.zeros, tl.sum, ... included) is
-# interpreted when the function is defined, i.e. at import. If another test module imported
-# triton first without TRITON_INTERPRET, these tests run in a fresh process instead.
+# Without a GPU the kernels run in Triton's interpreter. Triton decides whether a @triton.jit
+# function (its own tl.zeros, tl.sum, ... included) is interpreted when the function is defined,
+# i.e. at import. If another test module imported triton first without TRITON_INTERPRET, these
+# tests run in a fresh process instead.
 _PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
 _TRITON_IMPORTED_EARLIER = "triton" in sys.modules
-os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402 (does not import triton)
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 try:
@@ -28,7 +32,7 @@ from samba_kernels import causal_conv1d, selective_scan  # noqa: E402
 
 # Leave the variable as found for the other test modules (collected before these tests run).
 if _PREVIOUS_INTERPRET is None:
-    del os.environ["TRITON_INTERPRET"]
+    os.environ.pop("TRITON_INTERPRET", None)
 _IN_SUBPROCESS = _TRITON_IMPORTED_EARLIER and _PREVIOUS_INTERPRET is None and not torch.cuda.is_available()
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -39,7 +43,8 @@ TOL = dict(rtol=2e-4, atol=2e-4)
 def _kernels_on(request, monkeypatch):
     if _IN_SUBPROCESS and request.function is not test_in_a_fresh_process:
         pytest.skip("triton was imported without TRITON_INTERPRET: see test_in_a_fresh_process")
-    monkeypatch.setenv("TRITON_INTERPRET", _PREVIOUS_INTERPRET or "1")
+    if DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", _PREVIOUS_INTERPRET or "1")
     if not samba_kernels.use_triton(torch.empty(0, device=DEVICE)):
         pytest.skip("TRITON_INTERPRET is off and there is no GPU: the ops would run the references")
 
