@@ -69,14 +69,16 @@ def selective_scan_ref(
     B = _expand_groups(B.float(), dim)
     C = _expand_groups(C.float(), dim)
     state = u.new_zeros(batch, dim, A.shape[1]) if initial_state is None else initial_state.float().clone()
-    restart = document_starts(seq_idx) if seq_idx is not None else None
+    keep = None if seq_idx is None else (~document_starts(seq_idx)).float().unbind(-1)
+    # Unbinding once, rather than indexing [..., t], keeps the backward linear in the length.
+    decays = torch.exp(delta[:, :, None, :] * A[None, :, :, None]).unbind(-1)
+    inputs = ((delta * u)[:, :, None, :] * B).unbind(-1)
     ys = []
-    for t in range(length):
-        if restart is not None:
-            state = state * (~restart[:, t]).float()[:, None, None]
-        decay = torch.exp(delta[:, :, t, None] * A)
-        state = decay * state + (delta[:, :, t] * u[:, :, t])[:, :, None] * B[..., t]
-        ys.append((state * C[..., t]).sum(-1))
+    for t, (decay, write, C_t) in enumerate(zip(decays, inputs, C.unbind(-1))):
+        if keep is not None:
+            state = state * keep[t][:, None, None]
+        state = decay * state + write
+        ys.append((state * C_t).sum(-1))
     y = torch.stack(ys, dim=-1)
     if D is not None:
         y = y + D.float()[None, :, None] * u
