@@ -419,16 +419,18 @@ class SambaModel(SambaPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         if cache is not None and isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
             check_left_padding(attention_mask)  # the caller will continue from this cache
-        if use_cache and cache is None:
+        # Packed documents, as transformers' masks detect them: position_ids restarting, no padding
+        # mask and no cache. Mamba states then reset where the attention mask separates documents.
+        seq_idx = None
+        if position_ids is not None and attention_mask is None and cache is None:
+            seq_idx = packed_document_index(position_ids)
+        if use_cache and cache is None and seq_idx is None:
             cache = DynamicCache(config=self.config)
 
         if position_ids is None:
             past_seen_tokens = cache.get_seq_length() if cache is not None and self.has_attention else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
-            seq_idx = None
-        else:
-            seq_idx = packed_document_index(position_ids)
 
         if isinstance(attention_mask, dict):  # masks prepared by `generate` for compiled decoding
             masks = attention_mask
