@@ -72,7 +72,7 @@ def check_output_dir(output_dir, force: bool) -> Path:
     """Refuse to replace an existing, non-empty folder unless `force` is set."""
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not force:
-        raise FileExistsError(f"{output_dir} already exists and is not empty; pass force=True (--force) to replace it.")
+        raise FileExistsError(f"{output_dir} already exists and is not empty; pass --force (force=True in Python) to replace it.")
     return output_dir
 
 
