@@ -248,6 +248,8 @@ def heads_from_rows(q_rows: int, kv_rows: int, num_heads: int | None, num_kv_hea
     """Head counts and width from the rows of the query and key projections, given either count."""
     if num_heads is None and num_kv_heads is None:
         raise ConversionError(f"the number of attention heads is not determined by the weights; pass {fix}.")
+    if any(count is not None and count < 1 for count in (num_heads, num_kv_heads)):
+        raise ConversionError(f"head counts must be positive, got {num_heads} and {num_kv_heads}; pass {fix}.")
     head_dim = q_rows // num_heads if num_heads is not None else kv_rows // num_kv_heads
     num_heads = num_heads if num_heads is not None else q_rows // max(head_dim, 1)
     num_kv_heads = num_kv_heads if num_kv_heads is not None else kv_rows // max(head_dim, 1)
