@@ -79,6 +79,10 @@ class SambaConfig(PreTrainedConfig):
         kernel_implementation (`str`): Implementation of the Mamba ops: `"auto"` (Triton on CUDA,
             PyTorch elsewhere), `"triton"`, `"torch"` or `"mamba_ssm"`. The environment variable
             `SAMBA_KERNELS` overrides it.
+        prefill_chunk_size (`int`, *optional*, defaults to 8192): Inputs longer than this that fill a cache
+            (prompts in `generate`) run through the model in chunks of this many tokens, so activation
+            memory stays O(chunk + window) whatever the prompt length. `None` disables chunking; the
+            `prefill_chunk_size=` argument of `forward`/`generate` overrides it per call.
 
     Example:
 
@@ -122,6 +126,7 @@ class SambaConfig(PreTrainedConfig):
     residual_in_fp32: bool = True
     initializer_range: float = 0.02
     kernel_implementation: str = "auto"
+    prefill_chunk_size: int | None = 8192
     use_cache: bool = True
     pad_token_id: int | None = None
     bos_token_id: int | None = 1
@@ -184,6 +189,8 @@ class SambaConfig(PreTrainedConfig):
             raise ValueError(f"intermediate_size must be positive when layers have an MLP, got {self.intermediate_size}.")
         if any(layer_type in ATTENTION_TYPES for layer_type in self.layer_types):
             self._validate_attention()
+        if self.prefill_chunk_size is not None and self.prefill_chunk_size < 2:
+            raise ValueError(f"prefill_chunk_size must be None or at least 2, got {self.prefill_chunk_size}.")
         if not 0 < self.time_step_min <= self.time_step_max:
             raise ValueError(
                 f"time_step_min ({self.time_step_min}) and time_step_max ({self.time_step_max}) must satisfy "

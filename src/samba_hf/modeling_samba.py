@@ -522,6 +522,23 @@ class SambaForCausalLM(SambaPreTrainedModel, GenerationMixin):
         >>> out = model.generate(input_ids, max_new_tokens=32)
         ```
         """
+        chunk_size = kwargs.pop("prefill_chunk_size", self.config.prefill_chunk_size)
+        length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        fills_cache = use_cache if use_cache is not None else self.config.use_cache
+        if (
+            chunk_size is not None
+            and length > chunk_size
+            and fills_cache
+            and labels is None
+            and not self.training
+            and isinstance(logits_to_keep, int)
+            and not isinstance(attention_mask, dict)
+            and not kwargs.get("output_hidden_states")
+            and not kwargs.get("output_attentions")
+        ):
+            return self.chunked_prefill(
+                input_ids, attention_mask, position_ids, cache, inputs_embeds, logits_to_keep, chunk_size, **kwargs
+            )
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -543,6 +560,38 @@ class SambaForCausalLM(SambaPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+
+
+    def chunked_prefill(
+        self, input_ids, attention_mask, position_ids, cache, inputs_embeds, logits_to_keep, chunk_size, **kwargs
+    ) -> CausalLMOutputWithPast:
+        """Run a long input through the model `chunk_size` tokens at a time, each chunk continuing from
+        the cache the previous one filled: exact, with activations of one chunk alive at a time. Only
+        the hidden states of the last `logits_to_keep` positions (all when 0) are kept."""
+        if chunk_size < 2:
+            # A one-token chunk takes the decode path, which assumes its token is not padding.
+            raise ValueError(f"prefill_chunk_size must be None or at least 2, got {chunk_size}.")
+        if cache is None:
+            cache = DynamicCache(config=self.config)
+        past_length = cache.get_seq_length() if self.model.has_attention else 0
+        length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        first_kept = length - logits_to_keep if logits_to_keep > 0 else 0
+        kept = []
+        for start in range(0, length, chunk_size):
+            end = min(start + chunk_size, length)
+            outputs = self.model(
+                input_ids=input_ids[:, start:end] if input_ids is not None else None,
+                inputs_embeds=inputs_embeds[:, start:end] if inputs_embeds is not None else None,
+                attention_mask=attention_mask[:, : past_length + end] if attention_mask is not None else None,
+                position_ids=position_ids[:, start:end] if position_ids is not None else None,
+                cache=cache,
+                use_cache=True,
+                **kwargs,
+            )
+            if end > first_kept:
+                kept.append(outputs.last_hidden_state[:, max(first_kept - start, 0) :])
+        logits = self.lm_head(torch.cat(kept, dim=1))
+        return CausalLMOutputWithPast(logits=logits, cache=cache)
 
 
 class SambaForSequenceClassification(GenericForSequenceClassification, SambaPreTrainedModel):
