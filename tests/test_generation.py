@@ -1,0 +1,189 @@
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache, StaticCache, TextIteratorStreamer
+
+from samba_hf import SambaConfig, SambaForCausalLM
+from samba_hf.cli import main as samba_hf_main
+from samba_hf.demo import train_tokenizer
+from samba_hf.generation import cache_nbytes
+from samba_hf.hub import save_hub_folder
+
+from .helpers import small_model
+
+WINDOW = 8
+GREEDY = dict(do_sample=False, pad_token_id=0)
+
+
+def test_cache_memory_is_constant_however_long_the_generation():
+    model = small_model()
+    prompt = torch.randint(3, 97, (2, 5))
+    cache = DynamicCache(config=model.config)
+    sizes = {}
+    with torch.no_grad():
+        model(prompt, cache=cache, use_cache=True)
+        token = prompt[:, -1:]
+        for step in range(1, 10 * WINDOW + 1):
+            token = model(token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            if step in (WINDOW, 10 * WINDOW):
+                sizes[step] = cache_nbytes(cache)
+    assert sizes[WINDOW] == sizes[10 * WINDOW] > 0
+
+
+def sequence_log_probs(model, sequences: torch.Tensor, prompt_length: int) -> torch.Tensor:
+    with torch.no_grad():
+        log_probs = model(sequences).logits.log_softmax(-1)
+    targets = sequences[:, prompt_length:]
+    return log_probs[:, prompt_length - 1 : -1].gather(-1, targets[..., None]).squeeze(-1).sum(-1)
+
+
+def test_beam_search_scores_equal_full_forward_recomputation():
+    """Beam search reorders the cache between steps; a wrong reorder gives scores that full
+    forwards of the returned sequences do not reproduce."""
+    model = small_model()
+    prompt = torch.randint(3, 97, (2, WINDOW + 3))
+    new_tokens = 2 * WINDOW
+    with torch.no_grad():
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                             num_beams=4, num_return_sequences=2, length_penalty=0.0, early_stopping=True,
+                             output_scores=True, return_dict_in_generate=True, **GREEDY)  # fmt: skip
+    assert out.sequences.shape == (4, prompt.shape[1] + new_tokens)
+    recomputed = sequence_log_probs(model, out.sequences, prompt.shape[1])
+    torch.testing.assert_close(out.sequences_scores, recomputed, rtol=1e-4, atol=1e-4)
+    assert (out.sequences_scores.view(2, 2)[:, 0] >= out.sequences_scores.view(2, 2)[:, 1]).all()
+
+
+def test_sampling_is_reproducible_and_returns_several_sequences():
+    model = small_model()
+    prompt = torch.randint(3, 97, (2, 6))
+    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=True, top_k=20,
+                  num_return_sequences=3, pad_token_id=0)  # fmt: skip
+    torch.manual_seed(7)
+    first = model.generate(prompt, **kwargs)
+    torch.manual_seed(7)
+    assert torch.equal(first, model.generate(prompt, **kwargs)) and first.shape == (6, 18)
+
+
+def test_static_cache_generation_equals_the_dynamic_cache():
+    model = small_model()
+    prompt = torch.randint(3, 97, (2, WINDOW + 4))
+    mask = torch.ones_like(prompt)
+    dynamic = model.generate(prompt, attention_mask=mask, max_new_tokens=3 * WINDOW, **GREEDY)
+    static = model.generate(prompt, attention_mask=mask, max_new_tokens=3 * WINDOW, cache_implementation="static", **GREEDY)
+    assert torch.equal(dynamic, static)
+
+
+def test_decode_step_compiles_as_one_graph_with_a_static_cache():
+    model = small_model()
+    prompt = torch.randint(3, 97, (2, WINDOW + 1))
+    cache = StaticCache(config=model.config, max_cache_len=4 * WINDOW)
+    with torch.no_grad():
+        logits = model(prompt, cache=cache, use_cache=True).logits
+        step = torch.compile(model.forward, fullgraph=True, backend="eager")  # fullgraph: a graph break raises
+        token = logits[:, -1:].argmax(-1)
+        position = torch.full((2, 1), prompt.shape[1])
+        compiled = step(input_ids=token, cache=cache, use_cache=True, position_ids=position).logits
+    with torch.no_grad():
+        expected = model(torch.cat([prompt, token], dim=1)).logits[:, -1:]
+    torch.testing.assert_close(compiled, expected, rtol=1e-4, atol=5e-5)
+
+
+def test_assisted_decoding_is_refused_with_a_clear_error():
+    model = small_model()
+    prompt = torch.randint(3, 97, (1, 6))
+    with pytest.raises(ValueError, match="stateful"):
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), assistant_model=small_model(seed=1),
+                       max_new_tokens=4, **GREEDY)  # fmt: skip
+
+
+@pytest.mark.parametrize("chunk_size", [2, 5, WINDOW, WINDOW + 1])
+def test_chunked_prefill_is_exact_with_left_padding(chunk_size):
+    model = small_model()
+    ids = torch.randint(3, 97, (2, 4 * WINDOW + 3))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    with torch.no_grad():
+        whole = model(ids, attention_mask=mask, prefill_chunk_size=None).logits
+        chunked = model(ids, attention_mask=mask, prefill_chunk_size=chunk_size).logits
+        last = model(ids, attention_mask=mask, prefill_chunk_size=chunk_size, logits_to_keep=1).logits
+    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=5e-5)
+    torch.testing.assert_close(last, whole[:, -1:], rtol=1e-4, atol=5e-5)
+    generated = model.generate(ids, attention_mask=mask, max_new_tokens=WINDOW, prefill_chunk_size=chunk_size, **GREEDY)
+    assert torch.equal(generated, model.generate(ids, attention_mask=mask, max_new_tokens=WINDOW,
+                                                 prefill_chunk_size=None, **GREEDY))  # fmt: skip
+
+
+PEAK_MEMORY_PROBE = textwrap.dedent(
+    """
+    import resource, sys, torch
+    from samba_hf import SambaConfig, SambaForCausalLM
+    length, chunk = int(sys.argv[1]), (int(sys.argv[2]) or None)
+    torch.manual_seed(0)
+    model = SambaForCausalLM(SambaConfig.from_preset("tiny", vocab_size=256)).eval()
+    ids = torch.randint(0, 256, (1, length))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with torch.no_grad():
+        out = model(ids, logits_to_keep=1, prefill_chunk_size=chunk)
+    assert out.cache is not None and torch.isfinite(out.logits).all()
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)  # MiB above the baseline
+    """
+)
+
+
+def peak_extra_mib(length: int, chunk_size: int) -> int:
+    result = subprocess.run([sys.executable, "-c", PEAK_MEMORY_PROBE, str(length), str(chunk_size)],
+                            check=True, capture_output=True, text=True)  # fmt: skip
+    return int(result.stdout.split()[-1])
+
+
+def test_a_64k_token_prompt_prefills_in_memory_of_one_chunk():
+    chunked_64k = peak_extra_mib(65536, 2048)
+    chunked_8k = peak_extra_mib(8192, 2048)
+    # One 64K forward would hold (1, 128, 16, 65536) float32 decay factors alone: 512 MiB.
+    assert chunked_64k < chunked_8k + 64, (chunked_64k, chunked_8k)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    documents = ["the quick brown fox jumps over the lazy dog", "a stitch in time saves nine"] * 20
+    tokenizer = train_tokenizer(documents, vocab_size=300)
+    torch.manual_seed(0)
+    config = SambaConfig.from_preset("tiny", vocab_size=len(tokenizer), eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    save_hub_folder(SambaForCausalLM(config), folder, tokenizer=tokenizer)
+    return folder, tokenizer
+
+
+def test_text_iterator_streamer_streams_the_generated_text(tiny_folder):
+    folder, tokenizer = tiny_folder
+    model = SambaForCausalLM.from_pretrained(folder).eval()
+    inputs = tokenizer("the quick", return_tensors="pt")
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(
+        ids=model.generate(**inputs, max_new_tokens=12, streamer=streamer, **GREEDY)))  # fmt: skip
+    worker.start()
+    streamed = "".join(streamer)
+    worker.join()
+    new_tokens = result["ids"][0, inputs["input_ids"].shape[1] :]
+    assert streamed.strip() == tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+
+
+@pytest.mark.parametrize("source", ["argument", "file", "stdin"])
+def test_generate_command_streams_and_reports_speed_and_cache_memory(tiny_folder, tmp_path, source, capsys, monkeypatch):
+    folder, _ = tiny_folder
+    argv = ["generate", str(folder)] + (["the quick brown"] if source == "argument" else [])
+    argv += ["--max-new-tokens", "6", "--greedy", "--device", "cpu"]
+    if source == "file":
+        (tmp_path / "prompt.txt").write_text("the quick brown")
+        argv += ["--prompt-file", str(tmp_path / "prompt.txt")]
+    else:
+        monkeypatch.setattr(sys, "stdin", __import__("io").StringIO("the quick brown"))
+    assert samba_hf_main(argv) == 0
+    err = capsys.readouterr().err
+    assert "tokens/s" in err and "MiB" in err and "6 generated" in err
