@@ -7,6 +7,8 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from .conversion.cli import add_convert_parser
+
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
@@ -102,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
     generate.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
     generate.set_defaults(func=cmd_generate)
+
+    add_convert_parser(commands)
     return parser
 
 
