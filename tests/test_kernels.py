@@ -250,3 +250,53 @@ def test_cpu_without_interpreter_takes_the_reference(monkeypatch):
     samba_kernels.selective_state_update(state, t["u"][:, :, 0], t["delta"][:, :, 0], t["A"], t["B"][:, :, 0],
                                          t["C"][:, :, 0])
     assert state.abs().sum() > 0
+
+
+def _explicit_window_attention(q, k, v, window):
+    """Softmax attention written out: query i (aligned to the end of the keys) sees keys j with
+    0 <= pos(i) - j < window; kv heads shared by consecutive query heads."""
+    lq, lk, rep = q.shape[2], k.shape[2], q.shape[1] // k.shape[1]
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for h in range(q.shape[1]):
+        kh, vh = k[:, h // rep].double(), v[:, h // rep].double()
+        for i in range(lq):
+            pos = lk - lq + i
+            lo = max(0, pos - window + 1)
+            s = q[:, h, i : i + 1].double() @ kh[:, lo : pos + 1].transpose(-1, -2) / q.shape[-1] ** 0.5
+            out[:, h, i] = (torch.softmax(s, dim=-1) @ vh[:, lo : pos + 1])[:, 0]
+    return out
+
+
+@pytest.mark.parametrize("heads, kv_heads, len_q, len_kv, window", [(2, 2, 9, 9, 4), (4, 2, 5, 12, 3), (3, 1, 1, 7, 16)])
+def test_windowed_attention_matches_explicit_softmax(heads, kv_heads, len_q, len_kv, window):
+    g = _gen(heads + len_q)
+    q = _randn(g, 2, heads, len_q, 8).requires_grad_()
+    k, v = _randn(g, 2, kv_heads, len_kv, 8).requires_grad_(), _randn(g, 2, kv_heads, len_kv, 8).requires_grad_()
+    out = samba_kernels.windowed_attention(q, k, v, window)
+    ref = _explicit_window_attention(q.detach().cpu(), k.detach().cpu(), v.detach().cpu(), window)
+    torch.testing.assert_close(out.detach().cpu().double(), ref, rtol=1e-3 if DEVICE == "cuda" else 1e-5,
+                               atol=1e-3 if DEVICE == "cuda" else 1e-5)
+    # Gradients against the float64 autograd of the same explicit softmax.
+    q64, k64, v64 = (x.detach().cpu().double().requires_grad_() for x in (q, k, v))
+    dy = _randn(g, *out.shape)
+    grads = torch.autograd.grad(out, (q, k, v), dy)
+    grads_ref = torch.autograd.grad(_explicit_window_attention(q64, k64, v64, window), (q64, k64, v64), dy.cpu().double())
+    for gr, gr_ref in zip(grads, grads_ref):
+        assert gr.shape == gr_ref.shape
+        torch.testing.assert_close(gr.cpu().double(), gr_ref, rtol=2e-3 if DEVICE == "cuda" else 1e-5,
+                                   atol=2e-3 if DEVICE == "cuda" else 1e-5)
+    with pytest.raises(ValueError):
+        samba_kernels.windowed_attention(q, k, v, 0)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="flex_attention runs on CUDA only")
+def test_windowed_attention_flex_matches_reference_bf16():
+    g = _gen(7)
+    q = _randn(g, 2, 4, 300, 64).to(torch.bfloat16).requires_grad_()
+    k, v = (_randn(g, 2, 2, 520, 64).to(torch.bfloat16).requires_grad_() for _ in range(2))
+    out = samba_kernels.windowed_attention(q, k, v, 128)
+    ref = samba_kernels.windowed_attention_ref(q, k, v, 128)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    dy = torch.randn_like(out)
+    for gr, gr_ref in zip(torch.autograd.grad(out, (q, k, v), dy), torch.autograd.grad(ref, (q, k, v), dy)):
+        torch.testing.assert_close(gr.float(), gr_ref.float(), rtol=5e-2, atol=5e-2)

@@ -14,6 +14,7 @@ from .reference import (
     selective_state_update_ref,
 )
 from .selective_scan import selective_scan_fn, selective_state_update
+from .windowed_attention import window_mask, windowed_attention, windowed_attention_ref
 
 __all__ = [
     "causal_conv1d_fn",
@@ -25,4 +26,7 @@ __all__ = [
     "selective_state_update",
     "selective_state_update_ref",
     "use_triton",
+    "window_mask",
+    "windowed_attention",
+    "windowed_attention_ref",
 ]
