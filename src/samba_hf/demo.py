@@ -6,6 +6,7 @@ import inspect
 import math
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -39,21 +40,23 @@ SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
 def stdlib_corpus() -> list[str]:
     """Docstrings of the standard library's modules, classes and functions (about 330 kB)."""
     documents = []
-    for name in CORPUS_MODULES:
-        module = importlib.import_module(name)
-        members = [
-            value
-            for key, value in sorted(vars(module).items())
-            if not key.startswith("_")
-            and (inspect.isclass(value) or inspect.isfunction(value))
-            and getattr(value, "__module__", None) == module.__name__
-        ]
-        for obj in [module, *members]:
-            methods = [v for k, v in sorted(vars(obj).items()) if not k.startswith("_") and inspect.isfunction(v)]
-            for documented in [obj, *methods] if inspect.isclass(obj) else [obj]:
-                doc = inspect.getdoc(documented)
-                if doc and len(doc) > 80:
-                    documents.append(doc)
+    with warnings.catch_warnings():  # some modules carry deprecated aliases (typing.io, ...)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for name in CORPUS_MODULES:
+            module = importlib.import_module(name)
+            members = [
+                value
+                for key, value in sorted(vars(module).items())
+                if not key.startswith("_")
+                and (inspect.isclass(value) or inspect.isfunction(value))
+                and getattr(value, "__module__", None) == module.__name__
+            ]
+            for obj in [module, *members]:
+                methods = [v for k, v in sorted(vars(obj).items()) if not k.startswith("_") and inspect.isfunction(v)]
+                for documented in [obj, *methods] if inspect.isclass(obj) else [obj]:
+                    doc = inspect.getdoc(documented)
+                    if doc and len(doc) > 80:
+                        documents.append(doc)
     return documents
 
 
