@@ -270,8 +270,8 @@ def _explicit_window_attention(q, k, v, window):
 @pytest.mark.parametrize("heads, kv_heads, len_q, len_kv, window", [(2, 2, 9, 9, 4), (4, 2, 5, 12, 3), (3, 1, 1, 7, 16)])
 def test_windowed_attention_matches_explicit_softmax(heads, kv_heads, len_q, len_kv, window):
     g = _gen(heads + len_q)
-    q = _randn(g, 2, heads, len_q, 8).requires_grad_()
-    k, v = _randn(g, 2, kv_heads, len_kv, 8).requires_grad_(), _randn(g, 2, kv_heads, len_kv, 8).requires_grad_()
+    q = _randn(g, 2, heads, len_q, 16).requires_grad_()  # flex needs head_dim >= 16
+    k, v = _randn(g, 2, kv_heads, len_kv, 16).requires_grad_(), _randn(g, 2, kv_heads, len_kv, 16).requires_grad_()
     out = samba_kernels.windowed_attention(q, k, v, window)
     ref = _explicit_window_attention(q.detach().cpu(), k.detach().cpu(), v.detach().cpu(), window)
     torch.testing.assert_close(out.detach().cpu().double(), ref, rtol=1e-3 if DEVICE == "cuda" else 1e-5,
