@@ -23,8 +23,9 @@ CHUNK = 8  # the time tile under Triton's interpreter (CPU tensors), where a sca
 
 # Tile shapes on a GPU: (BLOCK_D, T, num_warps). The training forward and the backward share T (the
 # checkpoint spacing). BLOCK_D is halved (down to MIN_BLOCK_D) while too few programs fill the GPU.
-GPU_FWD = dict(BLOCK_D=8, T=32, num_warps=4)  # forward without saving checkpoints
-GPU_TRAIN = dict(T=16, fwd=dict(BLOCK_D=16, num_warps=4), bwd=dict(BLOCK_D=16, num_warps=8))
+# BLOCK_D * d_state >= 32 * num_warps keeps every warp on distinct (state, channel) pairs (time stays in-thread).
+GPU_FWD = dict(BLOCK_D=16, T=16, num_warps=4)  # forward without saving checkpoints
+GPU_TRAIN = dict(T=16, fwd=dict(BLOCK_D=16, num_warps=4), bwd=dict(BLOCK_D=16, num_warps=4))
 MIN_BLOCK_D, MIN_PROGRAMS = 4, 4 * 132
 LOG2E = 1.4426950408889634
 
@@ -52,10 +53,10 @@ def _coords(dim, L, N, groups, dpg, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr
 
 @triton.jit
 def _softplus_dt(delta, off, mask, bias_v, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """(raw, dt) of delta at `off` (BLOCK_D, T); dt is 0 where masked (a = 1, b = 0: a no-op step)."""
+    """(raw, dt) of delta at `off` (T, BLOCK_D); dt is 0 where masked (a = 1, b = 0: a no-op step)."""
     dt_raw = tl.load(delta + off, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        dt_raw += bias_v[:, None]
+        dt_raw += bias_v[None, :]
     dt = dt_raw
     if SOFTPLUS:
         dt = tl.where(dt_raw > 20.0, dt_raw, tl.log(1.0 + tl.exp(tl.minimum(dt_raw, 20.0))))
@@ -70,6 +71,8 @@ def _keep(seq_idx, b, L, t, valid):
     return (cur == prev).to(tl.float32)
 
 
+# Tiles are laid out (T, d_state, BLOCK_D): Triton's default layout spreads the last axes over lanes and
+# warps, so each thread holds whole columns of time and the scans over time run inside a thread.
 @triton.jit
 def _scan_fwd_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, init, last, ckpt, out,
                      dim, L, N, groups, dpg, n_tiles, s_hb, s_hd, s_hn,
@@ -78,46 +81,46 @@ def _scan_fwd_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, init, last, c
                      SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
                      SAVE_CKPT: tl.constexpr):
     b, d, d_mask, n, n_mask, row, bc_row = _coords(dim, L, N, groups, dpg, BLOCK_D, BLOCK_N)
-    dn_mask = d_mask[:, None] & n_mask[None, :]
-    A2 = tl.load(A + d[:, None] * N + n[None, :], mask=dn_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+    nd_mask = n_mask[:, None] & d_mask[None, :]
+    A2 = tl.load(A + d[None, :] * N + n[:, None], mask=nd_mask, other=0.0).to(tl.float32) * 1.4426950408889634
     bias_v = tl.load(delta_bias + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
     D_v = tl.load(D + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_D else 0.0
-    h_off = b * s_hb + d[:, None] * s_hd + n[None, :] * s_hn
+    h_off = b * s_hb + d[None, :] * s_hd + n[:, None] * s_hn
     if HAS_INIT:
-        h = tl.load(init + h_off, mask=dn_mask, other=0.0).to(tl.float32)
+        h = tl.load(init + h_off, mask=nd_mask, other=0.0).to(tl.float32)
     else:
-        h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    ckpt_off = (b * dim + d[:, None]) * n_tiles * N + n[None, :]
+        h = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    ckpt_off = (b * dim + d[None, :]) * n_tiles * N + n[:, None]
     tt = tl.arange(0, T)
     for i in range(n_tiles):
         if SAVE_CKPT:  # the state entering each tile, for the backward
-            tl.store(ckpt + ckpt_off + i * N, h, mask=dn_mask)
+            tl.store(ckpt + ckpt_off + i * N, h, mask=nd_mask)
         t = i * T + tt
         t_mask = t < L
-        m2 = d_mask[:, None] & t_mask[None, :]
-        off = row[:, None] + t[None, :]
+        m2 = t_mask[:, None] & d_mask[None, :]
+        off = row[None, :] + t[:, None]  # (T, BLOCK_D)
         u_t = tl.load(u + off, mask=m2, other=0.0).to(tl.float32)
         dt_raw, dt = _softplus_dt(delta, off, m2, bias_v, HAS_BIAS, SOFTPLUS)
-        nm2 = n_mask[:, None] & t_mask[None, :]
-        B_t = tl.load(B + bc_row[:, None] + t[None, :], mask=nm2, other=0.0).to(tl.float32)
-        C_t = tl.load(C + bc_row[:, None] + t[None, :], mask=nm2, other=0.0).to(tl.float32)
-        a = tl.exp2(dt[:, None, :] * A2[:, :, None])
+        tn_mask = t_mask[:, None] & n_mask[None, :]
+        B_t = tl.load(B + bc_row[None, :] + t[:, None], mask=tn_mask, other=0.0).to(tl.float32)  # (T, BLOCK_N)
+        C_t = tl.load(C + bc_row[None, :] + t[:, None], mask=tn_mask, other=0.0).to(tl.float32)
+        a = tl.exp2(dt[:, None, :] * A2[None, :, :])  # (T, BLOCK_N, BLOCK_D)
         if HAS_SEQ:
-            a = a * _keep(seq_idx, b, L, t, t_mask)[None, None, :]
-        bb = (dt * u_t)[:, None, :] * B_t[None, :, :]
-        a, bb = tl.associative_scan((a, bb), axis=2, combine_fn=_lin)
-        hs = a * h[:, :, None] + bb  # (BLOCK_D, BLOCK_N, T): the state after each step
-        y = tl.sum(hs * C_t[None, :, :], axis=1)
+            a = a * _keep(seq_idx, b, L, t, t_mask)[:, None, None]
+        bb = (dt * u_t)[:, None, :] * B_t[:, :, None]
+        a, bb = tl.associative_scan((a, bb), axis=0, combine_fn=_lin)
+        hs = a * h[None, :, :] + bb  # the state after each step
+        y = tl.sum(hs * C_t[:, :, None], axis=1)
         if HAS_D:
-            y += D_v[:, None] * u_t
+            y += D_v[None, :] * u_t
         if HAS_Z:
             z_t = tl.load(z + off, mask=m2, other=0.0).to(tl.float32)
             y *= z_t * tl.sigmoid(z_t)
         tl.store(out + off, y, mask=m2)
-        # Padded steps (t >= L) are no-ops, so the last column is the state after step min(L, t0 + T) - 1.
-        h = tl.sum(tl.where((tt == T - 1)[None, None, :], hs, 0.0), axis=2)
+        # Padded steps (t >= L) are no-ops, so the last row is the state after step min(L, t0 + T) - 1.
+        h = tl.sum(tl.where((tt == T - 1)[:, None, None], hs, 0.0), axis=0)
     # `last` may be `init` itself (decode): each element is read above before it is written here.
-    tl.store(last + h_off, h, mask=dn_mask)
+    tl.store(last + h_off, h, mask=nd_mask)
 
 
 @triton.jit
@@ -129,20 +132,20 @@ def _scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt, dlast, 
                      SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
                      HAS_DLAST: tl.constexpr):
     b, d, d_mask, n, n_mask, row, bc_row = _coords(dim, L, N, groups, dpg, BLOCK_D, BLOCK_N)
-    dn_mask = d_mask[:, None] & n_mask[None, :]
-    A_v = tl.load(A + d[:, None] * N + n[None, :], mask=dn_mask, other=0.0).to(tl.float32)
+    nd_mask = n_mask[:, None] & d_mask[None, :]
+    A_v = tl.load(A + d[None, :] * N + n[:, None], mask=nd_mask, other=0.0).to(tl.float32)
     A2 = A_v * 1.4426950408889634
     bias_v = tl.load(delta_bias + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
     D_v = tl.load(D + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_D else 0.0
-    state_off = (b * dim + d[:, None]) * N + n[None, :]  # (batch, dim, d_state) tensors
-    ckpt_off = (b * dim + d[:, None]) * n_tiles * N + n[None, :]
+    state_off = (b * dim + d[None, :]) * N + n[:, None]  # (batch, dim, d_state) tensors, as (BLOCK_N, BLOCK_D)
+    ckpt_off = (b * dim + d[None, :]) * n_tiles * N + n[:, None]
     # This program's rows of the (channel blocks, batch * groups, d_state, length) partials of dB, dC.
     part_row = ((tl.program_id(1).to(tl.int64) * n_rows + tl.program_id(0)) * N + n) * L
     if HAS_DLAST:  # q: the adjoint of the state after the step just past the tile
-        q = tl.load(dlast + state_off, mask=dn_mask, other=0.0).to(tl.float32)
+        q = tl.load(dlast + state_off, mask=nd_mask, other=0.0).to(tl.float32)
     else:
-        q = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    dA_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+        q = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dA_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     tt = tl.arange(0, T)
@@ -150,62 +153,62 @@ def _scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt, dlast, 
         i = n_tiles - 1 - i_rev
         t = i * T + tt
         t_mask = t < L
-        m2 = d_mask[:, None] & t_mask[None, :]
-        nm2 = n_mask[:, None] & t_mask[None, :]
-        off = row[:, None] + t[None, :]
+        m2 = t_mask[:, None] & d_mask[None, :]
+        tn_mask = t_mask[:, None] & n_mask[None, :]
+        off = row[None, :] + t[:, None]
         # The tile's states, recomputed from the checkpoint as in the forward.
-        h0 = tl.load(ckpt + ckpt_off + i * N, mask=dn_mask, other=0.0)
+        h0 = tl.load(ckpt + ckpt_off + i * N, mask=nd_mask, other=0.0)
         u_t = tl.load(u + off, mask=m2, other=0.0).to(tl.float32)
         dt_raw, dt = _softplus_dt(delta, off, m2, bias_v, HAS_BIAS, SOFTPLUS)
-        B_t = tl.load(B + bc_row[:, None] + t[None, :], mask=nm2, other=0.0).to(tl.float32)
-        C_t = tl.load(C + bc_row[:, None] + t[None, :], mask=nm2, other=0.0).to(tl.float32)
-        a = tl.exp2(dt[:, None, :] * A2[:, :, None])
+        B_t = tl.load(B + bc_row[None, :] + t[:, None], mask=tn_mask, other=0.0).to(tl.float32)
+        C_t = tl.load(C + bc_row[None, :] + t[:, None], mask=tn_mask, other=0.0).to(tl.float32)
+        a = tl.exp2(dt[:, None, :] * A2[None, :, :])
         if HAS_SEQ:
-            a = a * _keep(seq_idx, b, L, t, t_mask)[None, None, :]
+            a = a * _keep(seq_idx, b, L, t, t_mask)[:, None, None]
         dtu = dt * u_t
-        bb = dtu[:, None, :] * B_t[None, :, :]
-        ac, bc = tl.associative_scan((a, bb), axis=2, combine_fn=_lin)
-        hs = ac * h0[:, :, None] + bc
+        bb = dtu[:, None, :] * B_t[:, :, None]
+        ac, bc = tl.associative_scan((a, bb), axis=0, combine_fn=_lin)
+        hs = ac * h0[None, :, :] + bc
         hp = hs - bb  # a_t h_{t-1}: the derivative of h_t in dt_t A
         g = tl.load(dout + off, mask=m2, other=0.0).to(tl.float32)
         if HAS_Z:  # out = y silu(z): recompute y for dz, then g becomes dL/dy
             z_t = tl.load(z + off, mask=m2, other=0.0).to(tl.float32)
-            y = tl.sum(hs * C_t[None, :, :], axis=1) + D_v[:, None] * u_t
+            y = tl.sum(hs * C_t[:, :, None], axis=1) + D_v[None, :] * u_t
             sz = tl.sigmoid(z_t)
             tl.store(dz + off, g * y * sz * (1.0 + z_t * (1.0 - sz)), mask=m2)
             g = g * z_t * sz
         # a_{t+1}: the decay of the next step (1 past the end: q_{L-1} = C g + dlast).
         t1_mask = (t + 1) < L
-        m1 = d_mask[:, None] & t1_mask[None, :]
+        m1 = t1_mask[:, None] & d_mask[None, :]
         _, dt1 = _softplus_dt(delta, off + 1, m1, bias_v, HAS_BIAS, SOFTPLUS)
-        an = tl.exp2(dt1[:, None, :] * A2[:, :, None])
+        an = tl.exp2(dt1[:, None, :] * A2[None, :, :])
         if HAS_SEQ:
-            an = an * _keep(seq_idx, b, L, t + 1, t1_mask)[None, None, :]
-        qa, qb = tl.associative_scan((an, g[:, None, :] * C_t[None, :, :]), axis=2, combine_fn=_lin, reverse=True)
-        qs = qa * q[:, :, None] + qb  # (BLOCK_D, BLOCK_N, T): dL/dh_t
-        q = tl.sum(tl.where((tt == 0)[None, None, :], qs, 0.0), axis=2)
+            an = an * _keep(seq_idx, b, L, t + 1, t1_mask)[:, None, None]
+        qa, qb = tl.associative_scan((an, g[:, None, :] * C_t[:, :, None]), axis=0, combine_fn=_lin, reverse=True)
+        qs = qa * q[None, :, :] + qb  # dL/dh_t
+        q = tl.sum(tl.where((tt == 0)[:, None, None], qs, 0.0), axis=0)
         dexp = qs * hp  # adjoint of dt_t A
-        dA_acc += tl.sum(dexp * dt[:, None, :], axis=2)
-        qB = tl.sum(qs * B_t[None, :, :], axis=1)  # adjoint of dt_t u_t
-        ddt = tl.sum(dexp * A_v[:, :, None], axis=1) + qB * u_t
+        dA_acc += tl.sum(dexp * dt[:, None, :], axis=0)
+        qB = tl.sum(qs * B_t[:, :, None], axis=1)  # adjoint of dt_t u_t, (T, BLOCK_D)
+        ddt = tl.sum(dexp * A_v[None, :, :], axis=1) + qB * u_t
         if SOFTPLUS:
             ddt *= tl.sigmoid(dt_raw)
         ddt = tl.where(m2, ddt, 0.0)
         du_t = qB * dt
         if HAS_D:
-            du_t += g * D_v[:, None]
-            dD_acc += tl.sum(g * u_t, axis=1)
-        dbias_acc += tl.sum(ddt, axis=1)
+            du_t += g * D_v[None, :]
+            dD_acc += tl.sum(g * u_t, axis=0)
+        dbias_acc += tl.sum(ddt, axis=0)
         tl.store(du + off, du_t, mask=m2)
         tl.store(ddelta + off, ddt, mask=m2)
-        p_off = part_row[:, None] + t[None, :]
-        tl.store(dB_part + p_off, tl.sum(qs * dtu[:, None, :], axis=0), mask=nm2)
-        tl.store(dC_part + p_off, tl.sum(g[:, None, :] * hs, axis=0), mask=nm2)
+        p_off = part_row[None, :] + t[:, None]  # (T, BLOCK_N)
+        tl.store(dB_part + p_off, tl.sum(qs * dtu[:, None, :], axis=2), mask=tn_mask)
+        tl.store(dC_part + p_off, tl.sum(g[:, None, :] * hs, axis=2), mask=tn_mask)
     if HAS_INIT:  # h_0 = a_0 h_init + b_0
-        _, dt0 = _softplus_dt(delta, row[:, None] + tl.zeros([1, 1], dtype=tl.int64), d_mask[:, None], bias_v,
+        _, dt0 = _softplus_dt(delta, row[None, :] + tl.zeros([1, 1], dtype=tl.int64), d_mask[None, :], bias_v,
                               HAS_BIAS, SOFTPLUS)
-        tl.store(dinit + state_off, q * tl.exp2(dt0 * A2), mask=dn_mask)
-    tl.store(dA_part + state_off, dA_acc, mask=dn_mask)
+        tl.store(dinit + state_off, q * tl.exp2(dt0 * A2), mask=nd_mask)
+    tl.store(dA_part + state_off, dA_acc, mask=nd_mask)
     if HAS_D:
         tl.store(dD_part + b * dim + d, dD_acc, mask=d_mask)
     if HAS_BIAS:
@@ -240,8 +243,9 @@ def _configs(u, B, N, train):
         return groups, dpg, meta, dict(meta) if train else None
 
     def meta(c, T):  # T shrinks for short sequences (decode: one step)
-        return dict(T=max(2, min(T, triton.next_power_of_2(L))), BLOCK_D=_block_d(c["BLOCK_D"], n_rows, dpg, True),
-                    BLOCK_N=BLOCK_N, num_warps=c["num_warps"])
+        bd = _block_d(c["BLOCK_D"], n_rows, dpg, True)
+        warps = max(1, min(c["num_warps"], bd * BLOCK_N // 32))  # no warp spread over time
+        return dict(T=max(2, min(T, triton.next_power_of_2(L))), BLOCK_D=bd, BLOCK_N=BLOCK_N, num_warps=warps)
 
     if not train:
         return groups, dpg, meta(GPU_FWD, GPU_FWD["T"]), None
