@@ -37,8 +37,8 @@ D_STATE, WIDTH, REF_LEN = 16, 4, 256
 # d_state 16) of the previous sequential-time kernel of this repo and of mamba-ssm's CUDA kernel.
 QUOTED = {"scan fwd": dict(previous_ms=4.5, mamba_ssm_ms=1.72), "scan fwd+bwd": dict(previous_ms=36.0, mamba_ssm_ms=8.56)}
 # Tile shapes tried at the 421m shape: forward (BLOCK_D, T, num_warps); training (T, fwd (BLOCK_D, warps), bwd (BLOCK_D, warps)).
-FWD_SWEEP = [(16, 16, 4), (32, 16, 8), (32, 8, 4), (8, 32, 4)]
-TRAIN_SWEEP = [(16, (16, 4), (16, 4)), (16, (16, 4), (8, 4)), (32, (8, 4), (8, 4)), (8, (32, 4), (32, 4))]
+FWD_SWEEP = [(16, 16, 4), (16, 8, 4), (8, 8, 2), (32, 8, 4)]
+TRAIN_SWEEP = [(16, (16, 4), (16, 4)), (8, (16, 4), (16, 4)), (8, (16, 4), (8, 4)), (8, (32, 4), (32, 4))]
 ATTN_SHAPES = [(8, 12, 4096, 128, 2048), (1, 16, 16384, 128, 2048)]  # batch, heads, length, head_dim, window
 
 

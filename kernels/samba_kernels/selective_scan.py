@@ -71,6 +71,24 @@ def _keep(seq_idx, b, L, t, valid):
     return (cur == prev).to(tl.float32)
 
 
+@triton.jit
+def _fwd_tile(u, delta, B, C, z, seq_idx, b, L, row, bc_row, bias_v, d_mask, n_mask, t,
+              HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """The inputs of the steps t (T,): u, dt_raw, dt, z (T, BLOCK_D), B, C (T, BLOCK_N), keep (T,);
+    zeros outside [0, L)."""
+    t_mask = (t >= 0) & (t < L)
+    m2 = t_mask[:, None] & d_mask[None, :]
+    off = row[None, :] + t[:, None]
+    u_t = tl.load(u + off, mask=m2, other=0.0).to(tl.float32)
+    dt_raw, dt = _softplus_dt(delta, off, m2, bias_v, HAS_BIAS, SOFTPLUS)
+    tn_mask = t_mask[:, None] & n_mask[None, :]
+    B_t = tl.load(B + bc_row[None, :] + t[:, None], mask=tn_mask, other=0.0).to(tl.float32)
+    C_t = tl.load(C + bc_row[None, :] + t[:, None], mask=tn_mask, other=0.0).to(tl.float32)
+    z_t = tl.load(z + off, mask=m2, other=0.0).to(tl.float32) if HAS_Z else u_t
+    keep = _keep(seq_idx, b, L, t, t_mask) if HAS_SEQ else t_mask.to(tl.float32)
+    return u_t, dt_raw, dt, B_t, C_t, z_t, keep
+
+
 # Tiles are laid out (T, d_state, BLOCK_D): Triton's default layout spreads the last axes over lanes and
 # warps, so each thread holds whole columns of time and the scans over time run inside a thread.
 @triton.jit
@@ -92,21 +110,21 @@ def _scan_fwd_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, init, last, c
         h = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     ckpt_off = (b * dim + d[None, :]) * n_tiles * N + n[:, None]
     tt = tl.arange(0, T)
+    # Software prefetch: the loads of tile i + 1 are issued before tile i is computed.
+    u_n, dtr_n, dt_n, B_n, C_n, z_n, k_n = _fwd_tile(u, delta, B, C, z, seq_idx, b, L, row, bc_row, bias_v, d_mask,
+                                                     n_mask, tt, HAS_Z, HAS_BIAS, SOFTPLUS, HAS_SEQ)
     for i in range(n_tiles):
         if SAVE_CKPT:  # the state entering each tile, for the backward
             tl.store(ckpt + ckpt_off + i * N, h, mask=nd_mask)
+        u_t, dt, B_t, C_t, z_t, keep = u_n, dt_n, B_n, C_n, z_n, k_n
         t = i * T + tt
-        t_mask = t < L
-        m2 = t_mask[:, None] & d_mask[None, :]
+        m2 = (t < L)[:, None] & d_mask[None, :]
         off = row[None, :] + t[:, None]  # (T, BLOCK_D)
-        u_t = tl.load(u + off, mask=m2, other=0.0).to(tl.float32)
-        dt_raw, dt = _softplus_dt(delta, off, m2, bias_v, HAS_BIAS, SOFTPLUS)
-        tn_mask = t_mask[:, None] & n_mask[None, :]
-        B_t = tl.load(B + bc_row[None, :] + t[:, None], mask=tn_mask, other=0.0).to(tl.float32)  # (T, BLOCK_N)
-        C_t = tl.load(C + bc_row[None, :] + t[:, None], mask=tn_mask, other=0.0).to(tl.float32)
+        u_n, dtr_n, dt_n, B_n, C_n, z_n, k_n = _fwd_tile(u, delta, B, C, z, seq_idx, b, L, row, bc_row, bias_v, d_mask,
+                                                         n_mask, t + T, HAS_Z, HAS_BIAS, SOFTPLUS, HAS_SEQ)
         a = tl.exp2(dt[:, None, :] * A2[None, :, :])  # (T, BLOCK_N, BLOCK_D)
         if HAS_SEQ:
-            a = a * _keep(seq_idx, b, L, t, t_mask)[:, None, None]
+            a = a * keep[:, None, None]
         bb = (dt * u_t)[:, None, :] * B_t[:, :, None]
         a, bb = tl.associative_scan((a, bb), axis=0, combine_fn=_lin)
         hs = a * h[None, :, :] + bb  # the state after each step
@@ -114,7 +132,6 @@ def _scan_fwd_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, init, last, c
         if HAS_D:
             y += D_v[None, :] * u_t
         if HAS_Z:
-            z_t = tl.load(z + off, mask=m2, other=0.0).to(tl.float32)
             y *= z_t * tl.sigmoid(z_t)
         tl.store(out + off, y, mask=m2)
         # Padded steps (t >= L) are no-ops, so the last row is the state after step min(L, t0 + T) - 1.
@@ -149,6 +166,11 @@ def _scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt, dlast, 
     dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     tt = tl.arange(0, T)
+    t_n = (n_tiles - 1) * T + tt
+    u_n, dtr_n, dt_n, B_n, C_n, z_n, k_n = _fwd_tile(u, delta, B, C, z, seq_idx, b, L, row, bc_row, bias_v, d_mask,
+                                                     n_mask, t_n, HAS_Z, HAS_BIAS, SOFTPLUS, HAS_SEQ)
+    g_n = tl.load(dout + row[None, :] + t_n[:, None], mask=(t_n < L)[:, None] & d_mask[None, :], other=0.0)
+    h0_n = tl.load(ckpt + ckpt_off + (n_tiles - 1) * N, mask=nd_mask, other=0.0)
     for i_rev in range(n_tiles):
         i = n_tiles - 1 - i_rev
         t = i * T + tt
@@ -156,23 +178,23 @@ def _scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt, dlast, 
         m2 = t_mask[:, None] & d_mask[None, :]
         tn_mask = t_mask[:, None] & n_mask[None, :]
         off = row[None, :] + t[:, None]
-        # The tile's states, recomputed from the checkpoint as in the forward.
-        h0 = tl.load(ckpt + ckpt_off + i * N, mask=nd_mask, other=0.0)
-        u_t = tl.load(u + off, mask=m2, other=0.0).to(tl.float32)
-        dt_raw, dt = _softplus_dt(delta, off, m2, bias_v, HAS_BIAS, SOFTPLUS)
-        B_t = tl.load(B + bc_row[None, :] + t[:, None], mask=tn_mask, other=0.0).to(tl.float32)
-        C_t = tl.load(C + bc_row[None, :] + t[:, None], mask=tn_mask, other=0.0).to(tl.float32)
+        u_t, dt_raw, dt, B_t, C_t, z_t, keep, g, h0 = u_n, dtr_n, dt_n, B_n, C_n, z_n, k_n, g_n.to(tl.float32), h0_n
+        # Prefetch the previous tile (i - 1; masked off past the start).
+        t_p = t - T
+        u_n, dtr_n, dt_n, B_n, C_n, z_n, k_n = _fwd_tile(u, delta, B, C, z, seq_idx, b, L, row, bc_row, bias_v,
+                                                         d_mask, n_mask, t_p, HAS_Z, HAS_BIAS, SOFTPLUS, HAS_SEQ)
+        g_n = tl.load(dout + row[None, :] + t_p[:, None], mask=((t_p >= 0) & (t_p < L))[:, None] & d_mask[None, :],
+                      other=0.0)
+        h0_n = tl.load(ckpt + ckpt_off + tl.maximum(i - 1, 0) * N, mask=nd_mask, other=0.0)
         a = tl.exp2(dt[:, None, :] * A2[None, :, :])
         if HAS_SEQ:
-            a = a * _keep(seq_idx, b, L, t, t_mask)[:, None, None]
+            a = a * keep[:, None, None]
         dtu = dt * u_t
         bb = dtu[:, None, :] * B_t[:, :, None]
         ac, bc = tl.associative_scan((a, bb), axis=0, combine_fn=_lin)
         hs = ac * h0[None, :, :] + bc
         hp = hs - bb  # a_t h_{t-1}: the derivative of h_t in dt_t A
-        g = tl.load(dout + off, mask=m2, other=0.0).to(tl.float32)
         if HAS_Z:  # out = y silu(z): recompute y for dz, then g becomes dL/dy
-            z_t = tl.load(z + off, mask=m2, other=0.0).to(tl.float32)
             y = tl.sum(hs * C_t[:, :, None], axis=1) + D_v[None, :] * u_t
             sz = tl.sigmoid(z_t)
             tl.store(dz + off, g * y * sz * (1.0 + z_t * (1.0 - sz)), mask=m2)
