@@ -1,0 +1,198 @@
+"""Generation benchmark: Samba against a same-size Llama (transformers, sdpa), in one run.
+
+Measures decode tokens/s at batch 1 and 16 after contexts of 4K/64K/128K tokens, prefill time of
+long prompts, cache memory against generated length, and batch-1 decode against its bandwidth
+roofline (bytes of weights + state read per token / measured copy bandwidth). Random weights:
+speed does not depend on them.
+
+    PYTHONPATH=src:kernels python benchmarks/generate.py --out benchmarks          # H200
+    PYTHONPATH=src:kernels python benchmarks/generate.py --smoke --out /tmp/gen     # CPU check
+"""
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
+
+from samba_hf import SambaConfig, SambaForCausalLM
+from samba_hf.generation import cache_nbytes
+
+
+def samba_model(preset, **overrides):
+    return SambaForCausalLM(SambaConfig.from_preset(preset, **overrides))
+
+
+def llama_like(samba: SambaForCausalLM, kv_heads: int) -> LlamaForCausalLM:
+    """A Llama (GQA, RoPE, SwiGLU) of the same width, with as many layers as match Samba's parameters."""
+    c = samba.config
+    base = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                num_attention_heads=c.num_attention_heads, num_key_value_heads=kv_heads, head_dim=c.head_dim,
+                tie_word_embeddings=True, max_position_embeddings=1 << 21, attn_implementation="sdpa")  # fmt: skip
+    with torch.device("meta"):
+        one = LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, **base)).num_parameters()
+        two = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, **base)).num_parameters()
+    layers = max(1, round((samba.num_parameters() - one) / (two - one)) + 1)
+    return LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, **base))
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes read + written per second by a large device-to-device copy."""
+    n = 1 << 28 if device.type == "cuda" else 1 << 22
+    src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
+    for _ in range(3):
+        dst.copy_(src)
+    sync()
+    start = time.perf_counter()
+    for _ in range(10):
+        dst.copy_(src)
+    sync()
+    return 2 * n * 4 * 10 / (time.perf_counter() - start)
+
+
+@torch.no_grad()
+def prefill(model, batch, length, device):
+    ids = torch.randint(0, model.config.vocab_size, (batch, length), device=device)
+    cache = DynamicCache(config=model.config)
+    sync()
+    start = time.perf_counter()
+    out = model(ids, cache=cache, use_cache=True, logits_to_keep=1)
+    sync()
+    return time.perf_counter() - start, out.cache, out.logits[:, -1:].argmax(-1)
+
+
+@torch.no_grad()
+def decode(model, cache, token, steps):
+    for _ in range(2):  # warm-up steps
+        token = model(token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        token = model(token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    sync()
+    return (time.perf_counter() - start) / steps
+
+
+@torch.no_grad()
+def compiled_decode(model, context, steps, device):
+    """Batch-1 decode with a static cache and torch.compile (CUDA graphs on the GPU)."""
+    cache = StaticCache(config=model.config, max_cache_len=context + steps + 8)
+    ids = torch.randint(0, model.config.vocab_size, (1, context), device=device)
+    token = model(ids, cache=cache, use_cache=True, logits_to_keep=1).logits.argmax(-1)
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    step = torch.compile(model.forward, mode=mode, fullgraph=True, dynamic=False)
+    position = torch.tensor([[context]], device=device)
+    times = []
+    for i in range(steps + 5):  # the first steps compile (and recompile once the cache offset turns dynamic)
+        sync()
+        start = time.perf_counter()
+        token = step(input_ids=token, cache=cache, use_cache=True, position_ids=position + i).logits.argmax(-1)
+        sync()
+        times.append(time.perf_counter() - start)
+    return sorted(times[5:])[len(times[5:]) // 2]
+
+
+def decode_bytes(model, cache) -> int:
+    """Bytes one decode step must read: every weight once plus the cache."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return weights + cache_nbytes(cache)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="benchmarks")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, to check the script")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    if args.smoke:
+        preset, contexts, batches, prefills, big_prefills, steps = "tiny", [64, 256], [1, 4], [256, 1024], [4096], 4
+    else:
+        preset, contexts, batches, prefills, big_prefills, steps = (
+            "samba-421m", [4096, 65536, 131072], [1, 16], [32768, 131072], [524288, 1048576], 32)
+    samba = samba_model(preset).to(device, dtype).eval()
+    llama = llama_like(samba, kv_heads=max(1, samba.config.num_attention_heads // 4)).to(device, dtype).eval()
+    bandwidth = copy_bandwidth(device)
+    rows, results = [], {"machine": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
+                         "torch": torch.__version__, "transformers": transformers.__version__,
+                         "copy_bandwidth_GBps": bandwidth / 1e9, "samba_params": samba.num_parameters(),
+                         "llama_params": llama.num_parameters(), "llama_layers": llama.config.num_hidden_layers,
+                         "decode": [], "prefill": [], "memory": [], "compiled": []}  # fmt: skip
+
+    for context in contexts:
+        for batch in batches:
+            entry = {"context": context, "batch": batch}
+            for name, model in (("samba", samba), ("llama", llama)):
+                try:
+                    _, cache, token = prefill(model, batch, context, device)
+                    seconds = decode(model, cache, token, steps)
+                    entry[name] = {"ms_per_step": seconds * 1e3, "tokens_per_s": batch / seconds,
+                                   "cache_MiB": cache_nbytes(cache) / 2**20}  # fmt: skip
+                    del cache
+                except torch.OutOfMemoryError:
+                    entry[name] = {"error": "out of memory"}
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            if "tokens_per_s" in entry["samba"] and "tokens_per_s" in entry["llama"]:
+                entry["speedup"] = entry["samba"]["tokens_per_s"] / entry["llama"]["tokens_per_s"]
+            results["decode"].append(entry)
+            print("decode", json.dumps(entry), flush=True)
+
+    for length in prefills + big_prefills:
+        entry = {"length": length}
+        for name, model in (("samba", samba), ("llama", llama)):
+            if name == "llama" and length in big_prefills:
+                continue  # quadratic: minutes per prompt
+            try:
+                prefill(model, 1, min(length, 4096), device)  # warm-up
+                entry[name + "_s"] = prefill(model, 1, length, device)[0]
+            except torch.OutOfMemoryError:
+                entry[name + "_s"] = None
+            if device.type == "cuda":
+                entry[name + "_peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+                torch.cuda.reset_peak_memory_stats()
+                torch.cuda.empty_cache()
+        if entry.get("llama_s") and entry.get("samba_s"):
+            entry["speedup"] = entry["llama_s"] / entry["samba_s"]
+        results["prefill"].append(entry)
+        print("prefill", json.dumps(entry), flush=True)
+
+    cache = DynamicCache(config=samba.config)
+    token = torch.zeros(1, 1, dtype=torch.long, device=device)
+    window = samba.config.sliding_window
+    with torch.no_grad():
+        for generated in range(1, 10 * window + 1):
+            token = samba(token, cache=cache, use_cache=True).logits.argmax(-1)
+            if generated in (window // 2, window, 2 * window, 10 * window):
+                results["memory"].append({"generated": generated, "samba_cache_MiB": cache_nbytes(cache) / 2**20})
+    print("memory", json.dumps(results["memory"]), flush=True)
+
+    for name, model in (("samba", samba), ("llama", llama)):
+        try:
+            seconds = compiled_decode(model, contexts[0], steps, device)
+            _, cache, _ = prefill(model, 1, contexts[0], device)
+            roofline = decode_bytes(model, cache) / bandwidth
+            results["compiled"].append({"model": name, "context": contexts[0], "ms_per_token": seconds * 1e3,
+                                        "roofline_ms": roofline * 1e3, "fraction_of_roofline": roofline / seconds})  # fmt: skip
+        except Exception as error:  # report, do not hide: the table says what failed
+            results["compiled"].append({"model": name, "error": f"{type(error).__name__}: {str(error)[:300]}"})
+        print("compiled", json.dumps(results["compiled"][-1]), flush=True)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "generate.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
