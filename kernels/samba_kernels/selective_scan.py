@@ -24,7 +24,8 @@ CHUNK = 8  # the time tile under Triton's interpreter (CPU tensors), where a sca
 # Tile shapes on a GPU: (BLOCK_D, T, num_warps). The training forward and the backward share T (the
 # checkpoint spacing). BLOCK_D is halved (down to MIN_BLOCK_D) while too few programs fill the GPU.
 # BLOCK_D * d_state >= 32 * num_warps keeps every warp on distinct (state, channel) pairs (time stays in-thread).
-GPU_FWD = dict(BLOCK_D=16, T=16, num_warps=4)  # forward without saving checkpoints
+# Defaults: the fastest of benchmarks/kernels.py's sweep on an H200 (bf16, batch 8, dim 3072, length 4096).
+GPU_FWD = dict(BLOCK_D=8, T=8, num_warps=2)  # forward without saving checkpoints
 GPU_TRAIN = dict(T=16, fwd=dict(BLOCK_D=16, num_warps=4), bwd=dict(BLOCK_D=16, num_warps=4))
 MIN_BLOCK_D, MIN_PROGRAMS = 4, 4 * 132
 LOG2E = 1.4426950408889634
