@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 
 from .configuration_samba import PRESETS, SambaConfig
 from .modeling_samba import SambaForCausalLM, SambaForSequenceClassification, SambaModel, SambaPreTrainedModel
+from .peft_integration import register_peft_defaults
 
 __version__ = "0.1.0"
 
@@ -22,6 +23,8 @@ SambaConfig.register_for_auto_class()
 SambaModel.register_for_auto_class("AutoModel")
 SambaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 SambaForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+
+register_peft_defaults()
 
 __all__ = [
     "PRESETS",

@@ -8,6 +8,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from .conversion.cli import add_convert_parser
+from .publish import add_push_parser
 
 
 def cmd_demo(args) -> int:
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(func=cmd_generate)
 
     add_convert_parser(commands)
+    add_push_parser(commands)
     return parser
 
 
