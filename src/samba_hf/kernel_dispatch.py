@@ -48,19 +48,18 @@ TORCH_OPS = SimpleNamespace(
 )
 
 
-def _triton_ops():
-    if samba_kernels is None or not hasattr(samba_kernels, "selective_scan_fn"):
-        raise RuntimeError(
-            "kernel implementation 'triton' needs samba_kernels with its Triton kernels: `pip install samba-hf`, "
-            "or choose SAMBA_KERNELS=torch."
-        )
-    return SimpleNamespace(
+# Built once: torch.compile traces the lookup below, not the construction of a namespace.
+TRITON_OPS = (
+    SimpleNamespace(
         name="triton",
         selective_scan=samba_kernels.selective_scan_fn,
         causal_conv1d=samba_kernels.causal_conv1d_fn,
         causal_conv1d_update=samba_kernels.causal_conv1d_update,
         selective_state_update=samba_kernels.selective_state_update,
     )
+    if samba_kernels is not None
+    else None
+)
 
 
 def _mamba_ssm_scan(*args, initial_state=None, seq_idx=None, **kwargs):
@@ -72,19 +71,23 @@ def _mamba_ssm_scan(*args, initial_state=None, seq_idx=None, **kwargs):
     return _ms_selective_scan_fn(*args, **kwargs)
 
 
-def _mamba_ssm_ops():
-    if _ms_selective_scan_fn is None:
-        raise RuntimeError(
-            "kernel implementation 'mamba_ssm' needs the CUDA packages: `pip install samba-hf[mamba-ssm]` "
-            "(mamba-ssm and causal-conv1d build against your CUDA), or choose SAMBA_KERNELS=triton."
-        )
-    return SimpleNamespace(
+MAMBA_SSM_OPS = (
+    SimpleNamespace(
         name="mamba_ssm",
         selective_scan=_mamba_ssm_scan,
         causal_conv1d=_cc_causal_conv1d_fn,
         causal_conv1d_update=_cc_causal_conv1d_update,
         selective_state_update=_ms_selective_state_update,
     )
+    if _ms_selective_scan_fn is not None
+    else None
+)
+MISSING = {
+    "triton": "kernel implementation 'triton' needs samba_kernels (installed with samba-hf): `pip install samba-hf`, "
+    "or choose SAMBA_KERNELS=torch.",
+    "mamba_ssm": "kernel implementation 'mamba_ssm' needs the CUDA packages: `pip install samba-hf[mamba-ssm]` "
+    "(mamba-ssm and causal-conv1d build against your CUDA), or choose SAMBA_KERNELS=triton.",
+}
 
 
 def requested_implementation(config_choice: str = "auto") -> str:
@@ -97,16 +100,32 @@ def requested_implementation(config_choice: str = "auto") -> str:
 _logged = set()
 
 
-def mamba_ops(config_choice: str, device: torch.device) -> SimpleNamespace:
-    """The Mamba ops for tensors on `device` (see the module docstring)."""
+def mamba_ops(config_choice: str, device: torch.device, decoding: bool = False) -> SimpleNamespace:
+    """The Mamba ops for tensors on `device` (see the module docstring). A compiled one-token decode
+    step takes the PyTorch ops under "auto": they are a few elementwise operations that the compiler
+    fuses and CUDA graphs capture, where the Triton wrappers do not trace as one graph yet."""
     choice = requested_implementation(config_choice)
     if choice == "auto":
-        choice = "triton" if device.type == "cuda" and samba_kernels is not None else "torch"
-    ops = {"triton": _triton_ops, "mamba_ssm": _mamba_ssm_ops}.get(choice, lambda: TORCH_OPS)()
-    if (ops.name, device.type) not in _logged:
+        use_kernels = device.type == "cuda" and samba_kernels is not None
+        choice = "triton" if use_kernels and not (decoding and torch.compiler.is_compiling()) else "torch"
+    ops = {"triton": TRITON_OPS, "mamba_ssm": MAMBA_SSM_OPS, "torch": TORCH_OPS}[choice]
+    if ops is None:
+        raise RuntimeError(MISSING[choice])
+    if not torch.compiler.is_compiling() and (ops.name, device.type) not in _logged:
         _logged.add((ops.name, device.type))
         logger.info("samba: Mamba ops on %s tensors use the %s implementation", device.type, ops.name)
     return ops
+
+
+def windowed_attention_kernel(config_choice: str, device: torch.device):
+    """samba_kernels' sliding-window attention (compiled FlexAttention with a cached block mask) for
+    CUDA tensors, or None where the attention interface's own path should run."""
+    if device.type != "cuda" or samba_kernels is None or requested_implementation(config_choice) == "torch":
+        return None
+    if not torch.compiler.is_compiling() and ("windowed_attention", device.type) not in _logged:
+        _logged.add(("windowed_attention", device.type))
+        logger.info("samba: sliding-window attention on %s tensors uses samba_kernels.windowed_attention", device.type)
+    return samba_kernels.windowed_attention
 
 
 def describe(config_choice: str = "auto") -> dict:

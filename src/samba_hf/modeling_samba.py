@@ -32,7 +32,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_samba import SambaConfig
-from .kernel_dispatch import mamba_ops
+from .kernel_dispatch import mamba_ops, windowed_attention_kernel
 
 
 class SambaRMSNorm(nn.Module):
@@ -145,6 +145,7 @@ class SambaAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
         attention_mask: torch.Tensor | None,
         cache: Cache | None = None,
+        padding_free: bool = False,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
@@ -156,6 +157,11 @@ class SambaAttention(nn.Module):
             query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
+
+        windowed_kernel = self.windowed_kernel(query, key, padding_free)
+        if windowed_kernel is not None:  # the sdpa/eager paths would materialise a window mask
+            attn_output = windowed_kernel(query, key, value, self.sliding_window, self.scaling).transpose(1, 2)
+            return self.o_proj(attn_output.reshape(*input_shape, -1).contiguous()), None
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -173,6 +179,23 @@ class SambaAttention(nn.Module):
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         return self.o_proj(attn_output), attn_weights
+
+
+    def windowed_kernel(self, query: torch.Tensor, key: torch.Tensor, padding_free: bool):
+        """The fused sliding-window kernel, for inputs without padding or packing that reach past the
+        window (shorter ones run sdpa's causal path, no mask needed) when the chosen implementation is
+        sdpa or eager (flash and flex get the window themselves). Compiled FlexAttention has no kernel
+        for fewer than 128 queries, hence the minimum."""
+        if (
+            self.sliding_window is None
+            or not padding_free
+            or query.shape[2] < 128
+            or key.shape[2] <= self.sliding_window
+            or self.config._attn_implementation not in ("sdpa", "eager")
+            or self.config.output_attentions  # the kernel returns no attention weights
+        ):
+            return None
+        return windowed_attention_kernel(self.config.kernel_implementation, query.device)
 
 
 def zero_padding(hidden_states: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
@@ -222,7 +245,6 @@ class SambaMambaMixer(nn.Module):
         padding_mask: torch.Tensor | None = None,
         seq_idx: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        ops = mamba_ops(self.config.kernel_implementation, hidden_states.device)
         conv_weight, conv_bias = self.conv1d.weight.squeeze(1), self.conv1d.bias
         A = -torch.exp(self.A_log.float())
         conv_state = cache.get_conv_state(self.layer_idx) if cache is not None else None
@@ -230,6 +252,7 @@ class SambaMambaMixer(nn.Module):
         x, gate = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)
         x = zero_padding(x, padding_mask)
         decoding = conv_state is not None and x.shape[-1] == 1
+        ops = mamba_ops(self.config.kernel_implementation, hidden_states.device, decoding)
         if decoding:  # one token: update the cached states in place (static addresses for CUDA graphs)
             x = ops.causal_conv1d_update(x.squeeze(-1), conv_state, conv_weight, conv_bias, "silu").unsqueeze(-1)
         else:
@@ -302,6 +325,7 @@ class SambaDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: Cache | None = None,
         seq_idx: torch.Tensor | None = None,
+        padding_free: bool = False,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         mixer_input = self.mixer_norm(hidden_states)
@@ -310,7 +334,9 @@ class SambaDecoderLayer(GradientCheckpointingLayer):
         elif self.mixer_type == "mlp":
             update = self.mixer(mixer_input)
         else:
-            update, _ = self.mixer(mixer_input, position_embeddings, attention_mask, cache=cache, **kwargs)
+            update, _ = self.mixer(
+                mixer_input, position_embeddings, attention_mask, cache=cache, padding_free=padding_free, **kwargs
+            )
         hidden_states = self.add_residual(hidden_states, update)
         if self.mlp is not None:
             hidden_states = self.add_residual(hidden_states, self.mlp(self.mlp_norm(hidden_states)))
@@ -449,6 +475,7 @@ class SambaModel(SambaPreTrainedModel):
             }
             masks = {t: mask_functions[t](**mask_kwargs) for t in set(self.config.layer_types) if t in mask_functions}
 
+        padding_free = seq_idx is None and is_padding_free(attention_mask, inputs_embeds)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids) if self.rotary_emb is not None else None
         hidden_states = inputs_embeds
         for layer, layer_type in zip(self.layers, self.config.layer_types):
@@ -458,10 +485,20 @@ class SambaModel(SambaPreTrainedModel):
                 position_embeddings=position_embeddings,
                 cache=cache,
                 seq_idx=seq_idx,
+                padding_free=padding_free,
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
+
+
+def is_padding_free(attention_mask, inputs_embeds: torch.Tensor) -> bool:
+    """No padding in a multi-token CUDA input (asked only where the fused window kernel could run)."""
+    if inputs_embeds.shape[1] == 1 or not inputs_embeds.is_cuda or torch.compiler.is_compiling():
+        return False
+    if attention_mask is None:
+        return True
+    return isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2 and bool(attention_mask.all())
 
 
 def check_left_padding(attention_mask: torch.Tensor) -> None:
