@@ -8,6 +8,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from .conversion.cli import add_convert_parser
+from .evaluation import add_eval_parser
 from .publish import add_push_parser
 
 
@@ -107,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(func=cmd_generate)
 
     add_convert_parser(commands)
+    add_eval_parser(commands)
     add_push_parser(commands)
     return parser
 
