@@ -123,10 +123,44 @@ def decode_bytes(model, cache) -> int:
     return weights + cache_nbytes(cache)
 
 
+def measure_memory(preset, device, dtype, results):
+    """Cache bytes and peak memory against generated length. The same model with a 256-token window,
+    so that 10 windows of eager decoding take seconds, not minutes; the cache's behaviour does not
+    depend on the window."""
+    model = samba_model(preset, sliding_window=256).to(device, dtype).eval()
+    cache = DynamicCache(config=model.config)
+    token = torch.zeros(1, 1, dtype=torch.long, device=device)
+    window = model.config.sliding_window
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        for generated in range(1, 10 * window + 1):
+            token = model(token, cache=cache, use_cache=True).logits.argmax(-1)
+            if generated in (window // 2, window, 2 * window, 5 * window, 10 * window):
+                peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+                results["memory"].append({"window": window, "generated": generated,
+                                          "samba_cache_MiB": cache_nbytes(cache) / 2**20, "peak_GiB": peak})  # fmt: skip
+    print("memory", json.dumps(results["memory"]), flush=True)
+
+
+def measure_compiled(samba, llama, context, steps, bandwidth, device, results):
+    for name, model in (("samba", samba), ("llama", llama)):
+        try:
+            seconds = compiled_decode(model, context, steps, device)
+            cache, _ = filled_cache(model, 1, context, device)
+            roofline = decode_bytes(model, cache) / bandwidth
+            results["compiled"].append({"model": name, "context": context, "ms_per_token": seconds * 1e3,
+                                        "roofline_ms": roofline * 1e3, "fraction_of_roofline": roofline / seconds})  # fmt: skip
+        except Exception as error:  # report, do not hide: the table says what failed
+            results["compiled"].append({"model": name, "error": f"{type(error).__name__}: {str(error)[:300]}"})
+        print("compiled", json.dumps(results["compiled"][-1]), flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="benchmarks")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, to check the script")
+    parser.add_argument("--parts", default="decode,prefill,memory,compiled", help="which measurements to run")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -145,7 +179,8 @@ def main():
                          "llama_params": llama.num_parameters(), "llama_layers": llama.config.num_hidden_layers,
                          "decode": [], "prefill": [], "memory": [], "compiled": []}  # fmt: skip
 
-    for context in contexts:
+    parts = args.parts.split(",")
+    for context in contexts if "decode" in parts else []:
         for batch in batches:
             entry = {"context": context, "batch": batch}
             for name, model in (("samba", samba), ("llama", llama)):
@@ -164,7 +199,9 @@ def main():
             results["decode"].append(entry)
             print("decode", json.dumps(entry), flush=True)
 
-    for length in prefills + big_prefills:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for length in prefills + big_prefills if "prefill" in parts else []:
         entry = {"length": length}
         for name, model in (("samba", samba), ("llama", llama)):
             if name == "llama" and length in big_prefills:
@@ -183,26 +220,10 @@ def main():
         results["prefill"].append(entry)
         print("prefill", json.dumps(entry), flush=True)
 
-    cache = DynamicCache(config=samba.config)
-    token = torch.zeros(1, 1, dtype=torch.long, device=device)
-    window = samba.config.sliding_window
-    with torch.no_grad():
-        for generated in range(1, 10 * window + 1):
-            token = samba(token, cache=cache, use_cache=True).logits.argmax(-1)
-            if generated in (window // 2, window, 2 * window, 10 * window):
-                results["memory"].append({"generated": generated, "samba_cache_MiB": cache_nbytes(cache) / 2**20})
-    print("memory", json.dumps(results["memory"]), flush=True)
-
-    for name, model in (("samba", samba), ("llama", llama)):
-        try:
-            seconds = compiled_decode(model, contexts[0], steps, device)
-            cache, _ = filled_cache(model, 1, contexts[0], device)
-            roofline = decode_bytes(model, cache) / bandwidth
-            results["compiled"].append({"model": name, "context": contexts[0], "ms_per_token": seconds * 1e3,
-                                        "roofline_ms": roofline * 1e3, "fraction_of_roofline": roofline / seconds})  # fmt: skip
-        except Exception as error:  # report, do not hide: the table says what failed
-            results["compiled"].append({"model": name, "error": f"{type(error).__name__}: {str(error)[:300]}"})
-        print("compiled", json.dumps(results["compiled"][-1]), flush=True)
+    if "memory" in parts:
+        measure_memory(preset, device, dtype, results)
+    if "compiled" in parts:
+        measure_compiled(samba, llama, contexts[0], steps, bandwidth, device, results)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
