@@ -156,12 +156,46 @@ def measure_compiled(samba, llama, context, steps, bandwidth, device, results):
         print("compiled", json.dumps(results["compiled"][-1]), flush=True)
 
 
+def plot(results: dict, path: Path) -> None:
+    """Decode tokens/s against context, prefill time against prompt length, cache against generated length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (decode_ax, prefill_ax, memory_ax) = plt.subplots(1, 3, figsize=(15, 4.2))
+    for batch, style in ((1, "o-"), (16, "s--")):
+        rows = [r for r in results["decode"] if r["batch"] == batch]
+        for name in ("samba", "llama"):
+            points = [(r["context"], r[name]["tokens_per_s"]) for r in rows if "tokens_per_s" in r[name]]
+            decode_ax.plot(*zip(*points), style, label=f"{name}, batch {batch}")
+    decode_ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="decode tokens/s", title="decode (eager)")
+    for name in ("samba", "llama"):
+        points = [(r["length"], r[name + "_s"]) for r in results["prefill"] if r.get(name + "_s")]
+        prefill_ax.plot(*zip(*points), "o-", label=name)
+    prefill_ax.set(xscale="log", yscale="log", xlabel="prompt (tokens)", ylabel="seconds", title="prefill, batch 1")
+    memory = results["memory"]
+    memory_ax.plot([m["generated"] for m in memory], [m["samba_cache_MiB"] for m in memory], "o-", label="samba cache")
+    memory_ax.set(xscale="log", xlabel=f"generated tokens (window {memory[0]['window']})", ylabel="MiB",
+                  title="cache memory against generated length")  # fmt: skip
+    for ax in (decode_ax, prefill_ax, memory_ax):
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"samba-421m vs same-size Llama (transformers, sdpa), {results['machine']}, bf16")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="benchmarks")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, to check the script")
     parser.add_argument("--parts", default="decode,prefill,memory,compiled", help="which measurements to run")
+    parser.add_argument("--plot", help="only draw the plot of a saved generate.json")
     args = parser.parse_args()
+    if args.plot:
+        plot(json.loads(Path(args.plot).read_text()), Path(args.plot).with_suffix(".png"))
+        return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
@@ -228,6 +262,8 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "generate.json").write_text(json.dumps(results, indent=2))
+    if {"decode", "prefill", "memory"} <= set(parts):
+        plot(results, out / "generate.png")
     print(json.dumps(results, indent=2))
 
 
