@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
-from samba_hf import SambaConfig, SambaForCausalLM
-from samba_hf.demo import stdlib_corpus, train_tokenizer
+from samba_hf import SambaForCausalLM
+from samba_hf.demo import stdlib_corpus, tiny_config, train_tokenizer
 from samba_hf.evaluation import (
     build_passkey_prompt,
     evaluate_passkey,
@@ -63,14 +63,7 @@ class PasskeySamples(torch.utils.data.Dataset):
 def tiny_samba():
     """A random tiny Samba and a BPE tokenizer trained on the standard library's docstrings."""
     tokenizer = train_tokenizer(stdlib_corpus(), vocab_size=2048)
-    config = SambaConfig.from_preset(
-        "tiny",
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return SambaForCausalLM(config), tokenizer
+    return SambaForCausalLM(tiny_config(tokenizer)), tokenizer
 
 
 def main(argv=None) -> int:
@@ -109,7 +102,7 @@ def main(argv=None) -> int:
             warmup_steps=max(1, args.steps // 20),
             max_grad_norm=1.0,
             bf16=args.bf16,
-            gradient_checkpointing=args.gradient_checkpointing,
+            activation_checkpointing=args.gradient_checkpointing,
             logging_steps=max(1, args.steps // 10),
             save_strategy="no",
             report_to=[],

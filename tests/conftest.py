@@ -4,12 +4,10 @@ import pytest
 import torch
 
 # Without a GPU, samba_kernels' ops run their Triton kernels in Triton's interpreter when this is
-# set; triton reads it when kernels are defined, so it must be set before samba_hf imports them.
+# set; triton reads it when kernels are defined, so it is set before any test module imports them.
 # The model itself still takes the PyTorch references on CPU tensors.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import samba_hf  # noqa: E402,F401  (registers the Auto classes)
 
 
 @pytest.fixture(autouse=True)

@@ -3,59 +3,23 @@
 Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1), so sizes are tiny.
 """
 
-import os
-import pathlib
-import subprocess
-import sys
+import pytest
+import torch
+import torch.nn.functional as F
 
-# Without a GPU the kernels run in Triton's interpreter. Triton decides whether a @triton.jit
-# function (its own tl.zeros, tl.sum, ... included) is interpreted when the function is defined,
-# i.e. at import. If another test module imported triton first without TRITON_INTERPRET, these
-# tests run in a fresh process instead.
-_PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
-_TRITON_IMPORTED_EARLIER = "triton" in sys.modules
+import samba_kernels
+from samba_kernels import causal_conv1d, selective_scan
 
-import torch  # noqa: E402 (does not import triton)
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-try:
-    import samba_kernels
-except ImportError:  # not installed: use the source tree
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "kernels"))
-    import samba_kernels
-from samba_kernels import causal_conv1d, selective_scan  # noqa: E402
-
-# Leave the variable as found for the other test modules (collected before these tests run).
-if _PREVIOUS_INTERPRET is None:
-    os.environ.pop("TRITON_INTERPRET", None)
-_IN_SUBPROCESS = _TRITON_IMPORTED_EARLIER and _PREVIOUS_INTERPRET is None and not torch.cuda.is_available()
-
+# Without a GPU the kernels run in Triton's interpreter: tests/conftest.py sets TRITON_INTERPRET=1
+# before anything imports triton, which reads it when the kernels are defined.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = dict(rtol=2e-4, atol=2e-4)
 
 
 @pytest.fixture(autouse=True)
-def _kernels_on(request, monkeypatch):
-    if _IN_SUBPROCESS and request.function is not test_in_a_fresh_process:
-        pytest.skip("triton was imported without TRITON_INTERPRET: see test_in_a_fresh_process")
-    if DEVICE == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", _PREVIOUS_INTERPRET or "1")
+def _kernels_on():
     if not samba_kernels.use_triton(torch.empty(0, device=DEVICE)):
         pytest.skip("TRITON_INTERPRET is off and there is no GPU: the ops would run the references")
-
-
-def test_in_a_fresh_process():
-    if not _IN_SUBPROCESS:
-        pytest.skip("the kernel tests run in this process")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                         env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-2000:]
 
 
 def _gen(seed):

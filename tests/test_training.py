@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DataCollatorWithFlattening
 
-from samba_hf import SambaConfig, SambaForCausalLM
-from samba_hf.demo import stdlib_corpus, train_tokenizer
+from samba_hf import SambaForCausalLM
+from samba_hf.demo import stdlib_corpus, tiny_config, train_tokenizer
 from samba_hf.hub import save_hub_folder
 from samba_hf.peft_integration import SAMBA_LORA_TARGET_MODULES, register_peft_defaults
 
@@ -134,15 +134,8 @@ def corpus() -> list[str]:
 def tiny_model_dir(tmp_path_factory, corpus) -> Path:
     """A Hub-ready folder of a random tiny Samba with a small BPE tokenizer, as `samba-hf demo` writes."""
     tokenizer = train_tokenizer(corpus, vocab_size=300)
-    config = SambaConfig.from_preset(
-        "tiny",
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
     torch.manual_seed(0)
-    return save_hub_folder(SambaForCausalLM(config), tmp_path_factory.mktemp("models") / "tiny", tokenizer=tokenizer)
+    return save_hub_folder(SambaForCausalLM(tiny_config(tokenizer)), tmp_path_factory.mktemp("models") / "tiny", tokenizer=tokenizer)
 
 
 @pytest.fixture(scope="module")

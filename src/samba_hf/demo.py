@@ -75,6 +75,18 @@ def train_tokenizer(documents: list[str], vocab_size: int) -> PreTrainedTokenize
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
 
 
+def tiny_config(tokenizer, **overrides) -> SambaConfig:
+    """The "tiny" preset sized for `tokenizer`, with its special tokens."""
+    return SambaConfig.from_preset(
+        "tiny",
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **overrides,
+    )
+
+
 class TokenBlocks(torch.utils.data.Dataset):
     """The documents, each ended by EOS (as in Samba's pre-training data), concatenated and cut into
     blocks of `block_size` tokens."""
@@ -110,13 +122,7 @@ def run_demo(
     dataset = TokenBlocks(documents, tokenizer, block_size=128)
     print(f"corpus: {len(documents)} docstrings from the standard library, {dataset.blocks.numel():,} tokens")
 
-    config = SambaConfig.from_preset(
-        "tiny",
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    config = tiny_config(tokenizer)
     model = SambaForCausalLM(config)
     print(f"model: tiny Samba, {model.num_parameters() / 1e6:.2f}M parameters, layers {config.layer_types}")
 

@@ -412,12 +412,6 @@ class SambaModel(SambaPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.embed_tokens = value
-
     @merge_with_config_defaults
     @capture_outputs
     def forward(
