@@ -207,11 +207,11 @@ def main():
     samba = samba_model(preset).to(device, dtype).eval()
     llama = llama_like(samba, kv_heads=max(1, samba.config.num_attention_heads // 4)).to(device, dtype).eval()
     bandwidth = copy_bandwidth(device)
-    rows, results = [], {"machine": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
-                         "torch": torch.__version__, "transformers": transformers.__version__,
-                         "copy_bandwidth_GBps": bandwidth / 1e9, "samba_params": samba.num_parameters(),
-                         "llama_params": llama.num_parameters(), "llama_layers": llama.config.num_hidden_layers,
-                         "decode": [], "prefill": [], "memory": [], "compiled": []}  # fmt: skip
+    results = {"machine": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
+               "torch": torch.__version__, "transformers": transformers.__version__,
+               "copy_bandwidth_GBps": bandwidth / 1e9, "samba_params": samba.num_parameters(),
+               "llama_params": llama.num_parameters(), "llama_layers": llama.config.num_hidden_layers,
+               "decode": [], "prefill": [], "memory": [], "compiled": []}  # fmt: skip
 
     parts = args.parts.split(",")
     for context in contexts if "decode" in parts else []:

@@ -15,10 +15,9 @@ import time
 from pathlib import Path
 
 import torch
+from generate import llama_like, sync  # the sibling script (benchmarks/ on the path)
 
 from samba_hf import SambaConfig, SambaForCausalLM
-
-from generate import llama_like, sync  # noqa: E402  (sibling script)
 
 
 def matmul_rate(device) -> float:

@@ -5,7 +5,6 @@ import threading
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache, StaticCache, TextIteratorStreamer
 
 from samba_hf import SambaConfig, SambaForCausalLM

@@ -341,8 +341,9 @@ def plot_passkey(rows: list[dict], path) -> Path:
 
 
 def load_model_and_tokenizer(args):
-    import samba_hf  # noqa: F401  (registers samba with the Auto classes)
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import samba_hf  # noqa: F401  (registers samba with the Auto classes)
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(

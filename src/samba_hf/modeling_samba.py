@@ -180,7 +180,6 @@ class SambaAttention(nn.Module):
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         return self.o_proj(attn_output), attn_weights
 
-
     def windowed_kernel(self, query: torch.Tensor, key: torch.Tensor, padding_free: bool):
         """The fused sliding-window kernel, for inputs without padding or packing that reach past the
         window (shorter ones run sdpa's causal path, no mask needed) when the chosen implementation is
