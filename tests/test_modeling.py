@@ -105,7 +105,7 @@ def test_attention_matches_an_explicit_mask_past_the_window(implementation, laye
     torch.testing.assert_close(got, naive_attention(layer.mixer, hidden_states, window), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("implementation", ["eager", "sdpa", "flex_attention"])
 def test_model_logits_agree_across_attention_implementations(implementation):
     model = small_model()
     ids = torch.randint(0, 97, (2, 3 * WINDOW + 5))
