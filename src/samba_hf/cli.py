@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="train a tiny Samba on the CPU, publish it, reload it and generate")
-    demo.add_argument("--steps", type=int, default=150, help="training steps (default 150, a few minutes on a CPU)")
+    demo.add_argument("--steps", type=int, default=300, help="training steps (default 300, about 3 minutes on 2 CPU cores)")
     demo.add_argument("--output-dir", default="samba-demo", help="where the Hub-ready folder goes")
     demo.add_argument("--device", default="cpu", help="cpu or cuda")
     demo.add_argument("--force", action="store_true", help="replace an existing output folder")

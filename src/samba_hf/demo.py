@@ -108,7 +108,7 @@ class TokenBlocks(torch.utils.data.Dataset):
 
 def run_demo(
     output_dir: str = "samba-demo",
-    steps: int = 150,
+    steps: int = 300,
     device: str = "cpu",
     force: bool = False,
     prompt: str = "Return a new",
