@@ -83,6 +83,7 @@ def test_decode_step_compiles_as_one_graph_with_a_static_cache():
     cache = StaticCache(config=model.config, max_cache_len=4 * WINDOW)
     with torch.no_grad():
         logits = model(prompt, cache=cache, use_cache=True).logits
+        torch._dynamo.reset()  # compiled graphs of other tests count towards the recompile limit
         step = torch.compile(model.forward, fullgraph=True, backend="eager")  # fullgraph: a graph break raises
         token = logits[:, -1:].argmax(-1)
         position = torch.full((2, 1), prompt.shape[1])
@@ -90,6 +91,25 @@ def test_decode_step_compiles_as_one_graph_with_a_static_cache():
     with torch.no_grad():
         expected = model(torch.cat([prompt, token], dim=1)).logits[:, -1:]
     torch.testing.assert_close(compiled, expected, rtol=1e-4, atol=5e-5)
+
+
+def test_inductor_compiled_decode_steps_stay_exact():
+    """The decode step lowered by inductor (what CUDA-graph decoding runs on a GPU), several steps:
+    one recompile when the cache offset turns dynamic, then the same graph, exact throughout."""
+    model = small_model()
+    ids = torch.randint(3, 97, (1, 2 * WINDOW + 6))
+    prompt_length = WINDOW + 1
+    cache = StaticCache(config=model.config, max_cache_len=4 * WINDOW)
+    torch._dynamo.reset()  # compiled graphs of other tests count towards the recompile limit
+    step = torch.compile(model.forward, fullgraph=True)
+    with torch.no_grad():
+        model(ids[:, :prompt_length], cache=cache, use_cache=True)
+        steps = [
+            step(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True, position_ids=torch.tensor([[t]])).logits
+            for t in range(prompt_length, ids.shape[1])
+        ]
+        expected = model(ids).logits[:, prompt_length:]
+    torch.testing.assert_close(torch.cat(steps, dim=1), expected, rtol=1e-4, atol=5e-5)
 
 
 def test_assisted_decoding_is_refused_with_a_clear_error():
