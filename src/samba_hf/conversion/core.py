@@ -7,6 +7,7 @@ import math
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -348,6 +349,22 @@ def verification_prompt(vocab_size: int, sliding_window: int | None) -> torch.Te
     """A fixed prompt longer than the attention window, so that the window is exercised."""
     length = (sliding_window or 48) + 16
     return torch.randint(0, vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
+
+
+def verify_against(output_dir, config: SambaConfig, source_forward: Callable, source, dtype=None, tolerance=None):
+    """verify_logits with `source_forward(source, input_ids, num_heads, num_kv_heads, window, eps,
+    rope_theta)`, an independent forward of the source layout, given the converted config's shapes."""
+    window = config.sliding_window if "sliding_attention" in config.layer_types else None
+    reference = partial(
+        source_forward,
+        source,
+        num_heads=config.num_attention_heads,
+        num_kv_heads=config.num_key_value_heads,
+        window=window,
+        eps=config.rms_norm_eps,
+        rope_theta=config.rope_parameters["rope_theta"],
+    )
+    return verify_logits(output_dir, reference, dtype, tolerance)
 
 
 def verify_logits(output_dir, reference: Callable[[torch.Tensor], torch.Tensor], dtype=None, tolerance=None) -> float:

@@ -6,7 +6,6 @@ uses samba-hf's names already (`mixer_norm`, `mixer.{q,k,v,o}_proj` or mamba-ssm
 the same as samba-hf's `sliding_window`. Its config defaults to an untied LM head.
 """
 
-from functools import partial
 from pathlib import Path
 
 from .core import (
@@ -22,7 +21,7 @@ from .core import (
     rename,
     save,
     untied_head,
-    verify_logits,
+    verify_against,
 )
 from .reference_forward import fla_forward
 
@@ -109,15 +108,5 @@ def convert_fla(
     save(model, output_dir, source.description, tokenizer_path or find_tokenizer(source_path), force)
     del model
     if verify:
-        window = config.sliding_window if "sliding_attention" in config.layer_types else None
-        reference = partial(
-            fla_forward,
-            source,
-            num_heads=config.num_attention_heads,
-            num_kv_heads=config.num_key_value_heads,
-            window_size=window,
-            eps=config.rms_norm_eps,
-            rope_theta=config.rope_parameters["rope_theta"],
-        )
-        verify_logits(output_dir, reference, dtype, tolerance)
+        verify_against(output_dir, config, fla_forward, source, dtype, tolerance)
     return output_dir

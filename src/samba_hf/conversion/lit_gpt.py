@@ -29,7 +29,7 @@ from .core import (
     rename,
     save,
     untied_head,
-    verify_logits,
+    verify_against,
 )
 from .reference_forward import lit_gpt_forward
 
@@ -215,17 +215,7 @@ def convert_lit_gpt(
     save(model, output_dir, source.description, tokenizer_path, force)
     del model
     if verify:
-        window = config.sliding_window if "sliding_attention" in config.layer_types else None
-        reference = partial(
-            lit_gpt_forward,
-            source,
-            n_head=config.num_attention_heads,
-            n_query_groups=config.num_key_value_heads,
-            sliding_window=window,
-            eps=config.rms_norm_eps,
-            rope_base=config.rope_parameters["rope_theta"],
-        )
-        verify_logits(output_dir, reference, dtype, tolerance)
+        verify_against(output_dir, config, lit_gpt_forward, source, dtype, tolerance)
     return output_dir
 
 

@@ -98,11 +98,11 @@ def block_indices(w: Weights, prefix: str) -> list[int]:
 def lit_gpt_forward(
     w: Weights,
     input_ids: torch.Tensor,
-    n_head: int,
-    n_query_groups: int,
-    sliding_window: int | None = 2048,
+    num_heads: int,
+    num_kv_heads: int,
+    window: int | None = 2048,
     eps: float = 1e-5,
-    rope_base: float = 10000.0,
+    rope_theta: float = 10000.0,
 ) -> torch.Tensor:
     """Logits of a checkpoint in the reference code's layout (`transformer.wte`, `transformer.h.{i}`
     with `norm_1`, `attn` (Mamba, or fused QKV `attn.attn` + `attn.proj`), `norm_2`,
@@ -113,12 +113,12 @@ def lit_gpt_forward(
         p = f"transformer.h.{i}."
         h = rms_norm(x, w[p + "norm_1.weight"], eps)
         if p + "attn.attn.weight" in w:
-            # Fused QKV: for each of the n_query_groups groups, q_per_kv query heads, a key head, a value head.
-            q_per_kv = n_head // n_query_groups
-            qkv = linear(h, w[p + "attn.attn.weight"]).view(batch, length, n_query_groups, q_per_kv + 2, -1)
-            q = qkv[:, :, :, :q_per_kv].reshape(batch, length, n_head, -1)
+            # Fused QKV: for each of the num_kv_heads groups, q_per_kv query heads, a key head, a value head.
+            q_per_kv = num_heads // num_kv_heads
+            qkv = linear(h, w[p + "attn.attn.weight"]).view(batch, length, num_kv_heads, q_per_kv + 2, -1)
+            q = qkv[:, :, :, :q_per_kv].reshape(batch, length, num_heads, -1)
             k, v = qkv[:, :, :, q_per_kv], qkv[:, :, :, q_per_kv + 1]
-            h = linear(attention(q, k, v, sliding_window, rope_base), w[p + "attn.proj.weight"])
+            h = linear(attention(q, k, v, window, rope_theta), w[p + "attn.proj.weight"])
         else:
             h = mamba(h, w, p + "attn.")
         x = x + h
@@ -136,7 +136,7 @@ def fla_forward(
     input_ids: torch.Tensor,
     num_heads: int,
     num_kv_heads: int,
-    window_size: int | None = 2048,
+    window: int | None = 2048,
     eps: float = 1e-5,
     rope_theta: float = 10000.0,
 ) -> torch.Tensor:
@@ -152,7 +152,7 @@ def fla_forward(
             q = linear(h, w[p + "mixer.q_proj.weight"]).view(batch, length, num_heads, -1)
             k = linear(h, w[p + "mixer.k_proj.weight"]).view(batch, length, num_kv_heads, -1)
             v = linear(h, w[p + "mixer.v_proj.weight"]).view(batch, length, num_kv_heads, -1)
-            h = linear(attention(q, k, v, window_size, rope_theta), w[p + "mixer.o_proj.weight"])
+            h = linear(attention(q, k, v, window, rope_theta), w[p + "mixer.o_proj.weight"])
         else:
             h = mamba(h, w, p + "mixer.")
         x = x + h
