@@ -31,7 +31,7 @@ from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from .configuration_samba import SambaConfig
+from .configuration_samba import ATTENTION_TYPES, SambaConfig
 from .kernel_dispatch import mamba_ops, windowed_attention_kernel
 
 
@@ -406,7 +406,7 @@ class SambaModel(SambaPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList([SambaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = SambaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.has_attention = any(t in ("sliding_attention", "full_attention") for t in config.layer_types)
+        self.has_attention = any(t in ATTENTION_TYPES for t in config.layer_types)
         self.rotary_emb = SambaRotaryEmbedding(config) if config.use_rope and self.has_attention else None
         self.gradient_checkpointing = False
         self.post_init()
@@ -436,8 +436,8 @@ class SambaModel(SambaPreTrainedModel):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if cache is not None and isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
-            check_left_padding(attention_mask)  # the caller will continue from this cache
+        if cache is not None and inputs_embeds.shape[1] > 1 and isinstance(attention_mask, torch.Tensor):
+            check_left_padding(attention_mask)  # the caller will continue from this cache (not per decode step)
         # Packed documents, as transformers' masks detect them: position_ids restarting, no padding
         # mask and no cache. Mamba states then reset where the attention mask separates documents.
         seq_idx = None
@@ -496,7 +496,7 @@ def is_padding_free(attention_mask, inputs_embeds: torch.Tensor) -> bool:
 
 def check_left_padding(attention_mask: torch.Tensor) -> None:
     """Right padding would leave pad tokens in the cached states, ahead of the tokens that follow."""
-    if torch.compiler.is_compiling() or attention_mask.shape[1] < 2:
+    if torch.compiler.is_compiling() or attention_mask.ndim != 2:
         return
     if (attention_mask[:, 1:] < attention_mask[:, :-1]).any():
         raise ValueError(
