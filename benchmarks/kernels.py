@@ -33,12 +33,14 @@ import triton.language as tl  # noqa: E402
 from samba_kernels import selective_scan as ss  # noqa: E402
 
 D_STATE, WIDTH, REF_LEN = 16, 4, 256
-# Quoted, not measured by this script: an earlier H200 measurement (bf16, batch 8, dim 3072, length 4096,
-# d_state 16) of the previous sequential-time kernel of this repo and of mamba-ssm's CUDA kernel.
-QUOTED = {"scan fwd": dict(previous_ms=4.5, mamba_ssm_ms=1.72), "scan fwd+bwd": dict(previous_ms=36.0, mamba_ssm_ms=8.56)}
-# Tile shapes tried at the 421m shape: forward (BLOCK_D, T, num_warps); training (T, fwd (BLOCK_D, warps), bwd (BLOCK_D, warps)).
-FWD_SWEEP = [(16, 16, 4), (16, 8, 4), (8, 8, 2), (32, 8, 4)]
-TRAIN_SWEEP = [(16, (16, 4), (16, 4)), (8, (16, 4), (16, 4)), (8, (16, 4), (8, 4)), (8, (32, 4), (32, 4))]
+# Quoted, not measured by this script: earlier H200 measurements (bf16, batch 8, dim 3072, length 4096,
+# d_state 16) of this repo's previous scan kernel (tiles (T, d_state, BLOCK_D), states spread over
+# lanes) and of mamba-ssm's CUDA kernel.
+QUOTED = {"scan fwd": dict(previous_ms=2.564, mamba_ssm_ms=1.72), "scan fwd+bwd": dict(previous_ms=24.4, mamba_ssm_ms=8.56)}
+# Forward: (BLOCK_D, T, NU, warps); training: (T, forward (BLOCK_D, NU, warps), backward (BLOCK_D, NU, warps)).
+FWD_SWEEP = [(16, 16, 4, 1), (16, 16, 8, 1), (16, 16, 16, 1), (32, 16, 4, 2), (8, 32, 4, 1), (32, 16, 4, 1)]
+TRAIN_SWEEP = [(16, (16, 4, 1), (16, 1, 1)), (16, (16, 4, 1), (16, 2, 1)), (16, (16, 8, 1), (16, 2, 1)),
+               (16, (32, 4, 2), (32, 2, 2)), (32, (8, 4, 1), (8, 2, 1))]
 ATTN_SHAPES = [(8, 12, 4096, 128, 2048), (1, 16, 16384, 128, 2048)]  # batch, heads, length, head_dim, window
 
 
@@ -56,11 +58,11 @@ def timer(device):
 
 
 def set_fwd(c):
-    ss.GPU_FWD = dict(BLOCK_D=c[0], T=c[1], num_warps=c[2])
+    ss.GPU_FWD = dict(BLOCK_D=c[0], T=c[1], NU=c[2], num_warps=c[3])
 
 
 def set_train(c):
-    ss.GPU_TRAIN = dict(T=c[0], fwd=dict(BLOCK_D=c[1][0], num_warps=c[1][1]), bwd=dict(BLOCK_D=c[2][0], num_warps=c[2][1]))
+    ss.GPU_TRAIN = dict(T=c[0], **{k: dict(BLOCK_D=bd, NU=nu, num_warps=w) for k, (bd, nu, w) in (("fwd", c[1]), ("bwd", c[2]))})
 
 
 def scan_inputs(batch, dim, length, device, dtype, requires_grad=False, extras=False, seed=0):
@@ -483,11 +485,11 @@ def render(result):
                      f"{r['floor_ms']:.3f} ({r['floor_kind']}) | {r['ms'] / r['floor_ms']:.1f} | {ref} | {faster} | "
                      f"{prev_s} | {mam_s} |")
     lines += ["", "QUOTED columns: an earlier H200 measurement (bf16, batch 8, dim 3072, length 4096, d_state 16) of "
-              "this repo's previous sequential-time scan and of mamba-ssm's CUDA kernel, not re-measured here "
+              "this repo's previous scan kernel (states spread over lanes) and of mamba-ssm's CUDA kernel, not re-measured here "
               "(mamba-ssm is not installed on the benchmark machine); the ratio is quoted / ours.", ""]
     if result.get("sweep"):
-        lines += ["Tile sweep at samba-421m, batch 8, length 4096 (forward: (BLOCK_D, T, warps); training: "
-                  "(T, fwd (BLOCK_D, warps), bwd (BLOCK_D, warps)), timed as forward+backward):", ""]
+        lines += ["Tile sweep at samba-421m, batch 8, length 4096 (forward: (BLOCK_D, T, NU, warps); training: "
+                  "(T, fwd (BLOCK_D, NU, warps), bwd (BLOCK_D, NU, warps)), timed as forward+backward):", ""]
         for kind, rows in result["sweep"].items():
             lines.append(f"- {kind}: " + "; ".join(f"{c}: {m:.3f} ms" if isinstance(m, float) else f"{c}: {m}"
                                                    for c, m in rows))

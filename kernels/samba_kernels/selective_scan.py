@@ -1,15 +1,19 @@
 """Mamba-1 selective scan in Triton, forward and backward, and its one-step decode form.
 
-Chunked-parallel: one program owns BLOCK_D channels of one (batch, group) and all d_state, and
-walks time in tiles of T steps. A tile's inputs (u, delta, z: (BLOCK_D, T); B, C: (d_state, T))
-are loaded coalesced along time; the recurrence h_t = a_t h_{t-1} + b_t with a_t = exp(dt_t A)
-and b_t = dt_t u_t B_t is solved inside the tile by `tl.associative_scan` over (a, b) pairs, in
-(BLOCK_D, d_state, T) registers, then shifted by the state carried in from the previous tile.
-A new document of `seq_idx` zeroes a_t. The forward saves the state entering each tile; the
-backward walks the tiles in reverse, recomputes the tile's states from that checkpoint, and
-solves the adjoint q_t = C_t g_t + a_{t+1} q_{t+1} with a reversed associative scan. Sums over
-channels (dB, dC) and over batch (dA, dD, ddelta_bias) are written as per-program partials and
-reduced with torch afterwards: no atomics, deterministic.
+One program owns BLOCK_D channels of one (batch, group) and walks time in tiles of T steps. The
+channels are spread over lanes and each thread holds a run of time of its channels, so the tile's
+inputs (u, delta, z, dout: (BLOCK_D, T)) load as wide vectors and every per-channel operation stays
+inside a thread: the recurrence h_t = a_t h_{t-1} + b_t (a_t = exp(dt_t A), b_t = dt_t u_t B_t) is a
+`tl.associative_scan` over time within the thread, and the states are visited one at a time (a
+loop over d_state), so y_t = sum_n C_t[n] h_t[n] accumulates in registers without a sum across
+threads. Between tiles the states (and the backward's adjoints) stay in registers: state n is
+column n of a (BLOCK_D, T) tile, so T >= d_state.
+
+The training forward saves the state entering each tile; the backward walks the tiles in reverse,
+recomputes each state's trajectory from that checkpoint and solves the adjoint
+q_t = C_t g_t + a_{t+1} q_{t+1} with a reversed scan. Sums over channels (dB, dC) and over batch
+(dA, dD, ddelta_bias) are written as per-program partials and reduced with torch afterwards: no
+atomics, deterministic. A new document of `seq_idx` zeroes a_t.
 """
 
 import torch
@@ -21,13 +25,14 @@ from .reference import selective_scan_ref, selective_state_update_ref
 
 CHUNK = 8  # the time tile under Triton's interpreter (CPU tensors), where a scan step is a Python loop
 
-# Tile shapes on a GPU: (BLOCK_D, T, num_warps). The training forward and the backward share T (the
-# checkpoint spacing). BLOCK_D is halved (down to MIN_BLOCK_D) while too few programs fill the GPU.
-# BLOCK_D * d_state >= 32 * num_warps keeps every warp on distinct (state, channel) pairs (time stays in-thread).
-# Defaults: the fastest of benchmarks/kernels.py's sweep on an H200 (bf16, batch 8, dim 3072, length 4096).
-GPU_FWD = dict(BLOCK_D=8, T=8, num_warps=2)  # forward without saving checkpoints
-GPU_TRAIN = dict(T=16, fwd=dict(BLOCK_D=16, num_warps=4), bwd=dict(BLOCK_D=16, num_warps=4))
-MIN_BLOCK_D, MIN_PROGRAMS = 4, 4 * 132
+# Tile shapes on a GPU: (BLOCK_D channels, spread over the lanes of num_warps warps) x (T steps).
+# The training forward and the backward share T (the checkpoint spacing). BLOCK_D is halved (down to
+# MIN_BLOCK_D) while too few programs fill the GPU. Defaults: the fastest of benchmarks/kernels.py's
+# sweep on an H200 (bf16, batch 8, dim 3072, length 4096).
+# NU: states per iteration of the loop over d_state (unrolled; more independent work, more registers).
+GPU_FWD = dict(BLOCK_D=16, T=16, NU=16, num_warps=1)  # forward without saving checkpoints
+GPU_TRAIN = dict(T=16, fwd=dict(BLOCK_D=16, NU=4, num_warps=1), bwd=dict(BLOCK_D=16, NU=1, num_warps=1))
+MIN_BLOCK_D, MIN_PROGRAMS = 1, 8 * 132
 LOG2E = 1.4426950408889634
 
 
@@ -38,26 +43,22 @@ def _lin(a1, b1, a2, b2):
 
 
 @triton.jit
-def _coords(dim, L, N, groups, dpg, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    # A program never straddles two B/C groups, so B_t and C_t are (d_state, T) tiles.
-    pid_bg = tl.program_id(0).to(tl.int64)
+def _coords(dim, L, N, groups, dpg, BLOCK_D: tl.constexpr):
+    """(batch, channels d (BLOCK_D,), their mask, offsets of d in (batch, dim, length) tensors, offset
+    of this (batch, group)'s state 0 in (batch, groups, d_state, length) tensors)."""
+    pid_bg = tl.program_id(0).to(tl.int64)  # a program never straddles two B/C groups
     b = pid_bg // groups
     j = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_mask = j < dpg
     d = (pid_bg % groups) * dpg + j
-    n = tl.arange(0, BLOCK_N)
-    n_mask = n < N
-    row = (b * dim + d) * L  # offset of channel d in (batch, dim, length) tensors
-    bc_row = (pid_bg * N + n) * L  # offset of state n in (batch, groups, d_state, length) tensors
-    return b, d, d_mask, n, n_mask, row, bc_row
+    return b, d, j < dpg, (b * dim + d) * L, pid_bg * N * L
 
 
 @triton.jit
 def _softplus_dt(delta, off, mask, bias_v, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """(raw, dt) of delta at `off` (T, BLOCK_D); dt is 0 where masked (a = 1, b = 0: a no-op step)."""
+    """(raw, dt) of delta at `off` (BLOCK_D, T); dt is 0 where masked (a = 1, b = 0: a no-op step)."""
     dt_raw = tl.load(delta + off, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        dt_raw += bias_v[None, :]
+        dt_raw += bias_v[:, None]
     dt = dt_raw
     if SOFTPLUS:
         dt = tl.where(dt_raw > 20.0, dt_raw, tl.log(1.0 + tl.exp(tl.minimum(dt_raw, 20.0))))
@@ -73,165 +74,185 @@ def _keep(seq_idx, b, L, t, valid):
 
 
 @triton.jit
-def _fwd_tile(u, delta, B, C, z, seq_idx, b, L, row, bc_row, bias_v, d_mask, n_mask, t,
-              HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr):
-    """The inputs of the steps t (T,): u, dt_raw, dt, z (T, BLOCK_D), B, C (T, BLOCK_N), keep (T,);
-    zeros outside [0, L)."""
+def _tile(u, delta, z, seq_idx, b, L, row, d_mask, bias_v, t,
+          HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """The per-channel inputs of steps t (T,): u, dt_raw, dt, z (BLOCK_D, T) and keep (T,); zeros
+    outside [0, L)."""
     t_mask = (t >= 0) & (t < L)
-    m2 = t_mask[:, None] & d_mask[None, :]
-    off = row[None, :] + t[:, None]
+    m2 = d_mask[:, None] & t_mask[None, :]
+    off = row[:, None] + t[None, :]
     u_t = tl.load(u + off, mask=m2, other=0.0).to(tl.float32)
     dt_raw, dt = _softplus_dt(delta, off, m2, bias_v, HAS_BIAS, SOFTPLUS)
-    tn_mask = t_mask[:, None] & n_mask[None, :]
-    B_t = tl.load(B + bc_row[None, :] + t[:, None], mask=tn_mask, other=0.0).to(tl.float32)
-    C_t = tl.load(C + bc_row[None, :] + t[:, None], mask=tn_mask, other=0.0).to(tl.float32)
     z_t = tl.load(z + off, mask=m2, other=0.0).to(tl.float32) if HAS_Z else u_t
     keep = _keep(seq_idx, b, L, t, t_mask) if HAS_SEQ else t_mask.to(tl.float32)
-    return u_t, dt_raw, dt, B_t, C_t, z_t, keep
+    return u_t, dt_raw, dt, z_t, keep
 
 
-# Tiles are laid out (T, d_state, BLOCK_D): Triton's default layout spreads the last axes over lanes and
-# warps, so each thread holds whole columns of time and the scans over time run inside a thread.
+@triton.jit
+def _decay(dt, A2_n, keep, HAS_SEQ: tl.constexpr):
+    a = tl.exp2(dt * A2_n[:, None])
+    if HAS_SEQ:
+        a = a * keep[None, :]
+    return a
+
+
+@triton.jit
+def _col(x, tt, n):
+    """Column n of a (BLOCK_D, T) tile: a register pick where n is known at compile time."""
+    return tl.sum(tl.where((tt == n)[None, :], x, 0.0), axis=1)
+
+
 @triton.jit
 def _scan_fwd_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, init, last, ckpt, out,
-                     dim, L, N, groups, dpg, n_tiles, s_hb, s_hd, s_hn,
-                     T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                     dim, L, groups, dpg, n_tiles, s_hb, s_hd, s_hn,
+                     N: tl.constexpr, NU: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr,
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                      SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
                      SAVE_CKPT: tl.constexpr):
-    b, d, d_mask, n, n_mask, row, bc_row = _coords(dim, L, N, groups, dpg, BLOCK_D, BLOCK_N)
-    nd_mask = n_mask[:, None] & d_mask[None, :]
-    A2 = tl.load(A + d[None, :] * N + n[:, None], mask=nd_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+    b, d, d_mask, row, bc = _coords(dim, L, N, groups, dpg, BLOCK_D)
     bias_v = tl.load(delta_bias + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
     D_v = tl.load(D + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_D else 0.0
-    h_off = b * s_hb + d[None, :] * s_hd + n[:, None] * s_hn
-    if HAS_INIT:
-        h = tl.load(init + h_off, mask=nd_mask, other=0.0).to(tl.float32)
-    else:
-        h = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    ckpt_off = (b * dim + d[None, :]) * n_tiles * N + n[:, None]
     tt = tl.arange(0, T)
+    # The states of each channel live in registers, state n in column n of a (BLOCK_D, T) tile (T >= N).
+    st_off = b * s_hb + d[:, None] * s_hd + tt[None, :] * s_hn
+    st_mask = d_mask[:, None] & (tt < N)[None, :]
+    if HAS_INIT:
+        h = tl.load(init + st_off, mask=st_mask, other=0.0)
+    else:
+        h = tl.zeros([BLOCK_D, T], dtype=tl.float32)
+    ck = ckpt + (b * dim + d[:, None]) * n_tiles * N + tt[None, :]
     # Software prefetch: the loads of tile i + 1 are issued before tile i is computed.
-    u_n, dtr_n, dt_n, B_n, C_n, z_n, k_n = _fwd_tile(u, delta, B, C, z, seq_idx, b, L, row, bc_row, bias_v, d_mask,
-                                                     n_mask, tt, HAS_Z, HAS_BIAS, SOFTPLUS, HAS_SEQ)
+    u_n, _, dt_n, z_n, k_n = _tile(u, delta, z, seq_idx, b, L, row, d_mask, bias_v, tt,
+                                   HAS_Z, HAS_BIAS, SOFTPLUS, HAS_SEQ)
     for i in range(n_tiles):
-        if SAVE_CKPT:  # the state entering each tile, for the backward
-            tl.store(ckpt + ckpt_off + i * N, h, mask=nd_mask)
-        u_t, dt, B_t, C_t, z_t, keep = u_n, dt_n, B_n, C_n, z_n, k_n
+        if SAVE_CKPT:  # the states entering each tile, for the backward
+            tl.store(ck + i * N, h, mask=st_mask)
         t = i * T + tt
-        m2 = (t < L)[:, None] & d_mask[None, :]
-        off = row[None, :] + t[:, None]  # (T, BLOCK_D)
-        u_n, dtr_n, dt_n, B_n, C_n, z_n, k_n = _fwd_tile(u, delta, B, C, z, seq_idx, b, L, row, bc_row, bias_v, d_mask,
-                                                         n_mask, t + T, HAS_Z, HAS_BIAS, SOFTPLUS, HAS_SEQ)
-        a = tl.exp2(dt[:, None, :] * A2[None, :, :])  # (T, BLOCK_N, BLOCK_D)
-        if HAS_SEQ:
-            a = a * keep[:, None, None]
-        bb = (dt * u_t)[:, None, :] * B_t[:, :, None]
-        a, bb = tl.associative_scan((a, bb), axis=0, combine_fn=_lin)
-        hs = a * h[None, :, :] + bb  # the state after each step
-        y = tl.sum(hs * C_t[:, :, None], axis=1)
-        if HAS_D:
-            y += D_v[None, :] * u_t
+        t_mask = t < L
+        u_t, dt, z_t, keep = u_n, dt_n, z_n, k_n
+        u_n, _, dt_n, z_n, k_n = _tile(u, delta, z, seq_idx, b, L, row, d_mask, bias_v, t + T,
+                                       HAS_Z, HAS_BIAS, SOFTPLUS, HAS_SEQ)
+        dtu = dt * u_t
+        y = D_v[:, None] * u_t if HAS_D else tl.zeros([BLOCK_D, T], dtype=tl.float32)
+        for n0 in range(0, N, NU):  # NU states at a time: enough independent work, not all N live at once
+            for k in tl.static_range(NU):
+                n = n0 + k
+                A2_n = tl.load(A + d * N + n, mask=d_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+                B_n = tl.load(B + bc + n * L + t, mask=t_mask, other=0.0).to(tl.float32)
+                C_n = tl.load(C + bc + n * L + t, mask=t_mask, other=0.0).to(tl.float32)
+                ac, bc_ = tl.associative_scan((_decay(dt, A2_n, keep, HAS_SEQ), dtu * B_n[None, :]), axis=1,
+                                              combine_fn=_lin)
+                hs = ac * _col(h, tt, n)[:, None] + bc_  # the state after each step
+                y += hs * C_n[None, :]
+                # Padded steps (t >= L) are no-ops, so the last column is the state after step min(L, t0 + T) - 1.
+                h = tl.where((tt == n)[None, :], _col(hs, tt, T - 1)[:, None], h)
         if HAS_Z:
             y *= z_t * tl.sigmoid(z_t)
-        tl.store(out + off, y, mask=m2)
-        # Padded steps (t >= L) are no-ops, so the last row is the state after step min(L, t0 + T) - 1.
-        h = tl.sum(tl.where((tt == T - 1)[:, None, None], hs, 0.0), axis=0)
-    # `last` may be `init` itself (decode): each element is read above before it is written here.
-    tl.store(last + h_off, h, mask=nd_mask)
+        tl.store(out + row[:, None] + t[None, :], y, mask=d_mask[:, None] & t_mask[None, :])
+    # `last` may be `init` itself (decode): it was read above, before this write.
+    tl.store(last + st_off, h, mask=st_mask)
+
+
+@triton.jit
+def _bwd_tile(u, delta, z, dout, seq_idx, b, L, row, d_mask, bias_v, t,
+              HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """The backward's inputs of steps t: `_tile`'s, dt and keep of steps t + 1 (a_{t+1} carries the
+    adjoint back; 1 past the end: q_{L-1} = C g + dlast) and dout."""
+    u_t, _, dt, z_t, keep = _tile(u, delta, z, seq_idx, b, L, row, d_mask, bias_v, t,
+                                  HAS_Z, HAS_BIAS, SOFTPLUS, HAS_SEQ)
+    _, _, dt1, _, keep1 = _tile(u, delta, z, seq_idx, b, L, row, d_mask, bias_v, t + 1,
+                                False, HAS_BIAS, SOFTPLUS, HAS_SEQ)
+    m2 = d_mask[:, None] & ((t >= 0) & (t < L))[None, :]
+    g = tl.load(dout + row[:, None] + t[None, :], mask=m2, other=0.0).to(tl.float32)
+    return u_t, dt, z_t, keep, dt1, keep1, g
 
 
 @triton.jit
 def _scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt, dlast, dout,
                      du, ddelta, dz, dA_part, dB_part, dC_part, dD_part, dbias_part, dinit,
-                     n_rows, dim, L, N, groups, dpg, n_tiles,
-                     T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                     n_rows, dim, L, groups, dpg, n_tiles,
+                     N: tl.constexpr, NU: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr,
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                      SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
                      HAS_DLAST: tl.constexpr):
-    b, d, d_mask, n, n_mask, row, bc_row = _coords(dim, L, N, groups, dpg, BLOCK_D, BLOCK_N)
-    nd_mask = n_mask[:, None] & d_mask[None, :]
-    A_v = tl.load(A + d[None, :] * N + n[:, None], mask=nd_mask, other=0.0).to(tl.float32)
-    A2 = A_v * 1.4426950408889634
+    b, d, d_mask, row, bc = _coords(dim, L, N, groups, dpg, BLOCK_D)
     bias_v = tl.load(delta_bias + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
     D_v = tl.load(D + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_D else 0.0
-    state_off = (b * dim + d[None, :]) * N + n[:, None]  # (batch, dim, d_state) tensors, as (BLOCK_N, BLOCK_D)
-    ckpt_off = (b * dim + d[None, :]) * n_tiles * N + n[:, None]
-    # This program's rows of the (channel blocks, batch * groups, d_state, length) partials of dB, dC.
-    part_row = ((tl.program_id(1).to(tl.int64) * n_rows + tl.program_id(0)) * N + n) * L
+    tt = tl.arange(0, T)
+    # Per-state values in registers, state n in column n of a (BLOCK_D, T) tile (T >= N), as in the forward.
+    st_off = (b * dim + d[:, None]) * N + tt[None, :]  # (batch, dim, d_state) tensors: dlast, dA_part, dinit
+    st_mask = d_mask[:, None] & (tt < N)[None, :]
     if HAS_DLAST:  # q: the adjoint of the state after the step just past the tile
-        q = tl.load(dlast + state_off, mask=nd_mask, other=0.0).to(tl.float32)
+        q = tl.load(dlast + st_off, mask=st_mask, other=0.0)
     else:
-        q = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dA_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        q = tl.zeros([BLOCK_D, T], dtype=tl.float32)
+    dA_acc = tl.zeros([BLOCK_D, T], dtype=tl.float32)
+    ck = ckpt + (b * dim + d) * n_tiles * N
+    # This program's rows of the (channel blocks, batch * groups, d_state, length) partials of dB, dC.
+    part = (tl.program_id(1).to(tl.int64) * n_rows + tl.program_id(0)) * N * L
     dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    tt = tl.arange(0, T)
-    t_n = (n_tiles - 1) * T + tt
-    u_n, dtr_n, dt_n, B_n, C_n, z_n, k_n = _fwd_tile(u, delta, B, C, z, seq_idx, b, L, row, bc_row, bias_v, d_mask,
-                                                     n_mask, t_n, HAS_Z, HAS_BIAS, SOFTPLUS, HAS_SEQ)
-    g_n = tl.load(dout + row[None, :] + t_n[:, None], mask=(t_n < L)[:, None] & d_mask[None, :], other=0.0)
-    h0_n = tl.load(ckpt + ckpt_off + (n_tiles - 1) * N, mask=nd_mask, other=0.0)
+    # No prefetch here (unlike the forward): its registers cost more occupancy than it hides latency.
     for i_rev in range(n_tiles):
         i = n_tiles - 1 - i_rev
         t = i * T + tt
         t_mask = t < L
-        m2 = t_mask[:, None] & d_mask[None, :]
-        tn_mask = t_mask[:, None] & n_mask[None, :]
-        off = row[None, :] + t[:, None]
-        u_t, dt_raw, dt, B_t, C_t, z_t, keep, g, h0 = u_n, dtr_n, dt_n, B_n, C_n, z_n, k_n, g_n.to(tl.float32), h0_n
-        # Prefetch the previous tile (i - 1; masked off past the start).
-        t_p = t - T
-        u_n, dtr_n, dt_n, B_n, C_n, z_n, k_n = _fwd_tile(u, delta, B, C, z, seq_idx, b, L, row, bc_row, bias_v,
-                                                         d_mask, n_mask, t_p, HAS_Z, HAS_BIAS, SOFTPLUS, HAS_SEQ)
-        g_n = tl.load(dout + row[None, :] + t_p[:, None], mask=((t_p >= 0) & (t_p < L))[:, None] & d_mask[None, :],
-                      other=0.0)
-        h0_n = tl.load(ckpt + ckpt_off + tl.maximum(i - 1, 0) * N, mask=nd_mask, other=0.0)
-        a = tl.exp2(dt[:, None, :] * A2[None, :, :])
-        if HAS_SEQ:
-            a = a * keep[:, None, None]
+        m2 = d_mask[:, None] & t_mask[None, :]
+        off = row[:, None] + t[None, :]
+        u_t, dt, z_t, keep, dt1, keep1, g = _bwd_tile(u, delta, z, dout, seq_idx, b, L, row, d_mask, bias_v, t,
+                                                      HAS_Z, HAS_BIAS, SOFTPLUS, HAS_SEQ)
+        if HAS_Z:  # out = y silu(z): g becomes dL/dy; y is summed below for dz
+            g *= z_t * tl.sigmoid(z_t)
+            y = D_v[:, None] * u_t
         dtu = dt * u_t
-        bb = dtu[:, None, :] * B_t[:, :, None]
-        ac, bc = tl.associative_scan((a, bb), axis=0, combine_fn=_lin)
-        hs = ac * h0[None, :, :] + bc
-        hp = hs - bb  # a_t h_{t-1}: the derivative of h_t in dt_t A
-        if HAS_Z:  # out = y silu(z): recompute y for dz, then g becomes dL/dy
-            y = tl.sum(hs * C_t[:, :, None], axis=1) + D_v[None, :] * u_t
-            sz = tl.sigmoid(z_t)
-            tl.store(dz + off, g * y * sz * (1.0 + z_t * (1.0 - sz)), mask=m2)
-            g = g * z_t * sz
-        # a_{t+1}: the decay of the next step (1 past the end: q_{L-1} = C g + dlast).
-        t1_mask = (t + 1) < L
-        m1 = t1_mask[:, None] & d_mask[None, :]
-        _, dt1 = _softplus_dt(delta, off + 1, m1, bias_v, HAS_BIAS, SOFTPLUS)
-        an = tl.exp2(dt1[:, None, :] * A2[None, :, :])
-        if HAS_SEQ:
-            an = an * _keep(seq_idx, b, L, t + 1, t1_mask)[:, None, None]
-        qa, qb = tl.associative_scan((an, g[:, None, :] * C_t[:, :, None]), axis=0, combine_fn=_lin, reverse=True)
-        qs = qa * q[None, :, :] + qb  # dL/dh_t
-        q = tl.sum(tl.where((tt == 0)[:, None, None], qs, 0.0), axis=0)
-        dexp = qs * hp  # adjoint of dt_t A
-        dA_acc += tl.sum(dexp * dt[:, None, :], axis=0)
-        qB = tl.sum(qs * B_t[:, :, None], axis=1)  # adjoint of dt_t u_t, (T, BLOCK_D)
-        ddt = tl.sum(dexp * A_v[None, :, :], axis=1) + qB * u_t
-        if SOFTPLUS:
-            ddt *= tl.sigmoid(dt_raw)
+        qB = tl.zeros([BLOCK_D, T], dtype=tl.float32)  # sum_n q_t[n] B_t[n]: the adjoint of dt_t u_t
+        dexpA = tl.zeros([BLOCK_D, T], dtype=tl.float32)  # sum_n of the adjoint of dt_t A[n], times A[n]
+        for n0 in range(0, N, NU):  # NU states at a time: enough independent work, not all N live at once
+            for k in tl.static_range(NU):
+                n = n0 + k
+                sel = (tt == n)[None, :]
+                A_n = tl.load(A + d * N + n, mask=d_mask, other=0.0).to(tl.float32)
+                A2_n = A_n * 1.4426950408889634
+                B_n = tl.load(B + bc + n * L + t, mask=t_mask, other=0.0).to(tl.float32)
+                C_n = tl.load(C + bc + n * L + t, mask=t_mask, other=0.0).to(tl.float32)
+                h0 = tl.load(ck + i * N + n, mask=d_mask, other=0.0)
+                bb = dtu * B_n[None, :]
+                ac, bc_ = tl.associative_scan((_decay(dt, A2_n, keep, HAS_SEQ), bb), axis=1, combine_fn=_lin)
+                hs = ac * h0[:, None] + bc_
+                if HAS_Z:
+                    y += hs * C_n[None, :]
+                qa, qc = tl.associative_scan((_decay(dt1, A2_n, keep1, HAS_SEQ), g * C_n[None, :]), axis=1,
+                                             combine_fn=_lin, reverse=True)
+                qs = qa * _col(q, tt, n)[:, None] + qc  # dL/dh_t
+                q = tl.where(sel, _col(qs, tt, 0)[:, None], q)
+                dexp = qs * (hs - bb)  # adjoint of dt_t A[n]: q_t a_t h_{t-1}
+                dA_acc = tl.where(sel, dA_acc + tl.sum(dexp * dt, axis=1)[:, None], dA_acc)
+                dexpA += dexp * A_n[:, None]
+                qB += qs * B_n[None, :]
+                tl.store(dB_part + part + n * L + t, tl.sum(qs * dtu, axis=0), mask=t_mask)
+                tl.store(dC_part + part + n * L + t, tl.sum(g * hs, axis=0), mask=t_mask)
+        ddt = dexpA + qB * u_t
+        if SOFTPLUS:  # d softplus(x)/dx = sigmoid(x) = 1 - exp(-softplus(x))
+            ddt *= 1.0 - tl.exp2(-1.4426950408889634 * dt)
         ddt = tl.where(m2, ddt, 0.0)
         du_t = qB * dt
         if HAS_D:
-            du_t += g * D_v[None, :]
-            dD_acc += tl.sum(g * u_t, axis=0)
-        dbias_acc += tl.sum(ddt, axis=0)
+            du_t += g * D_v[:, None]
+            dD_acc += tl.sum(g * u_t, axis=1)
+        if HAS_Z:  # reloaded rather than kept live through the state loop
+            z_t = tl.load(z + off, mask=m2, other=0.0).to(tl.float32)
+            g_out = tl.load(dout + off, mask=m2, other=0.0).to(tl.float32)
+            sz = tl.sigmoid(z_t)
+            tl.store(dz + off, g_out * y * sz * (1.0 + z_t * (1.0 - sz)), mask=m2)
+        dbias_acc += tl.sum(ddt, axis=1)
         tl.store(du + off, du_t, mask=m2)
         tl.store(ddelta + off, ddt, mask=m2)
-        p_off = part_row[None, :] + t[:, None]  # (T, BLOCK_N)
-        tl.store(dB_part + p_off, tl.sum(qs * dtu[:, None, :], axis=2), mask=tn_mask)
-        tl.store(dC_part + p_off, tl.sum(g[:, None, :] * hs, axis=2), mask=tn_mask)
+    tl.store(dA_part + st_off, dA_acc, mask=st_mask)
     if HAS_INIT:  # h_0 = a_0 h_init + b_0
-        _, dt0 = _softplus_dt(delta, row[None, :] + tl.zeros([1, 1], dtype=tl.int64), d_mask[None, :], bias_v,
+        _, dt0 = _softplus_dt(delta, row[:, None] + tl.zeros([1, T], dtype=tl.int64), st_mask, bias_v,
                               HAS_BIAS, SOFTPLUS)
-        tl.store(dinit + state_off, q * tl.exp2(dt0 * A2), mask=nd_mask)
-    tl.store(dA_part + state_off, dA_acc, mask=nd_mask)
+        A2 = tl.load(A + d[:, None] * N + tt[None, :], mask=st_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+        tl.store(dinit + st_off, q * tl.exp2(dt0 * A2), mask=st_mask)
     if HAS_D:
         tl.store(dD_part + b * dim + d, dD_acc, mask=d_mask)
     if HAS_BIAS:
@@ -246,11 +267,17 @@ def _grouped(BC: torch.Tensor) -> torch.Tensor:
     return (BC if BC.dim() == 4 else BC.unsqueeze(1)).contiguous()
 
 
-def _block_d(cap, n_rows, dpg, on_gpu):
+def _block_d(cap, n_rows, dpg):
+    """BLOCK_D: at most `cap`, halved while too few programs would fill the GPU (small batches)."""
     bd = block_size(dpg, cap)
-    while on_gpu and bd > MIN_BLOCK_D and n_rows * triton.cdiv(dpg, bd) < MIN_PROGRAMS:
+    while bd > MIN_BLOCK_D and n_rows * triton.cdiv(dpg, bd) < MIN_PROGRAMS:
         bd //= 2
     return bd
+
+
+def _unroll(nu, N):
+    """The largest divisor of N that is at most nu."""
+    return max(k for k in range(1, min(nu, N) + 1) if N % k == 0)
 
 
 def _configs(u, B, N, train):
@@ -259,21 +286,22 @@ def _configs(u, B, N, train):
     groups = B.shape[1]
     if dim % groups != 0:
         raise ValueError(f"dim ({dim}) must be divisible by the number of B/C groups ({groups})")
-    dpg, n_rows, BLOCK_N = dim // groups, batch * groups, block_size(N, 256)
+    dpg, n_rows = dim // groups, batch * groups
+
+    def tile(T):  # T shrinks for short sequences (decode: one step) but the states fill a tile's columns
+        return max(min(T, triton.next_power_of_2(L)), triton.next_power_of_2(N), 2)
+
     if not u.is_cuda:  # the interpreter: one small tile shape
-        meta = dict(T=max(2, min(CHUNK, triton.next_power_of_2(L))), BLOCK_D=block_size(dpg, 4),
-                    BLOCK_N=BLOCK_N, num_warps=1)
+        meta = dict(T=tile(CHUNK), BLOCK_D=block_size(dpg, 4), NU=_unroll(2, N), num_warps=1)
         return groups, dpg, meta, dict(meta) if train else None
-
-    def meta(c, T):  # T shrinks for short sequences (decode: one step)
-        bd = _block_d(c["BLOCK_D"], n_rows, dpg, True)
-        warps = max(1, min(c["num_warps"], bd * BLOCK_N // 32))  # no warp spread over time
-        return dict(T=max(2, min(T, triton.next_power_of_2(L))), BLOCK_D=bd, BLOCK_N=BLOCK_N, num_warps=warps)
-
-    if not train:
-        return groups, dpg, meta(GPU_FWD, GPU_FWD["T"]), None
-    T = GPU_TRAIN["T"]
-    return groups, dpg, meta(GPU_TRAIN["fwd"], T), meta(GPU_TRAIN["bwd"], T)
+    configs = [GPU_TRAIN["fwd"], GPU_TRAIN["bwd"]] if train else [GPU_FWD]
+    blocks = [_block_d(c["BLOCK_D"], n_rows, dpg) for c in configs]
+    # A thread holds runs of 8 steps (16 bytes of bf16): with fewer channels than lanes, T grows so
+    # that the spare lanes take more of the sequence instead of idling.
+    T = tile(max(GPU_TRAIN["T"] if train else GPU_FWD["T"], 256 // min(blocks)))
+    metas = [dict(T=T, BLOCK_D=bd, NU=_unroll(c["NU"], N), num_warps=max(1, min(c["num_warps"], bd * T // 256)))
+             for c, bd in zip(configs, blocks)]
+    return groups, dpg, metas[0], metas[1] if train else None
 
 
 def _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, seq_idx, last, save_ckpt):
@@ -293,7 +321,7 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, 
         u, delta, A, B, C, u if D is None else D, u if z is None else z,
         u if delta_bias is None else delta_bias, u if seq_idx is None else seq_idx,
         last if initial_state is None else initial_state, last, ckpt, out,
-        dim, L, N, groups, dpg, n_tiles, *last.stride(),
+        dim, L, groups, dpg, n_tiles, *last.stride(), N=N,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
         HAS_SEQ=seq_idx is not None, HAS_INIT=initial_state is not None, SAVE_CKPT=save_ckpt, **meta,
     )
@@ -341,7 +369,7 @@ class _SelectiveScanFn(torch.autograd.Function):
             du, ddelta, u if dz is None else dz, dA_part, dB_part, dC_part,
             dA_part if dD_part is None else dD_part, dA_part if dbias_part is None else dbias_part,
             ckpt if dinit is None else dinit,
-            batch * groups, dim, L, N, groups, dpg, ckpt.shape[2],
+            batch * groups, dim, L, groups, dpg, ckpt.shape[2], N=N,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.softplus,
             HAS_SEQ=seq_idx is not None, HAS_INIT=ctx.has_init, HAS_DLAST=dlast is not None, **meta,
         )
