@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--packed", action="store_true",
                         help="padding-free batches of whole documents (DataCollatorWithFlattening)")  # fmt: skip
     parser.add_argument("--activation-checkpointing", action="store_true",
-                        help="recompute each layer's activations in the backward (less memory, ~30%% more compute)")
+                        help="recompute each layer's activations in the backward (less memory, ~30%% more compute)")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=8, help="rows (documents with --packed) per device and step")
     parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
@@ -101,6 +101,23 @@ def resolve_checkpoint(args) -> str | None:
     return last
 
 
+def save_model(trainer: Trainer, output_dir: str) -> None:
+    """trainer.save_model, with a fix for FSDP2: there Trainer would write no weights for a sharded state
+    dict, and save_pretrained would take the model's class (swapped by FSDP2 for a subclass defined in
+    torch) for its remote code, copying torch's files and writing a broken auto_map."""
+    if not trainer.is_fsdp_enabled:
+        trainer.save_model(output_dir)
+        return
+    # Checkpoints stay sharded (fast, resumable); the final model is gathered whole, a collective on every process.
+    trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    state_dict = trainer.accelerator.get_state_dict(trainer.model)
+    if trainer.is_world_process_zero():
+        with torch.device("meta"):  # the model's own class, for its config and code; the weights are state_dict
+            unwrapped = AutoModelForCausalLM.from_config(trainer.model.config)
+        unwrapped.save_pretrained(output_dir, state_dict=state_dict)
+        trainer.processing_class.save_pretrained(output_dir)
+
+
 def main(argv=None) -> dict:
     """Train, evaluate and save; returns the metrics (eval_loss, eval_perplexity, train_loss, ...)."""
     args = parse_args(argv)
@@ -151,11 +168,12 @@ def main(argv=None) -> dict:
     metrics["resumed_from"] = checkpoint
 
     model.config.use_cache = True  # the saved model is for generation
-    trainer.save_model(args.output_dir)
+    save_model(trainer, args.output_dir)
     trainer.save_state()
     trainer.save_metrics("all", metrics)  # all_results.json
-    print(f"eval loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_perplexity']:.2f}; "
-          f"model saved to {args.output_dir}")  # fmt: skip
+    if trainer.is_world_process_zero():  # once, not once per process under accelerate launch
+        print(f"eval loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_perplexity']:.2f}; "
+              f"model saved to {args.output_dir}")  # fmt: skip
     return metrics
 
 
