@@ -105,7 +105,9 @@ def compiled_decode(model, context, steps, device):
     ids = torch.randint(0, model.config.vocab_size, (1, context), device=device)
     token = model(ids, cache=cache, use_cache=True, logits_to_keep=1).logits.argmax(-1)
     mode = "reduce-overhead" if device.type == "cuda" else None
-    step = torch.compile(model.forward, mode=mode, fullgraph=True, dynamic=False)
+    # dynamic=None: transformers' static sliding-window cache layers branch on a Python int (the tokens
+    # seen); specialised (dynamic=False) it recompiles every step, automatic-dynamic it compiles twice.
+    step = torch.compile(model.forward, mode=mode, fullgraph=True, dynamic=None)
     position = torch.tensor([[context]], device=device)
     times = []
     for i in range(steps + 5):  # the first steps compile (and recompile once the cache offset turns dynamic)

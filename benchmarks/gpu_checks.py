@@ -14,6 +14,7 @@ random inputs and records the largest relative difference:
 import argparse
 import json
 import os
+import traceback
 from pathlib import Path
 
 import torch
@@ -114,6 +115,7 @@ def main():
             results.update(check())
         except Exception as error:  # recorded, not hidden: a failing check shows in the file
             results[f"error_{len(results)}"] = f"{type(error).__name__}: {str(error)[:400]}"
+            traceback.print_exc()
         print(json.dumps(results), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
