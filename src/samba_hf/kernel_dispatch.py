@@ -111,6 +111,13 @@ def mamba_ops(config_choice: str, device: torch.device, decoding: bool = False) 
     ops = {"triton": TRITON_OPS, "mamba_ssm": MAMBA_SSM_OPS, "torch": TORCH_OPS}[choice]
     if ops is None:
         raise RuntimeError(MISSING[choice])
+    if ops is TRITON_OPS and decoding and torch.compiler.is_compiling():
+        # Compiled, the Triton decode ops failed on the H200 deep inside the trace ("Pointer argument must
+        # be either uint64 or have data_ptr method"); say so, and what works, instead.
+        raise NotImplementedError(
+            "kernel implementation 'triton' cannot run a compiled decode step yet; use 'auto' (the default), "
+            "which compiles the PyTorch decode ops, or decode uncompiled."
+        )
     if not torch.compiler.is_compiling() and (ops.name, device.type) not in _logged:
         _logged.add((ops.name, device.type))
         logger.info("samba: Mamba ops on %s tensors use the %s implementation", device.type, ops.name)
