@@ -38,13 +38,14 @@ import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from samba_hf import SambaConfig, SambaForCausalLM
-from samba_hf.demo import stdlib_corpus, train_tokenizer
+from samba_hf.demo import TokenBlocks, stdlib_corpus, train_tokenizer
 from samba_hf.evaluation import (
     evaluate_perplexity,
     format_length,
     format_table,
     plot_perplexity,
     read_documents,
+    token_stream,
     write_csv,
 )
 from samba_hf.modeling_samba import SambaAttention
@@ -130,28 +131,6 @@ def load_documents(args) -> tuple[list[str], str]:
     if args.corpus == "source":
         return stdlib_source(), "the standard library's .py files (tests and codec tables left out), one document each"
     return stdlib_corpus(), "the standard library's docstrings (samba_hf.demo)"
-
-
-def encode(documents: list[str], tokenizer) -> torch.Tensor:
-    """All documents tokenized in one batch call (in parallel) and concatenated, each ended by EOS, as
-    samba_hf.demo.TokenBlocks and samba_hf.evaluation.token_stream do one document at a time."""
-    ids = []
-    for document_ids in tokenizer(documents)["input_ids"]:
-        ids.extend(document_ids + [tokenizer.eos_token_id])
-    return torch.tensor(ids)
-
-
-class Blocks(torch.utils.data.Dataset):
-    """A token stream cut into blocks of `block_size` (the rest dropped), as TokenBlocks."""
-
-    def __init__(self, stream: torch.Tensor, block_size: int):
-        self.blocks = stream[: len(stream) // block_size * block_size].view(-1, block_size)
-
-    def __len__(self):
-        return len(self.blocks)
-
-    def __getitem__(self, index):
-        return {"input_ids": self.blocks[index], "labels": self.blocks[index]}
 
 
 # ---------------------------------------------------------------- training
@@ -282,8 +261,8 @@ def main(argv=None) -> int:
     documents, source = load_documents(args)
     split = int(0.9 * len(documents))  # the last 10% of documents are held out
     tokenizer = train_tokenizer(documents[:split], vocab_size=args.vocab_size)
-    train_set = Blocks(encode(documents[:split], tokenizer), block_size=seq_len)
-    validation = encode(documents[split:], tokenizer)
+    train_set = TokenBlocks(documents[:split], tokenizer, block_size=seq_len)
+    validation = token_stream(documents[split:], tokenizer)
     windows = min(args.num_samples, len(validation) // (lengths[-1] + 1))
     data = (f"{len(documents)} documents, {source}; training {train_set.blocks.numel():,} tokens, "
             f"validation {len(validation):,} tokens (the last {len(documents) - split} documents)")  # fmt: skip

@@ -1,4 +1,4 @@
-"""examples/reproduce_extrapolation.py: its data helpers, and a smoke run of the whole script (six
+"""examples/reproduce_extrapolation.py and the data helpers it uses, and a smoke run of the whole script (six
 tiny models, two steps each) on CPU."""
 
 import csv
@@ -15,14 +15,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # the
 import reproduce_extrapolation  # noqa: E402
 
 
-def test_batch_encoding_matches_token_blocks():
+def test_token_blocks_match_documents_tokenized_one_at_a_time():
     documents = stdlib_corpus()[:40]
     tokenizer = train_tokenizer(documents, vocab_size=300)
-    stream = reproduce_extrapolation.encode(documents, tokenizer)
-    assert torch.equal(stream, token_stream(documents, tokenizer))
-    blocks = reproduce_extrapolation.Blocks(stream, block_size=16)
-    assert torch.equal(blocks.blocks, TokenBlocks(documents, tokenizer, block_size=16).blocks)
-    assert torch.equal(blocks[1]["input_ids"], blocks.blocks[1])
+    expected = []
+    for document in documents:
+        expected.extend(tokenizer(document)["input_ids"] + [tokenizer.eos_token_id])
+    assert token_stream(documents, tokenizer).tolist() == expected
+    blocks = TokenBlocks(documents, tokenizer, block_size=16)
+    assert blocks.blocks.flatten().tolist() == expected[: len(expected) // 16 * 16]
+    assert torch.equal(blocks[1]["input_ids"], torch.tensor(expected[16:32]))
 
 
 def test_stdlib_source_corpus():

@@ -93,8 +93,8 @@ class TokenBlocks(torch.utils.data.Dataset):
 
     def __init__(self, documents: list[str], tokenizer, block_size: int):
         ids = []
-        for document in documents:
-            ids.extend(tokenizer(document)["input_ids"] + [tokenizer.eos_token_id])
+        for document_ids in tokenizer(documents)["input_ids"]:  # one batch call: a fast tokenizer runs it in parallel
+            ids.extend(document_ids + [tokenizer.eos_token_id])
         usable = len(ids) // block_size * block_size
         self.blocks = torch.tensor(ids[:usable]).view(-1, block_size)
 
