@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import DynamicCache, StaticCache, TextIteratorStreamer
 
-from samba_hf import SambaConfig, SambaForCausalLM
+from samba_hf import SambaConfig, SambaForCausalLM, SambaStaticCache
 from samba_hf.cli import main as samba_hf_main
 from samba_hf.demo import train_tokenizer
 from samba_hf.generation import cache_nbytes
@@ -68,13 +68,43 @@ def test_sampling_is_reproducible_and_returns_several_sequences():
     assert torch.equal(first, model.generate(prompt, **kwargs)) and first.shape == (6, 18)
 
 
-def test_static_cache_generation_equals_the_dynamic_cache():
+def test_static_cache_generation_equals_the_dynamic_cache_with_left_padding():
     model = small_model()
     prompt = torch.randint(3, 97, (2, WINDOW + 4))
     mask = torch.ones_like(prompt)
+    mask[1, :3] = 0
     dynamic = model.generate(prompt, attention_mask=mask, max_new_tokens=3 * WINDOW, **GREEDY)
     static = model.generate(prompt, attention_mask=mask, max_new_tokens=3 * WINDOW, cache_implementation="static", **GREEDY)
     assert torch.equal(dynamic, static)
+
+
+@pytest.mark.parametrize("prompt_length", [1, WINDOW - 1, WINDOW, WINDOW + 1, 3 * WINDOW])
+def test_ring_buffer_static_cache_continues_exactly(prompt_length):
+    """Prompt, one-token steps past the window (the ring wraps), then a multi-token continuation
+    that reads the wrapped ring in order: the logits of one forward over everything."""
+    model = small_model()
+    ids = torch.randint(3, 97, (2, prompt_length + 2 * WINDOW + 5))
+    cache = SambaStaticCache(config=model.config, max_cache_len=ids.shape[1])
+    steps_end = prompt_length + 2 * WINDOW
+    with torch.no_grad():
+        logits = [model(ids[:, :prompt_length], cache=cache, use_cache=True).logits]
+        for t in range(prompt_length, steps_end):
+            logits.append(model(ids[:, t : t + 1], cache=cache, use_cache=True).logits)
+        logits.append(model(ids[:, steps_end:], cache=cache, use_cache=True).logits)
+        expected = model(ids).logits
+    torch.testing.assert_close(torch.cat(logits, dim=1), expected, rtol=1e-4, atol=5e-5)
+
+
+def test_ring_buffer_static_cache_memory_does_not_grow_with_its_maximum_length():
+    model = small_model()
+    prompt = torch.randint(3, 97, (2, 5))
+    sizes = []
+    for max_cache_len in (2 * WINDOW, 100 * WINDOW):
+        cache = SambaStaticCache(config=model.config, max_cache_len=max_cache_len)
+        with torch.no_grad():
+            model(prompt, cache=cache, use_cache=True)
+        sizes.append(cache_nbytes(cache))
+    assert sizes[0] == sizes[1] > 0
 
 
 def test_decode_step_compiles_as_one_graph_with_a_static_cache():
@@ -93,16 +123,17 @@ def test_decode_step_compiles_as_one_graph_with_a_static_cache():
     torch.testing.assert_close(compiled, expected, rtol=1e-4, atol=5e-5)
 
 
-def test_inductor_compiled_decode_steps_stay_exact():
-    """The decode step lowered by inductor (what CUDA-graph decoding runs on a GPU), several steps:
-    one recompile when the cache offset turns dynamic, then the same graph, exact throughout."""
+def test_inductor_compiled_decode_steps_run_one_graph_at_every_length():
+    """The decode step lowered by inductor (what CUDA-graph decoding replays on a GPU), compiled once
+    for static shapes and run past the window: a recompile raises (transformers' own static
+    sliding-window layer recompiles at every step here), and the logits stay exact."""
     model = small_model()
-    ids = torch.randint(3, 97, (1, 2 * WINDOW + 6))
-    prompt_length = WINDOW + 1
-    cache = StaticCache(config=model.config, max_cache_len=4 * WINDOW)
+    ids = torch.randint(3, 97, (1, 3 * WINDOW))
+    prompt_length = WINDOW - 2
+    cache = SambaStaticCache(config=model.config, max_cache_len=ids.shape[1])
     torch._dynamo.reset()  # compiled graphs of other tests count towards the recompile limit
-    step = torch.compile(model.forward, fullgraph=True)
-    with torch.no_grad():
+    step = torch.compile(model.forward, fullgraph=True, dynamic=False)
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
         model(ids[:, :prompt_length], cache=cache, use_cache=True)
         steps = [
             step(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True, position_ids=torch.tensor([[t]])).logits
@@ -140,7 +171,7 @@ def test_chunked_prefill_is_exact_with_left_padding(chunk_size):
 PEAK_MEMORY_PROBE = textwrap.dedent(
     """
     import resource, sys, torch
-    from samba_hf import SambaConfig, SambaForCausalLM
+    from samba_hf import SambaConfig, SambaForCausalLM, SambaStaticCache
     length, chunk = int(sys.argv[1]), (int(sys.argv[2]) or None)
     torch.manual_seed(0)
     model = SambaForCausalLM(SambaConfig.from_preset("tiny", vocab_size=256)).eval()

@@ -7,7 +7,13 @@ LoRA targets, when PEFT is installed).
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from .configuration_samba import PRESETS, SambaConfig
-from .modeling_samba import SambaForCausalLM, SambaForSequenceClassification, SambaModel, SambaPreTrainedModel
+from .modeling_samba import (
+    SambaForCausalLM,
+    SambaForSequenceClassification,
+    SambaModel,
+    SambaPreTrainedModel,
+    SambaStaticCache,
+)
 from .peft_integration import register_peft_defaults
 
 __version__ = "0.1.0"
@@ -33,4 +39,5 @@ __all__ = [
     "SambaForSequenceClassification",
     "SambaModel",
     "SambaPreTrainedModel",
+    "SambaStaticCache",
 ]

@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, StaticCache, StaticLayer, StaticSlidingWindowLayer
 from transformers.generation import GenerationMixin
 from transformers.integrations.accelerate import force_accelerate_hooks
 from transformers.masking_utils import (
+    ALL_MASK_ATTENTION_FUNCTIONS,
     create_causal_mask,
     create_recurrent_attention_mask,
     create_sliding_window_causal_mask,
@@ -342,6 +343,139 @@ class SambaDecoderLayer(GradientCheckpointingLayer):
         return hidden_states
 
 
+class SlidingWindowRingLayer(StaticLayer):
+    """Static cache of a sliding-window attention layer: the last `sliding_window` keys and values in
+    a ring buffer.
+
+    transformers' `StaticSlidingWindowLayer` keeps its keys in order by rolling the buffer, and counts
+    tokens in a Python int that it branches on; compiled, that int is an input of the graph and CUDA
+    graphs record a new graph at every step (huggingface/transformers#44609). Here a one-token step
+    writes its key at slot `tokens_seen % sliding_window`, a tensor index, so every step runs the same
+    graph; `ring_window_mask` says which slots hold tokens of the window. Attention does not depend on
+    the order of the keys: their positions are already rotated into them."""
+
+    is_sliding = True
+
+    def __init__(self, sliding_window: int, **kwargs):
+        super().__init__(max_cache_len=sliding_window)
+
+    @property
+    def is_croppable(self) -> bool:
+        return False  # once the ring has wrapped, the overwritten keys cannot come back
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        window, new_tokens = self.max_cache_len, key_states.shape[-2]
+        if new_tokens == 1:  # a decode step: in place, at a tensor index
+            slot = (self.cumulative_length % window).view(1)
+            self.keys.index_copy_(2, slot, key_states)
+            self.values.index_copy_(2, slot, value_states)
+            self.cumulative_length.add_(1)
+            return self.keys, self.values
+        # Several tokens (a prompt, a prefill chunk, a continuation): they attend to the kept keys in
+        # order followed by themselves, as `get_mask_sizes` describes; the last `window` are kept.
+        seen = int(self.cumulative_length)
+        kept_slots = torch.arange(seen - min(seen, window), seen, device=self.device) % window
+        keys = torch.cat([self.keys[:, :, kept_slots], key_states], dim=2)
+        values = torch.cat([self.values[:, :, kept_slots], value_states], dim=2)
+        total = seen + new_tokens
+        last_slots = torch.arange(total - min(total, window), total, device=self.device) % window
+        self.keys.index_copy_(2, last_slots, keys[:, :, -last_slots.numel() :])
+        self.values.index_copy_(2, last_slots, values[:, :, -last_slots.numel() :])
+        self.cumulative_length.add_(new_tokens)
+        return keys, values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """Length and first position of the keys a multi-token `update` returns (one-token steps are
+        masked by `ring_window_mask`)."""
+        seen = int(self.cumulative_length)
+        kept = min(seen, self.max_cache_len)
+        return kept + query_length, seen - kept
+
+
+def use_ring_buffers(cache: StaticCache, config: SambaConfig) -> StaticCache:
+    """Replace the static sliding-window layers of `cache` by `SlidingWindowRingLayer`s, for the
+    attention implementations whose masks can say which slots to read (sdpa and eager; flash
+    attention takes a window, not a mask, and keeps transformers' layers)."""
+    if config._attn_implementation in ("sdpa", "eager"):
+        cache.layers = [
+            SlidingWindowRingLayer(config.sliding_window) if type(layer) is StaticSlidingWindowLayer else layer
+            for layer in cache.layers
+        ]
+    return cache
+
+
+class SambaStaticCache(StaticCache):
+    """transformers' `StaticCache` with ring-buffer sliding-window layers (`SlidingWindowRingLayer`),
+    so that a compiled decode step is one CUDA graph, replayed at every length. Its memory does not
+    grow with `max_cache_len`: Samba's layers keep a window of keys and a fixed-size state.
+    `generate(cache_implementation="static")` builds one."""
+
+    def __init__(self, config: SambaConfig, max_cache_len: int, **kwargs):
+        super().__init__(config=config, max_cache_len=max_cache_len, **kwargs)
+        use_ring_buffers(self, config)
+
+
+def ring_window_mask(config: SambaConfig, inputs_embeds: torch.Tensor, attention_mask, ring: SlidingWindowRingLayer):
+    """The sliding-window mask of a one-token step that reads a ring buffer: slot s holds the latest
+    position p = s (mod window) up to the new token's, and is read when p >= 0 (written) and the 2D
+    `attention_mask`, if any, does not mark p as padding. Built from the ring's tensor count only, so
+    it is the same graph at every step."""
+    if config._attn_implementation not in ("sdpa", "eager"):
+        raise ValueError(
+            f"A ring-buffer static cache needs attention implementation 'sdpa' or 'eager', not "
+            f"{config._attn_implementation!r}: build the cache after choosing the implementation."
+        )
+    window, device = ring.max_cache_len, inputs_embeds.device
+    query_position = ring.cumulative_length.to(device)
+    slots = torch.arange(window, device=device)
+    positions = query_position - (query_position - slots) % window
+    readable = positions >= 0
+    if attention_mask is not None:
+        readable = readable & attention_mask[:, positions.clamp(min=0)].bool()
+
+    def slot_mask(batch_idx, head_idx, q_idx, kv_idx):
+        return readable.expand(inputs_embeds.shape[0], window)[batch_idx, kv_idx]
+
+    return ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation](
+        batch_size=inputs_embeds.shape[0],
+        q_length=1,
+        kv_length=window,
+        mask_function=slot_mask,
+        allow_is_causal_skip=False,
+        dtype=inputs_embeds.dtype,
+        device=device,
+    )
+
+
+def create_layer_masks(config: SambaConfig, inputs_embeds, attention_mask, cache, position_ids) -> dict:
+    """The attention mask of each layer type (transformers' mask functions; `ring_window_mask` for a
+    one-token step over a ring-buffer cache)."""
+    mask_kwargs = {
+        "config": config,
+        "inputs_embeds": inputs_embeds,
+        "attention_mask": attention_mask,
+        "cache": cache,
+        "position_ids": position_ids,
+    }
+    mask_functions = {
+        "full_attention": create_causal_mask,
+        "sliding_attention": create_sliding_window_causal_mask,
+        "linear_attention": create_recurrent_attention_mask,
+    }
+    ring = None
+    if cache is not None and inputs_embeds.shape[1] == 1:
+        ring = next((layer for layer in cache.layers if isinstance(layer, SlidingWindowRingLayer)), None)
+    masks = {}
+    for layer_type in set(config.layer_types) & mask_functions.keys():
+        if layer_type == "sliding_attention" and ring is not None:
+            masks[layer_type] = ring_window_mask(config, inputs_embeds, attention_mask, ring)
+        else:
+            masks[layer_type] = mask_functions[layer_type](**mask_kwargs)
+    return masks
+
+
 class SambaPreTrainedModel(PreTrainedModel):
     config: SambaConfig
     base_model_prefix = "model"
@@ -454,19 +588,7 @@ class SambaModel(SambaPreTrainedModel):
         if isinstance(attention_mask, dict):  # masks prepared by `generate` for compiled decoding
             masks = attention_mask
         else:
-            mask_kwargs = {
-                "config": self.config,
-                "inputs_embeds": inputs_embeds,
-                "attention_mask": attention_mask,
-                "cache": cache,
-                "position_ids": position_ids,
-            }
-            mask_functions = {
-                "full_attention": create_causal_mask,
-                "sliding_attention": create_sliding_window_causal_mask,
-                "linear_attention": create_recurrent_attention_mask,
-            }
-            masks = {t: mask_functions[t](**mask_kwargs) for t in set(self.config.layer_types) if t in mask_functions}
+            masks = create_layer_masks(self.config, inputs_embeds, attention_mask, cache, position_ids)
 
         padding_free = seq_idx is None and is_padding_free(attention_mask, inputs_embeds)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids) if self.rotary_emb is not None else None
@@ -592,6 +714,15 @@ class SambaForCausalLM(SambaPreTrainedModel, GenerationMixin):
         )
 
 
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, cache, position_ids=None, **kwargs):
+        """The masks `generate` prepares outside a compiled decode step (as the model builds them)."""
+        return create_layer_masks(config, inputs_embeds, attention_mask, cache, position_ids)
+
+    def _prepare_static_cache(self, *args, **kwargs) -> StaticCache:
+        """`cache_implementation="static"` builds transformers' StaticCache; its sliding-window layers
+        become ring buffers (see `SambaStaticCache`)."""
+        return use_ring_buffers(super()._prepare_static_cache(*args, **kwargs), self.config)
+
     def chunked_prefill(
         self, input_ids, attention_mask, position_ids, cache, inputs_embeds, logits_to_keep, chunk_size, **kwargs
     ) -> CausalLMOutputWithPast:
@@ -628,4 +759,11 @@ class SambaForSequenceClassification(GenericForSequenceClassification, SambaPreT
     pass
 
 
-__all__ = ["SambaForCausalLM", "SambaForSequenceClassification", "SambaModel", "SambaPreTrainedModel"]
+__all__ = [
+    "SambaForCausalLM",
+    "SambaForSequenceClassification",
+    "SambaModel",
+    "SambaPreTrainedModel",
+    "SambaStaticCache",
+    "SlidingWindowRingLayer",
+]
