@@ -13,6 +13,7 @@ import argparse
 import json
 import platform
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -170,23 +171,30 @@ def measure_memory(preset, device, dtype, results):
 
 
 def measure_compiled(samba, llama, context, steps, bandwidth, device, results):
+    """Each model: its compiled decode step against the roofline, then generate() itself with the static
+    cache (which compiles its decode step) and with the dynamic cache. A failure is recorded, with the
+    traceback in the log, and the other measurements still run."""
     for name, model in (("samba", samba), ("llama", llama)):
-        try:
+        entry = {"model": name, "context": context}
+        measurements = {
+            "compiled_step": lambda: compiled_decode(model, context, steps, device),
+            "generate_static": lambda: generate_seconds_per_token(
+                model, context, 4 * steps, device, cache_implementation="static"),
+            "generate_dynamic": lambda: generate_seconds_per_token(model, context, 4 * steps, device),
+        }  # fmt: skip
+        for key, measure in measurements.items():
             torch._dynamo.reset()
-            seconds = compiled_decode(model, context, steps, device)
-            cache, _ = filled_cache(model, 1, context, device)
-            roofline = decode_bytes(model, cache) / bandwidth
-            entry = {"model": name, "context": context, "ms_per_token": seconds * 1e3,
-                     "roofline_ms": roofline * 1e3, "fraction_of_roofline": roofline / seconds}  # fmt: skip
-            # The user's path: generate() with a static cache compiles its decode step by itself.
-            torch._dynamo.reset()
-            entry["generate_static_ms_per_token"] = 1e3 * generate_seconds_per_token(
-                model, context, 4 * steps, device, cache_implementation="static")
-            entry["generate_dynamic_ms_per_token"] = 1e3 * generate_seconds_per_token(model, context, 4 * steps, device)
-            results["compiled"].append(entry)
-        except Exception as error:  # report, do not hide: the table says what failed
-            results["compiled"].append({"model": name, "error": f"{type(error).__name__}: {str(error)[:300]}"})
-        print("compiled", json.dumps(results["compiled"][-1]), flush=True)
+            try:
+                entry[key + "_ms_per_token"] = 1e3 * measure()
+            except Exception as error:  # report, do not hide: the table says what failed
+                traceback.print_exc()
+                entry[key + "_error"] = f"{type(error).__name__}: {str(error)[:300]}"
+        cache, _ = filled_cache(model, 1, context, device)
+        entry["roofline_ms"] = 1e3 * decode_bytes(model, cache) / bandwidth
+        if "compiled_step_ms_per_token" in entry:
+            entry["fraction_of_roofline"] = entry["roofline_ms"] / entry["compiled_step_ms_per_token"]
+        results["compiled"].append(entry)
+        print("compiled", json.dumps(entry), flush=True)
 
 
 def plot(results: dict, path: Path) -> None:

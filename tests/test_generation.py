@@ -6,6 +6,7 @@ import threading
 import pytest
 import torch
 from transformers import DynamicCache, StaticCache, TextIteratorStreamer
+from transformers.generation import CompileConfig
 
 from samba_hf import SambaConfig, SambaForCausalLM, SambaStaticCache
 from samba_hf.cli import main as samba_hf_main
@@ -105,6 +106,24 @@ def test_ring_buffer_static_cache_memory_does_not_grow_with_its_maximum_length()
             model(prompt, cache=cache, use_cache=True)
         sizes.append(cache_nbytes(cache))
     assert sizes[0] == sizes[1] > 0
+
+
+def test_generate_with_a_static_cache_compiles_its_decode_step_once():
+    """generate() compiles its decode step itself for a static cache (on GPUs; forced here on the CPU):
+    one graph (fullgraph), not recompiled at any later step (a recompile raises), prefill uncompiled,
+    left-padded rows exact against the dynamic cache."""
+    model = small_model()
+    prompt = torch.randint(3, 97, (2, WINDOW + 4))
+    mask = torch.ones_like(prompt)
+    mask[1, :3] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=3 * WINDOW, **GREEDY)
+    dynamic = model.generate(prompt, **kwargs)
+    compile_config = CompileConfig(fullgraph=True, dynamic=False, backend="eager", mode=None)
+    compile_config._compile_all_devices = True  # transformers compiles on accelerators only by default
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        static = model.generate(prompt, cache_implementation="static", compile_config=compile_config, **kwargs)
+    assert torch.equal(dynamic, static)
 
 
 def test_decode_step_compiles_as_one_graph_with_a_static_cache():

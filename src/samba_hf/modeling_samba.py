@@ -645,6 +645,12 @@ class SambaForCausalLM(SambaPreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+        # generate() copies `prefill_chunk_size` from the config into its own option, which chunks the
+        # prompt itself and, with a static cache on a GPU, compiles each chunk. The forward already
+        # chunks long inputs (eagerly, as prefill should run), so generate passes the prompt whole unless
+        # asked for `generate(prefill_chunk_size=...)`.
+        if self.generation_config is not None:
+            self.generation_config.prefill_chunk_size = None
 
     @can_return_tuple
     def forward(
