@@ -468,10 +468,10 @@ def create_layer_masks(config: SambaConfig, inputs_embeds, attention_mask, cache
     if cache is not None and inputs_embeds.shape[1] == 1:
         ring = next((layer for layer in cache.layers if isinstance(layer, SlidingWindowRingLayer)), None)
     masks = {}
-    for layer_type in set(config.layer_types) & mask_functions.keys():
+    for layer_type in set(config.layer_types):
         if layer_type == "sliding_attention" and ring is not None:
             masks[layer_type] = ring_window_mask(config, inputs_embeds, attention_mask, ring)
-        else:
+        elif layer_type in mask_functions:
             masks[layer_type] = mask_functions[layer_type](**mask_kwargs)
     return masks
 
