@@ -9,9 +9,12 @@ of the keys: query i sits at position p = len_kv - len_q + i and sees keys p - w
 and the window - 1 keys before it), so a chunk that continues from cached keys works as well as a
 full sequence. Differentiable in query, key and value on both paths.
 
-On CUDA the op calls `torch.compile(flex_attention, dynamic=False)` (created on first use and
-reused; one compilation per shape) with a BlockMask built once per (len_q, len_kv, window, device)
-and cached, so fully-masked key blocks are skipped. CPU (and any other device) tensors take the
+On CUDA the op calls a compiled flex_attention (created on first use and reused) with a BlockMask
+built once per (len_q, len_kv, window, device) and cached, so fully-masked key blocks are skipped.
+It compiles for the first shape and once more with symbolic lengths at the second (automatic
+dynamic shapes), so inputs of every length share it: compiled per shape, the ninth length would hit
+dynamo's recompile limit and fall back to flex's unfused path, which materialises the whole score
+matrix (198 GiB for a 64K-token prefill chunk on the H200). CPU (and any other device) tensors take the
 eager reference with an explicit boolean mask, computed in float32 (flex has no CPU backward).
 """
 
@@ -59,7 +62,7 @@ def windowed_attention_ref(query, key, value, window, scale=None):
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention, dynamic=None)
 
 
 @functools.lru_cache(maxsize=64)
