@@ -270,7 +270,8 @@ def test_compiled_flex_serves_prompts_of_any_length_with_two_compilations():
     """The CUDA path's compiled flex_attention, run here through inductor's CPU backend: a compilation
     per length would hit dynamo's recompile limit after eight lengths of chunked prefill and fall
     back to flex's unfused path (the whole score matrix in memory). It compiles for the first length
-    and once more for symbolic lengths, and stays exact against the explicit softmax."""
+    and once more for symbolic lengths, first chunks and continued ones alike, and stays exact
+    against the explicit softmax."""
     from torch._dynamo.utils import counters
 
     from samba_kernels.windowed_attention import _block_mask, _compiled_flex
@@ -278,8 +279,8 @@ def test_compiled_flex_serves_prompts_of_any_length_with_two_compilations():
     torch._dynamo.reset()
     counters.clear()
     window, g = 64, _gen(11)
-    for len_q in (128, 200, 256, 384):
-        len_kv = len_q + window - 1  # a chunk continuing from cached keys
+    for len_q, continued in ((128, False), (256, False), (200, True), (384, True)):
+        len_kv = len_q + window - 1 if continued else len_q  # a first chunk, or one continuing cached keys
         q, k, v = (_randn(g, 1, 2, n, 16).cpu() for n in (len_q, len_kv, len_kv))
         out = _compiled_flex()(q, k, v, block_mask=_block_mask(len_q, len_kv, window, "cpu"))
         torch.testing.assert_close(out.double(), _explicit_window_attention(q, k, v, window), rtol=1e-4, atol=1e-4)

@@ -69,7 +69,9 @@ def _compiled_flex():
 def _block_mask(len_q: int, len_kv: int, window: int, device: str):
     from torch.nn.attention.flex_attention import create_block_mask
 
-    offset = len_kv - len_q
+    # A tensor, not an int: compiled flex guards on the ints a mask function closes over, so a prefill's
+    # first chunk (offset 0) and its continuations (offset window - 1) would compile separately.
+    offset = torch.tensor(len_kv - len_q, device=device)
 
     def sliding_window(b, h, q_idx, kv_idx):
         q_pos = q_idx + offset
