@@ -69,14 +69,15 @@ def test_sampling_is_reproducible_and_returns_several_sequences():
     assert torch.equal(first, model.generate(prompt, **kwargs)) and first.shape == (6, 18)
 
 
-def test_static_cache_generation_equals_the_dynamic_cache_with_left_padding():
+@pytest.mark.parametrize("search", [{}, dict(num_beams=3, num_return_sequences=2, length_penalty=0.0)])
+def test_static_cache_generation_equals_the_dynamic_cache_with_left_padding(search):
+    """Greedy, and beam search (which reorders the ring buffers between steps)."""
     model = small_model()
     prompt = torch.randint(3, 97, (2, WINDOW + 4))
     mask = torch.ones_like(prompt)
     mask[1, :3] = 0
-    dynamic = model.generate(prompt, attention_mask=mask, max_new_tokens=3 * WINDOW, **GREEDY)
-    static = model.generate(prompt, attention_mask=mask, max_new_tokens=3 * WINDOW, cache_implementation="static", **GREEDY)
-    assert torch.equal(dynamic, static)
+    kwargs = dict(attention_mask=mask, max_new_tokens=3 * WINDOW, **GREEDY, **search)
+    assert torch.equal(model.generate(prompt, **kwargs), model.generate(prompt, cache_implementation="static", **kwargs))
 
 
 @pytest.mark.parametrize("prompt_length", [1, WINDOW - 1, WINDOW, WINDOW + 1, 3 * WINDOW])
