@@ -127,6 +127,17 @@ def test_generate_with_a_static_cache_compiles_its_decode_step_once():
     assert torch.equal(dynamic, static)
 
 
+def test_a_ring_buffer_cache_refuses_an_attention_without_masks():
+    model = small_model()
+    prompt = torch.randint(3, 97, (1, WINDOW + 2))
+    cache = SambaStaticCache(config=model.config, max_cache_len=4 * WINDOW)
+    with torch.no_grad():
+        model(prompt, cache=cache, use_cache=True)
+        model.config._attn_implementation = "flash_attention_2"  # switched after the cache was built
+        with pytest.raises(ValueError, match="'sdpa' or 'eager'"):
+            model(prompt[:, -1:], cache=cache, use_cache=True)
+
+
 def test_decode_step_compiles_as_one_graph_with_a_static_cache():
     model = small_model()
     prompt = torch.randint(3, 97, (2, WINDOW + 1))

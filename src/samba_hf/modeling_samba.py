@@ -356,7 +356,7 @@ class SlidingWindowRingLayer(StaticLayer):
 
     is_sliding = True
 
-    def __init__(self, sliding_window: int, **kwargs):
+    def __init__(self, sliding_window: int):
         super().__init__(max_cache_len=sliding_window)
 
     @property
@@ -718,7 +718,6 @@ class SambaForCausalLM(SambaPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
-
 
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, cache, position_ids=None, **kwargs):
         """The masks `generate` prepares outside a compiled decode step (as the model builds them)."""
