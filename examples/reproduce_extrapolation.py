@@ -48,7 +48,6 @@ from samba_hf.evaluation import (
     token_stream,
     write_csv,
 )
-from samba_hf.modeling_samba import SambaAttention
 
 # Each architecture repeats a cycle of (mixer, followed by an MLP?) layers.
 SAMBA_CYCLE = [("linear_attention", True), ("sliding_attention", True)]
@@ -136,16 +135,6 @@ def load_documents(args) -> tuple[list[str], str]:
 # ---------------------------------------------------------------- training
 
 
-def sdpa_window(model: SambaForCausalLM) -> SambaForCausalLM:
-    """Sliding-window layers run the attention interface (sdpa with a window mask) on CUDA as on the
-    CPU, instead of samba_kernels' FlexAttention, whose compilations (one per shape, dtype and grad
-    mode) would cost more than it saves at these lengths."""
-    for module in model.modules():
-        if isinstance(module, SambaAttention):
-            module.windowed_kernel = lambda query, key, padding_free: None
-    return model
-
-
 class Progress(TrainerCallback):
     """One flushed line per logging step: loss, steps done, seconds and the rate since the first step."""
 
@@ -167,9 +156,9 @@ class Progress(TrainerCallback):
 
 def train(name: str, config: SambaConfig, dataset, args) -> tuple[SambaForCausalLM, float]:
     torch.manual_seed(args.seed)
+    # At these lengths the fused windowed attention saves nothing, and each new shape costs a compilation.
+    config.windowed_attention_kernel = args.flex_attention
     model = SambaForCausalLM(config)
-    if not args.flex_attention:
-        sdpa_window(model)
     cuda = args.device.startswith("cuda")
     with tempfile.TemporaryDirectory(prefix="samba-extrapolation-") as trainer_dir:
         training_args = TrainingArguments(

@@ -264,3 +264,18 @@ def test_sequence_classification_head_pools_the_last_token():
         hidden = model.model(ids).last_hidden_state
     assert logits.shape == (2, 3)
     torch.testing.assert_close(logits, model.score(hidden[:, -1]))
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_windowed_attention_kernel_switch(monkeypatch, enabled):
+    """`config.windowed_attention_kernel` decides whether a sliding-window layer asks for the fused
+    kernel (CUDA-only, so the dispatch is replaced by a marker here) or stays on the attention interface."""
+    import samba_hf.modeling_samba as modeling
+
+    marker = object()
+    monkeypatch.setattr(modeling, "windowed_attention_kernel", lambda implementation, device: marker)
+    model = small_model(windowed_attention_kernel=enabled)
+    attention = next(m for m in model.modules() if isinstance(m, modeling.SambaAttention))
+    query, key = torch.zeros(1, 4, 128, 8), torch.zeros(1, 2, 128 + model.config.sliding_window, 8)
+    assert attention.windowed_kernel(query, key, padding_free=True) is (marker if enabled else None)
+    assert attention.windowed_kernel(query, key, padding_free=False) is None

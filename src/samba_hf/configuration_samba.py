@@ -79,6 +79,11 @@ class SambaConfig(PreTrainedConfig):
         kernel_implementation (`str`): Implementation of the Mamba ops: `"auto"` (Triton on CUDA,
             PyTorch elsewhere), `"triton"`, `"torch"` or `"mamba_ssm"`. The environment variable
             `SAMBA_KERNELS` overrides it.
+        windowed_attention_kernel (`bool`, defaults to `True`): On CUDA, run sliding-window layers whose
+            input reaches past the window (without padding or packing) through samba_kernels' fused
+            windowed attention (compiled FlexAttention) when the attention implementation is sdpa or
+            eager. `False` keeps them on the attention interface with a window mask, which needs no
+            compilation (short sequences, many different shapes).
         prefill_chunk_size (`int`, *optional*, defaults to 8192): Inputs longer than this that fill a cache
             (prompts in `generate`) run through the model in chunks of this many tokens, so activation
             memory stays O(chunk + window) whatever the prompt length. `None` disables chunking; the
@@ -126,6 +131,7 @@ class SambaConfig(PreTrainedConfig):
     residual_in_fp32: bool = True
     initializer_range: float = 0.02
     kernel_implementation: str = "auto"
+    windowed_attention_kernel: bool = True
     prefill_chunk_size: int | None = 8192
     use_cache: bool = True
     pad_token_id: int | None = None

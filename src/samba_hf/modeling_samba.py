@@ -188,6 +188,7 @@ class SambaAttention(nn.Module):
         for fewer than 128 queries, hence the minimum."""
         if (
             self.sliding_window is None
+            or not self.config.windowed_attention_kernel
             or not padding_free
             or query.shape[2] < 128
             or key.shape[2] <= self.sliding_window
