@@ -203,29 +203,37 @@ PEAK_MEMORY_PROBE = textwrap.dedent(
     """
     import resource, sys, torch
     from samba_hf import SambaConfig, SambaForCausalLM, SambaStaticCache
-    length, chunk = int(sys.argv[1]), (int(sys.argv[2]) or None)
+    length, chunk, how = int(sys.argv[1]), (int(sys.argv[2]) or None), sys.argv[3]
     torch.manual_seed(0)
-    model = SambaForCausalLM(SambaConfig.from_preset("tiny", vocab_size=256)).eval()
+    config = SambaConfig.from_preset("tiny", vocab_size=256, prefill_chunk_size=chunk, eos_token_id=None)
+    model = SambaForCausalLM(config).eval()
     ids = torch.randint(0, 256, (1, length))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with torch.no_grad():
-        out = model(ids, logits_to_keep=1, prefill_chunk_size=chunk)
-    assert out.cache is not None and torch.isfinite(out.logits).all()
+        if how == "forward":
+            out = model(ids, logits_to_keep=1)
+            assert out.cache is not None and torch.isfinite(out.logits).all()
+        else:  # generate, with the static cache that compiled decoding uses
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False,
+                                 pad_token_id=0, cache_implementation="static")
+            assert out.shape == (1, length + 2)
     print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)  # MiB above the baseline
     """
 )
 
 
-def peak_extra_mib(length: int, chunk_size: int) -> int:
-    result = subprocess.run([sys.executable, "-c", PEAK_MEMORY_PROBE, str(length), str(chunk_size)],
+def peak_extra_mib(length: int, chunk_size: int, how: str = "forward") -> int:
+    result = subprocess.run([sys.executable, "-c", PEAK_MEMORY_PROBE, str(length), str(chunk_size), how],
                             check=True, capture_output=True, text=True)  # fmt: skip
     return int(result.stdout.split()[-1])
 
 
-def test_a_64k_token_prompt_prefills_in_memory_of_one_chunk():
-    chunked_64k = peak_extra_mib(65536, 2048)
-    chunked_8k = peak_extra_mib(8192, 2048)
-    # One 64K forward would hold (1, 128, 16, 65536) float32 decay factors alone: 512 MiB.
+@pytest.mark.parametrize("how", ["forward", "static-cache generate"])
+def test_a_64k_token_prompt_prefills_in_memory_of_one_chunk(how):
+    chunked_64k = peak_extra_mib(65536, 2048, how)
+    chunked_8k = peak_extra_mib(8192, 2048, how)
+    # One 64K forward would hold (1, 128, 16, 65536) float32 decay factors alone: 512 MiB; a sliding-window
+    # mask prepared for the whole prompt, 64K x 64K booleans: 4 GiB.
     assert chunked_64k < chunked_8k + 64, (chunked_64k, chunked_8k)
 
 

@@ -721,7 +721,12 @@ class SambaForCausalLM(SambaPreTrainedModel, GenerationMixin):
         )
 
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, cache, position_ids=None, **kwargs):
-        """The masks `generate` prepares outside a compiled decode step (as the model builds them)."""
+        """The masks of a decode step, which `generate` prepares outside the compiled step when the cache
+        is static (as the model builds them). A prompt gets its 2D mask back, as transformers' own
+        function does for models it has no masks for: the forward then prefills it in chunks, with the
+        fused window kernel, instead of taking a (prompt x prompt) mask prepared for it whole."""
+        if inputs_embeds.shape[1] > 1:
+            return attention_mask
         return create_layer_masks(config, inputs_embeds, attention_mask, cache, position_ids)
 
     def _prepare_static_cache(self, *args, **kwargs) -> StaticCache:
