@@ -263,11 +263,13 @@ def test_text_iterator_streamer_streams_the_generated_text(tiny_folder):
     assert streamed.strip() == tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
 
 
-@pytest.mark.parametrize("source", ["argument", "file", "stdin"])
-def test_generate_command_streams_and_reports_speed_and_cache_memory(tiny_folder, tmp_path, source, capsys, monkeypatch):
+@pytest.mark.parametrize("source, cache", [("argument", "dynamic"), ("file", "dynamic"), ("stdin", "dynamic"),
+                                           ("argument", "static")])  # fmt: skip
+def test_generate_command_streams_and_reports_speed_and_cache_memory(tiny_folder, tmp_path, source, cache, capsys,
+                                                                     monkeypatch):  # fmt: skip
     folder, _ = tiny_folder
     argv = ["generate", str(folder)] + (["the quick brown"] if source == "argument" else [])
-    argv += ["--max-new-tokens", "6", "--greedy", "--device", "cpu"]
+    argv += ["--max-new-tokens", "6", "--greedy", "--device", "cpu"] + (["--static-cache"] if cache == "static" else [])
     if source == "file":
         (tmp_path / "prompt.txt").write_text("the quick brown")
         argv += ["--prompt-file", str(tmp_path / "prompt.txt")]

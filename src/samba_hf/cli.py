@@ -67,6 +67,7 @@ def cmd_generate(args) -> int:
         max_new_tokens=args.max_new_tokens,
         streamer=TextStreamer(tokenizer, skip_prompt=not args.echo_prompt),
         return_dict_in_generate=True,
+        cache_implementation="static" if args.static_cache else None,
         **sampling,
     )
     elapsed = time.perf_counter() - started
@@ -103,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-k", type=int, default=50)
     generate.add_argument("--top-p", type=float, default=0.95)
     generate.add_argument("--echo-prompt", action="store_true", help="print the prompt before the continuation")
+    generate.add_argument("--static-cache", action="store_true",
+                          help="a static cache: on a GPU, generate compiles the decode step once (CUDA graphs), "
+                          "faster per token after a compilation of about a minute")  # fmt: skip
     generate.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
     generate.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
     generate.set_defaults(func=cmd_generate)
