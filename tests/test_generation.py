@@ -97,6 +97,21 @@ def test_ring_buffer_static_cache_continues_exactly(prompt_length):
     torch.testing.assert_close(torch.cat(logits, dim=1), expected, rtol=1e-4, atol=5e-5)
 
 
+@pytest.mark.parametrize("new_cache", [lambda config: DynamicCache(config=config),
+                                       lambda config: SambaStaticCache(config=config, max_cache_len=256)],
+                         ids=["dynamic", "static"])  # fmt: skip
+def test_a_second_turn_continues_the_cache_of_the_first(new_cache):
+    """Multi-turn chat: generate, append a user turn, generate again from the returned cache (the ring
+    has wrapped); the same tokens as generating the second turn from scratch."""
+    model = small_model()
+    kwargs = dict(max_new_tokens=2 * WINDOW, return_dict_in_generate=True, **GREEDY)
+    first = torch.randint(3, 97, (1, 13))
+    out = model.generate(first, attention_mask=torch.ones_like(first), cache=new_cache(model.config), **kwargs)
+    second = torch.cat([out.sequences, torch.randint(3, 97, (1, 5))], dim=1)
+    continued = model.generate(second, attention_mask=torch.ones_like(second), cache=out.cache, **kwargs).sequences
+    assert torch.equal(continued, model.generate(second, attention_mask=torch.ones_like(second), **kwargs).sequences)
+
+
 def test_ring_buffer_static_cache_memory_does_not_grow_with_its_maximum_length():
     model = small_model()
     prompt = torch.randint(3, 97, (2, 5))
