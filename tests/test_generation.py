@@ -1,3 +1,4 @@
+import logging
 import subprocess
 import sys
 import textwrap
@@ -151,6 +152,17 @@ def test_a_ring_buffer_cache_refuses_an_attention_without_masks():
         model.config._attn_implementation = "flash_attention_2"  # switched after the cache was built
         with pytest.raises(ValueError, match="'sdpa' or 'eager'"):
             model(prompt[:, -1:], cache=cache, use_cache=True)
+
+
+def test_transformers_static_cache_gets_a_warning_that_names_the_ring_buffer_cache(caplog):
+    model = small_model()
+    prompt = torch.randint(3, 97, (1, WINDOW + 2))
+    logging.Logger.warning_once.cache_clear()  # transformers warns once per process
+    with torch.no_grad(), caplog.at_level("WARNING"):
+        model(prompt, cache=SambaStaticCache(config=model.config, max_cache_len=32), use_cache=True)
+        assert "SambaStaticCache" not in caplog.text
+        model(prompt, cache=StaticCache(config=model.config, max_cache_len=32), use_cache=True)
+    assert "samba_hf.SambaStaticCache" in caplog.text
 
 
 def test_decode_step_compiles_as_one_graph_with_a_static_cache():

@@ -28,12 +28,14 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_samba import ATTENTION_TYPES, SambaConfig
 from .kernel_dispatch import mamba_ops, windowed_attention_kernel
+
+logger = logging.get_logger(__name__)
 
 
 class SambaRMSNorm(nn.Module):
@@ -578,6 +580,17 @@ class SambaModel(SambaPreTrainedModel):
         seq_idx = None
         if position_ids is not None and attention_mask is None and cache is None:
             seq_idx = packed_document_index(position_ids)
+        if (
+            not torch.compiler.is_compiling()
+            and self.config._attn_implementation in ("sdpa", "eager")
+            and any(type(layer) is StaticSlidingWindowLayer for layer in getattr(cache, "layers", ()))
+        ):
+            logger.warning_once(
+                "This static cache keeps sliding-window keys in transformers' StaticSlidingWindowLayer, which "
+                "counts tokens in a Python int: a compiled decode step re-records its CUDA graph at every token. "
+                "Build `samba_hf.SambaStaticCache(config=..., max_cache_len=...)` instead (what "
+                "`generate(cache_implementation='static')` uses)."
+            )
         if use_cache and cache is None and seq_idx is None:
             cache = DynamicCache(config=self.config)
 
