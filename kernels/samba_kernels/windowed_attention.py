@@ -14,8 +14,8 @@ built once per (len_q, len_kv, window, device) and cached, so fully-masked key b
 It compiles for the first shape and once more with symbolic lengths at the second (automatic
 dynamic shapes), so inputs of every length share it: compiled per shape, the ninth length would hit
 dynamo's recompile limit and fall back to flex's unfused path, which materialises the whole score
-matrix (198 GiB for a 64K-token prefill chunk on the H200). CPU (and any other device) tensors take the
-eager reference with an explicit boolean mask, computed in float32 (flex has no CPU backward).
+matrix (198 GiB for a 64K-token prefill chunk on the H200). CPU (and any other device) tensors take
+the eager reference with an explicit boolean mask, computed in float32 (flex has no CPU backward).
 """
 
 import functools

@@ -87,7 +87,8 @@ class SambaConfig(PreTrainedConfig):
         prefill_chunk_size (`int`, *optional*, defaults to 8192): Inputs longer than this that fill a cache
             (prompts in `generate`) run through the model in chunks of this many tokens, so activation
             memory stays O(chunk + window) whatever the prompt length. `None` disables chunking; the
-            `prefill_chunk_size=` argument of `forward`/`generate` overrides it per call.
+            `prefill_chunk_size=` argument of `forward` overrides it per call (that of `generate` has
+            transformers chunk the prompt before the forward sees it).
 
     Example:
 

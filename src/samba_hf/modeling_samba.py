@@ -580,8 +580,9 @@ class SambaModel(SambaPreTrainedModel):
         seq_idx = None
         if position_ids is not None and attention_mask is None and cache is None:
             seq_idx = packed_document_index(position_ids)
-        if (
-            not torch.compiler.is_compiling()
+        if (  # asked of prompts, where such a cache is filled, not of every decode step
+            inputs_embeds.shape[1] > 1
+            and not torch.compiler.is_compiling()
             and self.config._attn_implementation in ("sdpa", "eager")
             and any(type(layer) is StaticSlidingWindowLayer for layer in getattr(cache, "layers", ()))
         ):
