@@ -198,6 +198,49 @@ def measure_compiled(samba, llama, context, steps, bandwidth, device, results):
         print("compiled", json.dumps(entry), flush=True)
 
 
+@torch.no_grad()
+def measure_decode_profile(samba, context, device, results):
+    """Where a compiled decode step's time goes: the step compiled without CUDA graphs (so that its
+    kernels show) and profiled over 20 steps: kernel time and launches per token, the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cache = SambaStaticCache(config=samba.config, max_cache_len=2 * context)
+    ids = torch.randint(0, samba.config.vocab_size, (1, context), device=device)
+    token = samba(ids, cache=cache, use_cache=True, logits_to_keep=1).logits.argmax(-1)
+    torch._dynamo.reset()
+    step = torch.compile(samba.forward, fullgraph=True, dynamic=False)
+    position = torch.tensor([[context]], device=device)
+    steps = 20
+    for i in range(3):  # compile and warm up
+        token = step(input_ids=token, cache=cache, use_cache=True, position_ids=position + i).logits.argmax(-1)
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU]) as prof:
+        for i in range(3, 3 + steps):
+            token = step(input_ids=token, cache=cache, use_cache=True, position_ids=position + i).logits.argmax(-1)
+        sync()
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    matmuls = [e for e in prof.key_averages() if e.key == "aten::mm"]
+    results["samba_decode_profile"] = {
+        "kernel_ms_per_token": sum(e.device_time_total for e in kernels) / 1e3 / steps,
+        "kernel_launches_per_token": sum(e.count for e in kernels) / steps,
+        "matmul_ms_per_token": sum(e.device_time_total for e in matmuls) / 1e3 / steps,
+        "top_kernels": [(e.key[:90], e.count, e.device_time_total / 1e3)
+                        for e in sorted(kernels, key=lambda e: -e.device_time_total)[:30]],
+    }  # fmt: skip
+    print("profile", json.dumps(results["samba_decode_profile"])[:400], flush=True)
+
+
+def measure_many_lengths(samba, device, results):
+    """Prefill of a 4K warm-up and twelve prompt lengths in one process (seconds, peak GiB): the
+    compiled windowed attention must serve them all without its unfused fallback."""
+    rows = []
+    for length in [4096] + [20000 + 10007 * i for i in range(12)]:
+        seconds = prefill(samba, 1, length, device)[0]
+        rows.append((length, seconds, torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None))
+        print("many_lengths", rows[-1], flush=True)
+    results["prefill_many_lengths"] = {"rows": rows}
+
+
 def plot(results: dict, path: Path) -> None:
     """Decode tokens/s against context, prefill time against prompt length, cache against generated length."""
     import matplotlib
@@ -232,7 +275,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="benchmarks")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, to check the script")
-    parser.add_argument("--parts", default="decode,prefill,memory,compiled", help="which measurements to run")
+    parser.add_argument("--parts", default="decode,prefill,memory,compiled", help="which measurements to run "
+                        "(also: profile, many_lengths)")
     parser.add_argument("--plot", help="only draw the plot of a saved generate.json")
     args = parser.parse_args()
     if args.plot:
@@ -301,6 +345,10 @@ def main():
         measure_memory(preset, device, dtype, results)
     if "compiled" in parts:
         measure_compiled(samba, llama, contexts[0], steps, bandwidth, device, results)
+    if "profile" in parts:
+        measure_decode_profile(samba, contexts[0], device, results)
+    if "many_lengths" in parts:
+        measure_many_lengths(samba, device, results)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
