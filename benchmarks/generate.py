@@ -14,11 +14,12 @@ import json
 import platform
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 
 import torch
 import transformers
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
+from transformers import CompileConfig, DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
 from samba_hf import SambaConfig, SambaForCausalLM, SambaStaticCache
 from samba_hf.generation import cache_nbytes
@@ -61,12 +62,12 @@ def copy_bandwidth(device) -> float:
 
 
 @torch.no_grad()
-def prefill(model, batch, length, device):
+def prefill(model, batch, length, device, **forward_kwargs):
     ids = torch.randint(0, model.config.vocab_size, (batch, length), device=device)
     cache = DynamicCache(config=model.config)
     sync()
     start = time.perf_counter()
-    out = model(ids, cache=cache, use_cache=True, logits_to_keep=1)
+    out = model(ids, cache=cache, use_cache=True, logits_to_keep=1, **forward_kwargs)
     sync()
     return time.perf_counter() - start, out.cache, out.logits[:, -1:].argmax(-1)
 
@@ -99,17 +100,31 @@ def decode(model, cache, token, steps):
     return (time.perf_counter() - start) / steps
 
 
+# Inductor options of the compiled decode variants (CUDA graphs in each). "matvec": coordinate-descent
+# tuning, under which inductor writes a batch-1 matmul as a multiply-and-sum reduction that it tunes and
+# fuses with its neighbours instead of calling cuBLAS; "freezing": weights become constants, so inductor
+# may concatenate products that share an input (q/k/v, gate/up).
+COMPILE_VARIANTS = {
+    "compiled_step": {},
+    "compiled_step_max_autotune": {"max_autotune": True},
+    "compiled_step_matvec": {"coordinate_descent_tuning": True},
+    "compiled_step_freezing": {"freezing": True},
+    "compiled_step_matvec_freezing": {"coordinate_descent_tuning": True, "freezing": True},
+}
+
+
 @torch.no_grad()
-def compiled_decode(model, context, steps, device, mode="reduce-overhead"):
-    """Batch-1 decode with a static cache and torch.compile (CUDA graphs on the GPU): seconds per token,
-    the median of five timed runs of `steps` steps. Samba's static cache keeps its sliding-window keys
-    in ring buffers, so the step compiles once for static shapes (`dynamic=False`) and replays one CUDA
-    graph at every length."""
+def compiled_decode(model, context, steps, device, options=None):
+    """Batch-1 decode with a static cache and torch.compile (CUDA graphs on the GPU, plus the inductor
+    `options`): seconds per token, the median of five timed runs of `steps` steps. Samba's static cache
+    keeps its sliding-window keys in ring buffers, so the step compiles once for static shapes
+    (`dynamic=False`) and replays one CUDA graph at every length."""
     cache_class = SambaStaticCache if isinstance(model, SambaForCausalLM) else StaticCache
     cache = cache_class(config=model.config, max_cache_len=context + 7 * steps)
     ids = torch.randint(0, model.config.vocab_size, (1, context), device=device)
     token = model(ids, cache=cache, use_cache=True, logits_to_keep=1).logits.argmax(-1)
-    step = torch.compile(model.forward, mode=mode if device.type == "cuda" else None, fullgraph=True, dynamic=False)
+    options = {"triton.cudagraphs": device.type == "cuda", **(options or {})}
+    step = torch.compile(model.forward, options=options, fullgraph=True, dynamic=False)
     position = torch.tensor([[context]], device=device)
     for _ in range(2):  # compile, then record the CUDA graph
         token = step(input_ids=token, cache=cache, use_cache=True, position_ids=position).logits.argmax(-1)
@@ -169,20 +184,21 @@ def measure_memory(preset, device, dtype, results):
     print("memory", json.dumps(results["memory"]), flush=True)
 
 
-def measure_compiled(samba, llama, context, steps, bandwidth, device, results):
-    """Each model: its compiled decode step against the roofline, then generate() itself with the static
-    cache (which compiles its decode step) and with the dynamic cache. A failure is recorded, with the
-    traceback in the log, and the other measurements still run."""
+def measure_compiled(samba, llama, context, steps, bandwidth, device, results, variants=tuple(COMPILE_VARIANTS)):
+    """Each model: its compiled decode step against the roofline (for each of `variants`), then
+    generate() itself with the static cache (which compiles its decode step, with transformers' default
+    `CompileConfig` and with the "matvec" options) and with the dynamic cache. A failure is recorded,
+    with the traceback in the log, and the other measurements still run."""
+    matvec = CompileConfig(mode=None, options={"triton.cudagraphs": True, "coordinate_descent_tuning": True})
     for name, model in (("samba", samba), ("llama", llama)):
         entry = {"model": name, "context": context}
-        measurements = {
-            "compiled_step": lambda: compiled_decode(model, context, steps, device),
-            # inductor autotunes the matrix-vector products (most of a batch-1 step) against cuBLAS
-            "compiled_step_max_autotune": lambda: compiled_decode(model, context, steps, device, "max-autotune"),
-            "generate_static": lambda: generate_seconds_per_token(
-                model, context, 4 * steps, device, cache_implementation="static"),
-            "generate_dynamic": lambda: generate_seconds_per_token(model, context, 4 * steps, device),
-        }  # fmt: skip
+        measurements = {key: partial(compiled_decode, model, context, steps, device, COMPILE_VARIANTS[key])
+                        for key in variants}  # fmt: skip
+        measurements["generate_static"] = partial(generate_seconds_per_token, model, context, 4 * steps, device,
+                                                  cache_implementation="static", compile_config=CompileConfig())
+        measurements["generate_static_matvec"] = partial(generate_seconds_per_token, model, context, 4 * steps,
+                                                         device, cache_implementation="static", compile_config=matvec)
+        measurements["generate_dynamic"] = partial(generate_seconds_per_token, model, context, 4 * steps, device)
         for key, measure in measurements.items():
             torch._dynamo.reset()
             try:
@@ -190,25 +206,28 @@ def measure_compiled(samba, llama, context, steps, bandwidth, device, results):
             except Exception as error:  # report, do not hide: the table says what failed
                 traceback.print_exc()
                 entry[key + "_error"] = f"{type(error).__name__}: {str(error)[:300]}"
+            print("compiled", name, key, entry.get(key + "_ms_per_token"), flush=True)
         cache, _ = filled_cache(model, 1, context, device)
         entry["roofline_ms"] = 1e3 * decode_bytes(model, cache) / bandwidth
-        if "compiled_step_ms_per_token" in entry:
-            entry["fraction_of_roofline"] = entry["roofline_ms"] / entry["compiled_step_ms_per_token"]
+        for key in variants:
+            if key + "_ms_per_token" in entry:
+                entry[key + "_fraction_of_roofline"] = entry["roofline_ms"] / entry[key + "_ms_per_token"]
         results["compiled"].append(entry)
         print("compiled", json.dumps(entry), flush=True)
 
 
 @torch.no_grad()
-def measure_decode_profile(samba, context, device, results):
-    """Where a compiled decode step's time goes: the step compiled without CUDA graphs (so that its
-    kernels show) and profiled over 20 steps: kernel time and launches per token, the top kernels."""
+def measure_decode_profile(samba, context, device, results, variant="compiled_step"):
+    """Where a compiled decode step's time goes: the step compiled with the inductor options of
+    `variant` but without CUDA graphs (so that its kernels show) and profiled over 20 steps: kernel time
+    and launches per token, the top kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     cache = SambaStaticCache(config=samba.config, max_cache_len=2 * context)
     ids = torch.randint(0, samba.config.vocab_size, (1, context), device=device)
     token = samba(ids, cache=cache, use_cache=True, logits_to_keep=1).logits.argmax(-1)
     torch._dynamo.reset()
-    step = torch.compile(samba.forward, fullgraph=True, dynamic=False)
+    step = torch.compile(samba.forward, options=COMPILE_VARIANTS[variant], fullgraph=True, dynamic=False)
     position = torch.tensor([[context]], device=device)
     steps = 20
     for i in range(3):  # compile and warm up
@@ -220,14 +239,14 @@ def measure_decode_profile(samba, context, device, results):
         sync()
     kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
     matmuls = [e for e in prof.key_averages() if e.key == "aten::mm"]
-    results["samba_decode_profile"] = {
+    results.setdefault("samba_decode_profile", {})[variant] = {
         "kernel_ms_per_token": sum(e.device_time_total for e in kernels) / 1e3 / steps,
         "kernel_launches_per_token": sum(e.count for e in kernels) / steps,
         "matmul_ms_per_token": sum(e.device_time_total for e in matmuls) / 1e3 / steps,
         "top_kernels": [(e.key[:90], e.count, e.device_time_total / 1e3)
                         for e in sorted(kernels, key=lambda e: -e.device_time_total)[:30]],
     }  # fmt: skip
-    print("profile", json.dumps(results["samba_decode_profile"])[:400], flush=True)
+    print("profile", variant, json.dumps(results["samba_decode_profile"][variant])[:400], flush=True)
 
 
 def measure_many_lengths(samba, device, results):
@@ -277,6 +296,12 @@ def main():
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, to check the script")
     parser.add_argument("--parts", default="decode,prefill,memory,compiled", help="which measurements to run "
                         "(also: profile, many_lengths)")
+    parser.add_argument("--compile-variants", default=",".join(COMPILE_VARIANTS),
+                        help="compiled decode variants to time (the keys of COMPILE_VARIANTS)")
+    parser.add_argument("--profile-variants", default="compiled_step", help="compiled decode variants to profile")
+    parser.add_argument("--prefill-lengths", help="prompt lengths of the prefill part (default: 32K to 1M)")
+    parser.add_argument("--samba-chunks", default="", help="more prefill chunk sizes to time Samba with, "
+                        "beside the config's default")
     parser.add_argument("--plot", help="only draw the plot of a saved generate.json")
     args = parser.parse_args()
     if args.plot:
@@ -321,14 +346,20 @@ def main():
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    if args.prefill_lengths:
+        lengths = [int(n) for n in args.prefill_lengths.split(",")]
+        prefills, big_prefills = [n for n in lengths if n <= 131072], [n for n in lengths if n > 131072]
+    # (name, model, forward keyword arguments): Samba with its default chunk size, then the other sizes
+    prefill_runs = [("samba", samba, {}), ("llama", llama, {})]
+    prefill_runs += [(f"samba_chunk{n}", samba, {"prefill_chunk_size": int(n)}) for n in args.samba_chunks.split(",") if n]
     for length in prefills + big_prefills if "prefill" in parts else []:
         entry = {"length": length}
-        for name, model in (("samba", samba), ("llama", llama)):
+        for name, model, forward_kwargs in prefill_runs:
             if name == "llama" and length in big_prefills:
                 continue  # quadratic: minutes per prompt
             try:
                 prefill(model, 1, min(length, 4096), device)  # warm-up
-                runs = sorted(prefill(model, 1, length, device)[0] for _ in range(3))
+                runs = sorted(prefill(model, 1, length, device, **forward_kwargs)[0] for _ in range(3))
                 entry[name + "_s"], entry[name + "_runs_s"] = runs[1], runs  # the median of three
             except torch.OutOfMemoryError:
                 entry[name + "_s"] = None
@@ -336,17 +367,19 @@ def main():
                 entry[name + "_peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
                 torch.cuda.reset_peak_memory_stats()
                 torch.cuda.empty_cache()
-        if entry.get("llama_s") and entry.get("samba_s"):
-            entry["speedup"] = entry["llama_s"] / entry["samba_s"]
+        for name, _, _ in prefill_runs:
+            if name != "llama" and entry.get("llama_s") and entry.get(name + "_s"):
+                entry["speedup" + name[len("samba"):]] = entry["llama_s"] / entry[name + "_s"]
         results["prefill"].append(entry)
         print("prefill", json.dumps(entry), flush=True)
 
     if "memory" in parts:
         measure_memory(preset, device, dtype, results)
     if "compiled" in parts:
-        measure_compiled(samba, llama, contexts[0], steps, bandwidth, device, results)
-    if "profile" in parts:
-        measure_decode_profile(samba, contexts[0], device, results)
+        measure_compiled(samba, llama, contexts[0], steps, bandwidth, device, results,
+                         args.compile_variants.split(","))
+    for variant in args.profile_variants.split(",") if "profile" in parts else []:
+        measure_decode_profile(samba, contexts[0], device, results, variant)
     if "many_lengths" in parts:
         measure_many_lengths(samba, device, results)
 

@@ -46,10 +46,10 @@ class SambaRMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # Normalise in float32; return the weight's dtype, since the residual stream may be float32
-        # while the layers that read the output are bf16.
-        hidden_states = hidden_states.float()
-        hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * hidden_states.to(self.weight.dtype)
+        # while the layers that read the output are bf16. F.rms_norm is one fused kernel on CUDA, where
+        # the written-out formula is five (a tenth of an eager long-prompt prefill's time).
+        normalized = F.rms_norm(hidden_states.float(), self.weight.shape, self.weight.float(), self.variance_epsilon)
+        return normalized.to(self.weight.dtype)
 
     def extra_repr(self):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
@@ -317,8 +317,8 @@ class SambaDecoderLayer(GradientCheckpointingLayer):
             self.mlp_norm = self.mlp = None
 
     def add_residual(self, residual: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
-        if self.residual_in_fp32:
-            return residual.float() + update.float()
+        if self.residual_in_fp32:  # the add promotes a bf16 update to float32 itself, without a cast copy
+            return residual.float() + update
         return residual + update
 
     def forward(
