@@ -122,6 +122,33 @@ def test_packed_batch_matches_documents_run_separately():
         torch.testing.assert_close(p_packed.grad, p_separate.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("implementation", ["torch"])
+def test_compiled_training_step_is_one_graph_with_exact_gradients(implementation):
+    """torch.compile(model, fullgraph=True) traces a packed training step without a graph break, on
+    the PyTorch ops and on the Triton kernels (custom ops; Triton's interpreter without a GPU), and
+    gives the eager PyTorch path's loss and gradients."""
+    import samba_kernels
+
+    if implementation == "triton" and not samba_kernels.use_triton(torch.empty(0)):
+        pytest.skip("TRITON_INTERPRET is off and there is no GPU")
+    ids = torch.randint(0, 97, (1, 12))
+    position_ids = torch.cat([torch.arange(5), torch.arange(7)])[None]  # two packed documents
+
+    def step(model):
+        loss = model(ids, labels=ids, position_ids=position_ids).loss
+        loss.backward()
+        return loss
+
+    eager = small_model(num_hidden_layers=2)
+    eager_loss = step(eager)
+    model = small_model(num_hidden_layers=2, kernel_implementation=implementation)
+    compiled_loss = step(torch.compile(model, fullgraph=True, backend="aot_eager"))
+
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-5)
+    for (name, p_eager), p_compiled in zip(eager.named_parameters(), model.parameters()):
+        torch.testing.assert_close(p_compiled.grad, p_eager.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
 # ------------------------------------------------------------------------------- the examples
 
 

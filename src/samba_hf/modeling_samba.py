@@ -643,8 +643,10 @@ def check_left_padding(attention_mask: torch.Tensor) -> None:
 
 
 def packed_document_index(position_ids: torch.Tensor) -> torch.Tensor | None:
-    """Document index of each token (int32) for packed rows, where positions restart; else None."""
-    if position_ids.shape[1] == 1 or torch.compiler.is_compiling():
+    """Document index of each token (int32) for packed rows, where positions restart; else None.
+    Compiled, always the index (one document: all zeros): whether positions restart depends on their
+    values, and transformers' masks separate the documents of a compiled step whenever they do."""
+    if position_ids.shape[1] == 1:
         return None
     seq_idx = find_packed_sequence_indices(position_ids)
     return None if seq_idx is None else seq_idx.to(torch.int32).contiguous()
