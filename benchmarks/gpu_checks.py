@@ -6,7 +6,8 @@ random inputs and records the largest relative difference:
   prefill through `initial_state`) vs one forward;  token-by-token decoding with the decode kernels
   vs one forward;  packed documents (`seq_idx`) vs the documents run separately;  LoRA on each
   Mamba projection changes the output on the kernel path;  generate with a static cache
-  (transformers compiles the decode step) vs the dynamic cache.
+  (transformers compiles the decode step) vs the dynamic cache, with the PyTorch and with the Triton
+  decode ops;  a compiled (fullgraph, inductor) packed training step vs the eager one.
 
     PYTHONPATH=src:kernels python benchmarks/gpu_checks.py --out benchmarks
 """
@@ -104,6 +105,34 @@ def check_static_generate() -> dict:
     return {"static_equals_dynamic_tokens": (dynamic == static).float().mean().item()}
 
 
+def check_compiled_training() -> dict:
+    """torch.compile(model, fullgraph=True) (inductor) of a packed training step on the Triton kernels
+    (custom ops) against the eager step."""
+    ids = torch.randint(0, 1024, (1, 300), device="cuda")
+    position_ids = torch.cat([torch.arange(n, device="cuda") for n in (120, 180)])[None]
+    results = []
+    for compiled in (False, True):
+        model = random_model("triton")
+        run = torch.compile(model, fullgraph=True) if compiled else model
+        loss = run(ids, labels=ids, position_ids=position_ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (eager_loss, eager_grads), (loss, grads) = results
+    return {"compiled_training_loss_rel_error": relative_error(loss, eager_loss),
+            "compiled_training_max_grad_rel_error": max(relative_error(grads[n], eager_grads[n]) for n in grads)}
+
+
+@torch.no_grad()
+def check_static_generate_triton() -> dict:
+    """generate() with the static cache, its compiled decode step on the forced Triton decode kernels."""
+    model = random_model("triton")
+    prompt = torch.randint(0, 1024, (2, 100), device="cuda")
+    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=40, do_sample=False, pad_token_id=0)
+    dynamic = model.generate(prompt, **kwargs)
+    static = model.generate(prompt, cache_implementation="static", **kwargs)
+    return {"static_triton_equals_dynamic_tokens": (dynamic == static).float().mean().item()}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="benchmarks")
@@ -111,7 +140,7 @@ def main():
     os.environ.pop("SAMBA_KERNELS", None)
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     checks = [lambda: check_paths_agree(257), check_continuation_and_decoding, check_packing, check_lora,
-              check_static_generate]  # fmt: skip
+              check_static_generate, check_compiled_training, check_static_generate_triton]  # fmt: skip
     for check in checks:
         try:
             results.update(check())

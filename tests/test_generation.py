@@ -181,6 +181,30 @@ def test_decode_step_compiles_as_one_graph_with_a_static_cache():
     torch.testing.assert_close(compiled, expected, rtol=1e-4, atol=5e-5)
 
 
+def test_compiled_decode_steps_on_the_triton_kernels():
+    """A compiled decode step with the Triton decode kernels forced (custom ops that update the cached
+    states in place; Triton's interpreter without a GPU): one graph, not recompiled at the next step,
+    and the logits of the full forward."""
+    import samba_kernels
+
+    if not samba_kernels.use_triton(torch.empty(0)):
+        pytest.skip("TRITON_INTERPRET is off and there is no GPU")
+    model = small_model(num_hidden_layers=2, kernel_implementation="triton")
+    ids = torch.randint(3, 97, (1, 8))
+    prompt_length = 6
+    cache = SambaStaticCache(config=model.config, max_cache_len=ids.shape[1])
+    torch._dynamo.reset()
+    step = torch.compile(model.forward, fullgraph=True, dynamic=False, backend="aot_eager")
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        model(ids[:, :prompt_length], cache=cache, use_cache=True)
+        steps = [
+            step(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True, position_ids=torch.tensor([[t]])).logits
+            for t in range(prompt_length, ids.shape[1])
+        ]
+        expected = small_model(num_hidden_layers=2, kernel_implementation="torch")(ids).logits[:, prompt_length:]
+    torch.testing.assert_close(torch.cat(steps, dim=1), expected, rtol=1e-4, atol=5e-5)
+
+
 def test_inductor_compiled_decode_steps_run_one_graph_at_every_length():
     """The decode step lowered by inductor (what CUDA-graph decoding replays on a GPU), compiled once
     for static shapes and run past the window: a recompile raises (transformers' own static

@@ -216,6 +216,50 @@ def test_cpu_without_interpreter_takes_the_reference(monkeypatch):
     assert state.abs().sum() > 0
 
 
+def test_ops_compile_as_one_graph_with_exact_gradients():
+    """The ops are custom ops: torch.compile(fullgraph=True) traces a conv + scan with packed documents
+    and initial states without a graph break, and its gradients match the references'."""
+    g = _gen(11)
+    batch, dim, length = 2, 6, 13
+    t = _scan_inputs(g, batch, dim, 3, length, D=True, z=True, bias=True, init=True)
+    weight, bias = _randn(g, dim, 4).requires_grad_(), _randn(g, dim).requires_grad_()
+    conv_init = _randn(g, batch, dim, 3).requires_grad_()
+    seq_idx = _seq_idx(g, batch, length, cuts=(5,))
+
+    def layer(conv, scan):
+        x, conv_last = conv(t["u"], weight, bias, seq_idx=seq_idx, initial_states=conv_init,
+                            return_final_states=True, activation="silu")
+        rest = {k: v for k, v in t.items() if k != "u"}
+        y, last = scan(x, **rest, delta_softplus=True, return_last_state=True, seq_idx=seq_idx)
+        return y, last, conv_last
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    out = compiled(samba_kernels.causal_conv1d_fn, samba_kernels.selective_scan_fn)
+    ref = layer(samba_kernels.causal_conv1d_ref, samba_kernels.selective_scan_ref)
+    _assert_grads_match(out, ref, [*t.values(), weight, bias, conv_init], g)
+
+
+def test_custom_op_registrations():
+    """torch.library.opcheck: schema, fake (shape) implementations, autograd registration and
+    AOT dispatch of every custom op, on the Triton kernels."""
+    g = _gen(12)
+    t = {k: v.detach() for k, v in _scan_inputs(g, 2, 5, 3, 9, D=True, z=True, bias=True, init=True).items()}
+    seq_idx = _seq_idx(g, 2, 9)
+    grouped = t["B"].unsqueeze(1).contiguous(), t["C"].unsqueeze(1).contiguous()
+    u, w = t["u"].clone().requires_grad_(), _randn(g, 5, 4).requires_grad_()
+    cases = {
+        selective_scan._scan_fwd_op: (u, t["delta"], t["A"], *grouped, t["D"], t["z"], t["delta_bias"],
+                                      t["initial_state"], seq_idx, True, True),
+        causal_conv1d._conv_fwd_op: (u, w, _randn(g, 5), seq_idx, _randn(g, 2, 5, 3), "silu"),
+        selective_scan._state_update_op: (_randn(g, 2, 5, 3), _randn(g, 2, 5, 1), _randn(g, 2, 5, 1), t["A"],
+                                          _randn(g, 2, 1, 3, 1), _randn(g, 2, 1, 3, 1), None, None, None, True),
+        causal_conv1d._conv_update_op: (_randn(g, 2, 5, 1), _randn(g, 2, 5, 4), w.detach(), None, "silu"),
+    }  # fmt: skip
+    for op, args in cases.items():
+        results = torch.library.opcheck(op, args)
+        assert set(results.values()) == {"SUCCESS"}, (op, results)
+
+
 def _explicit_window_attention(q, k, v, window):
     """Softmax attention written out: query i (aligned to the end of the keys) sees keys j with
     0 <= pos(i) - j < window; kv heads shared by consecutive query heads."""

@@ -122,7 +122,7 @@ def test_packed_batch_matches_documents_run_separately():
         torch.testing.assert_close(p_packed.grad, p_separate.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("implementation", ["torch"])
+@pytest.mark.parametrize("implementation", ["torch", "triton"])
 def test_compiled_training_step_is_one_graph_with_exact_gradients(implementation):
     """torch.compile(model, fullgraph=True) traces a packed training step without a graph break, on
     the PyTorch ops and on the Triton kernels (custom ops; Triton's interpreter without a GPU), and

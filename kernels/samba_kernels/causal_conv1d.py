@@ -122,29 +122,53 @@ def _conv_forward(x, weight, bias, seq_idx, init, activation):
     return out
 
 
-class _CausalConv1dFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, seq_idx, initial_states, activation):
-        x, weight = x.contiguous(), weight.contiguous()
-        bias = None if bias is None else bias.contiguous()
-        seq_idx = None if seq_idx is None else seq_idx.to(torch.int32).contiguous()
-        ctx.activation = activation
-        ctx.save_for_backward(x, weight, bias, seq_idx, initial_states)
-        return _conv_forward(x, weight, bias, seq_idx, initial_states, activation)
+# Autograd and torch.compile see the kernels as custom ops (see selective_scan.py).
+@torch.library.custom_op("samba_kernels::causal_conv1d_fwd", mutates_args=())
+def _conv_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, seq_idx: torch.Tensor | None,
+                 initial_states: torch.Tensor | None, activation: str | None) -> torch.Tensor:
+    return _conv_forward(x, weight, bias, seq_idx, initial_states, activation)
 
-    @staticmethod
-    def backward(ctx, dout):
-        x, weight, bias, seq_idx, init = ctx.saved_tensors
-        W = weight.shape[-1]
-        dx = torch.empty_like(x)
-        dinit = None if init is None else torch.empty(init.shape, dtype=torch.float32, device=x.device)
-        dweight = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
-        dbias = torch.zeros(weight.shape[0], dtype=torch.float32, device=x.device)
-        init_c = None if init is None else init.contiguous()
-        _conv_launch(_conv_bwd_kernel, x, weight, bias, seq_idx, init_c, ctx.activation, x.shape[-1] + W - 1,
-                     dout.contiguous(), dx, dx if dinit is None else dinit, dweight, dbias)
-        return (dx, dweight.to(weight.dtype), None if bias is None else dbias.to(bias.dtype), None,
-                None if dinit is None else dinit.to(init.dtype), None)
+
+@_conv_fwd_op.register_fake
+def _(x, weight, bias, seq_idx, initial_states, activation):
+    return torch.empty_like(x)
+
+
+def _conv_bwd_outputs(x, weight, init):
+    f32 = dict(dtype=torch.float32, device=x.device)
+    dinit = torch.empty(0, **f32) if init is None else torch.empty(init.shape, **f32)
+    return [torch.empty_like(x), torch.zeros(weight.shape, **f32), torch.zeros(weight.shape[0], **f32), dinit]
+
+
+@torch.library.custom_op("samba_kernels::causal_conv1d_bwd", mutates_args=())
+def _conv_bwd_op(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 seq_idx: torch.Tensor | None, initial_states: torch.Tensor | None,
+                 activation: str | None) -> list[torch.Tensor]:
+    """(dx, dweight, dbias, dinitial_states), the last three in float32; dinitial_states empty when absent."""
+    dx, dweight, dbias, dinit = _conv_bwd_outputs(x, weight, initial_states)
+    _conv_launch(_conv_bwd_kernel, x, weight, bias, seq_idx, initial_states, activation,
+                 x.shape[-1] + weight.shape[-1] - 1, dout, dx, dx if initial_states is None else dinit, dweight, dbias)
+    return [dx, dweight, dbias, dinit]
+
+
+@_conv_bwd_op.register_fake
+def _(dout, x, weight, bias, seq_idx, initial_states, activation):
+    return _conv_bwd_outputs(x, weight, initial_states)
+
+
+def _conv_setup_context(ctx, inputs, output):
+    x, weight, bias, seq_idx, init, ctx.activation = inputs
+    ctx.save_for_backward(x, weight, bias, seq_idx, init)
+
+
+def _conv_backward(ctx, dout):
+    x, weight, bias, seq_idx, init = ctx.saved_tensors
+    dx, dweight, dbias, dinit = _conv_bwd_op(dout.contiguous(), x, weight, bias, seq_idx, init, ctx.activation)
+    return (dx, dweight.to(weight.dtype), None if bias is None else dbias.to(bias.dtype), None,
+            None if init is None else dinit.to(init.dtype), None)
+
+
+_conv_fwd_op.register_autograd(_conv_backward, setup_context=_conv_setup_context)
 
 
 def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False,
@@ -155,11 +179,28 @@ def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None, re
         return causal_conv1d_ref(x, weight, bias, seq_idx, initial_states, return_final_states, activation)
     W = weight.shape[-1]
     init = initial_states.contiguous() if initial_states is not None and W > 1 else None
-    out = _CausalConv1dFn.apply(x, weight, bias, seq_idx, init, activation)
+    out = _conv_fwd_op(x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
+                       None if seq_idx is None else seq_idx.to(torch.int32).contiguous(), init, activation)
     if not return_final_states:
         return out
     history = x.new_zeros(x.shape[0], x.shape[1], W - 1) if init is None else init.to(x.dtype)
     return out, torch.cat([history, x], dim=-1)[:, :, x.shape[-1]:]  # the last W - 1 inputs
+
+
+@torch.library.custom_op("samba_kernels::causal_conv1d_update", mutates_args=("conv_state",))
+def _conv_update_op(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    activation: str | None) -> torch.Tensor:
+    """Output of contiguous x (batch, dim, length); shifts x into `conv_state`."""
+    W, S = weight.shape[-1], conv_state.shape[-1]
+    # The state's last W - 1 columns are the convolution's initial states (read in place, strided).
+    out = _conv_forward(x, weight, bias, None, conv_state[:, :, S - W + 1:] if W > 1 else None, activation)
+    conv_state.copy_(torch.cat([conv_state.to(x.dtype), x], dim=-1)[:, :, -S:])
+    return out
+
+
+@_conv_update_op.register_fake
+def _(x, conv_state, weight, bias, activation):
+    return torch.empty_like(x)
 
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
@@ -171,8 +212,5 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
     if S < W - 1:
         raise ValueError(f"conv_state holds {S} steps, the convolution needs at least {W - 1}")
     xs = (x.unsqueeze(-1) if x.dim() == 2 else x).contiguous()
-    # The state's last W - 1 columns are the convolution's initial states (read in place, strided).
-    out = _conv_forward(xs, weight.contiguous(), bias, None, conv_state[:, :, S - W + 1:] if W > 1 else None,
-                        activation)
-    conv_state.copy_(torch.cat([conv_state.to(xs.dtype), xs], dim=-1)[:, :, -S:])
+    out = _conv_update_op(xs, conv_state, weight.contiguous(), None if bias is None else bias.contiguous(), activation)
     return out.squeeze(-1) if x.dim() == 2 else out

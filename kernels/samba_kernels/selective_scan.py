@@ -304,84 +304,131 @@ def _configs(u, B, N, train):
     return groups, dpg, metas[0], metas[1] if train else None
 
 
+def _new_outputs(u, A, B, save_ckpt):
+    """Uninitialised (out, checkpoints) of a forward over u: the launch and the shape-only (fake)
+    implementation of the op below share them."""
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    n_tiles = triton.cdiv(L, _configs(u, B, N, save_ckpt)[2]["T"])
+    ckpt = u.new_empty((batch, dim, n_tiles, N) if save_ckpt else (1,), dtype=torch.float32)
+    return torch.empty_like(u), ckpt
+
+
 def _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, seq_idx, last, save_ckpt):
     """Launches the forward on contiguous u, delta, z (batch, dim, length) and B, C (batch, groups,
     d_state, length); writes the final state into `last` (which may be `initial_state`).
-    Returns (out, checkpoints, backward launch meta or None)."""
+    Returns (out, checkpoints)."""
     batch, dim, L = u.shape
     N = A.shape[1]
-    groups, dpg, meta, bwd_meta = _configs(u, B, N, save_ckpt)
+    groups, dpg, meta, _ = _configs(u, B, N, save_ckpt)
     if initial_state is not None and initial_state.stride() != last.stride():
         raise ValueError("initial_state and the last state must have the same strides")
-    n_tiles = triton.cdiv(L, meta["T"])
-    ckpt = u.new_empty((batch, dim, n_tiles, N) if save_ckpt else (1,), dtype=torch.float32)
-    out = torch.empty_like(u)
+    out, ckpt = _new_outputs(u, A, B, save_ckpt)
     grid = (batch * groups, triton.cdiv(dpg, meta["BLOCK_D"]))
     _scan_fwd_kernel[grid](
         u, delta, A, B, C, u if D is None else D, u if z is None else z,
         u if delta_bias is None else delta_bias, u if seq_idx is None else seq_idx,
         last if initial_state is None else initial_state, last, ckpt, out,
-        dim, L, groups, dpg, n_tiles, *last.stride(), N=N,
+        dim, L, groups, dpg, triton.cdiv(L, meta["T"]), *last.stride(), N=N,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
         HAS_SEQ=seq_idx is not None, HAS_INIT=initial_state is not None, SAVE_CKPT=save_ckpt, **meta,
     )
-    return out, ckpt, bwd_meta
+    return out, ckpt
 
 
-class _SelectiveScanFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx):
-        if (B.dim() == 4) != (C.dim() == 4) or (B.dim() == 4 and B.shape[1] != C.shape[1]):
-            raise ValueError("B and C must have the same number of groups")
-        ctx.shapes = B.shape, C.shape
-        u, delta, A, D, z, delta_bias = map(_contiguous, (u, delta, A, D, z, delta_bias))
-        B, C = _grouped(B), _grouped(C)
-        seq_idx = None if seq_idx is None else seq_idx.to(torch.int32).contiguous()
-        initial_state = None if initial_state is None else initial_state.float().contiguous()
-        last = u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=torch.float32)
-        out, ckpt, ctx.bwd_meta = _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
-                                                seq_idx, last, save_ckpt=any(ctx.needs_input_grad))
-        ctx.softplus, ctx.has_init = delta_softplus, initial_state is not None
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt)
-        return out, last
+# The kernels enter autograd and torch.compile as custom ops: opaque to the compiler (which traces
+# around them and fuses the code between them, with no graph break), shapes from the fake
+# implementations, gradients from the backward op. Absent optional inputs have empty gradients.
+@torch.library.custom_op("samba_kernels::selective_scan_fwd", mutates_args=())
+def _scan_fwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                 D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
+                 initial_state: torch.Tensor | None, seq_idx: torch.Tensor | None, softplus: bool,
+                 save_ckpt: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, last state, checkpoints for the backward) of contiguous inputs, B and C grouped."""
+    last = u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=torch.float32)
+    out, ckpt = _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, seq_idx, last, save_ckpt)
+    return out, last, ckpt
 
-    @staticmethod
-    def backward(ctx, dout, dlast):
-        u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt = ctx.saved_tensors
-        batch, dim, L = u.shape
-        N, groups, meta = A.shape[1], B.shape[1], ctx.bwd_meta
-        dpg = dim // groups
-        n_dblocks = triton.cdiv(dpg, meta["BLOCK_D"])
-        f32 = dict(dtype=torch.float32, device=u.device)
-        du, ddelta = torch.empty_like(u), torch.empty_like(delta)
-        dz = None if z is None else torch.empty_like(z)
-        dA_part = torch.empty(batch, dim, N, **f32)
-        dB_part = torch.empty(n_dblocks, batch * groups, N, L, **f32)
-        dC_part = torch.empty(n_dblocks, batch * groups, N, L, **f32)
-        dD_part = torch.empty(batch, dim, **f32) if D is not None else None
-        dbias_part = torch.empty(batch, dim, **f32) if delta_bias is not None else None
-        dinit = torch.empty(batch, dim, N, **f32) if ctx.has_init else None
-        dlast = None if dlast is None else dlast.float().contiguous()
-        _scan_bwd_kernel[(batch * groups, n_dblocks)](
-            u, delta, A, B, C, u if D is None else D, u if z is None else z,
-            u if delta_bias is None else delta_bias, u if seq_idx is None else seq_idx, ckpt,
-            ckpt if dlast is None else dlast, dout.contiguous(),
-            du, ddelta, u if dz is None else dz, dA_part, dB_part, dC_part,
-            dA_part if dD_part is None else dD_part, dA_part if dbias_part is None else dbias_part,
-            ckpt if dinit is None else dinit,
-            batch * groups, dim, L, groups, dpg, ckpt.shape[2], N=N,
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.softplus,
-            HAS_SEQ=seq_idx is not None, HAS_INIT=ctx.has_init, HAS_DLAST=dlast is not None, **meta,
-        )
-        B_shape, C_shape = ctx.shapes
-        dB = dB_part.sum(0) if n_dblocks > 1 else dB_part[0]
-        dC = dC_part.sum(0) if n_dblocks > 1 else dC_part[0]
-        return (
-            du, ddelta, dA_part.sum(0).to(A.dtype), dB.reshape(B_shape).to(B.dtype), dC.reshape(C_shape).to(C.dtype),
-            None if D is None else dD_part.sum(0).to(D.dtype), dz,
-            None if delta_bias is None else dbias_part.sum(0).to(delta_bias.dtype),
-            None, dinit, None,
-        )
+
+@_scan_fwd_op.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, softplus, save_ckpt):
+    out, ckpt = _new_outputs(u, A, B, save_ckpt)
+    return out, u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=torch.float32), ckpt
+
+
+def _scan_bwd_outputs(u, delta, A, B, D, z, delta_bias, has_init, n_dblocks):
+    """Uninitialised gradients of the backward (per-program partials where programs share a sum)."""
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    f32 = dict(dtype=torch.float32, device=u.device)
+    empty = lambda: torch.empty(0, **f32)  # noqa: E731 (one per absent input: outputs must not alias)
+    return (
+        torch.empty_like(u), torch.empty_like(delta), torch.empty(batch, dim, N, **f32),
+        torch.empty(n_dblocks, B.shape[0] * B.shape[1], N, L, **f32),
+        torch.empty(n_dblocks, B.shape[0] * B.shape[1], N, L, **f32),
+        torch.empty(batch, dim, **f32) if D is not None else empty(),
+        torch.empty_like(z) if z is not None else empty(),
+        torch.empty(batch, dim, **f32) if delta_bias is not None else empty(),
+        torch.empty(batch, dim, N, **f32) if has_init else empty(),
+    )  # fmt: skip
+
+
+def _n_dblocks(u, B, A):
+    return triton.cdiv(u.shape[1] // B.shape[1], _configs(u, B, A.shape[1], True)[3]["BLOCK_D"])
+
+
+@torch.library.custom_op("samba_kernels::selective_scan_bwd", mutates_args=())
+def _scan_bwd_op(dout: torch.Tensor, dlast: torch.Tensor | None, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor,
+                 B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None,
+                 delta_bias: torch.Tensor | None, seq_idx: torch.Tensor | None, ckpt: torch.Tensor, softplus: bool,
+                 has_init: bool) -> list[torch.Tensor]:
+    """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state); dA, dB, dC, dD and ddelta_bias
+    as float32 partials (summed by the caller), empty where the input is absent."""
+    batch, dim, L = u.shape
+    N, groups = A.shape[1], B.shape[1]
+    meta = _configs(u, B, N, True)[3]
+    n_dblocks = _n_dblocks(u, B, A)
+    du, ddelta, dA_part, dB_part, dC_part, dD_part, dz, dbias_part, dinit = _scan_bwd_outputs(
+        u, delta, A, B, D, z, delta_bias, has_init, n_dblocks)
+    _scan_bwd_kernel[(batch * groups, n_dblocks)](
+        u, delta, A, B, C, u if D is None else D, u if z is None else z,
+        u if delta_bias is None else delta_bias, u if seq_idx is None else seq_idx, ckpt,
+        ckpt if dlast is None else dlast, dout, du, ddelta, u if z is None else dz, dA_part, dB_part, dC_part,
+        dA_part if D is None else dD_part, dA_part if delta_bias is None else dbias_part,
+        dinit if has_init else ckpt,
+        batch * groups, dim, L, groups, dim // groups, ckpt.shape[2], N=N,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
+        HAS_SEQ=seq_idx is not None, HAS_INIT=has_init, HAS_DLAST=dlast is not None, **meta,
+    )
+    return [du, ddelta, dA_part, dB_part, dC_part, dD_part, dz, dbias_part, dinit]
+
+
+@_scan_bwd_op.register_fake
+def _(dout, dlast, u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt, softplus, has_init):
+    return list(_scan_bwd_outputs(u, delta, A, B, D, z, delta_bias, has_init, _n_dblocks(u, B, A)))
+
+
+def _scan_setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, softplus, _ = inputs
+    ctx.softplus, ctx.has_init = softplus, initial_state is not None
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, output[2])
+
+
+def _scan_backward(ctx, dout, dlast, _):
+    u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt = ctx.saved_tensors
+    du, ddelta, dA, dB, dC, dD, dz, dbias, dinit = _scan_bwd_op(
+        torch.zeros_like(u) if dout is None else dout.contiguous(),
+        None if dlast is None else dlast.float().contiguous(),
+        u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt, ctx.softplus, ctx.has_init)
+    return (
+        du, ddelta, dA.sum(0).to(A.dtype), dB.sum(0).view(B.shape).to(B.dtype), dC.sum(0).view(C.shape).to(C.dtype),
+        None if D is None else dD.sum(0).to(D.dtype), None if z is None else dz,
+        None if delta_bias is None else dbias.sum(0).to(delta_bias.dtype), dinit if ctx.has_init else None,
+        None, None, None,
+    )  # fmt: skip
+
+
+_scan_fwd_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
 
 
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -391,8 +438,32 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     if not use_triton(u):
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                   initial_state=initial_state, seq_idx=seq_idx)
-    y, last = _SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx)
+    if (B.dim() == 4) != (C.dim() == 4) or (B.dim() == 4 and B.shape[1] != C.shape[1]):
+        raise ValueError("B and C must have the same number of groups")
+    inputs = [u, delta, A, B, C, D, z, delta_bias, initial_state]
+    # Checkpoints for the backward only where a gradient will be asked for.
+    save_ckpt = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    u, delta, A, D, z, delta_bias = map(_contiguous, (u, delta, A, D, z, delta_bias))
+    y, last, _ = _scan_fwd_op(
+        u, delta, A, _grouped(B), _grouped(C), D, z, delta_bias,
+        None if initial_state is None else initial_state.float().contiguous(),
+        None if seq_idx is None else seq_idx.to(torch.int32).contiguous(), delta_softplus, save_ckpt,
+    )  # fmt: skip
     return (y, last) if return_last_state else y
+
+
+@torch.library.custom_op("samba_kernels::selective_state_update", mutates_args=("state",))
+def _state_update_op(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                     C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None, dt_bias: torch.Tensor | None,
+                     dt_softplus: bool) -> torch.Tensor:
+    """y (batch, dim, 1) of one-step sequences x, dt, z (batch, dim, 1), B, C (batch, groups, d_state, 1);
+    `state` is both the initial and the last state."""
+    return _scan_forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state, None, state, save_ckpt=False)[0]
+
+
+@_state_update_op.register_fake
+def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    return torch.empty_like(x)
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
@@ -403,6 +474,6 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     col = lambda t: None if t is None else t.unsqueeze(-1).contiguous()  # noqa: E731 (a one-step sequence)
     B, C = (BC if BC.dim() == 3 else BC.unsqueeze(1) for BC in (B, C))
-    y, _, _ = _scan_forward(col(x), col(dt), A.contiguous(), col(B), col(C), _contiguous(D), col(z),
-                            _contiguous(dt_bias), dt_softplus, state, None, state, save_ckpt=False)
+    y = _state_update_op(state, col(x), col(dt), A.contiguous(), col(B), col(C), _contiguous(D), col(z),
+                         _contiguous(dt_bias), dt_softplus)
     return y.squeeze(-1)

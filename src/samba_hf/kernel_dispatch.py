@@ -103,7 +103,7 @@ _logged = set()
 def mamba_ops(config_choice: str, device: torch.device, decoding: bool = False) -> SimpleNamespace:
     """The Mamba ops for tensors on `device` (see the module docstring). A compiled one-token decode
     step takes the PyTorch ops under "auto": they are a few elementwise operations that the compiler
-    fuses and CUDA graphs capture, where the Triton wrappers do not trace as one graph yet."""
+    fuses into its neighbours, where the Triton decode kernels are opaque custom ops."""
     choice = requested_implementation(config_choice)
     if choice == "auto":
         use_kernels = device.type == "cuda" and samba_kernels is not None
@@ -111,13 +111,6 @@ def mamba_ops(config_choice: str, device: torch.device, decoding: bool = False) 
     ops = {"triton": TRITON_OPS, "mamba_ssm": MAMBA_SSM_OPS, "torch": TORCH_OPS}[choice]
     if ops is None:
         raise RuntimeError(MISSING[choice])
-    if ops is TRITON_OPS and decoding and torch.compiler.is_compiling():
-        # Compiled, the Triton decode ops failed on the H200 deep inside the trace ("Pointer argument must
-        # be either uint64 or have data_ptr method"); say so, and what works, instead.
-        raise NotImplementedError(
-            "kernel implementation 'triton' cannot run a compiled decode step yet; use 'auto' (the default), "
-            "which compiles the PyTorch decode ops, or decode uncompiled."
-        )
     if not torch.compiler.is_compiling() and (ops.name, device.type) not in _logged:
         _logged.add((ops.name, device.type))
         logger.info("samba: Mamba ops on %s tensors use the %s implementation", device.type, ops.name)
