@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "kernels"))
-import samba_kernels as sk  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+
+import samba_kernels as sk  # noqa: E402
 from samba_kernels import selective_scan as ss  # noqa: E402
 
 D_STATE, WIDTH, REF_LEN = 16, 4, 256
@@ -294,7 +295,6 @@ def attention(device, measure, shapes, rows, record):
             rows.append(dict(op="attention check", batch=batch, heads=heads, length=length, window=window,
                              rel_err_vs_sdpa_window_mask=rel_err(ours, ref)))
             print("attention check", rows[-1], flush=True)
-        del q, k, v, dy, mask
 
 
 def warm(what):
