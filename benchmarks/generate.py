@@ -102,12 +102,14 @@ def decode(model, cache, token, steps):
 
 # Inductor options of the compiled decode variants (CUDA graphs in each). "matvec": coordinate-descent
 # tuning, under which inductor writes a batch-1 matmul as a multiply-and-sum reduction that it tunes and
-# fuses with its neighbours instead of calling cuBLAS; "freezing": weights become constants, so inductor
-# may concatenate products that share an input (q/k/v, gate/up).
+# fuses with its neighbours instead of calling cuBLAS; "combo": independent kernels (such as the q/k/v
+# or gate/up reductions, which read the same input) launched as one; "freezing": weights become
+# constants, so inductor may concatenate products that share an input.
 COMPILE_VARIANTS = {
     "compiled_step": {},
     "compiled_step_max_autotune": {"max_autotune": True},
     "compiled_step_matvec": {"coordinate_descent_tuning": True},
+    "compiled_step_matvec_combo": {"coordinate_descent_tuning": True, "combo_kernels": True},
     "compiled_step_freezing": {"freezing": True},
     "compiled_step_matvec_freezing": {"coordinate_descent_tuning": True, "freezing": True},
 }

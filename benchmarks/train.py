@@ -6,10 +6,12 @@ baseline is samba-hf's own all-"linear_attention" pattern on the same Triton ker
 transformers' MambaForCausalLM has no kernel path without mamba-ssm (not installable here).
 
     PYTHONPATH=src:kernels python benchmarks/train.py --out benchmarks            # H200
+    PYTHONPATH=src:kernels python benchmarks/train.py --out DIR --modes eager,compiled  # also torch.compile (fullgraph)
     PYTHONPATH=src:kernels python benchmarks/train.py --smoke --out /tmp/train     # CPU check
 """
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -57,15 +59,18 @@ def size_matched_mamba_layers(samba: SambaForCausalLM) -> int:
     return max(1, round((samba.num_parameters() - embedding) / (one - embedding)))
 
 
-def throughput(model, batch, length, steps, device):
+def throughput(model, batch, length, steps, device, compiled=False):
+    """(tokens/s, peak GiB, last loss) of AdamW steps; `compiled`: the forward under torch.compile
+    (fullgraph, inductor), so the steps include no compilation (it happens in the warm-up)."""
     model.train()
+    forward = torch.compile(model, fullgraph=True) if compiled else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     ids = torch.randint(0, model.config.vocab_size, (batch, length), device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def step():
         with autocast:
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = forward(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -91,6 +96,7 @@ def main():
     parser.add_argument("--out", default="benchmarks")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--presets", default="samba-421m,samba-1.3b")
+    parser.add_argument("--modes", default="eager", help="eager and/or compiled (each model in each mode)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     presets = ["tiny"] if args.smoke else args.presets.split(",")
@@ -108,15 +114,16 @@ def main():
             f"{preset}-size Mamba (samba-hf, Triton)": lambda: SambaForCausalLM(SambaConfig.from_preset(
                 preset, num_hidden_layers=mamba_layers, layer_types=["linear_attention"] * mamba_layers, use_mlp=False)),
         }  # fmt: skip
-        for name, build in candidates.items():
+        for (name, build), mode in itertools.product(candidates.items(), args.modes.split(",")):
             model = build().to(device)
+            torch._dynamo.reset()
             try:
-                tokens_per_s, peak, loss = throughput(model, batch, length, steps, device)
+                tokens_per_s, peak, loss = throughput(model, batch, length, steps, device, mode == "compiled")
                 flops = model_flops_per_token(model, length) * tokens_per_s
-                row = {"model": name, "params": model.num_parameters(), "tokens_per_s": tokens_per_s,
+                row = {"model": name, "mode": mode, "params": model.num_parameters(), "tokens_per_s": tokens_per_s,
                        "peak_GiB": peak, "MFU": flops / peak_rate, "loss": loss}  # fmt: skip
             except torch.OutOfMemoryError:
-                row = {"model": name, "error": "out of memory"}
+                row = {"model": name, "mode": mode, "error": "out of memory"}
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
             del model
