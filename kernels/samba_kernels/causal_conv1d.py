@@ -187,15 +187,18 @@ def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None, re
     return out, torch.cat([history, x], dim=-1)[:, :, x.shape[-1]:]  # the last W - 1 inputs
 
 
-@torch.library.custom_op("samba_kernels::causal_conv1d_update", mutates_args=("conv_state",))
-def _conv_update_op(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    activation: str | None) -> torch.Tensor:
+def _conv_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 activation: str | None) -> torch.Tensor:
     """Output of contiguous x (batch, dim, length); shifts x into `conv_state`."""
     W, S = weight.shape[-1], conv_state.shape[-1]
     # The state's last W - 1 columns are the convolution's initial states (read in place, strided).
     out = _conv_forward(x, weight, bias, None, conv_state[:, :, S - W + 1:] if W > 1 else None, activation)
     conv_state.copy_(torch.cat([conv_state.to(x.dtype), x], dim=-1)[:, :, -S:])
     return out
+
+
+_conv_update_op = torch.library.custom_op("samba_kernels::causal_conv1d_update", _conv_update,
+                                          mutates_args=("conv_state",))
 
 
 @_conv_update_op.register_fake
@@ -212,5 +215,6 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
     if S < W - 1:
         raise ValueError(f"conv_state holds {S} steps, the convolution needs at least {W - 1}")
     xs = (x.unsqueeze(-1) if x.dim() == 2 else x).contiguous()
-    out = _conv_update_op(xs, conv_state, weight.contiguous(), None if bias is None else bias.contiguous(), activation)
+    update = _conv_update_op if torch.compiler.is_compiling() else _conv_update  # see selective_state_update
+    out = update(xs, conv_state, weight.contiguous(), None if bias is None else bias.contiguous(), activation)
     return out.squeeze(-1) if x.dim() == 2 else out

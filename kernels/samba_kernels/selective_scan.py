@@ -452,13 +452,16 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     return (y, last) if return_last_state else y
 
 
-@torch.library.custom_op("samba_kernels::selective_state_update", mutates_args=("state",))
-def _state_update_op(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                     C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None, dt_bias: torch.Tensor | None,
-                     dt_softplus: bool) -> torch.Tensor:
+def _state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                  C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None, dt_bias: torch.Tensor | None,
+                  dt_softplus: bool) -> torch.Tensor:
     """y (batch, dim, 1) of one-step sequences x, dt, z (batch, dim, 1), B, C (batch, groups, d_state, 1);
     `state` is both the initial and the last state."""
     return _scan_forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state, None, state, save_ckpt=False)[0]
+
+
+_state_update_op = torch.library.custom_op("samba_kernels::selective_state_update", _state_update,
+                                           mutates_args=("state",))
 
 
 @_state_update_op.register_fake
@@ -474,6 +477,9 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     col = lambda t: None if t is None else t.unsqueeze(-1).contiguous()  # noqa: E731 (a one-step sequence)
     B, C = (BC if BC.dim() == 3 else BC.unsqueeze(1) for BC in (B, C))
-    y = _state_update_op(state, col(x), col(dt), A.contiguous(), col(B), col(C), _contiguous(D), col(z),
-                         _contiguous(dt_bias), dt_softplus)
+    # Only the compiler needs the custom op: uncompiled, its dispatch (for an op that mutates an input)
+    # costs more host time than the launch at decode size, and eager decoding is bound by host time.
+    update = _state_update_op if torch.compiler.is_compiling() else _state_update
+    y = update(state, col(x), col(dt), A.contiguous(), col(B), col(C), _contiguous(D), col(z), _contiguous(dt_bias),
+               dt_softplus)
     return y.squeeze(-1)
