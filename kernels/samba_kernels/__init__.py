@@ -2,7 +2,8 @@
 
 Imports torch and triton only, never transformers. The public ops run their Triton kernels on
 CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (see `use_triton`); elsewhere they
-run the PyTorch references of `reference.py`.
+run the PyTorch references of `reference.py`. The kernels are registered as torch.library custom
+ops (`torch.ops.samba_kernels.*`), so torch.compile traces models that use them as one graph.
 """
 
 from ._common import use_triton
