@@ -94,15 +94,18 @@ def check_lora() -> dict:
 
 
 @torch.no_grad()
-def check_static_generate() -> dict:
-    # fp32, so that greedy tokens are comparable: the dynamic cache decodes with the Triton kernels, the
-    # compiled static-cache steps with the PyTorch decode ops, and bf16 rounding differs between them.
-    model = random_model("auto")
+def check_static_generate(implementation: str = "auto") -> dict:
+    """generate() with the static cache (transformers compiles its decode step) against the dynamic cache.
+    "auto": the compiled step takes the PyTorch decode ops; "triton": the Triton decode kernels."""
+    # fp32, so that greedy tokens are comparable: under "auto" the dynamic cache decodes with the Triton
+    # kernels, the compiled static-cache steps with the PyTorch decode ops, and bf16 rounding differs.
+    model = random_model(implementation)
     prompt = torch.randint(0, 1024, (2, 100), device="cuda")
     kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=40, do_sample=False, pad_token_id=0)
     dynamic = model.generate(prompt, **kwargs)
     static = model.generate(prompt, cache_implementation="static", **kwargs)
-    return {"static_equals_dynamic_tokens": (dynamic == static).float().mean().item()}
+    key = "static_equals_dynamic_tokens" if implementation == "auto" else f"static_{implementation}_equals_dynamic_tokens"
+    return {key: (dynamic == static).float().mean().item()}
 
 
 def check_compiled_training() -> dict:
@@ -122,17 +125,6 @@ def check_compiled_training() -> dict:
             "compiled_training_max_grad_rel_error": max(relative_error(grads[n], eager_grads[n]) for n in grads)}
 
 
-@torch.no_grad()
-def check_static_generate_triton() -> dict:
-    """generate() with the static cache, its compiled decode step on the forced Triton decode kernels."""
-    model = random_model("triton")
-    prompt = torch.randint(0, 1024, (2, 100), device="cuda")
-    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=40, do_sample=False, pad_token_id=0)
-    dynamic = model.generate(prompt, **kwargs)
-    static = model.generate(prompt, cache_implementation="static", **kwargs)
-    return {"static_triton_equals_dynamic_tokens": (dynamic == static).float().mean().item()}
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="benchmarks")
@@ -140,7 +132,7 @@ def main():
     os.environ.pop("SAMBA_KERNELS", None)
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     checks = [lambda: check_paths_agree(257), check_continuation_and_decoding, check_packing, check_lora,
-              check_static_generate, check_compiled_training, check_static_generate_triton]  # fmt: skip
+              check_static_generate, check_compiled_training, lambda: check_static_generate("triton")]  # fmt: skip
     for check in checks:
         try:
             results.update(check())
