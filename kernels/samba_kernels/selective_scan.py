@@ -304,12 +304,12 @@ def _configs(u, B, N, train):
     return groups, dpg, metas[0], metas[1] if train else None
 
 
-def _new_outputs(u, A, B, save_ckpt):
-    """Uninitialised (out, checkpoints) of a forward over u: the launch and the shape-only (fake)
-    implementation of the op below share them."""
+def _new_outputs(u, A, meta, save_ckpt):
+    """Uninitialised (out, checkpoints) of a forward over u with launch `meta`: the launch and the
+    shape-only (fake) implementation of the op below share them."""
     batch, dim, L = u.shape
     N = A.shape[1]
-    n_tiles = triton.cdiv(L, _configs(u, B, N, save_ckpt)[2]["T"])
+    n_tiles = triton.cdiv(L, meta["T"])
     ckpt = u.new_empty((batch, dim, n_tiles, N) if save_ckpt else (1,), dtype=torch.float32)
     return torch.empty_like(u), ckpt
 
@@ -323,7 +323,7 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, 
     groups, dpg, meta, _ = _configs(u, B, N, save_ckpt)
     if initial_state is not None and initial_state.stride() != last.stride():
         raise ValueError("initial_state and the last state must have the same strides")
-    out, ckpt = _new_outputs(u, A, B, save_ckpt)
+    out, ckpt = _new_outputs(u, A, meta, save_ckpt)
     grid = (batch * groups, triton.cdiv(dpg, meta["BLOCK_D"]))
     _scan_fwd_kernel[grid](
         u, delta, A, B, C, u if D is None else D, u if z is None else z,
@@ -352,7 +352,7 @@ def _scan_fwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch
 
 @_scan_fwd_op.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, softplus, save_ckpt):
-    out, ckpt = _new_outputs(u, A, B, save_ckpt)
+    out, ckpt = _new_outputs(u, A, _configs(u, B, A.shape[1], save_ckpt)[2], save_ckpt)
     return out, u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=torch.float32), ckpt
 
 
@@ -362,7 +362,7 @@ def _scan_bwd_outputs(u, delta, A, B, D, z, delta_bias, has_init, n_dblocks):
     N = A.shape[1]
     f32 = dict(dtype=torch.float32, device=u.device)
     empty = lambda: torch.empty(0, **f32)  # noqa: E731 (one per absent input: outputs must not alias)
-    return (
+    return [
         torch.empty_like(u), torch.empty_like(delta), torch.empty(batch, dim, N, **f32),
         torch.empty(n_dblocks, B.shape[0] * B.shape[1], N, L, **f32),
         torch.empty(n_dblocks, B.shape[0] * B.shape[1], N, L, **f32),
@@ -370,11 +370,13 @@ def _scan_bwd_outputs(u, delta, A, B, D, z, delta_bias, has_init, n_dblocks):
         torch.empty_like(z) if z is not None else empty(),
         torch.empty(batch, dim, **f32) if delta_bias is not None else empty(),
         torch.empty(batch, dim, N, **f32) if has_init else empty(),
-    )  # fmt: skip
+    ]  # fmt: skip
 
 
-def _n_dblocks(u, B, A):
-    return triton.cdiv(u.shape[1] // B.shape[1], _configs(u, B, A.shape[1], True)[3]["BLOCK_D"])
+def _bwd_launch(u, B, A):
+    """(launch meta, channel blocks) of the backward."""
+    meta = _configs(u, B, A.shape[1], True)[3]
+    return meta, triton.cdiv(u.shape[1] // B.shape[1], meta["BLOCK_D"])
 
 
 @torch.library.custom_op("samba_kernels::selective_scan_bwd", mutates_args=())
@@ -386,8 +388,7 @@ def _scan_bwd_op(dout: torch.Tensor, dlast: torch.Tensor | None, u: torch.Tensor
     as float32 partials (summed by the caller), empty where the input is absent."""
     batch, dim, L = u.shape
     N, groups = A.shape[1], B.shape[1]
-    meta = _configs(u, B, N, True)[3]
-    n_dblocks = _n_dblocks(u, B, A)
+    meta, n_dblocks = _bwd_launch(u, B, A)
     du, ddelta, dA_part, dB_part, dC_part, dD_part, dz, dbias_part, dinit = _scan_bwd_outputs(
         u, delta, A, B, D, z, delta_bias, has_init, n_dblocks)
     _scan_bwd_kernel[(batch * groups, n_dblocks)](
@@ -405,7 +406,7 @@ def _scan_bwd_op(dout: torch.Tensor, dlast: torch.Tensor | None, u: torch.Tensor
 
 @_scan_bwd_op.register_fake
 def _(dout, dlast, u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt, softplus, has_init):
-    return list(_scan_bwd_outputs(u, delta, A, B, D, z, delta_bias, has_init, _n_dblocks(u, B, A)))
+    return _scan_bwd_outputs(u, delta, A, B, D, z, delta_bias, has_init, _bwd_launch(u, B, A)[1])
 
 
 def _scan_setup_context(ctx, inputs, output):
