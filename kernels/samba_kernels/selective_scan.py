@@ -11,7 +11,7 @@ column n of a (BLOCK_D, T) tile, so T >= d_state.
 
 The training forward saves the state entering each tile; the backward walks the tiles in reverse,
 recomputes each state's trajectory from that checkpoint and solves the adjoint
-q_t = C_t g_t + a_{t+1} q_{t+1} with a reversed scan. Sums over channels (dB, dC) and over batch
+q_t = C_t g_t + a_{t+1} q_{t+1} with a scan of the time-reversed tile. Sums over channels (dB, dC) and over batch
 (dA, dD, ddelta_bias) are written as per-program partials and reduced with torch afterwards: no
 atomics, deterministic. A new document of `seq_idx` zeroes a_t.
 """
@@ -154,6 +154,16 @@ def _scan_fwd_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, init, last, c
 
 
 @triton.jit
+def _adjoint(decay_next, c, q_after):
+    """q_t = c_t + decay_next_t q_{t+1} over a tile's steps, from q_after (BLOCK_D,) past its end.
+    A forward scan of the time-reversed tile: Triton lowers `reverse=True` scans with two permutations
+    across all lanes (about 160 shuffles for a 16 x 16 tile in sm_90 SASS), tl.flip only moves what
+    crosses lanes (28)."""
+    qa, qc = tl.associative_scan((tl.flip(decay_next, 1), tl.flip(c, 1)), axis=1, combine_fn=_lin)
+    return tl.flip(qa * q_after[:, None] + qc, 1)
+
+
+@triton.jit
 def _bwd_tile(u, delta, z, dout, seq_idx, b, L, row, d_mask, bias_v, t,
               HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr):
     """The backward's inputs of steps t: `_tile`'s, dt and keep of steps t + 1 (a_{t+1} carries the
@@ -165,6 +175,16 @@ def _bwd_tile(u, delta, z, dout, seq_idx, b, L, row, d_mask, bias_v, t,
     m2 = d_mask[:, None] & ((t >= 0) & (t < L))[None, :]
     g = tl.load(dout + row[:, None] + t[None, :], mask=m2, other=0.0).to(tl.float32)
     return u_t, dt, z_t, keep, dt1, keep1, g
+
+
+@triton.jit
+def _state_inputs(A, B, C, ck, d, d_mask, bc, L, t, t_mask, i, n, N: tl.constexpr):
+    """State n's inputs to the backward of tile i: A[d, n] (BLOCK_D,), B and C at steps t (T,), and the
+    checkpointed state entering the tile (BLOCK_D,)."""
+    A_n = tl.load(A + d * N + n, mask=d_mask, other=0.0).to(tl.float32)
+    B_n = tl.load(B + bc + n * L + t, mask=t_mask, other=0.0).to(tl.float32)
+    C_n = tl.load(C + bc + n * L + t, mask=t_mask, other=0.0).to(tl.float32)
+    return A_n, B_n, C_n, tl.load(ck + i * N + n, mask=d_mask, other=0.0)
 
 
 @triton.jit
@@ -207,23 +227,21 @@ def _scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt, dlast, 
         dtu = dt * u_t
         qB = tl.zeros([BLOCK_D, T], dtype=tl.float32)  # sum_n q_t[n] B_t[n]: the adjoint of dt_t u_t
         dexpA = tl.zeros([BLOCK_D, T], dtype=tl.float32)  # sum_n of the adjoint of dt_t A[n], times A[n]
+        # Software prefetch: the loads of state n + 1 are issued before state n is computed.
+        A_x, B_x, C_x, h0_x = _state_inputs(A, B, C, ck, d, d_mask, bc, L, t, t_mask, i, 0, N)
         for n0 in range(0, N, NU):  # NU states at a time: enough independent work, not all N live at once
             for k in tl.static_range(NU):
                 n = n0 + k
                 sel = (tt == n)[None, :]
-                A_n = tl.load(A + d * N + n, mask=d_mask, other=0.0).to(tl.float32)
+                A_n, B_n, C_n, h0 = A_x, B_x, C_x, h0_x
+                A_x, B_x, C_x, h0_x = _state_inputs(A, B, C, ck, d, d_mask, bc, L, t, t_mask, i, (n + 1) % N, N)
                 A2_n = A_n * 1.4426950408889634
-                B_n = tl.load(B + bc + n * L + t, mask=t_mask, other=0.0).to(tl.float32)
-                C_n = tl.load(C + bc + n * L + t, mask=t_mask, other=0.0).to(tl.float32)
-                h0 = tl.load(ck + i * N + n, mask=d_mask, other=0.0)
                 bb = dtu * B_n[None, :]
                 ac, bc_ = tl.associative_scan((_decay(dt, A2_n, keep, HAS_SEQ), bb), axis=1, combine_fn=_lin)
                 hs = ac * h0[:, None] + bc_
                 if HAS_Z:
                     y += hs * C_n[None, :]
-                qa, qc = tl.associative_scan((_decay(dt1, A2_n, keep1, HAS_SEQ), g * C_n[None, :]), axis=1,
-                                             combine_fn=_lin, reverse=True)
-                qs = qa * _col(q, tt, n)[:, None] + qc  # dL/dh_t
+                qs = _adjoint(_decay(dt1, A2_n, keep1, HAS_SEQ), g * C_n[None, :], _col(q, tt, n))  # dL/dh_t
                 q = tl.where(sel, _col(qs, tt, 0)[:, None], q)
                 dexp = qs * (hs - bb)  # adjoint of dt_t A[n]: q_t a_t h_{t-1}
                 dA_acc = tl.where(sel, dA_acc + tl.sum(dexp * dt, axis=1)[:, None], dA_acc)
