@@ -74,6 +74,8 @@ SCAN_CASES = {
     "length-1": (2, 5, 2, 1, None, 64, dict(bias=True, init=True, softplus=True, last=True)),
     "dim-37": (1, 37, 2, 9, None, 64, dict(D=True, z=True)),
     "length-130": (1, 3, 2, 130, None, 64, dict(D=True, bias=True, init=True, softplus=True, seq=True, last=True)),
+    # more states than a tile has steps: the second of the two column tiles that hold the states
+    "d_state-13": (1, 3, 13, 12, None, 8, dict(D=True, z=True, bias=True, init=True, softplus=True, seq=True, last=True)),
 }
 
 
