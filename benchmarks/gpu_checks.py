@@ -7,7 +7,8 @@ random inputs and records the largest relative difference:
   vs one forward;  packed documents (`seq_idx`) vs the documents run separately;  LoRA on each
   Mamba projection changes the output on the kernel path;  generate with a static cache
   (transformers compiles the decode step) vs the dynamic cache, with the PyTorch and with the Triton
-  decode ops;  a compiled (fullgraph, inductor) packed training step vs the eager one.
+  decode ops;  a compiled (fullgraph, inductor) training step vs the eager one, packed and unpacked
+  (the fused window kernel traced into the compiled graph).
 
     PYTHONPATH=src:kernels python benchmarks/gpu_checks.py --out benchmarks
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
+import samba_kernels
 from samba_hf import SambaConfig, SambaForCausalLM
 
 
@@ -109,20 +111,32 @@ def check_static_generate(implementation: str = "auto") -> dict:
 
 
 def check_compiled_training() -> dict:
-    """torch.compile(model, fullgraph=True) (inductor) of a packed training step on the Triton kernels
-    (custom ops) against the eager step."""
+    """torch.compile(model, fullgraph=True) (inductor) of a training step on the Triton kernels (custom
+    ops) against the eager step: packed documents, and one unpacked sequence, whose window layers
+    trace the fused window kernel (flex) into the graph."""
     ids = torch.randint(0, 1024, (1, 300), device="cuda")
-    position_ids = torch.cat([torch.arange(n, device="cuda") for n in (120, 180)])[None]
-    results = []
-    for compiled in (False, True):
-        model = random_model("triton")
-        run = torch.compile(model, fullgraph=True) if compiled else model
-        loss = run(ids, labels=ids, position_ids=position_ids).loss
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
-    (eager_loss, eager_grads), (loss, grads) = results
-    return {"compiled_training_loss_rel_error": relative_error(loss, eager_loss),
-            "compiled_training_max_grad_rel_error": max(relative_error(grads[n], eager_grads[n]) for n in grads)}
+    packed = torch.cat([torch.arange(n, device="cuda") for n in (120, 180)])[None]
+    window_calls = []
+    window_kernel = samba_kernels.windowed_attention
+    samba_kernels.windowed_attention = lambda *args, **kwargs: window_calls.append(1) or window_kernel(*args, **kwargs)
+    out = {}
+    try:
+        for name, position_ids in (("compiled_training", packed), ("compiled_unpacked_training", None)):
+            results = []
+            for compiled in (False, True):
+                window_calls.clear()
+                model = random_model("triton")
+                run = torch.compile(model, fullgraph=True) if compiled else model
+                loss = run(ids, labels=ids, position_ids=position_ids).loss
+                loss.backward()
+                results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+            (eager_loss, eager_grads), (loss, grads) = results
+            out[f"{name}_loss_rel_error"] = relative_error(loss, eager_loss)
+            out[f"{name}_max_grad_rel_error"] = max(relative_error(grads[n], eager_grads[n]) for n in grads)
+            out[f"{name}_window_kernel_traced"] = bool(window_calls)
+    finally:
+        samba_kernels.windowed_attention = window_kernel
+    return out
 
 
 def main():

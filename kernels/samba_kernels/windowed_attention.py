@@ -14,13 +14,16 @@ built once per (len_q, len_kv, window, device) and cached, so fully-masked key b
 It compiles for the first shape and once more with symbolic lengths at the second (automatic
 dynamic shapes), so inputs of every length share it: compiled per shape, the ninth length would hit
 dynamo's recompile limit and fall back to flex's unfused path, which materialises the whole score
-matrix (198 GiB for a 64K-token prefill chunk on the H200). CPU (and any other device) tensors take
-the eager reference with an explicit boolean mask, computed in float32 (flex has no CPU backward).
+matrix (198 GiB for a 64K-token prefill chunk on the H200). Called inside a torch.compile'd model,
+it is traced into the model's graph (flex_attention and the block mask, without the caches). CPU
+(and any other device) tensors take the eager reference with an explicit boolean mask, computed in
+float32 (flex has no CPU backward).
 """
 
 import functools
 
 import torch
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 
 def _check(query, key, value, window):
@@ -60,15 +63,11 @@ def windowed_attention_ref(query, key, value, window, scale=None):
 
 @functools.cache
 def _compiled_flex():
-    from torch.nn.attention.flex_attention import flex_attention
-
     return torch.compile(flex_attention, dynamic=None)
 
 
 @functools.lru_cache(maxsize=64)
 def _block_mask(len_q: int, len_kv: int, window: int, device: str):
-    from torch.nn.attention.flex_attention import create_block_mask
-
     # A tensor, not an int: compiled flex guards on the ints a mask function closes over, so a prefill's
     # first chunk (offset 0) and its continuations (offset window - 1) would compile separately.
     offset = torch.tensor(len_kv - len_q, device=device)
@@ -86,6 +85,11 @@ def windowed_attention(query, key, value, window, scale=None, kernel_options=Non
     if not query.is_cuda:
         return windowed_attention_ref(query, key, value, window, scale)
     _check(query, key, value, window)
-    mask = _block_mask(query.shape[2], key.shape[2], int(window), str(query.device))
-    return _compiled_flex()(query, key, value, block_mask=mask, scale=scale,
-                            enable_gqa=query.shape[1] != key.shape[1], kernel_options=kernel_options)
+    # Inside a caller's torch.compile, its graph compiles flex and the mask itself: the host-side
+    # caches (the compiled function, the block masks) are for eager callers.
+    compiling = torch.compiler.is_compiling()
+    attend = flex_attention if compiling else _compiled_flex()
+    mask = (_block_mask.__wrapped__ if compiling else _block_mask)(query.shape[2], key.shape[2], int(window),
+                                                                  str(query.device))
+    return attend(query, key, value, block_mask=mask, scale=scale, enable_gqa=query.shape[1] != key.shape[1],
+                  kernel_options=kernel_options)

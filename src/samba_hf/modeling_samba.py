@@ -623,11 +623,14 @@ class SambaModel(SambaPreTrainedModel):
 
 
 def is_padding_free(attention_mask, inputs_embeds: torch.Tensor) -> bool:
-    """No padding in a multi-token CUDA input (asked only where the fused window kernel could run)."""
-    if inputs_embeds.shape[1] == 1 or not inputs_embeds.is_cuda or torch.compiler.is_compiling():
+    """No padding in a multi-token CUDA input (asked only where the fused window kernel could run).
+    Under torch.compile only a missing mask counts: reading a mask's values would break the graph."""
+    if inputs_embeds.shape[1] == 1 or not inputs_embeds.is_cuda:
         return False
     if attention_mask is None:
         return True
+    if torch.compiler.is_compiling():
+        return False
     return isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2 and bool(attention_mask.all())
 
 
