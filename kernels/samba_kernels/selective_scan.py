@@ -31,7 +31,9 @@ CHUNK = 8  # the time tile under Triton's interpreter (CPU tensors), where a sca
 # sweep on an H200 (bf16, batch 8, dim 3072, length 4096).
 # NU: states per iteration of the loop over d_state (unrolled; more independent work, more registers).
 GPU_FWD = dict(BLOCK_D=16, T=16, NU=16, num_warps=1)  # forward without saving checkpoints
-GPU_TRAIN = dict(T=16, fwd=dict(BLOCK_D=16, NU=4, num_warps=1), bwd=dict(BLOCK_D=16, NU=1, num_warps=1))
+# maxnreg: the backward's register cap (ptxas would take 229 and fit 8 programs per SM instead of 12;
+# capped, it spills a few loop-invariant values outside the state loop; offline sm_90 compile).
+GPU_TRAIN = dict(T=16, fwd=dict(BLOCK_D=16, NU=4, num_warps=1), bwd=dict(BLOCK_D=16, NU=1, num_warps=1, maxnreg=168))
 MIN_BLOCK_D, MIN_PROGRAMS = 1, 8 * 132
 LOG2E = 1.4426950408889634
 
@@ -199,6 +201,8 @@ def _scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt, dlast, 
     bias_v = tl.load(delta_bias + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
     D_v = tl.load(D + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_D else 0.0
     tt = tl.arange(0, T)
+    jj = tl.arange(0, BLOCK_D)
+    STATE_ROWS: tl.constexpr = N <= BLOCK_D
     # Per-state values in registers, state n in column n of a (BLOCK_D, T) tile (T >= N), as in the forward.
     st_off = (b * dim + d[:, None]) * N + tt[None, :]  # (batch, dim, d_state) tensors: dlast, dA_part, dinit
     st_mask = d_mask[:, None] & (tt < N)[None, :]
@@ -225,6 +229,10 @@ def _scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt, dlast, 
             g *= z_t * tl.sigmoid(z_t)
             y = D_v[:, None] * u_t
         dtu = dt * u_t
+        if STATE_ROWS:  # this tile's dB and dC, state n in row n: one wide store each per tile, where a
+            # store per state would pass each sum through shared memory behind a barrier
+            dB_t = tl.zeros([BLOCK_D, T], dtype=tl.float32)
+            dC_t = tl.zeros([BLOCK_D, T], dtype=tl.float32)
         qB = tl.zeros([BLOCK_D, T], dtype=tl.float32)  # sum_n q_t[n] B_t[n]: the adjoint of dt_t u_t
         dexpA = tl.zeros([BLOCK_D, T], dtype=tl.float32)  # sum_n of the adjoint of dt_t A[n], times A[n]
         # Software prefetch: the loads of state n + 1 are issued before state n is computed.
@@ -247,8 +255,17 @@ def _scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt, dlast, 
                 dA_acc = tl.where(sel, dA_acc + tl.sum(dexp * dt, axis=1)[:, None], dA_acc)
                 dexpA += dexp * A_n[:, None]
                 qB += qs * B_n[None, :]
-                tl.store(dB_part + part + n * L + t, tl.sum(qs * dtu, axis=0), mask=t_mask)
-                tl.store(dC_part + part + n * L + t, tl.sum(g * hs, axis=0), mask=t_mask)
+                dB_n, dC_n = tl.sum(qs * dtu, axis=0), tl.sum(g * hs, axis=0)  # sums over the channels
+                if STATE_ROWS:
+                    dB_t = tl.where((jj == n)[:, None], dB_n[None, :], dB_t)
+                    dC_t = tl.where((jj == n)[:, None], dC_n[None, :], dC_t)
+                else:
+                    tl.store(dB_part + part + n * L + t, dB_n, mask=t_mask)
+                    tl.store(dC_part + part + n * L + t, dC_n, mask=t_mask)
+        if STATE_ROWS:
+            rows = part + jj[:, None] * L + t[None, :]
+            tl.store(dB_part + rows, dB_t, mask=(jj < N)[:, None] & t_mask[None, :])
+            tl.store(dC_part + rows, dC_t, mask=(jj < N)[:, None] & t_mask[None, :])
         ddt = dexpA + qB * u_t
         if SOFTPLUS:  # d softplus(x)/dx = sigmoid(x) = 1 - exp(-softplus(x))
             ddt *= 1.0 - tl.exp2(-1.4426950408889634 * dt)
@@ -317,7 +334,7 @@ def _configs(u, B, N, train):
     # A thread holds runs of 8 steps (16 bytes of bf16): with fewer channels than lanes, T grows so
     # that the spare lanes take more of the sequence instead of idling.
     T = tile(max(GPU_TRAIN["T"] if train else GPU_FWD["T"], 256 // min(blocks)))
-    metas = [dict(T=T, BLOCK_D=bd, NU=_unroll(c["NU"], N), num_warps=max(1, min(c["num_warps"], bd * T // 256)))
+    metas = [dict(c, T=T, BLOCK_D=bd, NU=_unroll(c["NU"], N), num_warps=max(1, min(c["num_warps"], bd * T // 256)))
              for c, bd in zip(configs, blocks)]
     return groups, dpg, metas[0], metas[1] if train else None
 
