@@ -1,0 +1,87 @@
+"""The selective scan of earlier revisions against the working tree's, in one process on one GPU.
+
+Each baseline's `kernels/samba_kernels` is taken from git (`git show REV:...`) into a temporary
+package with its own custom-op namespace, so that both versions load side by side; each is timed on
+the same inputs, in alternation, twice. The working tree's scan is also checked against the PyTorch
+reference (fp32, packed documents, initial state). Writes the times as JSON.
+
+    PYTHONPATH=kernels:benchmarks python benchmarks/scan_ab.py --baseline 7d3fe1c --baseline 82609bd --out ab.json
+"""
+
+import argparse
+import importlib
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+import samba_kernels
+from kernels import scan_inputs, seq_idx_for, timer  # the sibling script (benchmarks/ on the path)
+
+SHAPES = {"samba-421m": 3072, "samba-1.3b": 4096}  # Mamba channels (dim); batch 8, length 4096, bf16
+
+
+def import_revision(revision: str, root: Path):
+    """samba_kernels at `revision` as package samba_kernels_<revision>."""
+    name = f"samba_kernels_{revision}"
+    package = root / name
+    package.mkdir()
+    files = subprocess.run(["git", "ls-tree", "--name-only", f"{revision}:kernels/samba_kernels"],
+                           capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    for file in (f for f in files if f.endswith(".py")):
+        source = subprocess.run(["git", "show", f"{revision}:kernels/samba_kernels/{file}"],
+                                capture_output=True, text=True, check=True).stdout  # fmt: skip
+        source = source.replace("samba_kernels::", f"{name}::").replace("from samba_kernels", f"from {name}")
+        (package / file).write_text(source)
+    return importlib.import_module(name)
+
+
+def relative_error(got, expected):
+    return ((got.float() - expected.float()).norm() / expected.float().norm()).item()
+
+
+def check(module) -> float:
+    """Worst relative error of the outputs and gradients against the reference (fp32)."""
+    inputs = scan_inputs(2, 256, 1000, "cuda", torch.float32, True, extras=True)
+    seq_idx = seq_idx_for(2, 1000, "cuda")
+    dy = torch.randn_like(inputs["u"])
+    results = []
+    for scan in (module.selective_scan_fn, module.selective_scan_ref):
+        tensors = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+        out = scan(**tensors, delta_softplus=True, seq_idx=seq_idx)
+        results.append([out, *torch.autograd.grad(out, list(tensors.values()), dy)])
+    return max(relative_error(a, b) for a, b in zip(*results))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--baseline", action="append", required=True, help="a git revision (repeatable)")
+    parser.add_argument("--out", default="scan_ab.json")
+    args = parser.parse_args()
+    measure = timer("cuda")
+    with tempfile.TemporaryDirectory() as root:
+        sys.path.insert(0, root)
+        versions = {revision: import_revision(revision, Path(root)) for revision in args.baseline}
+        versions["working tree"] = samba_kernels
+        result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                  "check_working_tree": check(samba_kernels), "times_ms": {}}  # fmt: skip
+        for model, dim in SHAPES.items():
+            t = scan_inputs(8, dim, 4096, "cuda", torch.bfloat16, True)
+            dy = torch.randn_like(t["u"])
+            detached = {k: v.detach() for k, v in t.items()}
+            for repeat in range(2):
+                for version, module in versions.items():
+                    fwd = lambda m=module: m.selective_scan_fn(**detached, delta_softplus=True)  # noqa: E731
+                    fwd_bwd = lambda m=module: torch.autograd.grad(  # noqa: E731
+                        m.selective_scan_fn(**t, delta_softplus=True), list(t.values()), dy)
+                    times = {"fwd": measure(fwd), "fwd+bwd": measure(fwd_bwd)}
+                    result["times_ms"][f"{model} {version} #{repeat + 1}"] = times
+                    print(model, version, repeat + 1, times, flush=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
