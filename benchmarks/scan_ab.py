@@ -1,7 +1,7 @@
 """The selective scan of earlier revisions against the working tree's, in one process on one GPU.
 
-Each baseline's `kernels/samba_kernels` is taken from git (`git show REV:...`) into a temporary
-package with its own custom-op namespace, so that both versions load side by side; each is timed on
+Each baseline's `kernels/samba_kernels` is taken from git (`git show REV:...`, or a folder holding
+such a copy) into a temporary package with its own custom-op namespace, so that both versions load side by side; each is timed on
 the same inputs, in alternation, twice. The working tree's scan is also checked against the PyTorch
 reference (fp32, packed documents, initial state). Writes the times as JSON.
 
@@ -24,16 +24,24 @@ from kernels import scan_inputs, seq_idx_for, timer  # the sibling script (bench
 SHAPES = {"samba-421m": 3072, "samba-1.3b": 4096}  # Mamba channels (dim); batch 8, length 4096, bf16
 
 
-def import_revision(revision: str, root: Path):
-    """samba_kernels at `revision` as package samba_kernels_<revision>."""
-    name = f"samba_kernels_{revision}"
+def kernel_sources(baseline: str) -> dict[str, str]:
+    """{file: source} of samba_kernels at a git revision, or in a folder (a copy made with
+    `git show`, for a machine without the repository's history)."""
+    folder = Path(baseline)
+    if folder.is_dir():
+        return {path.name: path.read_text() for path in folder.glob("*.py")}
+    files = subprocess.run(["git", "ls-tree", "--name-only", f"{baseline}:kernels/samba_kernels"],
+                           capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    return {file: subprocess.run(["git", "show", f"{baseline}:kernels/samba_kernels/{file}"], capture_output=True,
+                                 text=True, check=True).stdout for file in files if file.endswith(".py")}  # fmt: skip
+
+
+def import_baseline(baseline: str, root: Path):
+    """samba_kernels at `baseline` as its own package (and custom-op namespace) under root."""
+    name = "samba_kernels_" + "".join(c if c.isalnum() else "_" for c in Path(baseline).name)
     package = root / name
     package.mkdir()
-    files = subprocess.run(["git", "ls-tree", "--name-only", f"{revision}:kernels/samba_kernels"],
-                           capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
-    for file in (f for f in files if f.endswith(".py")):
-        source = subprocess.run(["git", "show", f"{revision}:kernels/samba_kernels/{file}"],
-                                capture_output=True, text=True, check=True).stdout  # fmt: skip
+    for file, source in kernel_sources(baseline).items():
         source = source.replace("samba_kernels::", f"{name}::").replace("from samba_kernels", f"from {name}")
         (package / file).write_text(source)
     return importlib.import_module(name)
@@ -58,13 +66,14 @@ def check(module) -> float:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--baseline", action="append", required=True, help="a git revision (repeatable)")
+    parser.add_argument("--baseline", action="append", required=True,
+                        help="a git revision, or a folder with its samba_kernels files (repeatable)")
     parser.add_argument("--out", default="scan_ab.json")
     args = parser.parse_args()
     measure = timer("cuda")
     with tempfile.TemporaryDirectory() as root:
         sys.path.insert(0, root)
-        versions = {revision: import_revision(revision, Path(root)) for revision in args.baseline}
+        versions = {baseline: import_baseline(baseline, Path(root)) for baseline in args.baseline}
         versions["working tree"] = samba_kernels
         result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                   "check_working_tree": check(samba_kernels), "times_ms": {}}  # fmt: skip
