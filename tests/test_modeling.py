@@ -279,3 +279,20 @@ def test_windowed_attention_kernel_switch(monkeypatch, enabled):
     query, key = torch.zeros(1, 4, 128, 8), torch.zeros(1, 2, 128 + model.config.sliding_window, 8)
     assert attention.windowed_kernel(query, key, padding_free=True) is (marker if enabled else None)
     assert attention.windowed_kernel(query, key, padding_free=False) is None
+
+
+def test_padding_free_check_reads_no_mask_values_while_compiling(monkeypatch):
+    # The fused window kernel runs only for padding-free CUDA inputs. Compiled, a missing mask still
+    # counts as padding-free (the kernel is traced into the graph), but a passed mask is not read.
+    from samba_hf import modeling_samba
+
+    class CudaLike:  # the check asks only for the length and the device kind
+        shape, is_cuda = (1, 300, 8), True
+
+    ones, padded = torch.ones(1, 300, dtype=torch.long), torch.ones(1, 300, dtype=torch.long)
+    padded[0, 0] = 0
+    assert modeling_samba.is_padding_free(None, CudaLike())
+    assert modeling_samba.is_padding_free(ones, CudaLike()) and not modeling_samba.is_padding_free(padded, CudaLike())
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert modeling_samba.is_padding_free(None, CudaLike())
+    assert not modeling_samba.is_padding_free(ones, CudaLike())
