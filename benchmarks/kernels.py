@@ -63,8 +63,9 @@ def set_fwd(c):
 
 
 def set_train(c):
-    cap = {k: {"maxnreg": ss.GPU_TRAIN[k]["maxnreg"]} if "maxnreg" in ss.GPU_TRAIN[k] else {} for k in ("fwd", "bwd")}
-    ss.GPU_TRAIN = dict(T=c[0], **{k: dict(BLOCK_D=bd, NU=nu, num_warps=w, **cap[k]) for k, (bd, nu, w) in (("fwd", c[1]), ("bwd", c[2]))})
+    """Training tiles (T, fwd (BLOCK_D, NU, warps), bwd (...)); other launch options (the register cap) kept."""
+    tiles = {"fwd": c[1], "bwd": c[2]}
+    ss.GPU_TRAIN = dict(T=c[0], **{k: dict(ss.GPU_TRAIN[k], BLOCK_D=bd, NU=nu, num_warps=w) for k, (bd, nu, w) in tiles.items()})
 
 
 def scan_inputs(batch, dim, length, device, dtype, requires_grad=False, extras=False, seed=0):
