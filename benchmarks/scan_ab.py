@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import samba_kernels
-from kernels import scan_inputs, seq_idx_for, timer  # the sibling script (benchmarks/ on the path)
+from kernels import rel_err, scan_inputs, seq_idx_for, timer  # the sibling script (benchmarks/ on the path)
 
 SHAPES = {"samba-421m": 3072, "samba-1.3b": 4096}  # Mamba channels (dim); batch 8, length 4096, bf16
 
@@ -47,10 +47,6 @@ def import_baseline(baseline: str, root: Path):
     return importlib.import_module(name)
 
 
-def relative_error(got, expected):
-    return ((got.float() - expected.float()).norm() / expected.float().norm()).item()
-
-
 def check(module) -> float:
     """Worst relative error of the outputs and gradients against the reference (fp32)."""
     inputs = scan_inputs(2, 256, 1000, "cuda", torch.float32, True, extras=True)
@@ -61,7 +57,7 @@ def check(module) -> float:
         tensors = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
         out = scan(**tensors, delta_softplus=True, seq_idx=seq_idx)
         results.append([out, *torch.autograd.grad(out, list(tensors.values()), dy)])
-    return max(relative_error(a, b) for a, b in zip(*results))
+    return max(rel_err(a, b) for a, b in zip(*results))
 
 
 def main():
