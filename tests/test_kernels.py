@@ -3,6 +3,8 @@
 Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1), so sizes are tiny.
 """
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -297,6 +299,48 @@ def test_windowed_attention_matches_explicit_softmax(heads, kv_heads, len_q, len
                                    atol=2e-3 if DEVICE == "cuda" else 1e-5)
     with pytest.raises(ValueError):
         samba_kernels.windowed_attention(q, k, v, 0)
+
+
+@pytest.mark.parametrize(
+    "heads, kv_heads, len_q, len_kv, window, head_dim",
+    [
+        (2, 1, 400, 400, 300, 16),  # a tile's keys in all three ranges: unmasked bulk, trailing edge, diagonal
+        (2, 2, 70, 333, 200, 32),  # a chunk continuing cached keys
+        (4, 2, 130, 130, 5, 16),  # a window narrower than a tile of keys
+        (1, 1, 1, 50, 64, 16),  # one query
+    ],
+)
+def test_windowed_attention_forward_kernel(monkeypatch, heads, kv_heads, len_q, len_kv, window, head_dim):
+    """Without gradients the op runs its own Triton forward (never flex nor the reference)."""
+    module = importlib.import_module("samba_kernels.windowed_attention")  # the package exports the function
+
+    def other_path(*args, **kwargs):
+        raise AssertionError("the forward kernel should have run")
+
+    monkeypatch.setattr(module, "windowed_attention_ref", other_path)
+    monkeypatch.setattr(module, "_compiled_flex", other_path)
+    g = _gen(len_q + window)
+    q = _randn(g, 2, heads, len_q, head_dim)
+    k, v = _randn(g, 2, kv_heads, len_kv, head_dim), _randn(g, 2, kv_heads, len_kv, head_dim)
+    with torch.no_grad():
+        out = samba_kernels.windowed_attention(q, k, v, window)
+    ref = _explicit_window_attention(q.cpu(), k.cpu(), v.cpu(), window)
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_windowed_attention_forward_kernel_traces_into_a_graph():
+    """Inside torch.compile(fullgraph=True) the forward kernel is one custom op, whose fake output
+    (shape and layout) matches the real one."""
+    g = _gen(3)
+    # (batch, len, heads, head_dim) memory seen as (batch, heads, len, head_dim), as the model passes it
+    q, k, v = (_randn(g, 2, 150, 2, 16).transpose(1, 2) for _ in range(3))
+    compiled = torch.compile(lambda q, k, v: samba_kernels.windowed_attention(q, k, v, 40), fullgraph=True,
+                             backend="aot_eager")
+    with torch.no_grad():
+        out = compiled(q, k, v)
+    assert out.stride() == q.stride()
+    ref = _explicit_window_attention(q.cpu(), k.cpu(), v.cpu(), 40)
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="flex_attention runs on CUDA only")

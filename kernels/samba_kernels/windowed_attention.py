@@ -1,5 +1,5 @@
-"""Causal sliding-window attention: torch's flex_attention (compiled once) on CUDA, an exact eager
-reference elsewhere.
+"""Causal sliding-window attention: an own Triton forward where no gradient is needed, torch's
+flex_attention (compiled once) for training on CUDA, an exact eager reference elsewhere.
 
     windowed_attention(query, key, value, window, scale=None) -> (batch, heads, len_q, head_dim)
 
@@ -7,23 +7,34 @@ query (batch, heads, len_q, head_dim); key, value (batch, kv_heads, len_kv, head
 heads % kv_heads == 0 (grouped-query attention) and len_q <= len_kv. Queries are aligned to the END
 of the keys: query i sits at position p = len_kv - len_q + i and sees keys p - window + 1 .. p (itself
 and the window - 1 keys before it), so a chunk that continues from cached keys works as well as a
-full sequence. Differentiable in query, key and value on both paths.
+full sequence. Differentiable in query, key and value (through flex or the reference).
 
-On CUDA the op calls a compiled flex_attention (created on first use and reused) with a BlockMask
-built once per (len_q, len_kv, window, device) and cached, so fully-masked key blocks are skipped.
-It compiles for the first shape and once more with symbolic lengths at the second (automatic
-dynamic shapes), so inputs of every length share it: compiled per shape, the ninth length would hit
-dynamo's recompile limit and fall back to flex's unfused path, which materialises the whole score
-matrix (198 GiB for a 64K-token prefill chunk on the H200). Called inside a torch.compile'd model,
-it is traced into the model's graph (flex_attention and the block mask, without the caches). CPU
-(and any other device) tensors take the eager reference with an explicit boolean mask, computed in
-float32 (flex has no CPU backward).
+Where no gradient is needed (prefill, evaluation; head_dim a power of two from 16 to 256), the op runs
+`_window_fwd_kernel` (custom op `samba_kernels::windowed_attention_fwd`): on CUDA, and on CPU tensors
+under TRITON_INTERPRET=1 like the other ops. Each tile of queries walks the keys it may see in three
+ranges, the bulk of the window unmasked and only the window's two edges masked, with no block-index
+lookups; on the H200 its forward runs 1.11-1.22x as fast as compiled flex in the same run
+(benchmarks/kernels.md).
+
+For training on CUDA the op calls a compiled flex_attention (forward and backward; created on first
+use and reused) with a BlockMask built once per (len_q, len_kv, window, device) and cached, so
+fully-masked key blocks are skipped. It compiles for the first shape and once more with symbolic
+lengths at the second (automatic dynamic shapes), so inputs of every length share it: compiled per
+shape, the ninth length would hit dynamo's recompile limit and fall back to flex's unfused path, which
+materialises the whole score matrix (198 GiB for a 64K-token prefill chunk on the H200). Called inside
+a torch.compile'd model, it is traced into the model's graph (flex_attention and the block mask,
+without the caches). CPU (and any other device) tensors that need gradients take the eager reference
+with an explicit boolean mask, computed in float32 (flex has no CPU backward).
 """
 
 import functools
 
 import torch
+import triton
+import triton.language as tl
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+from ._common import use_triton
 
 
 def _check(query, key, value, window):
@@ -61,6 +72,127 @@ def windowed_attention_ref(query, key, value, window, scale=None):
     return (torch.softmax(scores, dim=-1) @ v).to(query.dtype)
 
 
+@triton.jit
+def _attend_keys(acc, l_i, m_i, q, k_ptrs, v_ptrs, pos, key_lo, key_hi, len_kv, window, qk_scale,
+                 stride_kn, stride_vn, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax over the keys [key_lo, key_hi) (multiples of BLOCK_N). MASKED blocks apply the
+    window and the key count; the others are known to be wholly visible to every row."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for start in range(key_lo, key_hi, BLOCK_N):
+        start = tl.multiple_of(start, BLOCK_N)
+        keys = start + offs_n
+        if MASKED:
+            k = tl.load(k_ptrs + start * stride_kn, mask=keys[None, :] < len_kv, other=0.0)
+        else:
+            k = tl.load(k_ptrs + start * stride_kn)
+        scores = tl.dot(q, k, input_precision=PRECISION)
+        if MASKED:
+            visible = (keys[None, :] <= pos[:, None]) & (pos[:, None] - keys[None, :] < window)
+            # A large negative number, not -inf: a row that sees nothing in this block gets a finite
+            # maximum, and its terms vanish (alpha = 0) at the first block where it sees a key.
+            scores = scores * qk_scale + tl.where(visible, 0.0, -1.0e6)
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            scores -= m_new[:, None]
+        else:
+            m_new = tl.maximum(m_i, tl.max(scores, 1) * qk_scale)
+            scores = scores * qk_scale - m_new[:, None]
+        p = tl.math.exp2(scores)
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASKED:
+            v = tl.load(v_ptrs + start * stride_vn, mask=keys[:, None] < len_kv, other=0.0)
+        else:
+            v = tl.load(v_ptrs + start * stride_vn)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["len_q", "len_kv", "window"])  # one compilation for all lengths
+def _window_fwd_kernel(Q, K, V, Out, qk_scale, len_q, len_kv, window, heads, group,
+                       stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                       stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """One program per (BLOCK_M queries, batch x head). Query i sits at key position
+    len_kv - len_q + i. The keys it may see split into three ranges of BLOCK_N-aligned blocks: those
+    every row of the tile sees (no mask: most of the window), the trailing edge of the window and the
+    diagonal (masked)."""
+    block_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // heads, bh % heads
+    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + rows[:, None] * stride_qm + dims[None, :],
+                mask=rows[:, None] < len_q, other=0.0)
+    k_ptrs = K + b.to(tl.int64) * stride_kb + (h // group) * stride_kh + offs_n[None, :] * stride_kn + dims[:, None]
+    v_ptrs = V + b.to(tl.int64) * stride_vb + (h // group) * stride_vh + offs_n[:, None] * stride_vn + dims[None, :]
+    first = len_kv - len_q + block_m * BLOCK_M  # the tile's first and last query positions
+    last = first + BLOCK_M - 1
+    pos = first + tl.arange(0, BLOCK_M)
+    diag_lo = (first // BLOCK_N) * BLOCK_N
+    full_lo = tl.minimum(tl.cdiv(tl.maximum(last - window + 1, 0), BLOCK_N) * BLOCK_N, diag_lo)
+    edge_lo = (tl.maximum(first - window + 1, 0) // BLOCK_N) * BLOCK_N
+
+    m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, k_ptrs, v_ptrs, pos, full_lo, diag_lo, len_kv, window, qk_scale,
+                                 stride_kn, stride_vn, BLOCK_N, False, PRECISION)
+    acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, k_ptrs, v_ptrs, pos, edge_lo, full_lo, len_kv, window, qk_scale,
+                                 stride_kn, stride_vn, BLOCK_N, True, PRECISION)
+    acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, k_ptrs, v_ptrs, pos, diag_lo, tl.minimum(last + 1, len_kv),
+                                 len_kv, window, qk_scale, stride_kn, stride_vn, BLOCK_N, True, PRECISION)
+    out = acc / l_i[:, None]
+    tl.store(Out + b.to(tl.int64) * stride_ob + h * stride_oh + rows[:, None] * stride_om + dims[None, :],
+             out.to(Out.dtype.element_ty), mask=rows[:, None] < len_q)
+
+
+def _tile(head_dim: int) -> dict:
+    """(BLOCK_M, BLOCK_N, warps, stages): the best of a sweep on the H200 at head_dim 128
+    (benchmarks/kernels.md); smaller tiles at 256 keep the accumulator in registers."""
+    if head_dim <= 128:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+
+
+def _new_output(query: torch.Tensor) -> torch.Tensor:
+    """query's layout where its head_dim is contiguous (the model's (batch, len, heads, head_dim) memory
+    then needs no copy after the output's transpose), else a contiguous tensor."""
+    return torch.empty_like(query) if query.stride(-1) == 1 else torch.empty(query.shape, dtype=query.dtype,
+                                                                            device=query.device)
+
+
+def _launch_window_fwd(query, key, value, window: int, scale: float | None, tile: dict) -> torch.Tensor:
+    batch, heads, len_q, head_dim = query.shape
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (query, key, value))
+    out = _new_output(query)
+    scale = head_dim**-0.5 if scale is None else scale
+    _window_fwd_kernel[(triton.cdiv(len_q, tile["BLOCK_M"]), batch * heads)](
+        q, k, v, out, scale * 1.4426950408889634, len_q, k.shape[2], window, heads, heads // k.shape[1],
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        HEAD_DIM=head_dim, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **tile)  # softmax in fp32
+    return out
+
+
+@torch.library.custom_op("samba_kernels::windowed_attention_fwd", mutates_args=())
+def _window_fwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, window: int,
+                scale: float | None) -> torch.Tensor:
+    return _launch_window_fwd(query, key, value, window, scale, _tile(query.shape[-1]))
+
+
+@_window_fwd.register_fake
+def _(query, key, value, window, scale):
+    return _new_output(query)
+
+
+def _kernel_fits(query, key, value) -> bool:
+    """The Triton forward: no gradient asked for, a power-of-two head_dim it has tiles for."""
+    head_dim = query.shape[-1]
+    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    return not needs_grad and 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0 and use_triton(query)
+
+
 @functools.cache
 def _compiled_flex():
     return torch.compile(flex_attention, dynamic=None)
@@ -81,10 +213,12 @@ def _block_mask(len_q: int, len_kv: int, window: int, device: str):
 
 def windowed_attention(query, key, value, window, scale=None, kernel_options=None):
     """Causal sliding-window attention (see the module docstring); `kernel_options` is passed to
-    flex_attention on CUDA (e.g. block sizes) and ignored elsewhere."""
+    flex_attention where it runs (CUDA, gradients needed; e.g. block sizes) and ignored elsewhere."""
+    _check(query, key, value, window)
+    if _kernel_fits(query, key, value):
+        return _window_fwd(query, key, value, int(window), scale)
     if not query.is_cuda:
         return windowed_attention_ref(query, key, value, window, scale)
-    _check(query, key, value, window)
     # Inside a caller's torch.compile, its graph compiles flex and the mask itself: the host-side
     # caches (the compiled function, the block masks) are for eager callers.
     compiling = torch.compiler.is_compiling()

@@ -81,9 +81,10 @@ class SambaConfig(PreTrainedConfig):
             `SAMBA_KERNELS` overrides it.
         windowed_attention_kernel (`bool`, defaults to `True`): On CUDA, run sliding-window layers whose
             input reaches past the window (without padding or packing) through samba_kernels' fused
-            windowed attention (compiled FlexAttention) when the attention implementation is sdpa or
-            eager. `False` keeps them on the attention interface with a window mask, which needs no
-            compilation (short sequences, many different shapes).
+            windowed attention (its own Triton forward without gradients, compiled FlexAttention for
+            training) when the attention implementation is sdpa or eager. `False` keeps them on the
+            attention interface with a window mask, which needs no compilation (short training
+            sequences of many different shapes).
         prefill_chunk_size (`int`, *optional*, defaults to 8192): Inputs longer than this that fill a cache
             (prompts in `generate`) run through the model in chunks of this many tokens, so activation
             memory stays O(chunk + window) whatever the prompt length. `None` disables chunking; the

@@ -118,8 +118,9 @@ def mamba_ops(config_choice: str, device: torch.device, decoding: bool = False) 
 
 
 def windowed_attention_kernel(config_choice: str, device: torch.device):
-    """samba_kernels' sliding-window attention (compiled FlexAttention with a cached block mask) for
-    CUDA tensors, or None where the attention interface's own path should run."""
+    """samba_kernels' sliding-window attention (its own Triton forward without gradients, compiled
+    FlexAttention with a cached block mask for training) for CUDA tensors, or None where the attention
+    interface's own path should run."""
     if device.type != "cuda" or samba_kernels is None or requested_implementation(config_choice) == "torch":
         return None
     if not torch.compiler.is_compiling() and ("windowed_attention", device.type) not in _logged:
