@@ -25,6 +25,7 @@ import traceback
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "kernels"))
 import triton  # noqa: E402
@@ -32,6 +33,8 @@ import triton.language as tl  # noqa: E402
 
 import samba_kernels as sk  # noqa: E402
 from samba_kernels import selective_scan as ss  # noqa: E402
+
+wa = sys.modules["samba_kernels.windowed_attention"]  # the package exports a function of the same name
 
 D_STATE, WIDTH, REF_LEN = 16, 4, 256
 # Quoted, not measured by this script: earlier H200 measurements (bf16, batch 8, dim 3072, length 4096,
@@ -42,6 +45,8 @@ QUOTED = {"scan fwd": dict(previous_ms=2.564, mamba_ssm_ms=1.72), "scan fwd+bwd"
 FWD_SWEEP = [(16, 16, 4, 1), (16, 16, 8, 1), (16, 16, 16, 1), (32, 16, 4, 2), (8, 32, 4, 1), (32, 16, 4, 1)]
 TRAIN_SWEEP = [(16, (16, 4, 1), (16, 1, 1)), (16, (16, 4, 1), (16, 2, 1)), (16, (16, 8, 1), (16, 2, 1)),
                (16, (32, 4, 2), (32, 2, 2)), (32, (8, 4, 1), (8, 2, 1))]
+ATTN_TILES = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3),
+              (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 8, 4)]  # windowed attention forward: (BLOCK_M, BLOCK_N, warps, stages)
 ATTN_SHAPES = [(8, 12, 4096, 128, 2048), (1, 16, 16384, 128, 2048)]  # batch, heads, length, head_dim, window
 
 
@@ -102,7 +107,8 @@ def rel_err(a, b):
 
 def check(device, dim, length):
     """Relative errors against the references: the scan with every option in fp32 and bf16
-    (forward, last state, every gradient), the conv in fp32, the decode step."""
+    (forward, last state, every gradient), the conv in fp32, the decode step, the windowed attention
+    forward kernel."""
     errs = {}
     for dtype in (torch.float32, torch.bfloat16):
         name = "fp32" if dtype == torch.float32 else "bf16"
@@ -131,6 +137,15 @@ def check(device, dim, length):
     step = dict(x=t["u"][..., 0], dt=t["delta"][..., 0], A=t["A"], B=t["B"][..., 0], C=t["C"][..., 0], D=t["D"],
                 z=t["z"][..., 0], dt_bias=t["delta_bias"], dt_softplus=True)
     errs["decode step"] = rel_err(sk.selective_state_update(state, **step), sk.selective_state_update_ref(state_ref, **step))
+    # windowed attention's own forward (no gradients): grouped heads, a chunk continuing 100 cached keys
+    low = torch.bfloat16 if device == "cuda" else torch.float32  # the interpreter computes in fp32
+    for head_dim, dtype in ((64, low), (128, torch.float32), (256, low)):
+        q = torch.randn(2, 4, length, head_dim, device=device, dtype=dtype)
+        k, v = (torch.randn(2, 2, length + 100, head_dim, device=device, dtype=dtype) for _ in range(2))
+        with torch.no_grad():
+            out = sk.windowed_attention(q, k, v, 256)
+        name = "fp32" if dtype == torch.float32 else "bf16"
+        errs[f"window attention fwd {name} head_dim {head_dim}"] = rel_err(out, sk.windowed_attention_ref(q, k, v, 256))
     return errs
 
 
@@ -254,6 +269,8 @@ def attention(device, measure, shapes, rows, record):
         fwd_flops = 4 * batch * heads * hd * keys_seen(length, length, window)  # in-window work only
         causal_flops = 4 * batch * heads * hd * keys_seen(length, length, length)
 
+        exact_flex = torch.compile(flex_attention, dynamic=False)
+
         def with_backend(backend):
             def fn(q, k, v):
                 with sdpa_kernel([backend]):
@@ -265,6 +282,10 @@ def attention(device, measure, shapes, rows, record):
             "sdpa causal cuDNN": with_backend(SDPBackend.CUDNN_ATTENTION),
             "sdpa causal flash": with_backend(SDPBackend.FLASH_ATTENTION),
             "sdpa window bool mask": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+            # Compiled for this exact shape, flex's fastest. windowed_attention runs its own Triton forward
+            # without gradients and compiled flex (forward and backward) with them.
+            "flex_attention (compiled)": lambda q, k, v: exact_flex(
+                q, k, v, block_mask=wa._block_mask(length, length, window, str(q.device))),
             "windowed_attention": lambda q, k, v: sk.windowed_attention(q, k, v, window),
         }
         if device != "cuda":
@@ -293,6 +314,14 @@ def attention(device, measure, shapes, rows, record):
             record()
             if device == "cuda":
                 torch.cuda.empty_cache()
+        if device == "cuda":  # the forward kernel's tiles (BLOCK_M, BLOCK_N, warps, stages)
+            for tile in ATTN_TILES:
+                launch = dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), tile))
+                ms = measure(lambda: wa._launch_window_fwd(qd, kd, vd, window, None, launch))
+                rows.append(dict(op="attention tile", tile=tile, batch=batch, heads=heads, length=length, fwd_ms=ms,
+                                 fwd_tflops_in_window=fwd_flops / ms * 1e-9))
+                print("attention tile", rows[-1], flush=True)
+            record()
         if ours is not None and ref is not None:
             rows.append(dict(op="attention check", batch=batch, heads=heads, length=length, window=window,
                              rel_err_vs_sdpa_window_mask=rel_err(ours, ref)))
@@ -348,7 +377,7 @@ def plot(path, rows, attn_rows):
     axes[0].set_ylabel("time / floor")
     axes[0].set_title("samba_kernels: time over floor (lower is better)")
     axes[0].legend()
-    ok = [r for r in attn_rows if "fwd_ms" in r]
+    ok = [r for r in attn_rows if r["op"] == "attention" and "fwd_ms" in r]
     labels = [f"{r['method']}\nb{r['batch']} h{r['heads']} L{r['length']}" for r in ok]
     x = range(len(ok))
     axes[1].bar([i - 0.2 for i in x], [r["fwd_tflops_in_window"] for r in ok], width=0.4, label="fwd")
@@ -510,6 +539,14 @@ def render(result):
         lines.append(f"| {r['method']} | {r['batch']} | {r['heads']} | {r['length']} | {r['head_dim']} | {r['window']} | "
                      f"{r['fwd_ms']:.3f} | {r['fwd_tflops_in_window']:.0f} | {r['fwd_bwd_ms']:.3f} | "
                      f"{r['fwd_bwd_tflops_in_window']:.0f} |")
+    tiles = [r for r in result["attention"] if r["op"] == "attention tile"]
+    if tiles:
+        lines += ["", "windowed_attention's forward kernel by tile (BLOCK_M, BLOCK_N, warps, stages), fwd ms "
+                  "(TFLOP/s); the first is the one it uses at head_dim 128:", ""]
+        for shape in dict.fromkeys((r["batch"], r["heads"], r["length"]) for r in tiles):
+            lines.append(f"- b{shape[0]} h{shape[1]} L{shape[2]}: " + "; ".join(
+                f"{tuple(r['tile'])}: {r['fwd_ms']:.3f} ({r['fwd_tflops_in_window']:.0f})"
+                for r in tiles if (r["batch"], r["heads"], r["length"]) == shape))
     checks = [r for r in result["attention"] if r["op"] == "attention check"]
     lines += ["", "Checks (||out - ref|| / ||ref||): "
               + ", ".join(f"{k} {v:.1e}" for k, v in result.get("checks", {}).items())
