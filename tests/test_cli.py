@@ -35,10 +35,11 @@ def test_demo_refuses_to_overwrite_an_existing_folder(tmp_path, capsys):
     assert (tmp_path / "demo" / "keep.txt").read_text() == "mine"
 
 
-def test_env_reports_versions_and_the_mamba_op_implementation(capsys):
+def test_env_reports_versions_and_each_op_implementation(capsys):
     assert samba_hf_main(["env"]) == 0
     printed = capsys.readouterr().out
     assert "transformers" in printed and "cpu    tensors -> torch" in printed
+    assert "sliding-window attention" in printed and "cpu    tensors -> the attention interface" in printed
 
 
 def test_env_honours_the_samba_kernels_override(capsys, monkeypatch):

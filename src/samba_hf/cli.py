@@ -34,9 +34,10 @@ def cmd_env(args) -> int:
         print(f"{package:<16}{installed}")
     print(f"cuda            {torch.cuda.get_device_name() if torch.cuda.is_available() else 'not available'}")
     choice = kernel_dispatch.requested_implementation()
-    print(f"Mamba ops (SAMBA_KERNELS={choice}):")
-    for device, implementation in kernel_dispatch.describe().items():
-        print(f"  {device:<6} tensors -> {implementation}")
+    for op, devices in kernel_dispatch.describe().items():
+        print(f"{op} (SAMBA_KERNELS={choice}):")
+        for device, implementation in devices.items():
+            print(f"  {device:<6} tensors -> {implementation}")
     return 0
 
 

@@ -130,12 +130,18 @@ def windowed_attention_kernel(config_choice: str, device: torch.device):
 
 
 def describe(config_choice: str = "auto") -> dict:
-    """Which implementation each device would use here, for `samba-hf env`."""
+    """{op: {device: the implementation it would use here}}, for `samba-hf env`: the Mamba ops, and
+    the sliding-window layers' attention (for padding-free inputs past the window)."""
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    report = {}
+    report = {"Mamba ops": {}, "sliding-window attention": {}}
     for device in devices:
         try:
-            report[device] = mamba_ops(config_choice, torch.device(device)).name
+            report["Mamba ops"][device] = mamba_ops(config_choice, torch.device(device)).name
         except (RuntimeError, ValueError) as error:
-            report[device] = f"unavailable: {error}"
+            report["Mamba ops"][device] = f"unavailable: {error}"
+        fused = windowed_attention_kernel(config_choice, torch.device(device)) is not None
+        report["sliding-window attention"][device] = (
+            "samba_kernels (Triton forward without gradients, compiled FlexAttention with them)" if fused
+            else "the attention interface with a window mask"
+        )
     return report
