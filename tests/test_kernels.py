@@ -328,6 +328,18 @@ def test_windowed_attention_forward_kernel(monkeypatch, heads, kv_heads, len_q, 
     torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_windowed_attention_head_dim_without_a_kernel_tile():
+    """A head_dim that is not a power of two has no tile of the forward kernel: flex or the reference
+    answer instead, exactly."""
+    g = _gen(5)
+    q, k, v = (_randn(g, 1, 2, 140, 24) for _ in range(3))
+    with torch.no_grad():
+        out = samba_kernels.windowed_attention(q, k, v, 50)
+    ref = _explicit_window_attention(q.cpu(), k.cpu(), v.cpu(), 50)
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-3 if DEVICE == "cuda" else 1e-5,
+                               atol=1e-3 if DEVICE == "cuda" else 1e-5)
+
+
 def test_windowed_attention_forward_kernel_traces_into_a_graph():
     """Inside torch.compile(fullgraph=True) the forward kernel is one custom op, whose fake output
     (shape and layout) matches the real one."""
