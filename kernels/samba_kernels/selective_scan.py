@@ -35,7 +35,6 @@ GPU_FWD = dict(BLOCK_D=16, T=16, NU=16, num_warps=1)  # forward without saving c
 # capped, it spills a few loop-invariant values outside the state loop; offline sm_90 compile).
 GPU_TRAIN = dict(T=16, fwd=dict(BLOCK_D=16, NU=4, num_warps=1), bwd=dict(BLOCK_D=16, NU=1, num_warps=1, maxnreg=168))
 MIN_BLOCK_D, MIN_PROGRAMS = 1, 8 * 132
-LOG2E = 1.4426950408889634
 
 
 @triton.jit
