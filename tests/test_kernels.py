@@ -340,6 +340,18 @@ def test_windowed_attention_head_dim_without_a_kernel_tile():
                                atol=1e-3 if DEVICE == "cuda" else 1e-5)
 
 
+def test_windowed_attention_forward_kernel_only_takes_int32_offsets():
+    """The kernel's offsets within a batch entry are int32: a tensor reaching past 2**31 elements
+    (a million tokens of 16 heads x 128 in one piece) goes to the other path. Shapes only (meta)."""
+    module = importlib.import_module("samba_kernels.windowed_attention")
+    fits = module._offsets_fit_int32
+    assert fits(torch.empty(8, 16, 65536, 128, device="meta"))  # the batch offset is int64 in the kernel
+    assert not fits(torch.empty(1, 16, 2**20 + 1, 128, device="meta"))
+    # the model's layout: (batch, length, heads, head_dim) memory seen as (batch, heads, length, head_dim)
+    assert fits(torch.empty(1, 2**20, 16, 128, device="meta").transpose(1, 2))
+    assert not fits(torch.empty(1, 2**20 + 1, 16, 128, device="meta").transpose(1, 2))
+
+
 def test_windowed_attention_forward_kernel_traces_into_a_graph():
     """Inside torch.compile(fullgraph=True) the forward kernel is one custom op, whose fake output
     (shape and layout) matches the real one."""
