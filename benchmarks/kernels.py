@@ -4,12 +4,13 @@
     PYTHONPATH=kernels python benchmarks/kernels.py --warm {scan,attention}   # compile only (disk caches)
 
 Imports samba_kernels, torch and triton only. In order: relative errors of the ops against the
-PyTorch references (the scan at a mid size in bf16 and fp32, with every option); the device's copy
-bandwidth, bf16 matmul rate and exp2 rate; a sweep of the scan's tile shapes at the samba-421m shape
-(the best becomes the configuration for the rest); the scan forward and forward+backward, conv
-forward and forward+backward and decode steps at the samba-421m and samba-1.3b shapes; causal
-sliding-window attention (full-causal SDPA, SDPA with a boolean window mask, and
-`windowed_attention`). Each time is set against its floor (the larger of bytes / copy bandwidth and,
+PyTorch references (the scan at a mid size in bf16 and fp32, with every option; the windowed
+attention forward kernel); the device's copy bandwidth, bf16 matmul rate and exp2 rate; a sweep of
+the scan's tile shapes at the samba-421m shape (the best becomes the configuration for the rest); the
+scan forward and forward+backward, conv forward and forward+backward and decode steps at the
+samba-421m and samba-1.3b shapes; causal sliding-window attention (full-causal SDPA, SDPA with a
+boolean window mask, flex_attention compiled for the exact shape, and `windowed_attention`, whose
+forward kernel is also timed at each of its candidate tiles). Each time is set against its floor (the larger of bytes / copy bandwidth and,
 for the scan, exps / exp2 rate), the PyTorch reference (timed at a short length and extrapolated
 linearly) and, for the scan at the 421m shape, earlier numbers QUOTED from a previous measurement.
 Writes kernels.md, kernels.json and kernels.png to --out-dir (JSON rewritten after every section).
