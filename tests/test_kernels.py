@@ -350,6 +350,9 @@ def test_windowed_attention_forward_kernel_only_takes_int32_offsets():
     # the model's layout: (batch, length, heads, head_dim) memory seen as (batch, heads, length, head_dim)
     assert fits(torch.empty(1, 2**20, 16, 128, device="meta").transpose(1, 2))
     assert not fits(torch.empty(1, 2**20 + 1, 16, 128, device="meta").transpose(1, 2))
+    # a strided head_dim is made contiguous before the launch: the copy's offsets count
+    assert not fits(torch.empty((), device="meta").expand(1, 16, 2**20 + 1, 128))  # broadcast: all strides 0
+    assert fits(torch.empty(1, 16, 128, 2**20, device="meta").transpose(2, 3))
 
 
 def test_windowed_attention_forward_kernel_traces_into_a_graph():
