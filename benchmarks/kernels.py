@@ -65,7 +65,8 @@ def timer(device):
 
 
 def set_fwd(c):
-    ss.GPU_FWD = dict(BLOCK_D=c[0], T=c[1], NU=c[2], num_warps=c[3])
+    """Forward tiles (BLOCK_D, T, NU, warps); other launch options (the register cap) kept."""
+    ss.GPU_FWD = dict(ss.GPU_FWD, BLOCK_D=c[0], T=c[1], NU=c[2], num_warps=c[3])
 
 
 def set_train(c):

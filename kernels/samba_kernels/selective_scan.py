@@ -27,13 +27,17 @@ CHUNK = 8  # the time tile under Triton's interpreter (CPU tensors), where a sca
 
 # Tile shapes on a GPU: (BLOCK_D channels, spread over the lanes of num_warps warps) x (T steps).
 # The training forward and the backward share T (the checkpoint spacing). BLOCK_D is halved (down to
-# MIN_BLOCK_D) while too few programs fill the GPU. Defaults: the fastest of benchmarks/kernels.py's
-# sweep on an H200 (bf16, batch 8, dim 3072, length 4096).
+# MIN_BLOCK_D) while too few programs fill the GPU. Defaults: from H200 sweeps at batch 8, length 4096
+# (benchmarks/kernels.md).
 # NU: states per iteration of the loop over d_state (unrolled; more independent work, more registers).
-GPU_FWD = dict(BLOCK_D=16, T=16, NU=16, num_warps=1)  # forward without saving checkpoints
-# maxnreg: the backward's register cap (ptxas would take 229 and fit 8 programs per SM instead of 12;
-# capped, it spills a few loop-invariant values outside the state loop; offline sm_90 compile).
-GPU_TRAIN = dict(T=16, fwd=dict(BLOCK_D=16, NU=4, num_warps=1), bwd=dict(BLOCK_D=16, NU=1, num_warps=1, maxnreg=168))
+# maxnreg: a register cap. The forwards' NU 8 fits 128 registers without spilling (offline sm_90
+# compile), so 16 one-warp programs share an SM; NU 16 took 167 (12 per SM): 3% faster at samba-421m's
+# shape, 19% slower at samba-1.3b's, whose 2048 programs then need a second, mostly idle wave. The
+# backward's cap: ptxas would take 229 and fit 8 programs per SM instead of 12; capped, it spills a few
+# loop-invariant values outside the state loop.
+GPU_FWD = dict(BLOCK_D=16, T=16, NU=8, num_warps=1, maxnreg=128)  # forward without saving checkpoints
+GPU_TRAIN = dict(T=16, fwd=dict(BLOCK_D=16, NU=8, num_warps=1, maxnreg=128),
+                 bwd=dict(BLOCK_D=16, NU=1, num_warps=1, maxnreg=168))
 MIN_BLOCK_D, MIN_PROGRAMS = 1, 8 * 132
 
 
