@@ -40,6 +40,7 @@ def test_env_reports_versions_and_each_op_implementation(capsys):
     printed = capsys.readouterr().out
     assert "transformers" in printed and "cpu    tensors -> torch" in printed
     assert "sliding-window attention" in printed and "cpu    tensors -> the attention interface" in printed
+    assert "one-row projections" in printed and "cpu    tensors -> F.linear" in printed
 
 
 def test_env_honours_the_samba_kernels_override(capsys, monkeypatch):
@@ -62,3 +63,26 @@ def test_auto_takes_the_pytorch_decode_ops_under_compilation(monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert mamba_ops("auto", torch.device("cuda"), decoding=True) is TORCH_OPS
     assert mamba_ops("triton", torch.device("cpu"), decoding=True) is TRITON_OPS
+
+
+def test_the_one_row_kernel_is_chosen_only_where_it_applies(monkeypatch):
+    """samba_kernels.matvec takes one row inside torch.compile, without gradients, in the weight's dtype,
+    outside autocast, on CUDA ("auto") or anywhere with "triton"; everything else, and every eager
+    call, stays with nn.Linear's F.linear."""
+    import samba_kernels
+    from samba_hf.kernel_dispatch import matvec_kernel
+
+    row, rows, weight = torch.zeros(1, 1, 4), torch.zeros(1, 2, 4), torch.zeros(3, 4)
+    with torch.no_grad():
+        assert matvec_kernel("triton", row, weight) is None  # eager
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert matvec_kernel("triton", row, weight) is samba_kernels.matvec
+        assert matvec_kernel("auto", row, weight) is None  # a CPU tensor
+        assert matvec_kernel("torch", row, weight) is None
+        assert matvec_kernel("triton", rows, weight) is None
+        assert matvec_kernel("triton", row, weight.double()) is None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert matvec_kernel("triton", row, weight) is None
+        assert matvec_kernel("auto", row.to("meta"), weight.to("meta")) is None
+        assert matvec_kernel("triton", row.to("meta"), weight.to("meta")) is samba_kernels.matvec  # F.linear inside
+    assert matvec_kernel("triton", row, weight.requires_grad_()) is None  # gradients: F.linear's backward

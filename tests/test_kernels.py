@@ -264,6 +264,44 @@ def test_custom_op_registrations():
         assert set(results.values()) == {"SUCCESS"}, (op, results)
 
 
+# (N, K, bias, dtype): odd sizes; N >= 4096 takes the many-programs tile, K = 5 a single masked step
+@pytest.mark.parametrize("N, K, bias, dtype", [(37, 100, True, torch.float32), (4100, 5, False, torch.float32),
+                                               (130, 2500, True, torch.bfloat16)])
+def test_matvec_matches_a_float64_product(N, K, bias, dtype):
+    g = _gen(13)
+    x, w = _randn(g, 1, 1, K).to(dtype), _randn(g, N, K).to(dtype)
+    b = _randn(g, N).to(dtype) if bias else None
+    with torch.no_grad():
+        out = samba_kernels.matvec(x, w, b)
+    ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+    assert out.shape == (1, 1, N) and out.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(out.double(), ref, **tol)
+
+
+def test_matvec_reads_a_strided_row_and_traces_into_a_graph():
+    """A row whose last dimension is strided (a transposed view, as the Mamba mixer's x_proj input), inside
+    torch.compile(fullgraph=True): one custom op, the fake output's shape, F.linear's values."""
+    g = _gen(14)
+    x, w, b = _randn(g, 1, 24, 1).transpose(1, 2), _randn(g, 10, 24), _randn(g, 10)
+    compiled = torch.compile(samba_kernels.matvec, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        out = compiled(x, w, b)
+    torch.testing.assert_close(out, F.linear(x, w, b), **TOL)
+    results = torch.library.opcheck(importlib.import_module("samba_kernels.matvec")._matvec, (x, w, b))
+    assert set(results.values()) == {"SUCCESS"}, results
+
+
+def test_matvec_refuses_what_it_cannot_do():
+    w = torch.zeros(3, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="one row"):
+        samba_kernels.matvec(torch.zeros(2, 4, device=DEVICE), w)
+    with pytest.raises(ValueError, match="does not match"):
+        samba_kernels.matvec(torch.zeros(1, 5, device=DEVICE), w)
+    with pytest.raises(ValueError, match="no backward"):
+        samba_kernels.matvec(torch.zeros(1, 4, device=DEVICE), w.requires_grad_())
+
+
 def _explicit_window_attention(q, k, v, window):
     """Softmax attention written out: query i (aligned to the end of the keys) sees keys j with
     0 <= pos(i) - j < window; kv heads shared by consecutive query heads."""

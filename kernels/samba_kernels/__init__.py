@@ -1,13 +1,15 @@
 """samba_kernels: Triton kernels for Samba's Mamba ops and their PyTorch references.
 
-Imports torch and triton only, never transformers. The public ops run their Triton kernels on
-CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (see `use_triton`); elsewhere they
-run the PyTorch references of `reference.py`. The kernels are registered as torch.library custom
+Imports torch and triton only, never transformers. Besides the Mamba ops: sliding-window attention
+(`windowed_attention`) and one-row products for batch-1 decoding (`matvec`). The public ops run their
+Triton kernels on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (see `use_triton`);
+elsewhere they run the PyTorch references of `reference.py` (F.linear for `matvec`). The kernels are registered as torch.library custom
 ops (`torch.ops.samba_kernels.*`), so torch.compile traces models that use them as one graph.
 """
 
 from ._common import use_triton
 from .causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+from .matvec import matvec
 from .reference import (
     causal_conv1d_ref,
     causal_conv1d_update_ref,
@@ -22,6 +24,7 @@ __all__ = [
     "causal_conv1d_ref",
     "causal_conv1d_update",
     "causal_conv1d_update_ref",
+    "matvec",
     "selective_scan_fn",
     "selective_scan_ref",
     "selective_state_update",

@@ -33,7 +33,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_samba import ATTENTION_TYPES, SambaConfig
-from .kernel_dispatch import mamba_ops, windowed_attention_kernel
+from .kernel_dispatch import mamba_ops, matvec_kernel, windowed_attention_kernel
 
 logger = logging.get_logger(__name__)
 
@@ -55,14 +55,30 @@ class SambaRMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
 
 
+class SambaLinear(nn.Linear):
+    """nn.Linear whose one-row products without gradients inside torch.compile (a compiled batch-1 decode
+    step) run samba_kernels' matvec on CUDA, where cuBLAS runs them as general matrix products
+    (benchmarks/matvec.md; `kernel_dispatch.matvec_kernel` says when). It is a subclass, not a fused
+    path: adapters that wrap an nn.Linear (PEFT's LoRA) wrap it and add their own term, and quantizers
+    that replace nn.Linear modules replace it."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, config: SambaConfig):
+        super().__init__(in_features, out_features, bias=bias)
+        self.config = config
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        matvec = matvec_kernel(self.config.kernel_implementation, x, self.weight)
+        return super().forward(x) if matvec is None else matvec(x, self.weight, self.bias)
+
+
 class SambaMLP(nn.Module):
     """SwiGLU without bias: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int):
+    def __init__(self, config: SambaConfig, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = SambaLinear(config.hidden_size, intermediate_size, False, config)
+        self.up_proj = SambaLinear(config.hidden_size, intermediate_size, False, config)
+        self.down_proj = SambaLinear(intermediate_size, config.hidden_size, False, config)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
@@ -137,10 +153,10 @@ class SambaAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.is_causal = True
         self.sliding_window = config.sliding_window if config.layer_types[layer_idx] == "sliding_attention" else None
-        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)
+        self.q_proj = SambaLinear(config.hidden_size, config.num_attention_heads * self.head_dim, False, config)
+        self.k_proj = SambaLinear(config.hidden_size, config.num_key_value_heads * self.head_dim, False, config)
+        self.v_proj = SambaLinear(config.hidden_size, config.num_key_value_heads * self.head_dim, False, config)
+        self.o_proj = SambaLinear(config.num_attention_heads * self.head_dim, config.hidden_size, False, config)
 
     def forward(
         self,
@@ -224,7 +240,7 @@ class SambaMambaMixer(nn.Module):
         self.intermediate_size = config.mamba_intermediate_size
         self.state_size = config.state_size
         self.time_step_rank = config.time_step_rank
-        self.in_proj = nn.Linear(config.hidden_size, 2 * self.intermediate_size, bias=config.use_bias)
+        self.in_proj = SambaLinear(config.hidden_size, 2 * self.intermediate_size, config.use_bias, config)
         self.conv1d = nn.Conv1d(
             self.intermediate_size,
             self.intermediate_size,
@@ -233,12 +249,12 @@ class SambaMambaMixer(nn.Module):
             padding=config.conv_kernel - 1,
             bias=config.use_conv_bias,
         )
-        self.x_proj = nn.Linear(self.intermediate_size, self.time_step_rank + 2 * self.state_size, bias=False)
-        self.dt_proj = nn.Linear(self.time_step_rank, self.intermediate_size, bias=True)
+        self.x_proj = SambaLinear(self.intermediate_size, self.time_step_rank + 2 * self.state_size, False, config)
+        self.dt_proj = SambaLinear(self.time_step_rank, self.intermediate_size, True, config)
         A = torch.arange(1, self.state_size + 1, dtype=torch.float32).expand(self.intermediate_size, -1)
         self.A_log = nn.Parameter(torch.log(A).contiguous())
         self.D = nn.Parameter(torch.ones(self.intermediate_size))
-        self.out_proj = nn.Linear(self.intermediate_size, config.hidden_size, bias=config.use_bias)
+        self.out_proj = SambaLinear(self.intermediate_size, config.hidden_size, config.use_bias, config)
 
     @force_accelerate_hooks("conv1d")  # the conv weight is handed to the op directly
     def forward(
@@ -307,12 +323,12 @@ class SambaDecoderLayer(GradientCheckpointingLayer):
         if self.mixer_type == "linear_attention":
             self.mixer = SambaMambaMixer(config, layer_idx)
         elif self.mixer_type == "mlp":
-            self.mixer = SambaMLP(config.hidden_size, config.mamba_intermediate_size)
+            self.mixer = SambaMLP(config, config.mamba_intermediate_size)
         else:
             self.mixer = SambaAttention(config, layer_idx)
         if config.use_mlp[layer_idx]:
             self.mlp_norm = SambaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-            self.mlp = SambaMLP(config.hidden_size, config.intermediate_size)
+            self.mlp = SambaMLP(config, config.intermediate_size)
         else:
             self.mlp_norm = self.mlp = None
 
@@ -663,7 +679,7 @@ class SambaForCausalLM(SambaPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = SambaModel(config)
         self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = SambaLinear(config.hidden_size, config.vocab_size, False, config)
         self.post_init()
         # generate() copies `prefill_chunk_size` from the config into its own option, which chunks the
         # prompt itself and, with a static cache on a GPU, compiles each chunk. The forward already
