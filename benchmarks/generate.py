@@ -16,12 +16,13 @@ import time
 import traceback
 from functools import partial
 from pathlib import Path
+from unittest import mock
 
 import torch
 import transformers
 from transformers import CompileConfig, DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
-from samba_hf import SambaConfig, SambaForCausalLM, SambaStaticCache
+from samba_hf import SambaConfig, SambaForCausalLM, SambaStaticCache, modeling_samba
 from samba_hf.generation import cache_nbytes
 
 
@@ -104,9 +105,11 @@ def decode(model, cache, token, steps):
 # tuning, under which inductor writes a batch-1 matmul as a multiply-and-sum reduction that it tunes and
 # fuses with its neighbours instead of calling cuBLAS; "combo": independent kernels (such as the q/k/v
 # or gate/up reductions, which read the same input) launched as one; "freezing": weights become
-# constants, so inductor may concatenate products that share an input.
+# constants, so inductor may concatenate products that share an input. "cublas": the model's one-row
+# products left to F.linear (cuBLAS) instead of samba_kernels.matvec, the alternative in the same run.
 COMPILE_VARIANTS = {
     "compiled_step": {},
+    "compiled_step_cublas": {},
     "compiled_step_max_autotune": {"max_autotune": True},
     "compiled_step_matvec": {"coordinate_descent_tuning": True},
     "compiled_step_matvec_combo": {"coordinate_descent_tuning": True, "combo_kernels": True},
@@ -195,7 +198,7 @@ def measure_compiled(samba, llama, context, steps, bandwidth, device, results, v
     for name, model in (("samba", samba), ("llama", llama)):
         entry = {"model": name, "context": context}
         measurements = {key: partial(compiled_decode, model, context, steps, device, COMPILE_VARIANTS[key])
-                        for key in variants}  # fmt: skip
+                        for key in variants if name == "samba" or not key.endswith("_cublas")}  # fmt: skip
         measurements["generate_static"] = partial(generate_seconds_per_token, model, context, 4 * steps, device,
                                                   cache_implementation="static", compile_config=CompileConfig())
         measurements["generate_static_matvec"] = partial(generate_seconds_per_token, model, context, 4 * steps,
@@ -203,8 +206,11 @@ def measure_compiled(samba, llama, context, steps, bandwidth, device, results, v
         measurements["generate_dynamic"] = partial(generate_seconds_per_token, model, context, 4 * steps, device)
         for key, measure in measurements.items():
             torch._dynamo.reset()
+            products = mock.patch.object(modeling_samba, "matvec_kernel", lambda *args: None) if key.endswith(
+                "_cublas") else mock.patch.object(modeling_samba, "matvec_kernel", modeling_samba.matvec_kernel)
             try:
-                entry[key + "_ms_per_token"] = 1e3 * measure()
+                with products:
+                    entry[key + "_ms_per_token"] = 1e3 * measure()
             except Exception as error:  # report, do not hide: the table says what failed
                 traceback.print_exc()
                 entry[key + "_error"] = f"{type(error).__name__}: {str(error)[:300]}"
