@@ -3,8 +3,9 @@
 Imports torch and triton only, never transformers. Besides the Mamba ops: sliding-window attention
 (`windowed_attention`) and one-row products for batch-1 decoding (`matvec`). The public ops run their
 Triton kernels on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (see `use_triton`);
-elsewhere they run the PyTorch references of `reference.py` (F.linear for `matvec`). The kernels are registered as torch.library custom
-ops (`torch.ops.samba_kernels.*`), so torch.compile traces models that use them as one graph.
+elsewhere they run the PyTorch references of `reference.py` (F.linear for `matvec`). The kernels are
+registered as torch.library custom ops (`torch.ops.samba_kernels.*`), so torch.compile traces models
+that use them as one graph.
 """
 
 from ._common import use_triton
