@@ -65,24 +65,24 @@ def test_auto_takes_the_pytorch_decode_ops_under_compilation(monkeypatch):
     assert mamba_ops("triton", torch.device("cpu"), decoding=True) is TRITON_OPS
 
 
-def test_the_one_row_kernel_is_chosen_only_where_it_applies(monkeypatch):
-    """samba_kernels.matvec takes one row inside torch.compile, without gradients, in the weight's dtype,
-    outside autocast, on CUDA ("auto") or anywhere with "triton"; everything else, and every eager
-    call, stays with nn.Linear's F.linear."""
+def test_the_one_row_kernels_are_chosen_only_where_they_apply(monkeypatch):
+    """samba_kernels' one-row kernels take one row inside torch.compile, without gradients, in the
+    weights' dtype, outside autocast, on CUDA ("auto") or anywhere with "triton"; everything else, and
+    every eager call, stays with nn.Linear's F.linear."""
     import samba_kernels
-    from samba_hf.kernel_dispatch import matvec_kernel
+    from samba_hf.kernel_dispatch import one_row_kernels
 
     row, rows, weight = torch.zeros(1, 1, 4), torch.zeros(1, 2, 4), torch.zeros(3, 4)
     with torch.no_grad():
-        assert matvec_kernel("triton", row, weight) is None  # eager
+        assert one_row_kernels("triton", row, weight) is None  # eager
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-        assert matvec_kernel("triton", row, weight) is samba_kernels.matvec
-        assert matvec_kernel("auto", row, weight) is None  # a CPU tensor
-        assert matvec_kernel("torch", row, weight) is None
-        assert matvec_kernel("triton", rows, weight) is None
-        assert matvec_kernel("triton", row, weight.double()) is None
+        assert one_row_kernels("triton", row, weight, weight) is samba_kernels
+        assert one_row_kernels("auto", row, weight) is None  # a CPU tensor
+        assert one_row_kernels("torch", row, weight) is None
+        assert one_row_kernels("triton", rows, weight) is None
+        assert one_row_kernels("triton", row, weight, weight.double()) is None
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert matvec_kernel("triton", row, weight) is None
-        assert matvec_kernel("auto", row.to("meta"), weight.to("meta")) is None
-        assert matvec_kernel("triton", row.to("meta"), weight.to("meta")) is samba_kernels.matvec  # F.linear inside
-    assert matvec_kernel("triton", row, weight.requires_grad_()) is None  # gradients: F.linear's backward
+            assert one_row_kernels("triton", row, weight) is None
+        assert one_row_kernels("auto", row.to("meta"), weight.to("meta")) is None
+        assert one_row_kernels("triton", row.to("meta"), weight.to("meta")) is samba_kernels  # F.linear inside
+    assert one_row_kernels("triton", row, weight, weight.requires_grad_()) is None  # gradients: F.linear's backward

@@ -280,16 +280,47 @@ def test_matvec_matches_a_float64_product(N, K, bias, dtype):
 
 
 def test_matvec_reads_a_strided_row_and_traces_into_a_graph():
-    """A row whose last dimension is strided (a transposed view, as the Mamba mixer's x_proj input), inside
-    torch.compile(fullgraph=True): one custom op, the fake output's shape, F.linear's values."""
+    """A row whose elements are strided (a transposed slice, as the Mamba mixer's x_proj input behind the
+    PyTorch decode ops), inside torch.compile(fullgraph=True): one custom op, the fake output's shape,
+    F.linear's values; the stacked and gated products read it too."""
     g = _gen(14)
-    x, w, b = _randn(g, 1, 24, 1).transpose(1, 2), _randn(g, 10, 24), _randn(g, 10)
+    x, w, b = _randn(g, 1, 24, 3)[:, :, -1:].transpose(1, 2), _randn(g, 10, 24), _randn(g, 10)
+    assert x.reshape(-1).stride() == (3,)
+    with torch.no_grad():
+        torch.testing.assert_close(samba_kernels.stacked_matvec(x, [w, b[:, None] * w])[1], F.linear(x, b[:, None] * w), **TOL)
+        torch.testing.assert_close(samba_kernels.gated_matvec(x, w, w), F.silu(F.linear(x, w)) * F.linear(x, w), **TOL)
     compiled = torch.compile(samba_kernels.matvec, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         out = compiled(x, w, b)
     torch.testing.assert_close(out, F.linear(x, w, b), **TOL)
-    results = torch.library.opcheck(importlib.import_module("samba_kernels.matvec")._matvec, (x, w, b))
-    assert set(results.values()) == {"SUCCESS"}, results
+    op = importlib.import_module("samba_kernels.matvec")._matvec
+    for args in ((x, [w], b, False), (x, [w, w[:3]], None, False), (x, [w, w], None, True)):
+        results = torch.library.opcheck(op, args)
+        assert set(results.values()) == {"SUCCESS"}, results
+
+
+# The rows of one to three weights of odd sizes (the last ones straddling a program's rows), in one launch
+@pytest.mark.parametrize("rows", [(37,), (40, 3), (130, 24, 24)])
+def test_stacked_matvec_matches_float64_products(rows):
+    g = _gen(15)
+    x, weights = _randn(g, 1, 1, 2500), [_randn(g, n, 2500) for n in rows]
+    with torch.no_grad():
+        outs = samba_kernels.stacked_matvec(x, weights)
+    assert [o.shape for o in outs] == [(1, 1, n) for n in rows]
+    for out, w in zip(outs, weights):
+        torch.testing.assert_close(out.double(), F.linear(x.double(), w.double()), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_matvec_matches_a_float64_swiglu_half(dtype):
+    g = _gen(16)
+    x, gate, up = _randn(g, 1, 1, 300).to(dtype), _randn(g, 257, 300).to(dtype), _randn(g, 257, 300).to(dtype)
+    with torch.no_grad():
+        out = samba_kernels.gated_matvec(x, gate, up)
+    ref = F.silu(F.linear(x.double(), gate.double())) * F.linear(x.double(), up.double())
+    assert out.shape == (1, 1, 257) and out.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(out.double(), ref, **tol)
 
 
 def test_matvec_refuses_what_it_cannot_do():
@@ -300,6 +331,13 @@ def test_matvec_refuses_what_it_cannot_do():
         samba_kernels.matvec(torch.zeros(1, 5, device=DEVICE), w)
     with pytest.raises(ValueError, match="no backward"):
         samba_kernels.matvec(torch.zeros(1, 4, device=DEVICE), w.requires_grad_())
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="one to three"):
+            samba_kernels.stacked_matvec(torch.zeros(1, 4, device=DEVICE), [w] * 4)
+        with pytest.raises(ValueError, match="same shape"):
+            samba_kernels.gated_matvec(torch.zeros(1, 4, device=DEVICE), w, w[:2])
+        with pytest.raises(ValueError, match="does not match"):
+            samba_kernels.stacked_matvec(torch.zeros(1, 4, device=DEVICE), [w, torch.zeros(3, 5, device=DEVICE)])
 
 
 def _explicit_window_attention(q, k, v, window):

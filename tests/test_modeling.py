@@ -9,8 +9,14 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from samba_hf import SambaForCausalLM, SambaForSequenceClassification
-from samba_hf.modeling_samba import SambaAttention, SambaMambaMixer
+from samba_hf import (
+    SambaForCausalLM,
+    SambaForSequenceClassification,
+    SambaStaticCache,
+    kernel_dispatch,
+    modeling_samba,
+)
+from samba_hf.modeling_samba import SambaAttention, SambaMambaMixer, SambaMLP
 
 from .helpers import small_config, small_model
 
@@ -296,3 +302,49 @@ def test_padding_free_check_reads_no_mask_values_while_compiling(monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert modeling_samba.is_padding_free(None, CudaLike())
     assert not modeling_samba.is_padding_free(ones, CudaLike())
+
+
+@pytest.mark.parametrize("decode_ops", ["triton", "torch"])
+def test_compiled_decode_step_runs_q_k_v_and_gate_up_each_as_one_kernel(monkeypatch, decode_ops):
+    """A compiled one-token decode step (forced "triton": Triton's interpreter on the CPU) computes each
+    layer's q/k/v in one stacked_matvec and each SwiGLU's gate/up in one gated_matvec, and gives the
+    eager PyTorch step's logits: with the Triton decode kernels, and with the PyTorch decode ops, which
+    "auto" compiles on CUDA and whose convolution output reaches x_proj as a strided row. A hook on one
+    projection keeps its group module by module, and the hook runs."""
+    import samba_kernels
+
+    if not samba_kernels.use_triton(torch.empty(0)):
+        pytest.skip("TRITON_INTERPRET is off and there is no GPU")
+    if decode_ops == "torch":
+        monkeypatch.setattr(modeling_samba, "mamba_ops", lambda *args, **kwargs: kernel_dispatch.TORCH_OPS)
+    launched = []
+    for name in ("matvec", "stacked_matvec", "gated_matvec"):
+        kernel = getattr(samba_kernels, name)
+        monkeypatch.setattr(samba_kernels, name, lambda *a, _n=name, _k=kernel, **kw: launched.append(_n) or _k(*a, **kw))
+    prompt, token, position = torch.randint(0, 97, (1, WINDOW + 2)), torch.tensor([[5]]), torch.tensor([[WINDOW + 2]])
+
+    def decode_step(model, step):
+        cache = SambaStaticCache(config=model.config, max_cache_len=4 * WINDOW)
+        model(prompt, cache=cache, use_cache=True)
+        return step(input_ids=token, cache=cache, use_cache=True, position_ids=position).logits
+
+    with torch.no_grad():
+        expected = decode_step(small_model(kernel_implementation="torch"), small_model().forward)
+        assert not launched
+        model = small_model(kernel_implementation="triton")
+        attention_layers = [m for m in model.modules() if isinstance(m, SambaAttention)]
+        mlps = sum(isinstance(m, SambaMLP) for m in model.modules())
+        torch._dynamo.reset()
+        logits = decode_step(model, torch.compile(model.forward, backend="aot_eager", fullgraph=True))
+        assert launched.count("stacked_matvec") == len(attention_layers) > 0
+        assert launched.count("gated_matvec") == mlps > 0
+        torch.testing.assert_close(logits, expected, **FP32)
+        if decode_ops == "triton":  # the interpreter's decode kernels are slow; the hook's case runs once
+            return
+        hooked = []
+        attention_layers[0].k_proj.register_forward_hook(lambda *args: hooked.append(True))
+        launched.clear()
+        torch._dynamo.reset()
+        logits = decode_step(model, torch.compile(model.forward, backend="aot_eager", fullgraph=True))
+    assert hooked and launched.count("stacked_matvec") == len(attention_layers) - 1
+    torch.testing.assert_close(logits, expected, **FP32)

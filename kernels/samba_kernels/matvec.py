@@ -8,8 +8,14 @@ one kernel. The weight is read with an evict-first hint, as nothing reads it aga
 token. On the H200, with a cold L2, one token's 85 products of samba-421m took 397 µs against cuBLAS's
 595 (benchmarks/matvec.md).
 
+A kernel launch has a fixed cost of a few µs at these sizes (ramp-up, tail), so products that share
+their input also run as one launch: `stacked_matvec` (the rows of several weights, as for q/k/v) and
+`gated_matvec` (SwiGLU's silu(x @ gate.T) * (x @ up.T), with the product taken in the kernel).
+
 F.linear is the reference (and the path on CPU tensors without Triton's interpreter).
 """
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,18 +26,36 @@ from ._common import use_triton
 
 
 @triton.jit
-def _matvec_kernel(x, weight, bias, out, N, K, stride_wn,
-                   HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _matvec_kernel(x, w0, w1, w2, bias, out, N0, N1, N2, K, stride_x, stride0, stride1, stride2,
+                   WEIGHTS: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out = x @ [w0; w1; w2].T (+ bias): the rows of the first WEIGHTS weights stacked, N0 + N1 + N2
+    outputs (the unused weights have 0 rows). GATED: out = silu(x @ w0.T) * (x @ w1.T), N0 outputs,
+    each program reading the same rows of both weights."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    w_rows = weight + rows.to(tl.int64)[:, None] * stride_wn  # int64: vocabulary x hidden may pass 2**31
+    row_mask = rows < N0 + N1 + N2
+    offsets = rows.to(tl.int64)  # int64: vocabulary x hidden may pass 2**31
+    w_rows = w0 + offsets * stride0
+    if WEIGHTS > 1:
+        w_rows = tl.where(rows < N0, w_rows, w1 + (offsets - N0) * stride1)
+    if WEIGHTS > 2:
+        w_rows = tl.where(rows < N0 + N1, w_rows, w2 + (offsets - N0 - N1) * stride2)
+    if GATED:
+        up_rows = w1 + offsets * stride1
+        acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        w = tl.load(w_rows + cols[None, :], mask=row_mask[:, None] & (cols < K)[None, :], other=0.0,
-                    eviction_policy="evict_first")
-        acc += w.to(tl.float32) * tl.load(x + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
+        mask = row_mask[:, None] & (cols < K)[None, :]
+        x_k = tl.load(x + cols * stride_x, mask=cols < K, other=0.0).to(tl.float32)[None, :]
+        w = tl.load(w_rows[:, None] + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+        acc += w.to(tl.float32) * x_k
+        if GATED:
+            up = tl.load(up_rows[:, None] + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+            acc_up += up.to(tl.float32) * x_k
     y = tl.sum(acc, axis=1)
+    if GATED:
+        y = y * tl.sigmoid(y) * tl.sum(acc_up, axis=1)
     if HAS_BIAS:
         y += tl.load(bias + rows, mask=row_mask, other=0.0).to(tl.float32)
     tl.store(out + rows, y.to(out.dtype.element_ty), mask=row_mask)
@@ -48,20 +72,22 @@ def _tile(N: int, K: int) -> dict:
     return dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8 if block_k >= 1024 else 4)
 
 
-def _new_output(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
+def _new_output(x: torch.Tensor, weights: list[torch.Tensor], gated: bool) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weights[0].shape[0] if gated else sum(w.shape[0] for w in weights))
 
 
-def _launch_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    out = _new_output(x, weight)
-    x_row = x.reshape(-1)  # one row: a view, or a copy of K elements where its last dimension is strided
-    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+def _launch_matvec(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None, gated: bool) -> torch.Tensor:
+    out = _new_output(x, weights, gated)
+    x_row = x.reshape(-1)  # one row, as a view: its elements may be strided (a slice of a wider tensor)
+    weights = [w if w.stride(-1) == 1 else w.contiguous() for w in weights]
     bias = None if bias is None else bias.contiguous()
-    N, K = weight.shape
-    tile = _tile(N, K)
-    _matvec_kernel[(triton.cdiv(N, tile["BLOCK_N"]),)](
-        x_row, weight, weight if bias is None else bias, out, N, K, weight.stride(0), HAS_BIAS=bias is not None,
-        **tile)
+    stacked = [] if gated else weights[1:]  # gated: the up weight has the gate weight's rows, no more outputs
+    padded = weights + [weights[0]] * (3 - len(weights))  # the kernel's unused weights
+    rows = [weights[0].shape[0]] + [w.shape[0] for w in stacked] + [0] * (2 - len(stacked))
+    tile = _tile(out.shape[-1] * (2 if gated else 1), x_row.shape[0])
+    _matvec_kernel[(triton.cdiv(out.shape[-1], tile["BLOCK_N"]),)](
+        x_row, *padded, padded[0] if bias is None else bias, out, *rows, x_row.shape[0], x_row.stride(0),
+        *(w.stride(0) for w in padded), WEIGHTS=1 + len(stacked), GATED=gated, HAS_BIAS=bias is not None, **tile)
     return out
 
 
@@ -71,20 +97,55 @@ _matvec = torch.library.custom_op("samba_kernels::matvec", _launch_matvec, mutat
 
 
 @_matvec.register_fake
-def _(x, weight, bias):
-    return _new_output(x, weight)
+def _(x, weights, bias, gated):
+    return _new_output(x, weights, gated)
+
+
+def _check(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: torch.Tensor | None, name: str) -> bool:
+    """Raises on what the kernel cannot do; True where `use_triton(x)` (the kernel), False where the
+    caller's F.linear reference runs."""
+    if x.shape[:-1].numel() != 1:
+        raise ValueError(f"{name} takes one row of x, got shape {tuple(x.shape)}: use F.linear for more rows")
+    for weight in weights:
+        if weight.dim() != 2 or x.shape[-1] != weight.shape[1] or x.dtype != weight.dtype:
+            raise ValueError(f"{name}: x {tuple(x.shape)} {x.dtype} does not match weight {tuple(weight.shape)} "
+                             f"{weight.dtype} (x's last dimension is the weight's second, in the same dtype)")
+    if not use_triton(x):
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *weights, bias)):
+        raise ValueError(f"{name} has no backward: call it without gradients (torch.no_grad) or use F.linear")
+    return True
+
+
+def _run(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None, gated: bool) -> torch.Tensor:
+    return (_matvec if torch.compiler.is_compiling() else _launch_matvec)(x, weights, bias, gated)
 
 
 def matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for an x holding one row (its leading dimensions multiply to 1), without
     gradients: the Triton kernel where `use_triton(x)`, F.linear elsewhere."""
-    if x.shape[:-1].numel() != 1:
-        raise ValueError(f"matvec takes one row of x, got shape {tuple(x.shape)}: use F.linear for more rows")
-    if x.shape[-1] != weight.shape[1] or x.dtype != weight.dtype:
-        raise ValueError(f"matvec: x {tuple(x.shape)} {x.dtype} does not match weight {tuple(weight.shape)} "
-                         f"{weight.dtype} (x's last dimension is the weight's second, in the same dtype)")
-    if not use_triton(x):
+    if not _check(x, [weight], bias, "matvec"):
         return F.linear(x, weight, bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
-        raise ValueError("matvec has no backward: call it without gradients (torch.no_grad) or use F.linear")
-    return (_matvec if torch.compiler.is_compiling() else _launch_matvec)(x, weight, bias)
+    return _run(x, [weight], bias, gated=False)
+
+
+def stacked_matvec(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """(F.linear(x, w) for w in weights), one to three weights that share the one-row input x, in one
+    launch (as `matvec`, and without concatenating the weights)."""
+    weights = list(weights)
+    if not 1 <= len(weights) <= 3:
+        raise ValueError(f"stacked_matvec takes one to three weights, got {len(weights)}: split the list")
+    if not _check(x, weights, None, "stacked_matvec"):
+        return tuple(F.linear(x, w) for w in weights)
+    return _run(x, weights, None, gated=False).split([w.shape[0] for w in weights], dim=-1)
+
+
+def gated_matvec(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor) -> torch.Tensor:
+    """F.silu(F.linear(x, gate_weight)) * F.linear(x, up_weight) for a one-row x, in one launch (as
+    `matvec`): SwiGLU's first half, with the product of its two halves taken in the kernel."""
+    if gate_weight.shape != up_weight.shape:
+        raise ValueError(f"gated_matvec: gate {tuple(gate_weight.shape)} and up {tuple(up_weight.shape)} weights "
+                         "must have the same shape")
+    if not _check(x, [gate_weight, up_weight], None, "gated_matvec"):
+        return F.silu(F.linear(x, gate_weight)) * F.linear(x, up_weight)
+    return _run(x, [gate_weight, up_weight], None, gated=True)

@@ -136,19 +136,20 @@ def _matvec_on(config_choice: str, device_type: str) -> bool:
     return samba_kernels is not None and choice != "torch" and (choice == "triton" or device_type == "cuda")
 
 
-def matvec_kernel(config_choice: str, x: torch.Tensor, weight: torch.Tensor):
-    """samba_kernels.matvec for a one-row product inside torch.compile, without gradients, in the
-    weight's dtype, outside autocast, where `_matvec_on`; None elsewhere (the module's own F.linear).
+def one_row_kernels(config_choice: str, x: torch.Tensor, *weights: torch.Tensor):
+    """samba_kernels (its `matvec`, `stacked_matvec` and `gated_matvec`) for one-row products of x with
+    `weights` inside torch.compile, without gradients, in the weights' dtype, outside autocast, where
+    `_matvec_on`; None elsewhere (the modules' own F.linear).
     Eager steps keep cuBLAS: they are bound by host time, and on the H200 a Triton launch took 59 µs of
     it against F.linear's 26 (an eager samba-421m decode step: 27.7 against 22.0 ms). In a compiled
     step's CUDA graph the host time is gone and the kernel's GPU time counts."""
-    if not torch.compiler.is_compiling() or x.shape[:-1].numel() != 1 or x.dtype != weight.dtype:
+    if not torch.compiler.is_compiling() or x.shape[:-1].numel() != 1 or any(w.dtype != x.dtype for w in weights):
         return None
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+    if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
         return None
     if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
         return None
-    return samba_kernels.matvec if _matvec_on(config_choice, x.device.type) else None
+    return samba_kernels if _matvec_on(config_choice, x.device.type) else None
 
 
 def describe(config_choice: str = "auto") -> dict:
@@ -168,6 +169,6 @@ def describe(config_choice: str = "auto") -> dict:
             else "the attention interface with a window mask"
         )
         report["one-row projections (batch-1 decoding)"][device] = (
-            "samba_kernels.matvec in compiled steps, F.linear in eager ones" if _matvec_on(config_choice, device)
+            "samba_kernels' one-row kernels in compiled steps, F.linear in eager ones" if _matvec_on(config_choice, device)
             else "F.linear")
     return report

@@ -33,7 +33,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_samba import ATTENTION_TYPES, SambaConfig
-from .kernel_dispatch import mamba_ops, matvec_kernel, windowed_attention_kernel
+from .kernel_dispatch import mamba_ops, one_row_kernels, windowed_attention_kernel
 
 logger = logging.get_logger(__name__)
 
@@ -58,7 +58,7 @@ class SambaRMSNorm(nn.Module):
 class SambaLinear(nn.Linear):
     """nn.Linear whose one-row products without gradients inside torch.compile (a compiled batch-1 decode
     step) run samba_kernels' matvec on CUDA, where cuBLAS runs them as general matrix products
-    (benchmarks/matvec.md; `kernel_dispatch.matvec_kernel` says when). It is a subclass, not a fused
+    (benchmarks/matvec.md; `kernel_dispatch.one_row_kernels` says when). It is a subclass, not a fused
     path: adapters that wrap an nn.Linear (PEFT's LoRA) wrap it and add their own term, and quantizers
     that replace nn.Linear modules replace it."""
 
@@ -67,8 +67,22 @@ class SambaLinear(nn.Linear):
         self.config = config
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        matvec = matvec_kernel(self.config.kernel_implementation, x, self.weight)
-        return super().forward(x) if matvec is None else matvec(x, self.weight, self.bias)
+        kernels = one_row_kernels(self.config.kernel_implementation, x, self.weight)
+        return super().forward(x) if kernels is None else kernels.matvec(x, self.weight, self.bias)
+
+
+def one_launch_kernels(x: torch.Tensor, *projections: nn.Module):
+    """samba_kernels where a compiled one-row step may compute `projections`, which share the input x, in
+    one kernel launch (`stacked_matvec`, `gated_matvec`); None where each must run as its own module: one
+    is not a plain SambaLinear without bias (an adapter such as PEFT's LoRA wraps it and adds its term,
+    a quantizer replaces it) or has hooks (which may move or change its weight)."""
+    for projection in projections:
+        if type(projection) is not SambaLinear or projection.bias is not None or hasattr(projection, "_hf_hook"):
+            return None
+        if projection._forward_hooks or projection._forward_pre_hooks:
+            return None
+    config = projections[0].config
+    return one_row_kernels(config.kernel_implementation, x, *(projection.weight for projection in projections))
 
 
 class SambaMLP(nn.Module):
@@ -81,6 +95,9 @@ class SambaMLP(nn.Module):
         self.down_proj = SambaLinear(intermediate_size, config.hidden_size, False, config)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        kernels = one_launch_kernels(hidden_states, self.gate_proj, self.up_proj)
+        if kernels is not None:  # a compiled one-row step: both halves and their product in one kernel
+            return self.down_proj(kernels.gated_matvec(hidden_states, self.gate_proj.weight, self.up_proj.weight))
         return self.down_proj(F.silu(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
 
 
@@ -169,9 +186,15 @@ class SambaAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        kernels = one_launch_kernels(hidden_states, self.q_proj, self.k_proj, self.v_proj)
+        if kernels is not None:  # a compiled one-row step: the three products in one kernel
+            weights = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
+            query, key, value = kernels.stacked_matvec(hidden_states, weights)
+        else:
+            query, key, value = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        query = query.view(hidden_shape).transpose(1, 2)
+        key = key.view(hidden_shape).transpose(1, 2)
+        value = value.view(hidden_shape).transpose(1, 2)
         if position_embeddings is not None:
             query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
         if cache is not None:
