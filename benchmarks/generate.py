@@ -107,16 +107,30 @@ def decode(model, cache, token, steps):
 # fuses with its neighbours instead of calling cuBLAS; "combo": independent kernels (such as the q/k/v
 # or gate/up reductions, which read the same input) launched as one; "freezing": weights become
 # constants, so inductor may concatenate products that share an input. "cublas": the model's one-row
-# products left to F.linear (cuBLAS) instead of samba_kernels.matvec, the alternative in the same run.
+# products left to F.linear (cuBLAS) instead of samba_kernels' kernels, the alternative in the same run;
+# "unfused": every product its own matvec (q/k/v and gate/up not grouped into one launch).
 COMPILE_VARIANTS = {
     "compiled_step": {},
     "compiled_step_cublas": {},
+    "compiled_step_unfused": {},
     "compiled_step_max_autotune": {"max_autotune": True},
     "compiled_step_matvec": {"coordinate_descent_tuning": True},
     "compiled_step_matvec_combo": {"coordinate_descent_tuning": True, "combo_kernels": True},
     "compiled_step_freezing": {"freezing": True},
     "compiled_step_matvec_freezing": {"coordinate_descent_tuning": True, "freezing": True},
 }
+
+
+SAMBA_ONLY_VARIANTS = ("_cublas", "_unfused")  # they change Samba's products; Llama has no such variant
+
+
+def products_as_in(variant: str):
+    """The step's one-row products as `variant` makes them (see COMPILE_VARIANTS)."""
+    if variant.endswith("_cublas"):
+        return mock.patch.object(modeling_samba, "one_row_kernels", lambda *args: None)
+    if variant.endswith("_unfused"):
+        return mock.patch.object(modeling_samba, "one_launch_kernels", lambda *args: None)
+    return nullcontext()
 
 
 @torch.no_grad()
@@ -199,7 +213,7 @@ def measure_compiled(samba, llama, context, steps, bandwidth, device, results, v
     for name, model in (("samba", samba), ("llama", llama)):
         entry = {"model": name, "context": context}
         measurements = {key: partial(compiled_decode, model, context, steps, device, COMPILE_VARIANTS[key])
-                        for key in variants if name == "samba" or not key.endswith("_cublas")}  # fmt: skip
+                        for key in variants if name == "samba" or not key.endswith(SAMBA_ONLY_VARIANTS)}  # fmt: skip
         measurements["generate_static"] = partial(generate_seconds_per_token, model, context, 4 * steps, device,
                                                   cache_implementation="static", compile_config=CompileConfig())
         measurements["generate_static_matvec"] = partial(generate_seconds_per_token, model, context, 4 * steps,
@@ -207,10 +221,8 @@ def measure_compiled(samba, llama, context, steps, bandwidth, device, results, v
         measurements["generate_dynamic"] = partial(generate_seconds_per_token, model, context, 4 * steps, device)
         for key, measure in measurements.items():
             torch._dynamo.reset()
-            cublas = key.endswith("_cublas")
-            products = mock.patch.object(modeling_samba, "matvec_kernel", lambda *args: None) if cublas else nullcontext()
             try:
-                with products:
+                with products_as_in(key):
                     entry[key + "_ms_per_token"] = 1e3 * measure()
             except Exception as error:  # report, do not hide: the table says what failed
                 traceback.print_exc()
@@ -239,13 +251,15 @@ def measure_decode_profile(samba, context, device, results, variant="compiled_st
     step = torch.compile(samba.forward, options=COMPILE_VARIANTS[variant], fullgraph=True, dynamic=False)
     position = torch.tensor([[context]], device=device)
     steps = 20
-    for i in range(3):  # compile and warm up
-        token = step(input_ids=token, cache=cache, use_cache=True, position_ids=position + i).logits.argmax(-1)
-    sync()
-    with profile(activities=[ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU]) as prof:
-        for i in range(3, 3 + steps):
+    activities = [ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU]
+    with products_as_in(variant):
+        for i in range(3):  # compile and warm up
             token = step(input_ids=token, cache=cache, use_cache=True, position_ids=position + i).logits.argmax(-1)
         sync()
+        with profile(activities=activities) as prof:
+            for i in range(3, 3 + steps):
+                token = step(input_ids=token, cache=cache, use_cache=True, position_ids=position + i).logits.argmax(-1)
+            sync()
     kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
     matmuls = [e for e in prof.key_averages() if e.key == "aten::mm"]
     results.setdefault("samba_decode_profile", {})[variant] = {

@@ -106,17 +106,19 @@ def check_lora() -> dict:
 
 
 @torch.no_grad()
-def check_static_generate(implementation: str = "auto") -> dict:
+def check_static_generate(implementation: str = "auto", batch: int = 2) -> dict:
     """generate() with the static cache (transformers compiles its decode step) against the dynamic cache.
-    "auto": the compiled step takes the PyTorch decode ops; "triton": the Triton decode kernels."""
+    "auto": the compiled step takes the PyTorch decode ops; "triton": the Triton decode kernels. At batch 1
+    the compiled step's products take the one-row kernels (matvec, stacked_matvec, gated_matvec)."""
     # fp32, so that greedy tokens are comparable: under "auto" the dynamic cache decodes with the Triton
     # kernels, the compiled static-cache steps with the PyTorch decode ops, and bf16 rounding differs.
     model = random_model(implementation)
-    prompt = torch.randint(0, 1024, (2, 100), device="cuda")
+    prompt = torch.randint(0, 1024, (batch, 100), device="cuda")
     kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=40, do_sample=False, pad_token_id=0)
     dynamic = model.generate(prompt, **kwargs)
     static = model.generate(prompt, cache_implementation="static", **kwargs)
     key = "static_equals_dynamic_tokens" if implementation == "auto" else f"static_{implementation}_equals_dynamic_tokens"
+    key = key if batch == 2 else key.replace("static", f"static_batch{batch}")
     return {key: (dynamic == static).float().mean().item()}
 
 
@@ -156,7 +158,8 @@ def main():
     os.environ.pop("SAMBA_KERNELS", None)
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     checks = [lambda: check_paths_agree(257), check_continuation_and_decoding, check_packing, check_lora,
-              check_static_generate, check_compiled_training, lambda: check_static_generate("triton")]  # fmt: skip
+              check_static_generate, check_compiled_training, lambda: check_static_generate("triton"),
+              lambda: check_static_generate(batch=1)]  # fmt: skip
     for check in checks:
         try:
             results.update(check())

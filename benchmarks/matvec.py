@@ -4,7 +4,9 @@ Takes every projection of a Samba model in the order a decode step runs them (th
 preset, bf16, random weights) and times:
 - each distinct shape over enough copies of its weight (>= 200 MB) that no read hits the 50 MB L2,
   inside one CUDA graph, per product;
-- one token's products in the model's order (all the weights, once each), inside one CUDA graph.
+- one token's products in the model's order (all the weights, once each), inside one CUDA graph, one
+  product per launch and with q/k/v and gate/up each in one launch (stacked_matvec, gated_matvec);
+- those two groups alone, one launch against one product at a time, with a cold L2.
 Checks each product against a float64 one. Writes matvec.json and matvec.md.
 
     PYTHONPATH=src:kernels:benchmarks python benchmarks/matvec.py --out benchmarks [--preset samba-421m]
@@ -47,6 +49,34 @@ def products(preset: str):
             for name, m in model.named_modules() if isinstance(m, SambaLinear)]
 
 
+# (projections sharing an input, their one-launch kernel, the same one product at a time): as the model
+# runs them in a compiled batch-1 step (SambaAttention, SambaMLP), where inductor fuses SiLU * up.
+GROUPS = [
+    (("q_proj", "k_proj", "v_proj"), lambda x, ws: samba_kernels.stacked_matvec(x, ws),
+     lambda x, ws: [samba_kernels.matvec(x, w) for w in ws]),
+    (("gate_proj", "up_proj"), lambda x, ws: samba_kernels.gated_matvec(x, *ws),
+     lambda x, ws: F.silu(samba_kernels.matvec(x, ws[0])) * samba_kernels.matvec(x, ws[1])),
+]
+
+
+def token_in_groups(linears) -> list:
+    """One token's products as calls, q/k/v and gate/up each as one launch (the others one by one)."""
+    calls, i = [], 0
+    while i < len(linears):
+        name = linears[i][0].split(".")[-1]
+        group = next((g for g in GROUPS if g[0][0] == name), None)
+        if group is None:
+            x = torch.randn(1, 1, linears[i][1].shape[1], device="cuda", dtype=torch.bfloat16)
+            calls.append(lambda x=x, r=linears[i]: samba_kernels.matvec(x, r[1], r[2]))
+            i += 1
+            continue
+        weights = [w for _, w, _ in linears[i:i + len(group[0])]]
+        x = torch.randn(1, 1, weights[0].shape[1], device="cuda", dtype=torch.bfloat16)
+        calls.append(lambda x=x, ws=weights, kernel=group[1]: kernel(x, ws))
+        i += len(group[0])
+    return calls
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="benchmarks")
@@ -76,10 +106,26 @@ def main():
         print(shape, result["shapes"][f"{shape[0]}x{shape[1]}"], flush=True)
         del weights
         torch.cuda.empty_cache()
+    result["groups"] = {}
+    for group, kernel, separate in GROUPS:
+        weights = [w for n, w, _ in linears if n.split(".")[-1] in group][:len(group)]  # the first layer with them
+        mb = sum(w.numel() * 2 for w in weights) / 1e6
+        copies = max(1, math.ceil(200 / mb))
+        sets = [[torch.randn_like(w) * 0.02 for w in weights] for _ in range(copies)]
+        x = torch.randn(1, 1, weights[0].shape[1], device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            one = graph_ms([lambda ws=ws: kernel(x, ws) for ws in sets]) * 1e3 / copies
+            apart = graph_ms([lambda ws=ws: separate(x, ws) for ws in sets]) * 1e3 / copies
+        result["groups"]["/".join(group)] = dict(MB=mb, one_launch_us=one, separate_us=apart)
+        print(group, result["groups"]["/".join(group)], flush=True)
+        del sets
     rows = [(torch.randn(1, 1, w.shape[1], device="cuda", dtype=torch.bfloat16), w, b) for _, w, b in linears]
     with torch.no_grad():
         result["token_cublas_us"] = graph_ms([lambda r=r: F.linear(*r) for r in rows]) * 1e3
         result["token_matvec_us"] = graph_ms([lambda r=r: samba_kernels.matvec(*r) for r in rows]) * 1e3
+        grouped = token_in_groups(linears)
+        result["token_launches_grouped"] = len(grouped)
+        result["token_grouped_us"] = graph_ms(grouped) * 1e3
     result["token_MB"] = sum(w.numel() * 2 for _, w, _ in linears) / 1e6
     result["token_floor_us"] = result["token_MB"] / result["copy_TBps"]
     result["worst_rel_err_vs_float64"] = worst
@@ -108,7 +154,12 @@ def render(r: dict) -> str:
     lines += ["", f"One token's {r['products_per_token']} products in the model's order ({r['token_MB']:.0f} MB, one "
               f"CUDA graph): cuBLAS **{r['token_cublas_us']:.0f} µs**, matvec **{r['token_matvec_us']:.0f} µs** "
               f"({r['token_cublas_us'] / r['token_matvec_us']:.2f}× as fast); reading the weights at the copy "
-              f"bandwidth would take {r['token_floor_us']:.0f} µs.", "",
+              f"bandwidth would take {r['token_floor_us']:.0f} µs. With q/k/v and gate/up each in one launch "
+              f"({r['token_launches_grouped']} launches), as a compiled step runs them: **{r['token_grouped_us']:.0f} µs**.", "",
+              "| products in one launch | MB | one launch µs | one at a time µs (gate/up: with SiLU·up as a third kernel) |",
+              "|---|---|---|---|",
+              *[f"| {g} | {v['MB']:.1f} | {v['one_launch_us']:.2f} | {v['separate_us']:.2f} |" for g, v in r["groups"].items()],
+              "",
               f"Worst relative error against a float64 product: {r['worst_rel_err_vs_float64']:.1e}.", ""]
     return "\n".join(lines)
 
