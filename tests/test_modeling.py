@@ -16,7 +16,7 @@ from samba_hf import (
     kernel_dispatch,
     modeling_samba,
 )
-from samba_hf.modeling_samba import SambaAttention, SambaMambaMixer, SambaMLP
+from samba_hf.modeling_samba import SambaAttention, SambaLinear, SambaMambaMixer, SambaMLP
 
 from .helpers import small_config, small_model
 
@@ -348,3 +348,29 @@ def test_compiled_decode_step_runs_q_k_v_and_gate_up_each_as_one_kernel(monkeypa
         logits = decode_step(model, torch.compile(model.forward, backend="aot_eager", fullgraph=True))
     assert hooked and launched.count("stacked_matvec") == len(attention_layers) - 1
     torch.testing.assert_close(logits, expected, **FP32)
+
+
+def test_one_launch_groups_only_plain_projections(monkeypatch):
+    """Products that share an input run as one launch only where each projection is a plain SambaLinear:
+    a bias, a torch hook, an accelerate hook or a PEFT wrapper keeps the group module by module."""
+    import peft
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    import samba_kernels
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    attention = small_model(kernel_implementation="triton").model.layers[1].mixer
+    assert isinstance(attention, SambaAttention)
+    row = torch.zeros(1, 1, attention.q_proj.in_features)
+    group = (attention.q_proj, attention.k_proj, attention.v_proj)
+    with torch.no_grad():
+        assert modeling_samba.one_launch_kernels(row, *group) is samba_kernels
+        biased = SambaLinear(attention.q_proj.in_features, attention.q_proj.out_features, True, attention.config)
+        assert modeling_samba.one_launch_kernels(row, biased, *group[1:]) is None
+        handle = attention.k_proj.register_forward_pre_hook(lambda *args: None)
+        assert modeling_samba.one_launch_kernels(row, *group) is None
+        handle.remove()
+        add_hook_to_module(attention.v_proj, ModelHook())
+        assert modeling_samba.one_launch_kernels(row, *group) is None
+        wrapped = peft.tuners.lora.Linear(attention.q_proj, "default", peft.LoraConfig(r=2), r=2)
+        assert modeling_samba.one_launch_kernels(row, wrapped, *group[1:]) is None
