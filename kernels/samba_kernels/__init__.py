@@ -4,9 +4,8 @@ Imports torch and triton only, never transformers. Besides the Mamba ops: slidin
 (`windowed_attention`) and one-row products for batch-1 decoding (`matvec`, `stacked_matvec`,
 `gated_matvec`). The public ops run their Triton kernels on CUDA tensors, and on CPU tensors under
 TRITON_INTERPRET=1 (see `use_triton`); elsewhere they run the PyTorch references of `reference.py`
-(F.linear and F.silu for the one-row products). The kernels are
-registered as torch.library custom ops (`torch.ops.samba_kernels.*`), so torch.compile traces models
-that use them as one graph.
+(F.linear and F.silu for the one-row products). The kernels are registered as torch.library custom ops
+(`torch.ops.samba_kernels.*`), so torch.compile traces models that use them as one graph.
 """
 
 from ._common import use_triton
