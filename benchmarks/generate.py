@@ -14,12 +14,13 @@ import json
 import platform
 import time
 import traceback
-from contextlib import nullcontext
+from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
 from unittest import mock
 
 import torch
+import torch._inductor.config
 import transformers
 from transformers import CompileConfig, DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
@@ -108,11 +109,14 @@ def decode(model, cache, token, steps):
 # or gate/up reductions, which read the same input) launched as one; "freezing": weights become
 # constants, so inductor may concatenate products that share an input. "cublas": the model's one-row
 # products left to F.linear (cuBLAS) instead of samba_kernels' kernels, the alternative in the same run;
-# "unfused": every product its own matvec (q/k/v and gate/up not grouped into one launch).
+# "unfused": every product its own matvec (q/k/v and gate/up not grouped into one launch); "pdl":
+# programmatic dependent launch (torch._inductor.config.triton.enable_pdl, which samba_kernels' one-row
+# kernels follow).
 COMPILE_VARIANTS = {
     "compiled_step": {},
     "compiled_step_cublas": {},
     "compiled_step_unfused": {},
+    "compiled_step_pdl": {},
     "compiled_step_max_autotune": {"max_autotune": True},
     "compiled_step_matvec": {"coordinate_descent_tuning": True},
     "compiled_step_matvec_combo": {"coordinate_descent_tuning": True, "combo_kernels": True},
@@ -124,38 +128,64 @@ COMPILE_VARIANTS = {
 SAMBA_ONLY_VARIANTS = ("_cublas", "_unfused")  # they change Samba's products; Llama has no such variant
 
 
-def products_as_in(variant: str):
-    """The step's one-row products as `variant` makes them (see COMPILE_VARIANTS)."""
+def products_as_in(variant: str) -> ExitStack:
+    """The step's decode kernels and launches as `variant` makes them (see COMPILE_VARIANTS)."""
+    stack = ExitStack()
     if variant.endswith("_cublas"):
-        return mock.patch.object(modeling_samba, "one_row_kernels", lambda *args: None)
+        stack.enter_context(mock.patch.object(modeling_samba, "one_row_kernels", lambda *args: None))
     if variant.endswith("_unfused"):
-        return mock.patch.object(modeling_samba, "one_launch_kernels", lambda *args: None)
-    return nullcontext()
+        stack.enter_context(mock.patch.object(modeling_samba, "one_launch_kernels", lambda *args: None))
+    if "_pdl" in variant:  # global, not a compile option: the kernels read it when they launch
+        stack.enter_context(mock.patch.object(torch._inductor.config.triton, "enable_pdl", True))
+    return stack
 
 
 @torch.no_grad()
-def compiled_decode(model, context, steps, device, options=None):
+def compiled_decode(model, context, steps, device, options=None, graph_of_steps=False):
     """Batch-1 decode with a static cache and torch.compile (CUDA graphs on the GPU, plus the inductor
     `options`): seconds per token, the median of five timed runs of `steps` steps. Samba's static cache
     keeps its sliding-window keys in ring buffers, so the step compiles once for static shapes
-    (`dynamic=False`) and replays one CUDA graph at every length."""
+    (`dynamic=False`) and replays one CUDA graph at every length.
+
+    By default each step is one call of the compiled function, which replays its CUDA graph: the host's
+    work per call (dynamo's guards, the replay, the greedy argmax and the position's increment) is
+    timed too. With `graph_of_steps` the step is compiled without CUDA graphs and `steps` steps, argmax
+    and increment included, are captured as one CUDA graph: the GPU's own time per token, as a serving
+    loop that launches ahead of the GPU sees it."""
     cache_class = SambaStaticCache if isinstance(model, SambaForCausalLM) else StaticCache
-    cache = cache_class(config=model.config, max_cache_len=context + 7 * steps)
+    cache = cache_class(config=model.config, max_cache_len=context + 10 * steps)
     ids = torch.randint(0, model.config.vocab_size, (1, context), device=device)
     token = model(ids, cache=cache, use_cache=True, logits_to_keep=1).logits.argmax(-1)
-    options = {"triton.cudagraphs": device.type == "cuda", **(options or {})}
+    options = {"triton.cudagraphs": device.type == "cuda" and not graph_of_steps, **(options or {})}
     step = torch.compile(model.forward, options=options, fullgraph=True, dynamic=False)
     position = torch.tensor([[context]], device=device)
-    for _ in range(2):  # compile, then record the CUDA graph
-        token = step(input_ids=token, cache=cache, use_cache=True, position_ids=position).logits.argmax(-1)
-        position = position + 1
+
+    def decode_steps(count, token, position):
+        for _ in range(count):
+            token = step(input_ids=token, cache=cache, use_cache=True, position_ids=position).logits.argmax(-1)
+            position = position + 1
+        return token, position
+
+    token, position = decode_steps(2, token, position)  # compile, then record the CUDA graph
+    if graph_of_steps and device.type == "cuda":
+        def steps_in_place():  # the graph's inputs are its outputs' buffers, so that replays continue
+            next_token, next_position = decode_steps(steps, token, position)
+            token.copy_(next_token), position.copy_(next_position)
+
+        steps_in_place()  # warm-up outside the capture (allocator, lazy initialisations)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            steps_in_place()
+        run = graph.replay
+    else:
+        def run():
+            nonlocal token, position
+            token, position = decode_steps(steps, token, position)
     runs = []
     for _ in range(5):
         sync()
         start = time.perf_counter()
-        for _ in range(steps):
-            token = step(input_ids=token, cache=cache, use_cache=True, position_ids=position).logits.argmax(-1)
-            position = position + 1
+        run()
         sync()
         runs.append((time.perf_counter() - start) / steps)
     return sorted(runs)[len(runs) // 2]
@@ -204,21 +234,25 @@ def measure_memory(preset, device, dtype, results):
     print("memory", json.dumps(results["memory"]), flush=True)
 
 
-def measure_compiled(samba, llama, context, steps, bandwidth, device, results, variants=tuple(COMPILE_VARIANTS)):
-    """Each model: its compiled decode step against the roofline (for each of `variants`), then
-    generate() itself with the static cache (which compiles its decode step, with transformers' default
-    `CompileConfig` and with the "matvec" options) and with the dynamic cache. A failure is recorded,
+def measure_compiled(samba, llama, context, steps, bandwidth, device, results, variants=tuple(COMPILE_VARIANTS),
+                     generate_calls=True, graph_of_steps=False):
+    """Each model: its compiled decode step against the roofline (for each of `variants`), then (with
+    `generate_calls`) generate() itself with the static cache (which compiles its decode step, with
+    transformers' default `CompileConfig` and with the "matvec" options) and with the dynamic cache. A failure is recorded,
     with the traceback in the log, and the other measurements still run."""
     matvec = CompileConfig(mode=None, options={"triton.cudagraphs": True, "coordinate_descent_tuning": True})
     for name, model in (("samba", samba), ("llama", llama)):
         entry = {"model": name, "context": context}
-        measurements = {key: partial(compiled_decode, model, context, steps, device, COMPILE_VARIANTS[key])
+        measurements = {key: partial(compiled_decode, model, context, steps, device, COMPILE_VARIANTS[key],
+                                     graph_of_steps=graph_of_steps)
                         for key in variants if name == "samba" or not key.endswith(SAMBA_ONLY_VARIANTS)}  # fmt: skip
-        measurements["generate_static"] = partial(generate_seconds_per_token, model, context, 4 * steps, device,
-                                                  cache_implementation="static", compile_config=CompileConfig())
-        measurements["generate_static_matvec"] = partial(generate_seconds_per_token, model, context, 4 * steps,
-                                                         device, cache_implementation="static", compile_config=matvec)
-        measurements["generate_dynamic"] = partial(generate_seconds_per_token, model, context, 4 * steps, device)
+        if generate_calls:
+            generate = partial(generate_seconds_per_token, model, context, 4 * steps, device)
+            measurements["generate_static"] = partial(generate, cache_implementation="static",
+                                                      compile_config=CompileConfig())
+            measurements["generate_static_matvec"] = partial(generate, cache_implementation="static",
+                                                             compile_config=matvec)
+            measurements["generate_dynamic"] = generate
         for key, measure in measurements.items():
             torch._dynamo.reset()
             try:
@@ -321,6 +355,10 @@ def main():
                         "(also: profile, many_lengths)")
     parser.add_argument("--compile-variants", default=",".join(COMPILE_VARIANTS),
                         help="compiled decode variants to time (the keys of COMPILE_VARIANTS)")
+    parser.add_argument("--steps-only", action="store_true", help="the compiled part times the compiled steps only, "
+                        "not generate() itself")
+    parser.add_argument("--graph-of-steps", action="store_true", help="the compiled steps are timed as one CUDA "
+                        "graph of many steps (the GPU's time), not one call per step (see compiled_decode)")
     parser.add_argument("--profile-variants", default="compiled_step", help="compiled decode variants to profile")
     parser.add_argument("--prefill-lengths", help="prompt lengths of the prefill part (default: 32K to 1M)")
     parser.add_argument("--samba-chunks", default="", help="more prefill chunk sizes to time Samba with, "
@@ -400,7 +438,9 @@ def main():
         measure_memory(preset, device, dtype, results)
     if "compiled" in parts:
         measure_compiled(samba, llama, contexts[0], steps, bandwidth, device, results,
-                         args.compile_variants.split(","))
+                         args.compile_variants.split(","), generate_calls=not args.steps_only,
+                         graph_of_steps=args.graph_of_steps)
+        results["compiled_timing"] = "one CUDA graph of 32 steps" if args.graph_of_steps else "one call per step"
     for variant in args.profile_variants.split(",") if "profile" in parts else []:
         measure_decode_profile(samba, contexts[0], device, results, variant)
     if "many_lengths" in parts:

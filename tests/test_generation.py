@@ -326,6 +326,13 @@ def test_generate_command_streams_and_reports_speed_and_cache_memory(tiny_folder
         argv += ["--prompt-file", str(tmp_path / "prompt.txt")]
     else:
         monkeypatch.setattr(sys, "stdin", __import__("io").StringIO("the quick brown"))
+    from torch._inductor import config as inductor_config
+
+    pdl_during_generate, generate = [], SambaForCausalLM.generate
+    monkeypatch.setattr(SambaForCausalLM, "generate", lambda *args, **kwargs: (
+        pdl_during_generate.append(inductor_config.triton.enable_pdl), generate(*args, **kwargs))[1])  # fmt: skip
     assert samba_hf_main(argv) == 0
     err = capsys.readouterr().err
     assert "tokens/s" in err and "MiB" in err and "6 generated" in err
+    # a static cache's compiled step launches its kernels as programmatic dependents (PDL), for this call only
+    assert pdl_during_generate == [cache == "static"] and not inductor_config.triton.enable_pdl

@@ -4,6 +4,7 @@ Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1), so s
 """
 
 import importlib
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -277,6 +278,27 @@ def test_matvec_matches_a_float64_product(N, K, bias, dtype):
     assert out.shape == (1, 1, N) and out.dtype == dtype
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(out.double(), ref, **tol)
+
+
+def test_one_row_kernels_launch_as_dependents_only_where_inductor_does_on_sm90(monkeypatch):
+    """PDL follows torch.compile's switch, on CUDA devices of compute capability 9 or more, never in the
+    interpreter (the launch itself is checked on the H200: benchmarks/generate.md)."""
+    from torch._inductor import config
+
+    common = importlib.import_module("samba_kernels._common")
+    on_gpu = SimpleNamespace(is_cuda=True, device=0)
+    capability = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability[0])
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    for enabled in (False, True):
+        monkeypatch.setattr(config.triton, "enable_pdl", enabled)
+        assert common.dependent_launch(on_gpu) is enabled
+    capability[0] = (8, 0)
+    assert not common.dependent_launch(on_gpu)
+    capability[0] = (9, 0)
+    assert not common.dependent_launch(torch.zeros(1))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not common.dependent_launch(on_gpu)
 
 
 def test_matvec_reads_a_strided_row_and_traces_into_a_graph():

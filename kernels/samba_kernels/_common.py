@@ -18,6 +18,22 @@ def use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda or (x.device.type == "cpu" and interpreter_enabled())
 
 
+def dependent_launch(x: torch.Tensor) -> bool:
+    """Whether the kernels of batch-1 decoding launch on x's device as programmatic dependents (PDL, sm90
+    and later): such a kernel may start while the one before it finishes, and reads what that one writes
+    only after `gdc_wait()`. A one-token step is a chain of kernels of a few µs each; with PDL each loads
+    what does not depend on the chain (its weights) during the previous one's tail.
+
+    It follows torch.compile's own switch, `torch._inductor.config.triton.enable_pdl` (or
+    TORCHINDUCTOR_ENABLE_PDL=1): PDL pays only when the kernels around take part too, and a dependent
+    launch after an ordinary kernel costs time (benchmarks/generate.md). Off in Triton's interpreter."""
+    if not x.is_cuda or interpreter_enabled() or torch.cuda.get_device_capability(x.device)[0] < 9:
+        return False
+    from torch._inductor import config  # here, not at import: it takes seconds, and only decoding on CUDA asks
+
+    return config.triton.enable_pdl
+
+
 def block_size(n: int, cap: int) -> int:
     return min(triton.next_power_of_2(max(n, 1)), cap)
 

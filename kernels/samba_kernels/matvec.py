@@ -13,6 +13,11 @@ their input also run as one launch: `stacked_matvec` (the rows of several weight
 H200, with a cold L2, one token's products of samba-421m took 365 µs in 61 launches so grouped, against
 cuBLAS's 594 in 85 (benchmarks/matvec.md).
 
+Where torch.compile's kernels launch as programmatic dependents (`torch._inductor.config.triton.enable_pdl`
+on sm90 and later; see `dependent_launch`), these do too: a product loads its first weight tile while
+the kernel before it finishes, and reads x only after `gdc_wait()`. On the H200 that made a compiled
+samba-421m step 8% faster (benchmarks/generate.md).
+
 F.linear is the reference (and the path on CPU tensors without Triton's interpreter).
 """
 
@@ -22,17 +27,19 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from ._common import use_triton
+from ._common import dependent_launch, use_triton
 
 
 @triton.jit
 def _matvec_kernel(x, w0, w1, w2, bias, out, N0, N1, N2, K, stride_x, stride0, stride1, stride2,
-                   WEIGHTS: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   WEIGHTS: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out = x @ [w0; w1; w2].T (+ bias): the rows of the first WEIGHTS weights stacked, N0 + N1 + N2
     outputs (the unused weights have 0 rows). GATED: out = silu(x @ w0.T) * (x @ w1.T), N0 outputs,
-    each program reading the same rows of both weights."""
+    each program reading the same rows of both weights. PDL: launched as a programmatic dependent; the
+    first weight tile loads before the wait for the kernel that writes x."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N0 + N1 + N2
     offsets = rows.to(tl.int64)  # int64: vocabulary x hidden may pass 2**31
@@ -41,11 +48,20 @@ def _matvec_kernel(x, w0, w1, w2, bias, out, N0, N1, N2, K, stride_x, stride0, s
         w_rows = tl.where(rows < N0, w_rows, w1 + (offsets - N0) * stride1)
     if WEIGHTS > 2:
         w_rows = tl.where(rows < N0 + N1, w_rows, w2 + (offsets - N0 - N1) * stride2)
+    up_rows = w1 + offsets * stride1  # GATED only
+    cols = tl.arange(0, BLOCK_K)
+    mask = row_mask[:, None] & (cols < K)[None, :]
+    w = tl.load(w_rows[:, None] + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
     if GATED:
-        up_rows = w1 + offsets * stride1
-        acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+        up = tl.load(up_rows[:, None] + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    x_k = tl.load(x + cols * stride_x, mask=cols < K, other=0.0).to(tl.float32)[None, :]
+    acc = w.to(tl.float32) * x_k
+    if GATED:
+        acc_up = up.to(tl.float32) * x_k
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         mask = row_mask[:, None] & (cols < K)[None, :]
         x_k = tl.load(x + cols * stride_x, mask=cols < K, other=0.0).to(tl.float32)[None, :]
@@ -86,9 +102,11 @@ def _launch_matvec(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Ten
     padded = weights + [weights[0]] * (3 - len(weights))  # the kernel's unused weights
     rows = [weights[0].shape[0]] + [w.shape[0] for w in stacked] + [0] * (2 - len(stacked))
     tile = _tile(out.shape[-1] * (2 if gated else 1), x_row.shape[0])
+    pdl = dependent_launch(x)
     _matvec_kernel[(triton.cdiv(out.shape[-1], tile["BLOCK_N"]),)](
         x_row, *padded, padded[0] if bias is None else bias, out, *rows, x_row.shape[0], x_row.stride(0),
-        *(w.stride(0) for w in padded), WEIGHTS=1 + len(stacked), GATED=gated, HAS_BIAS=bias is not None, **tile)
+        *(w.stride(0) for w in padded), WEIGHTS=1 + len(stacked), GATED=gated, HAS_BIAS=bias is not None,
+        PDL=pdl, launch_pdl=pdl, **tile)
     return out
 
 
