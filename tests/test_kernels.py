@@ -282,7 +282,7 @@ def test_matvec_matches_a_float64_product(N, K, bias, dtype):
 
 def test_one_row_kernels_launch_as_dependents_only_where_inductor_does_on_sm90(monkeypatch):
     """PDL follows torch.compile's switch, on CUDA devices of compute capability 9 or more, never in the
-    interpreter (the launch itself is checked on the H200: benchmarks/generate.md)."""
+    interpreter or before Triton 3.4 (the launch itself is checked on the H200: benchmarks/generate.md)."""
     from torch._inductor import config
 
     common = importlib.import_module("samba_kernels._common")
@@ -290,15 +290,20 @@ def test_one_row_kernels_launch_as_dependents_only_where_inductor_does_on_sm90(m
     capability = [(9, 0)]
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability[0])
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    for enabled in (False, True):
-        monkeypatch.setattr(config.triton, "enable_pdl", enabled)
-        assert common.dependent_launch(on_gpu) is enabled
+    serial = {"PDL": False}  # without launch_pdl, which Triton before 3.4 refuses
+    monkeypatch.setattr(config.triton, "enable_pdl", False)
+    assert common.dependent_launch(on_gpu) == serial
+    monkeypatch.setattr(config.triton, "enable_pdl", True)
+    assert common.dependent_launch(on_gpu) == {"PDL": True, "launch_pdl": True}
     capability[0] = (8, 0)
-    assert not common.dependent_launch(on_gpu)
+    assert common.dependent_launch(on_gpu) == serial
     capability[0] = (9, 0)
-    assert not common.dependent_launch(torch.zeros(1))
+    assert common.dependent_launch(torch.zeros(1)) == serial
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert not common.dependent_launch(on_gpu)
+    assert common.dependent_launch(on_gpu) == serial
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(common, "gdc_wait", None)  # Triton before 3.4
+    assert common.dependent_launch(on_gpu) == serial
 
 
 def test_matvec_reads_a_strided_row_and_traces_into_a_graph():

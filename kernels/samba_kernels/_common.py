@@ -6,6 +6,11 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # programmatic dependent launch: Triton 3.4 and later
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # older Triton: the kernels' PDL branches are never compiled (see dependent_launch)
+    gdc_launch_dependents = gdc_wait = None
+
 
 def interpreter_enabled() -> bool:
     """TRITON_INTERPRET as Triton reads it (it decides, when a kernel is defined, whether it is interpreted)."""
@@ -18,20 +23,22 @@ def use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda or (x.device.type == "cpu" and interpreter_enabled())
 
 
-def dependent_launch(x: torch.Tensor) -> bool:
-    """Whether the kernels of batch-1 decoding launch on x's device as programmatic dependents (PDL, sm90
-    and later): such a kernel may start while the one before it finishes, and reads what that one writes
-    only after `gdc_wait()`. A one-token step is a chain of kernels of a few µs each; with PDL each loads
-    what does not depend on the chain (its weights) during the previous one's tail.
+def dependent_launch(x: torch.Tensor) -> dict:
+    """The launch arguments of a decode kernel with a `PDL` constexpr on x's device: {"PDL": True,
+    "launch_pdl": True} where it launches as a programmatic dependent (PDL, sm90 and later), else
+    {"PDL": False}. Such a kernel may start while the one before it finishes, and reads what that one
+    writes only after `gdc_wait()`. A one-token step is a chain of kernels of a few µs each; with PDL each
+    loads what does not depend on the chain (its weights) during the previous one's tail.
 
     It follows torch.compile's own switch, `torch._inductor.config.triton.enable_pdl` (or
     TORCHINDUCTOR_ENABLE_PDL=1): PDL pays only when the kernels around take part too, and a dependent
-    launch after an ordinary kernel costs time (benchmarks/generate.md). Off in Triton's interpreter."""
-    if not x.is_cuda or interpreter_enabled() or torch.cuda.get_device_capability(x.device)[0] < 9:
-        return False
+    launch after an ordinary kernel costs time (benchmarks/generate.md). Off in Triton's interpreter and
+    before Triton 3.4 (which knows neither `gdc_wait` nor `launch_pdl`)."""
+    if gdc_wait is None or not x.is_cuda or interpreter_enabled() or torch.cuda.get_device_capability(x.device)[0] < 9:
+        return {"PDL": False}
     from torch._inductor import config  # here, not at import: it takes seconds, and only decoding on CUDA asks
 
-    return config.triton.enable_pdl
+    return {"PDL": True, "launch_pdl": True} if getattr(config.triton, "enable_pdl", False) else {"PDL": False}
 
 
 def block_size(n: int, cap: int) -> int:

@@ -27,9 +27,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from ._common import dependent_launch, use_triton
+from ._common import dependent_launch, gdc_launch_dependents, gdc_wait, use_triton
 
 
 @triton.jit
@@ -102,11 +101,10 @@ def _launch_matvec(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Ten
     padded = weights + [weights[0]] * (3 - len(weights))  # the kernel's unused weights
     rows = [weights[0].shape[0]] + [w.shape[0] for w in stacked] + [0] * (2 - len(stacked))
     tile = _tile(out.shape[-1] * (2 if gated else 1), x_row.shape[0])
-    pdl = dependent_launch(x)
     _matvec_kernel[(triton.cdiv(out.shape[-1], tile["BLOCK_N"]),)](
         x_row, *padded, padded[0] if bias is None else bias, out, *rows, x_row.shape[0], x_row.stride(0),
         *(w.stride(0) for w in padded), WEIGHTS=1 + len(stacked), GATED=gated, HAS_BIAS=bias is not None,
-        PDL=pdl, launch_pdl=pdl, **tile)
+        **dependent_launch(x), **tile)
     return out
 
 
