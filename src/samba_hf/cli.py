@@ -66,7 +66,7 @@ def cmd_generate(args) -> int:
     launches = nullcontext()
     if args.static_cache:
         # The compiled step's kernels launch as programmatic dependents (on sm90 and later; samba_kernels'
-        # one-row products follow the same switch): 8% faster per token on the H200 (benchmarks/generate.md).
+        # one-row products follow the same switch): 10% less time per token on the H200 (benchmarks/generate.md).
         from torch._inductor import config as inductor_config
 
         launches = inductor_config.patch({"triton.enable_pdl": True})
