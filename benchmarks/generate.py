@@ -440,7 +440,7 @@ def main():
         measure_compiled(samba, llama, contexts[0], steps, bandwidth, device, results,
                          args.compile_variants.split(","), generate_calls=not args.steps_only,
                          graph_of_steps=args.graph_of_steps)
-        results["compiled_timing"] = "one CUDA graph of 32 steps" if args.graph_of_steps else "one call per step"
+        results["compiled_timing"] = f"one CUDA graph of {steps} steps" if args.graph_of_steps else "one call per step"
     for variant in args.profile_variants.split(",") if "profile" in parts else []:
         measure_decode_profile(samba, contexts[0], device, results, variant)
     if "many_lengths" in parts:
