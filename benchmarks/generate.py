@@ -110,13 +110,16 @@ def decode(model, cache, token, steps):
 # constants, so inductor may concatenate products that share an input. "cublas": the model's one-row
 # products left to F.linear (cuBLAS) instead of samba_kernels' kernels, the alternative in the same run;
 # "unfused": every product its own matvec (q/k/v and gate/up not grouped into one launch); "pdl":
-# programmatic dependent launch (torch._inductor.config.triton.enable_pdl, which samba_kernels' one-row
-# kernels follow).
+# programmatic dependent launch (torch._inductor.config.triton.enable_pdl, which samba_kernels' decode
+# kernels follow); "mamba_ops": each Mamba mixer's token through its modules and decode ops instead of
+# samba_kernels.mamba_decode_step.
 COMPILE_VARIANTS = {
     "compiled_step": {},
     "compiled_step_cublas": {},
     "compiled_step_unfused": {},
     "compiled_step_pdl": {},
+    "compiled_step_mamba_ops": {},
+    "compiled_step_pdl_mamba_ops": {},
     "compiled_step_max_autotune": {"max_autotune": True},
     "compiled_step_matvec": {"coordinate_descent_tuning": True},
     "compiled_step_matvec_combo": {"coordinate_descent_tuning": True, "combo_kernels": True},
@@ -125,7 +128,7 @@ COMPILE_VARIANTS = {
 }
 
 
-SAMBA_ONLY_VARIANTS = ("_cublas", "_unfused")  # they change Samba's products; Llama has no such variant
+SAMBA_ONLY_VARIANTS = ("_cublas", "_unfused", "_mamba_ops")  # they change Samba's products; Llama has no such variant
 
 
 def products_as_in(variant: str) -> ExitStack:
@@ -135,6 +138,8 @@ def products_as_in(variant: str) -> ExitStack:
         stack.enter_context(mock.patch.object(modeling_samba, "one_row_kernels", lambda *args: None))
     if variant.endswith("_unfused"):
         stack.enter_context(mock.patch.object(modeling_samba, "one_launch_kernels", lambda *args: None))
+    if variant.endswith("_mamba_ops"):
+        stack.enter_context(mock.patch.object(modeling_samba, "mamba_decode_kernel", lambda *args: None))
     if "_pdl" in variant:  # global, not a compile option: the kernels read it when they launch
         stack.enter_context(mock.patch.object(torch._inductor.config.triton, "enable_pdl", True))
     return stack

@@ -307,10 +307,10 @@ def test_padding_free_check_reads_no_mask_values_while_compiling(monkeypatch):
 @pytest.mark.parametrize("decode_ops", ["triton", "torch"])
 def test_compiled_decode_step_runs_q_k_v_and_gate_up_each_as_one_kernel(monkeypatch, decode_ops):
     """A compiled one-token decode step (forced "triton": Triton's interpreter on the CPU) computes each
-    layer's q/k/v in one stacked_matvec and each SwiGLU's gate/up in one gated_matvec, and gives the
-    eager PyTorch step's logits: with the Triton decode kernels, and with the PyTorch decode ops, which
-    "auto" compiles on CUDA and whose convolution output reaches x_proj as a strided row. A hook on one
-    projection keeps its group module by module, and the hook runs."""
+    layer's q/k/v in one stacked_matvec, each SwiGLU's gate/up in one gated_matvec and each Mamba mixer's
+    token in one mamba_decode_step, and gives the eager PyTorch step's logits. A hook on one projection
+    keeps its group module by module, and the hook runs: on a Mamba mixer's x_proj, the mixer then takes
+    its decode ops (the Triton kernels, or the PyTorch ops, which hand x_proj a strided row)."""
     import samba_kernels
 
     if not samba_kernels.use_triton(torch.empty(0)):
@@ -318,7 +318,7 @@ def test_compiled_decode_step_runs_q_k_v_and_gate_up_each_as_one_kernel(monkeypa
     if decode_ops == "torch":
         monkeypatch.setattr(modeling_samba, "mamba_ops", lambda *args, **kwargs: kernel_dispatch.TORCH_OPS)
     launched = []
-    for name in ("matvec", "stacked_matvec", "gated_matvec"):
+    for name in ("matvec", "stacked_matvec", "gated_matvec", "mamba_decode_step"):
         kernel = getattr(samba_kernels, name)
         monkeypatch.setattr(samba_kernels, name, lambda *a, _n=name, _k=kernel, **kw: launched.append(_n) or _k(*a, **kw))
     prompt, token, position = torch.randint(0, 97, (1, WINDOW + 2)), torch.tensor([[5]]), torch.tensor([[WINDOW + 2]])
@@ -333,20 +333,23 @@ def test_compiled_decode_step_runs_q_k_v_and_gate_up_each_as_one_kernel(monkeypa
         assert not launched
         model = small_model(kernel_implementation="triton")
         attention_layers = [m for m in model.modules() if isinstance(m, SambaAttention)]
+        mamba_mixers = [m for m in model.modules() if isinstance(m, SambaMambaMixer)]
         mlps = sum(isinstance(m, SambaMLP) for m in model.modules())
-        torch._dynamo.reset()
-        logits = decode_step(model, torch.compile(model.forward, backend="aot_eager", fullgraph=True))
-        assert launched.count("stacked_matvec") == len(attention_layers) > 0
-        assert launched.count("gated_matvec") == mlps > 0
-        torch.testing.assert_close(logits, expected, **FP32)
-        if decode_ops == "triton":  # the interpreter's decode kernels are slow; the hook's case runs once
-            return
+        if decode_ops == "torch":  # the hooks' case runs once: the interpreter's decode kernels are slow
+            torch._dynamo.reset()
+            logits = decode_step(model, torch.compile(model.forward, backend="aot_eager", fullgraph=True))
+            assert launched.count("stacked_matvec") == len(attention_layers) > 0
+            assert launched.count("gated_matvec") == mlps > 0
+            assert launched.count("mamba_decode_step") == len(mamba_mixers) > 0
+            torch.testing.assert_close(logits, expected, **FP32)
         hooked = []
-        attention_layers[0].k_proj.register_forward_hook(lambda *args: hooked.append(True))
+        attention_layers[0].k_proj.register_forward_hook(lambda *args: hooked.append("k_proj"))
+        mamba_mixers[0].x_proj.register_forward_hook(lambda *args: hooked.append("x_proj"))
         launched.clear()
         torch._dynamo.reset()
         logits = decode_step(model, torch.compile(model.forward, backend="aot_eager", fullgraph=True))
-    assert hooked and launched.count("stacked_matvec") == len(attention_layers) - 1
+    assert set(hooked) == {"k_proj", "x_proj"} and launched.count("stacked_matvec") == len(attention_layers) - 1
+    assert launched.count("mamba_decode_step") == len(mamba_mixers) - 1
     torch.testing.assert_close(logits, expected, **FP32)
 
 

@@ -1,15 +1,17 @@
 """samba_kernels: Triton kernels for Samba's Mamba ops and their PyTorch references.
 
 Imports torch and triton only, never transformers. Besides the Mamba ops: sliding-window attention
-(`windowed_attention`) and one-row products for batch-1 decoding (`matvec`, `stacked_matvec`,
-`gated_matvec`). The public ops run their Triton kernels on CUDA tensors, and on CPU tensors under
-TRITON_INTERPRET=1 (see `use_triton`); elsewhere they run the PyTorch references of `reference.py`
-(F.linear and F.silu for the one-row products). The kernels are registered as torch.library custom ops
+(`windowed_attention`), and for batch-1 decoding one-row products (`matvec`, `stacked_matvec`,
+`gated_matvec`) and a Mamba mixer's token between its in_proj and out_proj (`mamba_decode_step`). The
+public ops run their Triton kernels on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (see
+`use_triton`); elsewhere they run the PyTorch references of `reference.py` (F.linear and F.silu for the
+one-row products, `mamba_decode_step_ref`). The kernels are registered as torch.library custom ops
 (`torch.ops.samba_kernels.*`), so torch.compile traces models that use them as one graph.
 """
 
 from ._common import use_triton
 from .causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+from .mamba_decode import mamba_decode_step, mamba_decode_step_ref
 from .matvec import gated_matvec, matvec, stacked_matvec
 from .reference import (
     causal_conv1d_ref,
@@ -26,6 +28,8 @@ __all__ = [
     "causal_conv1d_update",
     "causal_conv1d_update_ref",
     "gated_matvec",
+    "mamba_decode_step",
+    "mamba_decode_step_ref",
     "matvec",
     "selective_scan_fn",
     "selective_scan_ref",

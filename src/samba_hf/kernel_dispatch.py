@@ -152,6 +152,15 @@ def one_row_kernels(config_choice: str, x: torch.Tensor, *weights: torch.Tensor)
     return samba_kernels if _matvec_on(config_choice, x.device.type) else None
 
 
+def mamba_decode_kernel(config_choice: str, x: torch.Tensor, *weights: torch.Tensor):
+    """samba_kernels.mamba_decode_step (a Mamba mixer's token from in_proj's output to out_proj's input, in
+    two launches) where `one_row_kernels` would run, except with "mamba_ssm" forced (whose decode ops
+    then run); None elsewhere."""
+    if requested_implementation(config_choice) == "mamba_ssm" or one_row_kernels(config_choice, x, *weights) is None:
+        return None
+    return samba_kernels.mamba_decode_step
+
+
 def describe(config_choice: str = "auto") -> dict:
     """{op: {device: the implementation it would use here}}, for `samba-hf env`: the Mamba ops, the
     sliding-window layers' attention (for padding-free inputs past the window) and the one-row
@@ -169,6 +178,7 @@ def describe(config_choice: str = "auto") -> dict:
             else "the attention interface with a window mask"
         )
         report["one-row projections (batch-1 decoding)"][device] = (
-            "samba_kernels' one-row kernels in compiled steps, F.linear in eager ones" if _matvec_on(config_choice, device)
+            "samba_kernels' one-row kernels (and its Mamba decode step) in compiled steps, F.linear in eager ones"
+            if _matvec_on(config_choice, device)
             else "F.linear")
     return report

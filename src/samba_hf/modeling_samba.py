@@ -33,7 +33,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_samba import ATTENTION_TYPES, SambaConfig
-from .kernel_dispatch import mamba_ops, one_row_kernels, windowed_attention_kernel
+from .kernel_dispatch import mamba_decode_kernel, mamba_ops, one_row_kernels, windowed_attention_kernel
 
 logger = logging.get_logger(__name__)
 
@@ -71,16 +71,24 @@ class SambaLinear(nn.Linear):
         return super().forward(x) if kernels is None else kernels.matvec(x, self.weight, self.bias)
 
 
+def plain_projection(projection: nn.Module) -> bool:
+    """Whether a fused kernel may read this projection's weight itself: a plain SambaLinear, not wrapped by
+    an adapter (PEFT's LoRA wraps it and adds its term), replaced by a quantizer, or hooked (a hook may
+    move or change the weight)."""
+    return (
+        type(projection) is SambaLinear
+        and not hasattr(projection, "_hf_hook")
+        and not projection._forward_hooks
+        and not projection._forward_pre_hooks
+    )
+
+
 def one_launch_kernels(x: torch.Tensor, *projections: nn.Module):
     """samba_kernels where a compiled one-row step may compute `projections`, which share the input x, in
-    one kernel launch (`stacked_matvec`, `gated_matvec`); None where each must run as its own module: one
-    is not a plain SambaLinear without bias (an adapter such as PEFT's LoRA wraps it and adds its term,
-    a quantizer replaces it) or has hooks (which may move or change its weight)."""
-    for projection in projections:
-        if type(projection) is not SambaLinear or projection.bias is not None or hasattr(projection, "_hf_hook"):
-            return None
-        if projection._forward_hooks or projection._forward_pre_hooks:
-            return None
+    one kernel launch (`stacked_matvec`, `gated_matvec`); None where each must run as its own module (one
+    is not a `plain_projection` without bias)."""
+    if not all(plain_projection(projection) and projection.bias is None for projection in projections):
+        return None
     config = projections[0].config
     return one_row_kernels(config.kernel_implementation, x, *(projection.weight for projection in projections))
 
@@ -288,12 +296,17 @@ class SambaMambaMixer(nn.Module):
         seq_idx: torch.Tensor | None = None,
     ) -> torch.Tensor:
         conv_weight, conv_bias = self.conv1d.weight.squeeze(1), self.conv1d.bias
-        A = -torch.exp(self.A_log.float())
         conv_state = cache.get_conv_state(self.layer_idx) if cache is not None else None
         ssm_state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
         x, gate = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)
         x = zero_padding(x, padding_mask)
         decoding = conv_state is not None and x.shape[-1] == 1
+        decode_kernel = self.decode_kernel(x[..., 0], conv_weight) if decoding else None
+        if decode_kernel is not None:  # a compiled one-row step: conv to state update in two launches
+            y = decode_kernel(x[..., 0], gate[..., 0], conv_state, ssm_state, conv_weight, conv_bias, self.x_proj.weight,
+                              self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D)  # fmt: skip
+            return self.out_proj(y.unsqueeze(1))
+        A = -torch.exp(self.A_log.float())
         ops = mamba_ops(self.config.kernel_implementation, hidden_states.device, decoding)
         if decoding:  # one token: update the cached states in place (static addresses for CUDA graphs)
             x = ops.causal_conv1d_update(x.squeeze(-1), conv_state, conv_weight, conv_bias, "silu").unsqueeze(-1)
@@ -333,6 +346,16 @@ class SambaMambaMixer(nn.Module):
                 cache.update_conv_state(new_conv_state, self.layer_idx, conv_kernel_size=self.config.conv_kernel - 1)
                 cache.update_recurrent_state(last_ssm_state, self.layer_idx)
         return self.out_proj(y.transpose(1, 2))
+
+
+    def decode_kernel(self, x_row: torch.Tensor, conv_weight: torch.Tensor):
+        """samba_kernels.mamba_decode_step for the token of a compiled batch-1 step (`mamba_decode_kernel`)
+        whose x_proj and dt_proj are `plain_projection`s (an adapter or a hook on either keeps the modules,
+        so that it takes effect); None elsewhere."""
+        if not (plain_projection(self.x_proj) and plain_projection(self.dt_proj)) or self.x_proj.bias is not None:
+            return None
+        weights = (self.x_proj.weight, self.dt_proj.weight, conv_weight)
+        return mamba_decode_kernel(self.config.kernel_implementation, x_row, *weights)
 
 
 class SambaDecoderLayer(GradientCheckpointingLayer):

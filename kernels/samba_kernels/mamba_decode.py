@@ -1,0 +1,191 @@
+"""One token of a Mamba mixer between its in_proj and out_proj, in two launches: the Mamba half of a
+batch-1 decode step.
+
+    mamba_decode_step(x, z, conv_state, ssm_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
+                      dt_proj_bias, A_log, D) -> y (1, dim)
+
+x, z (1, dim): in_proj's two halves for the new token (views of any stride); conv_state (1, dim, S >= W - 1)
+and ssm_state (1, dim, d_state) are updated in place; conv_weight (dim, W); x_proj_weight
+(rank + 2 d_state, dim); dt_proj_weight (dim, rank). It computes what the mixer's modules compute
+(`mamba_decode_step_ref`):
+
+    xc = causal_conv1d_update(x, conv_state, conv_weight, conv_bias, "silu")
+    dt_low, B, C = split(xc @ x_proj_weight.T, [rank, d_state, d_state])
+    y = selective_state_update(ssm_state, xc, dt_low @ dt_proj_weight.T + dt_proj_bias, -exp(A_log), B, C, D,
+                               z, dt_softplus=True)
+
+Left to the compiler, those are x_proj, dt_proj and several small elementwise kernels, each a launch of a
+few µs whatever it reads. Here the first kernel computes x_proj's rows, each program recomputing the
+convolution of every channel for itself (a few KB from the L2, against a launch), and the second
+computes, for its channels, dt_proj's rows, the state update and the shift of the convolution's state.
+Both launch as programmatic dependents where samba_kernels' decode kernels do (`dependent_launch`),
+loading their weights before the wait. Intermediates stay in float32. No gradients.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from ._common import dependent_launch, use_triton
+from .reference import causal_conv1d_update_ref, selective_state_update_ref
+
+
+def mamba_decode_step_ref(x, z, conv_state, ssm_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
+                          dt_proj_bias, A_log, D):
+    rank, d_state = dt_proj_weight.shape[1], A_log.shape[1]
+    xc = causal_conv1d_update_ref(x, conv_state, conv_weight, conv_bias, "silu")
+    dt_low, B, C = torch.nn.functional.linear(xc, x_proj_weight).split([rank, d_state, d_state], dim=-1)
+    dt = torch.nn.functional.linear(dt_low, dt_proj_weight, dt_proj_bias)
+    return selective_state_update_ref(ssm_state, xc, dt, -torch.exp(A_log.float()), B, C, D.float(), z,
+                                      dt_softplus=True)
+
+
+@triton.jit
+def _conv_silu(x, conv_state, conv_weight, conv_bias, channels, mask, S, stride_x, stride_sd, stride_ss,
+               WIDTH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr):
+    """silu of the causal convolution's output for `channels`: the state's last WIDTH - 1 inputs and x."""
+    out = tl.zeros(channels.shape, tl.float32)
+    if HAS_CONV_BIAS:
+        out += tl.load(conv_bias + channels, mask=mask, other=0.0).to(tl.float32)
+    for tap in tl.static_range(WIDTH - 1):
+        past = tl.load(conv_state + channels * stride_sd + (S - WIDTH + 1 + tap) * stride_ss, mask=mask, other=0.0)
+        out += tl.load(conv_weight + channels * WIDTH + tap, mask=mask, other=0.0).to(tl.float32) * past.to(tl.float32)
+    newest = tl.load(x + channels * stride_x, mask=mask, other=0.0).to(tl.float32)
+    out += tl.load(conv_weight + channels * WIDTH + WIDTH - 1, mask=mask, other=0.0).to(tl.float32) * newest
+    return out * tl.sigmoid(out)
+
+
+@triton.jit
+def _project_kernel(x, conv_state, conv_weight, conv_bias, x_proj_weight, projected, dim, rows, S,
+                    stride_x, stride_sd, stride_ss, stride_w,
+                    WIDTH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, PDL: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """projected[rows] = silu(conv(x)) @ x_proj_weight.T, in float32."""
+    out_rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = out_rows < rows
+    w_rows = x_proj_weight + out_rows.to(tl.int64) * stride_w
+    channels = tl.arange(0, BLOCK_K)
+    w = tl.load(w_rows[:, None] + channels[None, :], mask=row_mask[:, None] & (channels < dim)[None, :], other=0.0)
+    if PDL:  # the weight tile above does not depend on the kernels before; x and the state do
+        gdc_launch_dependents()
+        gdc_wait()
+    xc = _conv_silu(x, conv_state, conv_weight, conv_bias, channels, channels < dim, S, stride_x, stride_sd,
+                    stride_ss, WIDTH, HAS_CONV_BIAS)
+    acc = w.to(tl.float32) * xc[None, :]
+    for k0 in range(BLOCK_K, dim, BLOCK_K):
+        channels = k0 + tl.arange(0, BLOCK_K)
+        mask = channels < dim
+        w = tl.load(w_rows[:, None] + channels[None, :], mask=row_mask[:, None] & mask[None, :], other=0.0)
+        xc = _conv_silu(x, conv_state, conv_weight, conv_bias, channels, mask, S, stride_x, stride_sd, stride_ss,
+                        WIDTH, HAS_CONV_BIAS)
+        acc += w.to(tl.float32) * xc[None, :]
+    tl.store(projected + out_rows, tl.sum(acc, axis=1), mask=row_mask)
+
+
+@triton.jit
+def _state_kernel(x, z, conv_state, conv_weight, conv_bias, projected, dt_weight, dt_bias, A_log, D, ssm_state, y,
+                  dim, S, rank, d_state, stride_x, stride_z, stride_sd, stride_ss, stride_hd, stride_hn, stride_dt,
+                  WIDTH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, PDL: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_R: tl.constexpr, BLOCK_STATE: tl.constexpr, BLOCK_S: tl.constexpr):
+    """For BLOCK_D channels: dt = softplus(dt_proj), the state update, y * silu(z), the conv state's shift."""
+    channels = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = channels < dim
+    ranks = tl.arange(0, BLOCK_R)
+    states = tl.arange(0, BLOCK_STATE)
+    state_mask = mask[:, None] & (states < d_state)[None, :]
+    w_dt = tl.load(dt_weight + channels[:, None] * stride_dt + ranks[None, :],
+                   mask=mask[:, None] & (ranks < rank)[None, :], other=0.0).to(tl.float32)
+    A = -tl.exp(tl.load(A_log + channels[:, None] * d_state + states[None, :], mask=state_mask, other=0.0).to(tl.float32))
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    dt_low = tl.load(projected + ranks, mask=ranks < rank, other=0.0)
+    dt = tl.sum(w_dt * dt_low[None, :], axis=1) + tl.load(dt_bias + channels, mask=mask, other=0.0).to(tl.float32)
+    dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt)))  # softplus, as torch computes it
+    xc = _conv_silu(x, conv_state, conv_weight, conv_bias, channels, mask, S, stride_x, stride_sd, stride_ss,
+                    WIDTH, HAS_CONV_BIAS)
+    B = tl.load(projected + rank + states, mask=states < d_state, other=0.0)
+    C = tl.load(projected + rank + d_state + states, mask=states < d_state, other=0.0)
+    h_ptrs = ssm_state + channels[:, None] * stride_hd + states[None, :] * stride_hn
+    h = tl.load(h_ptrs, mask=state_mask, other=0.0).to(tl.float32)
+    h = tl.exp(dt[:, None] * A) * h + (dt * xc)[:, None] * B[None, :]
+    tl.store(h_ptrs, h.to(ssm_state.dtype.element_ty), mask=state_mask)
+    out = tl.sum(h * C[None, :], axis=1) + tl.load(D + channels, mask=mask, other=0.0).to(tl.float32) * xc
+    gate = tl.load(z + channels * stride_z, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y + channels, (out * gate * tl.sigmoid(gate)).to(y.dtype.element_ty), mask=mask)
+    # The conv state moves one step: each column takes the next one's input, the last takes x. Every
+    # thread's reads of the old state (above, and the shifted columns here) finish before any write.
+    slots = tl.arange(0, BLOCK_S)
+    shifted = tl.load(conv_state + channels[:, None] * stride_sd + (slots[None, :] + 1) * stride_ss,
+                      mask=mask[:, None] & (slots[None, :] + 1 < S), other=0.0)
+    newest = tl.load(x + channels * stride_x, mask=mask, other=0.0)
+    shifted = tl.where(slots[None, :] == S - 1, newest[:, None].to(shifted.dtype), shifted)
+    tl.debug_barrier()
+    tl.store(conv_state + channels[:, None] * stride_sd + slots[None, :] * stride_ss, shifted,
+             mask=mask[:, None] & (slots[None, :] < S))
+
+
+def _launch(x: torch.Tensor, z: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor,
+            conv_weight: torch.Tensor, conv_bias: torch.Tensor | None, x_proj_weight: torch.Tensor,
+            dt_proj_weight: torch.Tensor, dt_proj_bias: torch.Tensor, A_log: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+    dim, width, S = x.shape[-1], conv_weight.shape[-1], conv_state.shape[-1]
+    rank, d_state = dt_proj_weight.shape[1], A_log.shape[1]
+    projected = x.new_empty(rank + 2 * d_state, dtype=torch.float32)
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    conv_weight, A_log, D = conv_weight.contiguous(), A_log.contiguous(), D.contiguous()
+    x_proj_weight, dt_proj_weight = (w if w.stride(-1) == 1 else w.contiguous() for w in (x_proj_weight, dt_proj_weight))
+    pdl = dependent_launch(x)
+    conv = dict(WIDTH=width, HAS_CONV_BIAS=conv_bias is not None, PDL=pdl, launch_pdl=pdl)
+    bias = conv_weight if conv_bias is None else conv_bias
+    block_n = 2
+    _project_kernel[(triton.cdiv(rank + 2 * d_state, block_n),)](
+        x, conv_state, conv_weight, bias, x_proj_weight, projected, dim, rank + 2 * d_state, S, x.stride(-1),
+        conv_state.stride(1), conv_state.stride(2), x_proj_weight.stride(0),
+        BLOCK_N=block_n, BLOCK_K=min(1024, triton.next_power_of_2(dim)), num_warps=4, **conv)
+    block_d = 32
+    _state_kernel[(triton.cdiv(dim, block_d),)](
+        x, z, conv_state, conv_weight, bias, projected, dt_proj_weight, dt_proj_bias, A_log, D, ssm_state, y,
+        dim, S, rank, d_state, x.stride(-1), z.stride(-1), conv_state.stride(1), conv_state.stride(2),
+        ssm_state.stride(1), ssm_state.stride(2), dt_proj_weight.stride(0),
+        BLOCK_D=block_d, BLOCK_R=triton.next_power_of_2(rank), BLOCK_STATE=triton.next_power_of_2(d_state),
+        BLOCK_S=triton.next_power_of_2(S), num_warps=4, **conv)
+    return y
+
+
+_mamba_decode_step = torch.library.custom_op("samba_kernels::mamba_decode_step", _launch,
+                                             mutates_args=("conv_state", "ssm_state"))
+
+
+@_mamba_decode_step.register_fake
+def _(x, z, conv_state, ssm_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def mamba_decode_step(x, z, conv_state, ssm_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
+                      dt_proj_bias, A_log, D):
+    """One token of a Mamba mixer between in_proj and out_proj (see the module docstring): the Triton
+    kernels where `use_triton(x)`, the reference elsewhere."""
+    dim, width = conv_weight.shape
+    rank, d_state = dt_proj_weight.shape[1], A_log.shape[1]
+    expected = {"x": (x, (1, dim)), "z": (z, (1, dim)), "conv_state": (conv_state, (1, dim, conv_state.shape[-1])),
+                "ssm_state": (ssm_state, (1, dim, d_state)), "x_proj_weight": (x_proj_weight, (rank + 2 * d_state, dim)),
+                "dt_proj_weight": (dt_proj_weight, (dim, rank)), "dt_proj_bias": (dt_proj_bias, (dim,)),
+                "A_log": (A_log, (dim, d_state)), "D": (D, (dim,))}  # fmt: skip
+    for name, (tensor, shape) in expected.items():
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"mamba_decode_step: {name} has shape {tuple(tensor.shape)}, expected {shape} (one row "
+                             f"of a mixer with {dim} channels, convolution width {width}, dt rank {rank}, d_state "
+                             f"{d_state}); use causal_conv1d_update and selective_state_update for batches")
+    if conv_state.shape[-1] < width - 1:
+        raise ValueError(f"conv_state holds {conv_state.shape[-1]} steps, the convolution needs at least {width - 1}")
+    if not use_triton(x):
+        return mamba_decode_step_ref(x, z, conv_state, ssm_state, conv_weight, conv_bias, x_proj_weight,
+                                     dt_proj_weight, dt_proj_bias, A_log, D)
+    inputs = (x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        raise ValueError("mamba_decode_step has no backward: call it without gradients (decoding)")
+    # Only the compiler needs the custom op (see selective_state_update).
+    step = _mamba_decode_step if torch.compiler.is_compiling() else _launch
+    return step(x, z, conv_state, ssm_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias,
+                A_log, D)
