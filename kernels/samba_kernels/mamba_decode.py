@@ -137,8 +137,8 @@ def _launch(x: torch.Tensor, z: torch.Tensor, conv_state: torch.Tensor, ssm_stat
     x_proj_weight, dt_proj_weight = (w if w.stride(-1) == 1 else w.contiguous() for w in (x_proj_weight, dt_proj_weight))
     pdl = dependent_launch(x)
     conv = dict(WIDTH=width, HAS_CONV_BIAS=conv_bias is not None, PDL=pdl, launch_pdl=pdl)
-    bias = conv_weight if conv_bias is None else conv_bias
-    block_n = 2
+    bias = conv_weight if conv_bias is None else conv_bias  # without a bias: any pointer, never read
+    block_n = 2  # block sizes not yet tuned on a GPU: few programs for x_proj's rows, each recomputing the conv
     _project_kernel[(triton.cdiv(rank + 2 * d_state, block_n),)](
         x, conv_state, conv_weight, bias, x_proj_weight, projected, dim, rank + 2 * d_state, S, x.stride(-1),
         conv_state.stride(1), conv_state.stride(2), x_proj_weight.stride(0),
