@@ -25,9 +25,8 @@ loading their weights before the wait. Intermediates stay in float32. No gradien
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from ._common import dependent_launch, use_triton
+from ._common import dependent_launch, gdc_launch_dependents, gdc_wait, use_triton
 from .reference import causal_conv1d_update_ref, selective_state_update_ref
 
 
@@ -135,8 +134,7 @@ def _launch(x: torch.Tensor, z: torch.Tensor, conv_state: torch.Tensor, ssm_stat
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     conv_weight, A_log, D = conv_weight.contiguous(), A_log.contiguous(), D.contiguous()
     x_proj_weight, dt_proj_weight = (w if w.stride(-1) == 1 else w.contiguous() for w in (x_proj_weight, dt_proj_weight))
-    pdl = dependent_launch(x)
-    conv = dict(WIDTH=width, HAS_CONV_BIAS=conv_bias is not None, PDL=pdl, launch_pdl=pdl)
+    conv = dict(WIDTH=width, HAS_CONV_BIAS=conv_bias is not None, **dependent_launch(x))
     bias = conv_weight if conv_bias is None else conv_bias  # without a bias: any pointer, never read
     block_n = 2  # block sizes not yet tuned on a GPU: few programs for x_proj's rows, each recomputing the conv
     _project_kernel[(triton.cdiv(rank + 2 * d_state, block_n),)](
