@@ -125,6 +125,12 @@ def _state_kernel(x, z, conv_state, conv_weight, conv_bias, projected, dt_weight
              mask=mask[:, None] & (slots[None, :] < S))
 
 
+# Tiles, not yet tuned on a GPU: few programs for x_proj's rows (each recomputes the convolution of every
+# channel), and 32 channels per program for the state update (3072 channels: 96 programs).
+PROJECT_TILE = dict(BLOCK_N=2, BLOCK_K=1024, num_warps=4)
+STATE_TILE = dict(BLOCK_D=32, num_warps=4)
+
+
 def _launch(x: torch.Tensor, z: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor,
             conv_weight: torch.Tensor, conv_bias: torch.Tensor | None, x_proj_weight: torch.Tensor,
             dt_proj_weight: torch.Tensor, dt_proj_bias: torch.Tensor, A_log: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
@@ -136,18 +142,17 @@ def _launch(x: torch.Tensor, z: torch.Tensor, conv_state: torch.Tensor, ssm_stat
     x_proj_weight, dt_proj_weight = (w if w.stride(-1) == 1 else w.contiguous() for w in (x_proj_weight, dt_proj_weight))
     conv = dict(WIDTH=width, HAS_CONV_BIAS=conv_bias is not None, **dependent_launch(x))
     bias = conv_weight if conv_bias is None else conv_bias  # without a bias: any pointer, never read
-    block_n = 2  # block sizes not yet tuned on a GPU: few programs for x_proj's rows, each recomputing the conv
-    _project_kernel[(triton.cdiv(rank + 2 * d_state, block_n),)](
+    project, state = PROJECT_TILE, STATE_TILE
+    _project_kernel[(triton.cdiv(rank + 2 * d_state, project["BLOCK_N"]),)](
         x, conv_state, conv_weight, bias, x_proj_weight, projected, dim, rank + 2 * d_state, S, x.stride(-1),
-        conv_state.stride(1), conv_state.stride(2), x_proj_weight.stride(0),
-        BLOCK_N=block_n, BLOCK_K=min(1024, triton.next_power_of_2(dim)), num_warps=4, **conv)
-    block_d = 32
-    _state_kernel[(triton.cdiv(dim, block_d),)](
+        conv_state.stride(1), conv_state.stride(2), x_proj_weight.stride(0), BLOCK_N=project["BLOCK_N"],
+        BLOCK_K=min(project["BLOCK_K"], triton.next_power_of_2(dim)), num_warps=project["num_warps"], **conv)
+    _state_kernel[(triton.cdiv(dim, state["BLOCK_D"]),)](
         x, z, conv_state, conv_weight, bias, projected, dt_proj_weight, dt_proj_bias, A_log, D, ssm_state, y,
         dim, S, rank, d_state, x.stride(-1), z.stride(-1), conv_state.stride(1), conv_state.stride(2),
-        ssm_state.stride(1), ssm_state.stride(2), dt_proj_weight.stride(0),
-        BLOCK_D=block_d, BLOCK_R=triton.next_power_of_2(rank), BLOCK_STATE=triton.next_power_of_2(d_state),
-        BLOCK_S=triton.next_power_of_2(S), num_warps=4, **conv)
+        ssm_state.stride(1), ssm_state.stride(2), dt_proj_weight.stride(0), BLOCK_D=state["BLOCK_D"],
+        BLOCK_R=triton.next_power_of_2(rank), BLOCK_STATE=triton.next_power_of_2(d_state),
+        BLOCK_S=triton.next_power_of_2(S), num_warps=state["num_warps"], **conv)
     return y
 
 
