@@ -515,13 +515,16 @@ def _mamba_decode_inputs(g, dim, width, state_len, rank, d_state, conv_bias=True
     return xz[:, :dim], xz[:, dim:], _randn(g, 1, dim, state_len), _randn(g, 1, dim, d_state), weights
 
 
-# (dim, width, state_len, rank, d_state): widths and ranks that are not powers of two, a state longer than the
+# (dim, width, state_len, rank, d_state): sizes that are not powers of two, a state longer than the
 # convolution needs (a static cache's), no conv bias.
 @pytest.mark.parametrize("dim, width, state_len, rank, d_state, conv_bias",
-                         [(40, 4, 3, 5, 6, True), (70, 4, 5, 3, 16, False), (24, 2, 1, 4, 4, True)])
-def test_mamba_decode_step_matches_the_mixer_ops_over_several_steps(dim, width, state_len, rank, d_state, conv_bias):
+                         [(40, 4, 3, 5, 6, True), (70, 3, 5, 3, 16, False), (24, 2, 1, 4, 4, True)])
+def test_mamba_decode_step_matches_the_mixer_ops_over_several_steps(monkeypatch, dim, width, state_len, rank,
+                                                                    d_state, conv_bias):
     """Against conv update, x_proj, dt_proj and the state update of the PyTorch references, step after step:
-    the output, the convolution's state (shifted in place) and the SSM state."""
+    the output, the convolution's state (shifted in place) and the SSM state. x_proj's K steps are 32 wide,
+    so that the wider mixers take several."""
+    monkeypatch.setitem(importlib.import_module("samba_kernels.mamba_decode").PROJECT_TILE, "BLOCK_K", 32)
     g = _gen(19)
     x, z, conv_state, ssm_state, weights = _mamba_decode_inputs(g, dim, width, state_len, rank, d_state, conv_bias)
     ref_conv_state, ref_ssm_state = conv_state.clone(), ssm_state.clone()

@@ -41,17 +41,30 @@ def mamba_decode_step_ref(x, z, conv_state, ssm_state, conv_weight, conv_bias, x
 
 
 @triton.jit
-def _conv_silu(x, conv_state, conv_weight, conv_bias, channels, mask, S, stride_x, stride_sd, stride_ss,
-               WIDTH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr):
-    """silu of the causal convolution's output for `channels`: the state's last WIDTH - 1 inputs and x."""
-    out = tl.zeros(channels.shape, tl.float32)
+def _conv_parameters(conv_weight, conv_bias, channels, mask, WIDTH: tl.constexpr, BLOCK_W: tl.constexpr,
+                     HAS_CONV_BIAS: tl.constexpr):
+    """The convolution's weights (channels x taps) and bias for `channels`, in float32. Parameters: no
+    kernel of the step writes them, so they may load before the wait."""
+    taps = tl.arange(0, BLOCK_W)
+    weights = tl.load(conv_weight + channels[:, None] * WIDTH + taps[None, :],
+                      mask=mask[:, None] & (taps < WIDTH)[None, :], other=0.0).to(tl.float32)
+    bias = tl.zeros(channels.shape, tl.float32)
     if HAS_CONV_BIAS:
-        out += tl.load(conv_bias + channels, mask=mask, other=0.0).to(tl.float32)
-    for tap in tl.static_range(WIDTH - 1):
-        past = tl.load(conv_state + channels * stride_sd + (S - WIDTH + 1 + tap) * stride_ss, mask=mask, other=0.0)
-        out += tl.load(conv_weight + channels * WIDTH + tap, mask=mask, other=0.0).to(tl.float32) * past.to(tl.float32)
-    newest = tl.load(x + channels * stride_x, mask=mask, other=0.0).to(tl.float32)
-    out += tl.load(conv_weight + channels * WIDTH + WIDTH - 1, mask=mask, other=0.0).to(tl.float32) * newest
+        bias += tl.load(conv_bias + channels, mask=mask, other=0.0).to(tl.float32)
+    return weights, bias
+
+
+@triton.jit
+def _conv_silu(x, conv_state, weights, bias, channels, mask, S, stride_x, stride_sd, stride_ss,
+               WIDTH: tl.constexpr, BLOCK_W: tl.constexpr):
+    """silu of the causal convolution's output for `channels`: tap t reads the state's input
+    S - WIDTH + 1 + t, the last tap reads x."""
+    taps = tl.arange(0, BLOCK_W)
+    past = tl.load(conv_state + channels[:, None] * stride_sd + (S - WIDTH + 1 + taps)[None, :] * stride_ss,
+                   mask=mask[:, None] & (taps < WIDTH - 1)[None, :], other=0.0)
+    newest = tl.load(x + channels * stride_x, mask=mask, other=0.0)
+    window = tl.where((taps == WIDTH - 1)[None, :], newest[:, None].to(tl.float32), past.to(tl.float32))
+    out = tl.sum(weights * window, axis=1) + bias
     return out * tl.sigmoid(out)
 
 
@@ -59,25 +72,27 @@ def _conv_silu(x, conv_state, conv_weight, conv_bias, channels, mask, S, stride_
 def _project_kernel(x, conv_state, conv_weight, conv_bias, x_proj_weight, projected, dim, rows, S,
                     stride_x, stride_sd, stride_ss, stride_w,
                     WIDTH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, PDL: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr):
     """projected[rows] = silu(conv(x)) @ x_proj_weight.T, in float32."""
     out_rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = out_rows < rows
     w_rows = x_proj_weight + out_rows.to(tl.int64) * stride_w
     channels = tl.arange(0, BLOCK_K)
-    w = tl.load(w_rows[:, None] + channels[None, :], mask=row_mask[:, None] & (channels < dim)[None, :], other=0.0)
-    if PDL:  # the weight tile above does not depend on the kernels before; x and the state do
+    mask = channels < dim
+    w = tl.load(w_rows[:, None] + channels[None, :], mask=row_mask[:, None] & mask[None, :], other=0.0)
+    conv_w, conv_b = _conv_parameters(conv_weight, conv_bias, channels, mask, WIDTH, BLOCK_W, HAS_CONV_BIAS)
+    if PDL:  # the parameters above do not depend on the kernels before; x and the state do
         gdc_launch_dependents()
         gdc_wait()
-    xc = _conv_silu(x, conv_state, conv_weight, conv_bias, channels, channels < dim, S, stride_x, stride_sd,
-                    stride_ss, WIDTH, HAS_CONV_BIAS)
+    xc = _conv_silu(x, conv_state, conv_w, conv_b, channels, mask, S, stride_x, stride_sd, stride_ss, WIDTH, BLOCK_W)
     acc = w.to(tl.float32) * xc[None, :]
     for k0 in range(BLOCK_K, dim, BLOCK_K):
         channels = k0 + tl.arange(0, BLOCK_K)
         mask = channels < dim
         w = tl.load(w_rows[:, None] + channels[None, :], mask=row_mask[:, None] & mask[None, :], other=0.0)
-        xc = _conv_silu(x, conv_state, conv_weight, conv_bias, channels, mask, S, stride_x, stride_sd, stride_ss,
-                        WIDTH, HAS_CONV_BIAS)
+        conv_w, conv_b = _conv_parameters(conv_weight, conv_bias, channels, mask, WIDTH, BLOCK_W, HAS_CONV_BIAS)
+        xc = _conv_silu(x, conv_state, conv_w, conv_b, channels, mask, S, stride_x, stride_sd, stride_ss, WIDTH,
+                        BLOCK_W)
         acc += w.to(tl.float32) * xc[None, :]
     tl.store(projected + out_rows, tl.sum(acc, axis=1), mask=row_mask)
 
@@ -86,7 +101,7 @@ def _project_kernel(x, conv_state, conv_weight, conv_bias, x_proj_weight, projec
 def _state_kernel(x, z, conv_state, conv_weight, conv_bias, projected, dt_weight, dt_bias, A_log, D, ssm_state, y,
                   dim, S, rank, d_state, stride_x, stride_z, stride_sd, stride_ss, stride_hd, stride_hn, stride_dt,
                   WIDTH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, PDL: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_R: tl.constexpr, BLOCK_STATE: tl.constexpr, BLOCK_S: tl.constexpr):
+                  BLOCK_R: tl.constexpr, BLOCK_STATE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_W: tl.constexpr):
     """For BLOCK_D channels: dt = softplus(dt_proj), the state update, y * silu(z), the conv state's shift."""
     channels = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = channels < dim
@@ -96,21 +111,23 @@ def _state_kernel(x, z, conv_state, conv_weight, conv_bias, projected, dt_weight
     w_dt = tl.load(dt_weight + channels[:, None] * stride_dt + ranks[None, :],
                    mask=mask[:, None] & (ranks < rank)[None, :], other=0.0).to(tl.float32)
     A = -tl.exp(tl.load(A_log + channels[:, None] * d_state + states[None, :], mask=state_mask, other=0.0).to(tl.float32))
-    if PDL:
+    b_dt = tl.load(dt_bias + channels, mask=mask, other=0.0).to(tl.float32)
+    skip = tl.load(D + channels, mask=mask, other=0.0).to(tl.float32)
+    conv_w, conv_b = _conv_parameters(conv_weight, conv_bias, channels, mask, WIDTH, BLOCK_W, HAS_CONV_BIAS)
+    if PDL:  # as in _project_kernel: parameters before the wait
         gdc_launch_dependents()
         gdc_wait()
     dt_low = tl.load(projected + ranks, mask=ranks < rank, other=0.0)
-    dt = tl.sum(w_dt * dt_low[None, :], axis=1) + tl.load(dt_bias + channels, mask=mask, other=0.0).to(tl.float32)
+    dt = tl.sum(w_dt * dt_low[None, :], axis=1) + b_dt
     dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt)))  # softplus, as torch computes it
-    xc = _conv_silu(x, conv_state, conv_weight, conv_bias, channels, mask, S, stride_x, stride_sd, stride_ss,
-                    WIDTH, HAS_CONV_BIAS)
+    xc = _conv_silu(x, conv_state, conv_w, conv_b, channels, mask, S, stride_x, stride_sd, stride_ss, WIDTH, BLOCK_W)
     B = tl.load(projected + rank + states, mask=states < d_state, other=0.0)
     C = tl.load(projected + rank + d_state + states, mask=states < d_state, other=0.0)
     h_ptrs = ssm_state + channels[:, None] * stride_hd + states[None, :] * stride_hn
     h = tl.load(h_ptrs, mask=state_mask, other=0.0).to(tl.float32)
     h = tl.exp(dt[:, None] * A) * h + (dt * xc)[:, None] * B[None, :]
     tl.store(h_ptrs, h.to(ssm_state.dtype.element_ty), mask=state_mask)
-    out = tl.sum(h * C[None, :], axis=1) + tl.load(D + channels, mask=mask, other=0.0).to(tl.float32) * xc
+    out = tl.sum(h * C[None, :], axis=1) + skip * xc
     gate = tl.load(z + channels * stride_z, mask=mask, other=0.0).to(tl.float32)
     tl.store(y + channels, (out * gate * tl.sigmoid(gate)).to(y.dtype.element_ty), mask=mask)
     # The conv state moves one step: each column takes the next one's input, the last takes x. Every
@@ -125,9 +142,11 @@ def _state_kernel(x, z, conv_state, conv_weight, conv_bias, projected, dt_weight
              mask=mask[:, None] & (slots[None, :] < S))
 
 
-# Tiles, not yet tuned on a GPU: few programs for x_proj's rows (each recomputes the convolution of every
-# channel), and 32 channels per program for the state update (3072 channels: 96 programs).
-PROJECT_TILE = dict(BLOCK_N=2, BLOCK_K=1024, num_warps=4)
+# Tiles: the fastest of a sweep at samba-421m's mixer on the H200 (benchmarks/mamba_decode.md). x_proj's
+# rows take one K step where the mixer is at most 4096 channels wide, so that every load issues right
+# after the wait (each program recomputes the convolution of every channel); the state update takes
+# 32 channels per program (3072 channels: 96 programs).
+PROJECT_TILE = dict(BLOCK_N=1, BLOCK_K=4096, num_warps=8)
 STATE_TILE = dict(BLOCK_D=32, num_warps=4)
 
 
@@ -140,7 +159,8 @@ def _launch(x: torch.Tensor, z: torch.Tensor, conv_state: torch.Tensor, ssm_stat
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     conv_weight, A_log, D = conv_weight.contiguous(), A_log.contiguous(), D.contiguous()
     x_proj_weight, dt_proj_weight = (w if w.stride(-1) == 1 else w.contiguous() for w in (x_proj_weight, dt_proj_weight))
-    conv = dict(WIDTH=width, HAS_CONV_BIAS=conv_bias is not None, **dependent_launch(x))
+    conv = dict(WIDTH=width, BLOCK_W=triton.next_power_of_2(width), HAS_CONV_BIAS=conv_bias is not None,
+                **dependent_launch(x))
     bias = conv_weight if conv_bias is None else conv_bias  # without a bias: any pointer, never read
     project, state = PROJECT_TILE, STATE_TILE
     _project_kernel[(triton.cdiv(rank + 2 * d_state, project["BLOCK_N"]),)](
