@@ -10,14 +10,13 @@ model-level effect (the compiled decode step with and without the kernel) is gen
     PYTHONPATH=src:kernels:benchmarks python benchmarks/mamba_decode.py --out benchmarks [--preset samba-421m]
 """
 
-import argparse
 import importlib
 import itertools
 import json
 from pathlib import Path
 
 import torch
-from matvec import graph_ms  # the sibling script (benchmarks/ on the path)
+from matvec import graph_ms, preset_arguments  # the sibling script (benchmarks/ on the path)
 
 from samba_hf import SambaConfig, SambaForCausalLM, SambaStaticCache
 from samba_hf.modeling_samba import SambaMambaMixer
@@ -46,11 +45,7 @@ def mixer_inputs(preset: str) -> tuple:
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="benchmarks")
-    parser.add_argument("--preset", default="samba-421m")
-    args = parser.parse_args()
-    torch.manual_seed(0)
+    args = preset_arguments()
     inputs = mixer_inputs(args.preset)
     results = {"machine": torch.cuda.get_device_name(), "torch": torch.__version__,
                "triton": importlib.import_module("triton").__version__, "preset": args.preset,

@@ -77,12 +77,18 @@ def token_in_groups(linears) -> list:
     return calls
 
 
-def main():
+def preset_arguments() -> argparse.Namespace:
+    """--out (the folder for the results) and --preset (the model's), for the scripts that time one
+    preset's decode kernels (this one and mamba_decode.py); seeds torch."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="benchmarks")
     parser.add_argument("--preset", default="samba-421m")
-    args = parser.parse_args()
     torch.manual_seed(0)
+    return parser.parse_args()
+
+
+def main():
+    args = preset_arguments()
     linears = products(args.preset)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "preset": args.preset, "products_per_token": len(linears), "shapes": {}}
