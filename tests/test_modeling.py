@@ -335,7 +335,9 @@ def test_compiled_decode_step_runs_q_k_v_and_gate_up_each_as_one_kernel(monkeypa
         attention_layers = [m for m in model.modules() if isinstance(m, SambaAttention)]
         mamba_mixers = [m for m in model.modules() if isinstance(m, SambaMambaMixer)]
         mlps = sum(isinstance(m, SambaMLP) for m in model.modules())
-        if decode_ops == "torch":  # the hooks' case runs once: the interpreter's decode kernels are slow
+        # Unhooked, no mixer takes its decode ops, so that step runs once (the interpreter's kernels are slow);
+        # hooked, the hooked mixer takes the ops of `decode_ops`.
+        if decode_ops == "torch":
             torch._dynamo.reset()
             logits = decode_step(model, torch.compile(model.forward, backend="aot_eager", fullgraph=True))
             assert launched.count("stacked_matvec") == len(attention_layers) > 0

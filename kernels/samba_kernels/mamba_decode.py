@@ -19,7 +19,7 @@ few µs whatever it reads. Here the first kernel computes x_proj's rows, each pr
 convolution of every channel for itself (a few KB from the L2, against a launch), and the second
 computes, for its channels, dt_proj's rows, the state update and the shift of the convolution's state.
 Both launch as programmatic dependents where samba_kernels' decode kernels do (`dependent_launch`),
-loading their weights before the wait. Intermediates stay in float32. No gradients.
+loading their parameters (weights, biases, D) before the wait. Intermediates stay in float32. No gradients.
 """
 
 import torch

@@ -347,7 +347,6 @@ class SambaMambaMixer(nn.Module):
                 cache.update_recurrent_state(last_ssm_state, self.layer_idx)
         return self.out_proj(y.transpose(1, 2))
 
-
     def decode_kernel(self, x_row: torch.Tensor, conv_weight: torch.Tensor):
         """samba_kernels.mamba_decode_step for the token of a compiled batch-1 step (`mamba_decode_kernel`)
         whose x_proj and dt_proj are `plain_projection`s (an adapter or a hook on either keeps the modules,
