@@ -14,6 +14,10 @@ recomputes each state's trajectory from that checkpoint and solves the adjoint
 q_t = C_t g_t + a_{t+1} q_{t+1} with a scan of the time-reversed tile. Sums over channels (dB, dC) and over batch
 (dA, dD, ddelta_bias) are written as per-program partials and reduced with torch afterwards: no
 atomics, deterministic. A new document of `seq_idx` zeroes a_t.
+
+The forward of inference has a second layout where there are enough channels to fill the GPU
+(`_scan_fwd_lanes_kernel`): one channel per lane, its states and a tile of steps in the thread, so the
+recurrence is one multiply-add per state and step, with nothing across lanes.
 """
 
 import torch
@@ -39,6 +43,12 @@ GPU_FWD = dict(BLOCK_D=16, T=16, NU=8, num_warps=1, maxnreg=128)  # forward with
 GPU_TRAIN = dict(T=16, fwd=dict(BLOCK_D=16, NU=8, num_warps=1, maxnreg=128),
                  bwd=dict(BLOCK_D=16, NU=1, num_warps=1, maxnreg=168))
 MIN_BLOCK_D, MIN_PROGRAMS = 1, 8 * 132
+# The forward of inference runs with one channel per lane (_scan_fwd_lanes_kernel: 32 channels, one warp,
+# T 8: a thread's 16-byte loads) where that gives each of an H200's 528 SM sub-partitions a warp; fewer
+# channels (small batches: batch-1 prefill) keep _scan_fwd_kernel, whose lanes share the steps of fewer
+# channels, and so does the training forward (its checkpoints' spacing is the backward's T).
+LANES = dict(BLOCK_D=32, T=8, num_warps=1)
+LANE_MIN_PROGRAMS = 4 * 132
 
 
 @triton.jit
@@ -155,6 +165,58 @@ def _scan_fwd_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, init, last, c
             y *= z_t * tl.sigmoid(z_t)
         tl.store(out + row[:, None] + t[None, :], y, mask=d_mask[:, None] & t_mask[None, :])
     # `last` may be `init` itself (decode): it was read above, before this write.
+    tl.store(last + st_off, h, mask=st_mask)
+
+
+@triton.jit
+def _scan_fwd_lanes_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, init, last, out,
+                           dim, L, groups, dpg, n_tiles, s_hb, s_hd, s_hn,
+                           N: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr,
+                           HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr):
+    """The forward with one channel per lane (BLOCK_D = 32 lanes of one warp): a thread holds its channel's
+    states (BLOCK_N) and the tile's steps (T), so each step is one multiply-add per state (the steps are
+    unrolled; picking step s of a tile is a register pick) and y's sum over the states stays in the thread.
+    B and C of the tile are the same for every channel; Triton's layout conversion hands them to each lane
+    through shared memory. _scan_fwd_kernel's arguments and results, without checkpoints: the forward
+    of inference only (T need not be the backward's)."""
+    b, d, d_mask, row, bc = _coords(dim, L, N, groups, dpg, BLOCK_D)
+    bias_v = tl.load(delta_bias + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+    D_v = tl.load(D + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_D else 0.0
+    nn = tl.arange(0, BLOCK_N)
+    tt = tl.arange(0, T)
+    st_mask = d_mask[:, None] & (nn < N)[None, :]
+    st_off = b * s_hb + d[:, None] * s_hd + nn[None, :] * s_hn
+    A2 = tl.load(A + d[:, None] * N + nn[None, :], mask=st_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+    if HAS_INIT:
+        h = tl.load(init + st_off, mask=st_mask, other=0.0)
+    else:
+        h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    u_n, _, dt_n, z_n, k_n = _tile(u, delta, z, seq_idx, b, L, row, d_mask, bias_v, tt,
+                                   HAS_Z, HAS_BIAS, SOFTPLUS, HAS_SEQ)
+    for i in range(n_tiles):
+        t = i * T + tt
+        t_mask = t < L
+        u_t, dt, z_t, keep = u_n, dt_n, z_n, k_n
+        u_n, _, dt_n, z_n, k_n = _tile(u, delta, z, seq_idx, b, L, row, d_mask, bias_v, t + T,
+                                       HAS_Z, HAS_BIAS, SOFTPLUS, HAS_SEQ)
+        dtu = dt * u_t
+        bc_mask = (nn < N)[:, None] & t_mask[None, :]
+        B_t = tl.load(B + bc + nn[:, None] * L + t[None, :], mask=bc_mask, other=0.0).to(tl.float32)  # (BLOCK_N, T)
+        C_t = tl.load(C + bc + nn[:, None] * L + t[None, :], mask=bc_mask, other=0.0).to(tl.float32)
+        if HAS_SEQ:
+            keep_t = tl.broadcast_to(keep[None, :], [BLOCK_D, T])
+        y = D_v[:, None] * u_t if HAS_D else tl.zeros([BLOCK_D, T], dtype=tl.float32)
+        for step in tl.static_range(T):
+            a = tl.exp2(_col(dt, tt, step)[:, None] * A2)
+            if HAS_SEQ:
+                a *= _col(keep_t, tt, step)[:, None]
+            h = a * h + _col(dtu, tt, step)[:, None] * _col(B_t, tt, step)[None, :]
+            y_step = tl.sum(h * _col(C_t, tt, step)[None, :], axis=1)
+            y = tl.where((tt == step)[None, :], y + y_step[:, None], y)
+        if HAS_Z:
+            y *= z_t * tl.sigmoid(z_t)
+        tl.store(out + row[:, None] + t[None, :], y, mask=d_mask[:, None] & t_mask[None, :])
     tl.store(last + st_off, h, mask=st_mask)
 
 
@@ -319,7 +381,8 @@ def _unroll(nu, N):
 
 
 def _configs(u, B, N, train):
-    """(groups, dims per group, forward launch meta, backward launch meta or None) of a scan over u."""
+    """(groups, dims per group, forward launch meta, backward launch meta or None) of a scan over u. The
+    forward's meta says which kernel runs it (`lanes`: see LANES)."""
     batch, dim, L = u.shape
     groups = B.shape[1]
     if dim % groups != 0:
@@ -331,7 +394,8 @@ def _configs(u, B, N, train):
 
     if not u.is_cuda:  # the interpreter: one small tile shape
         meta = dict(T=tile(CHUNK), BLOCK_D=block_size(dpg, 4), NU=_unroll(2, N), num_warps=1)
-        return groups, dpg, meta, dict(meta) if train else None
+        lanes = not train and n_rows * triton.cdiv(dpg, meta["BLOCK_D"]) >= LANE_MIN_PROGRAMS
+        return groups, dpg, dict(meta, lanes=lanes), dict(meta) if train else None
     configs = [GPU_TRAIN["fwd"], GPU_TRAIN["bwd"]] if train else [GPU_FWD]
     blocks = [_block_d(c["BLOCK_D"], n_rows, dpg) for c in configs]
     # A thread holds runs of 8 steps (16 bytes of bf16): with fewer channels than lanes, T grows so
@@ -339,7 +403,9 @@ def _configs(u, B, N, train):
     T = tile(max(GPU_TRAIN["T"] if train else GPU_FWD["T"], 256 // min(blocks)))
     metas = [dict(c, T=T, BLOCK_D=bd, NU=_unroll(c["NU"], N), num_warps=max(1, min(c["num_warps"], bd * T // 256)))
              for c, bd in zip(configs, blocks)]
-    return groups, dpg, metas[0], metas[1] if train else None
+    lanes = not train and n_rows * triton.cdiv(dpg, LANES["BLOCK_D"]) >= LANE_MIN_PROGRAMS
+    forward = dict(LANES, lanes=True) if lanes else dict(metas[0], lanes=False)
+    return groups, dpg, forward, metas[1] if train else None
 
 
 def _new_outputs(u, A, meta, save_ckpt):
@@ -363,14 +429,16 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, 
         raise ValueError("initial_state and the last state must have the same strides")
     out, ckpt = _new_outputs(u, A, meta, save_ckpt)
     grid = (batch * groups, triton.cdiv(dpg, meta["BLOCK_D"]))
-    _scan_fwd_kernel[grid](
-        u, delta, A, B, C, u if D is None else D, u if z is None else z,
-        u if delta_bias is None else delta_bias, u if seq_idx is None else seq_idx,
-        last if initial_state is None else initial_state, last, ckpt, out,
-        dim, L, groups, dpg, triton.cdiv(L, meta["T"]), *last.stride(), N=N,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-        HAS_SEQ=seq_idx is not None, HAS_INIT=initial_state is not None, SAVE_CKPT=save_ckpt, **meta,
-    )
+    inputs = (u, delta, A, B, C, u if D is None else D, u if z is None else z, u if delta_bias is None else delta_bias,
+              u if seq_idx is None else seq_idx, last if initial_state is None else initial_state, last)
+    sizes = (dim, L, groups, dpg, triton.cdiv(L, meta["T"]), *last.stride())
+    flags = dict(N=N, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
+                 HAS_SEQ=seq_idx is not None, HAS_INIT=initial_state is not None)
+    if meta.pop("lanes"):  # one channel per lane (see LANES); the interpreter's tile shape has an NU
+        meta = {key: value for key, value in meta.items() if key != "NU"}
+        _scan_fwd_lanes_kernel[grid](*inputs, out, *sizes, BLOCK_N=triton.next_power_of_2(N), **flags, **meta)
+    else:
+        _scan_fwd_kernel[grid](*inputs, ckpt, out, *sizes, SAVE_CKPT=save_ckpt, **flags, **meta)
     return out, ckpt
 
 
