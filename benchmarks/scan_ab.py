@@ -22,6 +22,9 @@ import samba_kernels
 from kernels import rel_err, scan_inputs, seq_idx_for, timer  # the sibling script (benchmarks/ on the path)
 
 SHAPES = {"samba-421m": 3072, "samba-1.3b": 4096}  # Mamba channels (dim); batch 8, length 4096, bf16
+# (batch, dim) of the checks: few channels (the forward that spreads steps over lanes) and enough for the
+# forward with one channel per lane (selective_scan.LANE_MIN_PROGRAMS)
+CHECKS = [(2, 256), (8, 2176)]
 
 
 def kernel_sources(baseline: str) -> dict[str, str]:
@@ -47,10 +50,10 @@ def import_baseline(baseline: str, root: Path):
     return importlib.import_module(name)
 
 
-def check(module) -> float:
+def check(module, batch: int, dim: int) -> float:
     """Worst relative error of the outputs and gradients against the reference (fp32)."""
-    inputs = scan_inputs(2, 256, 1000, "cuda", torch.float32, True, extras=True)
-    seq_idx = seq_idx_for(2, 1000, "cuda")
+    inputs = scan_inputs(batch, dim, 1000, "cuda", torch.float32, True, extras=True)
+    seq_idx = seq_idx_for(batch, 1000, "cuda")
     dy = torch.randn_like(inputs["u"])
     results = []
     for scan in (module.selective_scan_fn, module.selective_scan_ref):
@@ -72,7 +75,8 @@ def main():
         versions = {baseline: import_baseline(baseline, Path(root)) for baseline in args.baseline}
         versions["working tree"] = samba_kernels
         result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                  "check": {version: check(module) for version, module in versions.items()}, "times_ms": {}}  # fmt: skip
+                  "check": {version: {f"batch {b} dim {d}": check(module, b, d) for b, d in CHECKS}
+                            for version, module in versions.items()}, "times_ms": {}}  # fmt: skip
         print("worst relative errors against the reference:", result["check"], flush=True)
         for model, dim in SHAPES.items():
             t = scan_inputs(8, dim, 4096, "cuda", torch.bfloat16, True)

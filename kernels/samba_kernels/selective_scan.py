@@ -15,7 +15,7 @@ q_t = C_t g_t + a_{t+1} q_{t+1} with a scan of the time-reversed tile. Sums over
 (dA, dD, ddelta_bias) are written as per-program partials and reduced with torch afterwards: no
 atomics, deterministic. A new document of `seq_idx` zeroes a_t.
 
-The forward of inference has a second layout where there are enough channels to fill the GPU
+The forward has a second layout where there are enough channels to fill the GPU
 (`_scan_fwd_lanes_kernel`): one channel per lane, its states and a tile of steps in the thread, so the
 recurrence is one multiply-add per state and step, with nothing across lanes.
 """
@@ -43,10 +43,10 @@ GPU_FWD = dict(BLOCK_D=16, T=16, NU=8, num_warps=1, maxnreg=128)  # forward with
 GPU_TRAIN = dict(T=16, fwd=dict(BLOCK_D=16, NU=8, num_warps=1, maxnreg=128),
                  bwd=dict(BLOCK_D=16, NU=1, num_warps=1, maxnreg=168))
 MIN_BLOCK_D, MIN_PROGRAMS = 1, 8 * 132
-# The forward of inference runs with one channel per lane (_scan_fwd_lanes_kernel: 32 channels, one warp,
-# T 8: a thread's 16-byte loads) where that gives each of an H200's 528 SM sub-partitions a warp; fewer
-# channels (small batches: batch-1 prefill) keep _scan_fwd_kernel, whose lanes share the steps of fewer
-# channels, and so does the training forward (its checkpoints' spacing is the backward's T).
+# The forward runs with one channel per lane (_scan_fwd_lanes_kernel: 32 channels, one warp, T 8: a
+# thread's 16-byte loads) where that gives each of an H200's 528 SM sub-partitions a warp; for training it
+# saves a checkpoint every T_backward / T tiles. Fewer channels (small batches: batch-1 prefill) keep
+# _scan_fwd_kernel, whose lanes share the steps of fewer channels.
 LANES = dict(BLOCK_D=32, T=8, num_warps=1)
 LANE_MIN_PROGRAMS = 4 * 132
 
@@ -69,15 +69,15 @@ def _coords(dim, L, N, groups, dpg, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _softplus_dt(delta, off, mask, bias_v, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """(raw, dt) of delta at `off` (BLOCK_D, T); dt is 0 where masked (a = 1, b = 0: a no-op step)."""
-    dt_raw = tl.load(delta + off, mask=mask, other=0.0).to(tl.float32)
+def _dt(delta_raw, mask, bias_v, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """dt = softplus(delta + bias) in float32 of a loaded (BLOCK_D, T) tile of delta; 0 where masked
+    (a = 1, b = 0: a no-op step)."""
+    dt = delta_raw.to(tl.float32)
     if HAS_BIAS:
-        dt_raw += bias_v[:, None]
-    dt = dt_raw
+        dt += bias_v[:, None]
     if SOFTPLUS:
-        dt = tl.where(dt_raw > 20.0, dt_raw, tl.log(1.0 + tl.exp(tl.minimum(dt_raw, 20.0))))
-    return dt_raw, tl.where(mask, dt, 0.0)
+        dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(tl.minimum(dt, 20.0))))
+    return tl.where(mask, dt, 0.0)
 
 
 @triton.jit
@@ -89,18 +89,40 @@ def _keep(seq_idx, b, L, t, valid):
 
 
 @triton.jit
+def _in_range(d_mask, t, L):
+    """(BLOCK_D, T) mask of the channels d and the steps t inside [0, L)."""
+    return d_mask[:, None] & ((t >= 0) & (t < L))[None, :]
+
+
+@triton.jit
+def _loads(u, delta, z, seq_idx, b, L, row, d_mask, t, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """The per-channel inputs of steps t (T,) as stored: u, delta, z (BLOCK_D, T), zeros outside [0, L),
+    and keep (T,). The forwards load a tile ahead and convert (`_values`) only in the next iteration: work
+    on the loaded values in the same iteration would wait for the load."""
+    t_in = (t >= 0) & (t < L)
+    m2 = d_mask[:, None] & t_in[None, :]
+    off = row[:, None] + t[None, :]
+    u_raw = tl.load(u + off, mask=m2, other=0.0)
+    delta_raw = tl.load(delta + off, mask=m2, other=0.0)
+    z_raw = tl.load(z + off, mask=m2, other=0.0) if HAS_Z else u_raw
+    keep = _keep(seq_idx, b, L, t, t_in) if HAS_SEQ else t_in.to(tl.float32)
+    return u_raw, delta_raw, z_raw, keep
+
+
+@triton.jit
+def _values(u_raw, delta_raw, z_raw, d_mask, t, L, bias_v, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """u, dt, z (BLOCK_D, T) in float32 of `_loads`' tiles of steps t."""
+    return (u_raw.to(tl.float32), _dt(delta_raw, _in_range(d_mask, t, L), bias_v, HAS_BIAS, SOFTPLUS),
+            z_raw.to(tl.float32))
+
+
+@triton.jit
 def _tile(u, delta, z, seq_idx, b, L, row, d_mask, bias_v, t,
           HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr):
-    """The per-channel inputs of steps t (T,): u, dt_raw, dt, z (BLOCK_D, T) and keep (T,); zeros
-    outside [0, L)."""
-    t_mask = (t >= 0) & (t < L)
-    m2 = d_mask[:, None] & t_mask[None, :]
-    off = row[:, None] + t[None, :]
-    u_t = tl.load(u + off, mask=m2, other=0.0).to(tl.float32)
-    dt_raw, dt = _softplus_dt(delta, off, m2, bias_v, HAS_BIAS, SOFTPLUS)
-    z_t = tl.load(z + off, mask=m2, other=0.0).to(tl.float32) if HAS_Z else u_t
-    keep = _keep(seq_idx, b, L, t, t_mask) if HAS_SEQ else t_mask.to(tl.float32)
-    return u_t, dt_raw, dt, z_t, keep
+    """u, dt, z (BLOCK_D, T) in float32 and keep (T,) of steps t, loaded and converted at once."""
+    u_raw, delta_raw, z_raw, keep = _loads(u, delta, z, seq_idx, b, L, row, d_mask, t, HAS_Z, HAS_SEQ)
+    u_t, dt, z_t = _values(u_raw, delta_raw, z_raw, d_mask, t, L, bias_v, HAS_BIAS, SOFTPLUS)
+    return u_t, dt, z_t, keep
 
 
 @triton.jit
@@ -137,16 +159,15 @@ def _scan_fwd_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, init, last, c
         h = tl.zeros([BLOCK_D, T], dtype=tl.float32)
     ck = ckpt + (b * dim + d[:, None]) * n_tiles * N + tt[None, :]
     # Software prefetch: the loads of tile i + 1 are issued before tile i is computed.
-    u_n, _, dt_n, z_n, k_n = _tile(u, delta, z, seq_idx, b, L, row, d_mask, bias_v, tt,
-                                   HAS_Z, HAS_BIAS, SOFTPLUS, HAS_SEQ)
+    u_raw, delta_raw, z_raw, k_n = _loads(u, delta, z, seq_idx, b, L, row, d_mask, tt, HAS_Z, HAS_SEQ)
     for i in range(n_tiles):
         if SAVE_CKPT:  # the states entering each tile, for the backward
             tl.store(ck + i * N, h, mask=st_mask)
         t = i * T + tt
         t_mask = t < L
-        u_t, dt, z_t, keep = u_n, dt_n, z_n, k_n
-        u_n, _, dt_n, z_n, k_n = _tile(u, delta, z, seq_idx, b, L, row, d_mask, bias_v, t + T,
-                                       HAS_Z, HAS_BIAS, SOFTPLUS, HAS_SEQ)
+        u_t, dt, z_t = _values(u_raw, delta_raw, z_raw, d_mask, t, L, bias_v, HAS_BIAS, SOFTPLUS)
+        keep = k_n
+        u_raw, delta_raw, z_raw, k_n = _loads(u, delta, z, seq_idx, b, L, row, d_mask, t + T, HAS_Z, HAS_SEQ)
         dtu = dt * u_t
         y = D_v[:, None] * u_t if HAS_D else tl.zeros([BLOCK_D, T], dtype=tl.float32)
         for n0 in range(0, N, NU):  # NU states at a time: enough independent work, not all N live at once
@@ -169,17 +190,18 @@ def _scan_fwd_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, init, last, c
 
 
 @triton.jit
-def _scan_fwd_lanes_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, init, last, out,
+def _scan_fwd_lanes_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, init, last, ckpt, out,
                            dim, L, groups, dpg, n_tiles, s_hb, s_hd, s_hn,
                            N: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr,
                            HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr):
+                           SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
+                           SAVE_CKPT: tl.constexpr, CKPT_EVERY: tl.constexpr):
     """The forward with one channel per lane (BLOCK_D = 32 lanes of one warp): a thread holds its channel's
     states (BLOCK_N) and the tile's steps (T), so each step is one multiply-add per state (the steps are
     unrolled; picking step s of a tile is a register pick) and y's sum over the states stays in the thread.
     B and C of the tile are the same for every channel; Triton's layout conversion hands them to each lane
-    through shared memory. _scan_fwd_kernel's arguments and results, without checkpoints: the forward
-    of inference only (T need not be the backward's)."""
+    through shared memory. _scan_fwd_kernel's arguments and results; the backward's tiles span CKPT_EVERY
+    of these, so the checkpoints are the states entering every CKPT_EVERY-th tile."""
     b, d, d_mask, row, bc = _coords(dim, L, N, groups, dpg, BLOCK_D)
     bias_v = tl.load(delta_bias + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
     D_v = tl.load(D + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_D else 0.0
@@ -192,27 +214,37 @@ def _scan_fwd_lanes_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, init, l
         h = tl.load(init + st_off, mask=st_mask, other=0.0)
     else:
         h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    u_n, _, dt_n, z_n, k_n = _tile(u, delta, z, seq_idx, b, L, row, d_mask, bias_v, tt,
-                                   HAS_Z, HAS_BIAS, SOFTPLUS, HAS_SEQ)
+    # B and C of a tile in one (2 BLOCK_N, T) load, row 2n from B[n] and row 2n + 1 from C[n]: each step's
+    # B and C then reach the lanes in one layout conversion.
+    rr = tl.arange(0, 2 * BLOCK_N)
+    bc_rows = tl.where((rr % 2 == 0)[:, None], B, C) + bc + (rr // 2)[:, None] * L
+    bc_mask = ((rr // 2) < N)[:, None]
+    ck = ckpt + (b * dim + d[:, None]) * tl.cdiv(n_tiles, CKPT_EVERY) * N + nn[None, :]
+    # Software prefetch of tile i + 1's inputs as stored, converted in the next iteration (see `_loads`).
+    u_raw, delta_raw, z_raw, k_n = _loads(u, delta, z, seq_idx, b, L, row, d_mask, tt, HAS_Z, HAS_SEQ)
+    BC_raw = tl.load(bc_rows + tt[None, :], mask=bc_mask & (tt < L)[None, :], other=0.0)
     for i in range(n_tiles):
+        if SAVE_CKPT:
+            tl.store(ck + (i // CKPT_EVERY) * N, h, mask=st_mask & (i % CKPT_EVERY == 0))
         t = i * T + tt
         t_mask = t < L
-        u_t, dt, z_t, keep = u_n, dt_n, z_n, k_n
-        u_n, _, dt_n, z_n, k_n = _tile(u, delta, z, seq_idx, b, L, row, d_mask, bias_v, t + T,
-                                       HAS_Z, HAS_BIAS, SOFTPLUS, HAS_SEQ)
+        u_t, dt, z_t = _values(u_raw, delta_raw, z_raw, d_mask, t, L, bias_v, HAS_BIAS, SOFTPLUS)
+        keep, BC_t = k_n, BC_raw.to(tl.float32)
+        u_raw, delta_raw, z_raw, k_n = _loads(u, delta, z, seq_idx, b, L, row, d_mask, t + T, HAS_Z, HAS_SEQ)
+        BC_raw = tl.load(bc_rows + (t + T)[None, :], mask=bc_mask & (t + T < L)[None, :], other=0.0)
         dtu = dt * u_t
-        bc_mask = (nn < N)[:, None] & t_mask[None, :]
-        B_t = tl.load(B + bc + nn[:, None] * L + t[None, :], mask=bc_mask, other=0.0).to(tl.float32)  # (BLOCK_N, T)
-        C_t = tl.load(C + bc + nn[:, None] * L + t[None, :], mask=bc_mask, other=0.0).to(tl.float32)
         if HAS_SEQ:
             keep_t = tl.broadcast_to(keep[None, :], [BLOCK_D, T])
         y = D_v[:, None] * u_t if HAS_D else tl.zeros([BLOCK_D, T], dtype=tl.float32)
         for step in tl.static_range(T):
+            B_s, C_s = tl.split(tl.reshape(_col(BC_t, tt, step), (BLOCK_N, 2)))
             a = tl.exp2(_col(dt, tt, step)[:, None] * A2)
             if HAS_SEQ:
                 a *= _col(keep_t, tt, step)[:, None]
-            h = a * h + _col(dtu, tt, step)[:, None] * _col(B_t, tt, step)[None, :]
-            y_step = tl.sum(h * _col(C_t, tt, step)[None, :], axis=1)
+            h = a * h + _col(dtu, tt, step)[:, None] * B_s[None, :]
+            # y's sum over the states as two partial sums: dependent chains half as long
+            hC = tl.reshape(h * C_s[None, :], (BLOCK_D, 2, BLOCK_N // 2))
+            y_step = tl.sum(tl.sum(hC, axis=2), axis=1)
             y = tl.where((tt == step)[None, :], y + y_step[:, None], y)
         if HAS_Z:
             y *= z_t * tl.sigmoid(z_t)
@@ -235,12 +267,11 @@ def _bwd_tile(u, delta, z, dout, seq_idx, b, L, row, d_mask, bias_v, t,
               HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr):
     """The backward's inputs of steps t: `_tile`'s, dt and keep of steps t + 1 (a_{t+1} carries the
     adjoint back; 1 past the end: q_{L-1} = C g + dlast) and dout."""
-    u_t, _, dt, z_t, keep = _tile(u, delta, z, seq_idx, b, L, row, d_mask, bias_v, t,
-                                  HAS_Z, HAS_BIAS, SOFTPLUS, HAS_SEQ)
-    _, _, dt1, _, keep1 = _tile(u, delta, z, seq_idx, b, L, row, d_mask, bias_v, t + 1,
-                                False, HAS_BIAS, SOFTPLUS, HAS_SEQ)
-    m2 = d_mask[:, None] & ((t >= 0) & (t < L))[None, :]
-    g = tl.load(dout + row[:, None] + t[None, :], mask=m2, other=0.0).to(tl.float32)
+    u_t, dt, z_t, keep = _tile(u, delta, z, seq_idx, b, L, row, d_mask, bias_v, t,
+                               HAS_Z, HAS_BIAS, SOFTPLUS, HAS_SEQ)
+    _, dt1, _, keep1 = _tile(u, delta, z, seq_idx, b, L, row, d_mask, bias_v, t + 1,
+                             False, HAS_BIAS, SOFTPLUS, HAS_SEQ)
+    g = tl.load(dout + row[:, None] + t[None, :], mask=_in_range(d_mask, t, L), other=0.0).to(tl.float32)
     return u_t, dt, z_t, keep, dt1, keep1, g
 
 
@@ -349,8 +380,8 @@ def _scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt, dlast, 
         tl.store(ddelta + off, ddt, mask=m2)
     tl.store(dA_part + st_off, dA_acc, mask=st_mask)
     if HAS_INIT:  # h_0 = a_0 h_init + b_0
-        _, dt0 = _softplus_dt(delta, row[:, None] + tl.zeros([1, T], dtype=tl.int64), st_mask, bias_v,
-                              HAS_BIAS, SOFTPLUS)
+        dt0 = _dt(tl.load(delta + row[:, None] + tl.zeros([1, T], dtype=tl.int64), mask=st_mask, other=0.0),
+                  st_mask, bias_v, HAS_BIAS, SOFTPLUS)
         A2 = tl.load(A + d[:, None] * N + tt[None, :], mask=st_mask, other=0.0).to(tl.float32) * 1.4426950408889634
         tl.store(dinit + st_off, q * tl.exp2(dt0 * A2), mask=st_mask)
     if HAS_D:
@@ -392,20 +423,25 @@ def _configs(u, B, N, train):
     def tile(T):  # T shrinks for short sequences (decode: one step) but the states fill a tile's columns
         return max(min(T, triton.next_power_of_2(L)), triton.next_power_of_2(N), 2)
 
-    if not u.is_cuda:  # the interpreter: one small tile shape
+    if not u.is_cuda:  # the interpreter: one small tile shape; the lanes forward's tiles half the
+        # checkpoint spacing, as on a GPU
         meta = dict(T=tile(CHUNK), BLOCK_D=block_size(dpg, 4), NU=_unroll(2, N), num_warps=1)
-        lanes = not train and n_rows * triton.cdiv(dpg, meta["BLOCK_D"]) >= LANE_MIN_PROGRAMS
-        return groups, dpg, dict(meta, lanes=lanes), dict(meta) if train else None
-    configs = [GPU_TRAIN["fwd"], GPU_TRAIN["bwd"]] if train else [GPU_FWD]
-    blocks = [_block_d(c["BLOCK_D"], n_rows, dpg) for c in configs]
-    # A thread holds runs of 8 steps (16 bytes of bf16): with fewer channels than lanes, T grows so
-    # that the spare lanes take more of the sequence instead of idling.
-    T = tile(max(GPU_TRAIN["T"] if train else GPU_FWD["T"], 256 // min(blocks)))
-    metas = [dict(c, T=T, BLOCK_D=bd, NU=_unroll(c["NU"], N), num_warps=max(1, min(c["num_warps"], bd * T // 256)))
-             for c, bd in zip(configs, blocks)]
-    lanes = not train and n_rows * triton.cdiv(dpg, LANES["BLOCK_D"]) >= LANE_MIN_PROGRAMS
-    forward = dict(LANES, lanes=True) if lanes else dict(metas[0], lanes=False)
-    return groups, dpg, forward, metas[1] if train else None
+        forward, backward, lanes = meta, meta, dict(BLOCK_D=meta["BLOCK_D"], T=meta["T"] // 2, num_warps=1)
+    else:
+        configs = [GPU_TRAIN["fwd"], GPU_TRAIN["bwd"]] if train else [GPU_FWD]
+        blocks = [_block_d(c["BLOCK_D"], n_rows, dpg) for c in configs]
+        # A thread holds runs of 8 steps (16 bytes of bf16): with fewer channels than lanes, T grows so
+        # that the spare lanes take more of the sequence instead of idling.
+        T = tile(max(GPU_TRAIN["T"] if train else GPU_FWD["T"], 256 // min(blocks)))
+        metas = [dict(c, T=T, BLOCK_D=bd, NU=_unroll(c["NU"], N), num_warps=max(1, min(c["num_warps"], bd * T // 256)))
+                 for c, bd in zip(configs, blocks)]
+        forward, backward = metas[0], metas[-1]
+        lanes = dict(LANES, T=min(LANES["T"], T))
+    if n_rows * triton.cdiv(dpg, lanes["BLOCK_D"]) >= LANE_MIN_PROGRAMS:
+        forward = dict(lanes, lanes=True, CKPT_EVERY=forward["T"] // lanes["T"])
+    else:
+        forward = dict(forward, lanes=False, CKPT_EVERY=1)
+    return groups, dpg, forward, backward if train else None
 
 
 def _new_outputs(u, A, meta, save_ckpt):
@@ -413,8 +449,8 @@ def _new_outputs(u, A, meta, save_ckpt):
     shape-only (fake) implementation of the op below share them."""
     batch, dim, L = u.shape
     N = A.shape[1]
-    n_tiles = triton.cdiv(L, meta["T"])
-    ckpt = u.new_empty((batch, dim, n_tiles, N) if save_ckpt else (1,), dtype=torch.float32)
+    n_ckpt = triton.cdiv(L, meta["T"] * meta["CKPT_EVERY"])  # the backward's tiles
+    ckpt = u.new_empty((batch, dim, n_ckpt, N) if save_ckpt else (1,), dtype=torch.float32)
     return torch.empty_like(u), ckpt
 
 
@@ -433,12 +469,14 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, 
               u if seq_idx is None else seq_idx, last if initial_state is None else initial_state, last)
     sizes = (dim, L, groups, dpg, triton.cdiv(L, meta["T"]), *last.stride())
     flags = dict(N=N, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-                 HAS_SEQ=seq_idx is not None, HAS_INIT=initial_state is not None)
-    if meta.pop("lanes"):  # one channel per lane (see LANES); the interpreter's tile shape has an NU
-        meta = {key: value for key, value in meta.items() if key != "NU"}
-        _scan_fwd_lanes_kernel[grid](*inputs, out, *sizes, BLOCK_N=triton.next_power_of_2(N), **flags, **meta)
+                 HAS_SEQ=seq_idx is not None, HAS_INIT=initial_state is not None, SAVE_CKPT=save_ckpt)
+    meta = dict(meta)
+    lanes, ckpt_every = meta.pop("lanes"), meta.pop("CKPT_EVERY")
+    if lanes:  # one channel per lane (see LANES)
+        _scan_fwd_lanes_kernel[grid](*inputs, ckpt, out, *sizes, BLOCK_N=max(2, triton.next_power_of_2(N)),
+                                     CKPT_EVERY=ckpt_every, **flags, **meta)
     else:
-        _scan_fwd_kernel[grid](*inputs, ckpt, out, *sizes, SAVE_CKPT=save_ckpt, **flags, **meta)
+        _scan_fwd_kernel[grid](*inputs, ckpt, out, *sizes, **flags, **meta)
     return out, ckpt
 
 
