@@ -9,15 +9,15 @@ loop over d_state), so y_t = sum_n C_t[n] h_t[n] accumulates in registers withou
 threads. Between tiles the states (and the backward's adjoints) stay in registers: state n is
 column n of a (BLOCK_D, T) tile, so T >= d_state.
 
-The training forward saves the state entering each tile; the backward walks the tiles in reverse,
+The training forward saves the state entering each of the backward's tiles; the backward walks them in reverse,
 recomputes each state's trajectory from that checkpoint and solves the adjoint
 q_t = C_t g_t + a_{t+1} q_{t+1} with a scan of the time-reversed tile. Sums over channels (dB, dC) and over batch
 (dA, dD, ddelta_bias) are written as per-program partials and reduced with torch afterwards: no
 atomics, deterministic. A new document of `seq_idx` zeroes a_t.
 
 The forward has a second layout where there are enough channels to fill the GPU
-(`_scan_fwd_lanes_kernel`): one channel per lane, its states and a tile of steps in the thread, so the
-recurrence is one multiply-add per state and step, with nothing across lanes.
+(`_scan_fwd_lanes_kernel`, for inference and training): one channel per lane, its states and a tile of
+steps in the thread, so the recurrence is one multiply-add per state and step, with nothing across lanes.
 """
 
 import torch
