@@ -2,8 +2,10 @@
 
 Each program computes a (BLOCK_D channels, BLOCK_L positions) tile; the width-W taps are unrolled.
 Positions are "padded": position p < 0 reads the initial states, which belong to the first
-document of `seq_idx`. The backward recomputes the pre-activation where the activation needs it
-instead of saving it, and sums dweight / dbias over batch and time with fp32 atomics.
+document of `seq_idx`. The backward runs in two kernels: the first recomputes the pre-activation
+(rather than saving it) and writes the gradient at the output, dout times the activation's
+derivative, with per-program partial sums of dweight and dbias (summed with torch: deterministic);
+the second gathers dx from that gradient at the W outputs that read each input.
 """
 
 import torch
@@ -36,8 +38,10 @@ def _load_padded(x, init, b, d, d_mask, p, dim, L, s_ib, s_id, s_il, W: tl.const
 def _conv_pre(x, init, seq_idx, weight, bias, b, d, d_mask, s, dim, L, s_ib, s_id, s_il,
               W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
               HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Pre-activation output at positions s (BLOCK_L,), fp32 (BLOCK_D, BLOCK_L)."""
+    """(pre-activation output at positions s (BLOCK_L,), fp32 (BLOCK_D, BLOCK_L); the W inputs it read,
+    tap k's at s - (W - 1) + k, zero across a document boundary)."""
     acc = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
+    taps = ()
     if HAS_SEQ:
         seq_s = _seq_at(seq_idx, b, L, s)
     for k in tl.static_range(W):
@@ -46,9 +50,10 @@ def _conv_pre(x, init, seq_idx, weight, bias, b, d, d_mask, s, dim, L, s_ib, s_i
         if HAS_SEQ:  # never read across a document boundary
             v = tl.where((_seq_at(seq_idx, b, L, p) == seq_s)[None, :], v, 0.0)
         acc += tl.load(weight + d * W + k, mask=d_mask, other=0.0).to(tl.float32)[:, None] * v
+        taps = taps + (v,)
     if HAS_BIAS:
         acc += tl.load(bias + d, mask=d_mask, other=0.0).to(tl.float32)[:, None]
-    return acc
+    return acc, taps
 
 
 @triton.jit
@@ -59,44 +64,67 @@ def _conv_fwd_kernel(x, init, seq_idx, weight, bias, out, dim, L, s_ib, s_id, s_
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = d < dim
     s = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)
-    acc = _conv_pre(x, init, seq_idx, weight, bias, b, d, d_mask, s, dim, L, s_ib, s_id, s_il,
-                    W, BLOCK_D, BLOCK_L, HAS_INIT, HAS_SEQ, HAS_BIAS)
+    acc, _ = _conv_pre(x, init, seq_idx, weight, bias, b, d, d_mask, s, dim, L, s_ib, s_id, s_il,
+                       W, BLOCK_D, BLOCK_L, HAS_INIT, HAS_SEQ, HAS_BIAS)
     if SILU:
         acc *= tl.sigmoid(acc)
     tl.store(out + (b * dim + d[:, None]) * L + s[None, :], acc, mask=d_mask[:, None] & (s < L)[None, :])
 
 
 @triton.jit
-def _conv_bwd_kernel(x, init, seq_idx, weight, bias, dout, dx, dinit, dweight, dbias, dim, L, s_ib, s_id, s_il,
-                     W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, HAS_INIT: tl.constexpr,
-                     HAS_SEQ: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
-    # Program tile over padded input positions p in [1 - W, L): dx for p >= 0, dinit for p < 0.
+def _conv_bwd_out_kernel(x, init, seq_idx, weight, bias, dout, g_out, dweight_part, dbias_part,
+                         dim, L, s_ib, s_id, s_il, W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+                         HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
+    """The gradient at the pre-activation of outputs s, float32, and this program's sums over its
+    positions of dweight (dim, W) and dbias (dim,), in row (batch, position block) of the partials."""
+    b = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = d < dim
+    s = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)
+    s_mask = d_mask[:, None] & (s < L)[None, :]
+    off = (b * dim + d[:, None]) * L + s[None, :]
+    g = tl.load(dout + off, mask=s_mask, other=0.0).to(tl.float32)
+    pre, taps = _conv_pre(x, init, seq_idx, weight, bias, b, d, d_mask, s, dim, L, s_ib, s_id, s_il,
+                          W, BLOCK_D, BLOCK_L, HAS_INIT, HAS_SEQ, HAS_BIAS)
+    if SILU:
+        g *= silu_grad(pre)
+    tl.store(g_out + off, g, mask=s_mask)
+    part = b * tl.num_programs(2) + tl.program_id(2)
+    for k in tl.static_range(W):
+        tl.store(dweight_part + (part * dim + d) * W + k, tl.sum(g * taps[k], axis=1), mask=d_mask)
+    if HAS_BIAS:
+        tl.store(dbias_part + part * dim + d, tl.sum(g, axis=1), mask=d_mask)
+
+
+@triton.jit
+def _conv_bwd_in_kernel(x, init, seq_idx, weight, bias, g_out, dx, dinit, dim, L, s_ib, s_id, s_il,
+                        W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, HAS_INIT: tl.constexpr,
+                        HAS_SEQ: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
+    """dx at padded input positions p in [1 - W, L): dx for p >= 0, dinit for p < 0, from the
+    gradient at the W outputs that read p. (x, bias and their flags: the launcher's common arguments.)"""
     b = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = d < dim
     p = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L) - (W - 1)
-    xp = _load_padded(x, init, b, d, d_mask, p, dim, L, s_ib, s_id, s_il, W, HAS_INIT)
+    row = (b * dim + d[:, None]) * L
     if HAS_SEQ:
         seq_p = _seq_at(seq_idx, b, L, p)
     dxp = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
     for k in tl.static_range(W):
         s = p + (W - 1 - k)  # the output that reads input p through tap k
-        s_mask = d_mask[:, None] & ((s >= 0) & (s < L))[None, :]
-        g = tl.load(dout + (b * dim + d[:, None]) * L + s[None, :], mask=s_mask, other=0.0).to(tl.float32)
-        if SILU:
-            g *= silu_grad(_conv_pre(x, init, seq_idx, weight, bias, b, d, d_mask, s, dim, L, s_ib, s_id, s_il,
-                                     W, BLOCK_D, BLOCK_L, HAS_INIT, HAS_SEQ, HAS_BIAS))
+        g = tl.load(g_out + row + s[None, :], mask=d_mask[:, None] & ((s >= 0) & (s < L))[None, :], other=0.0)
         if HAS_SEQ:
             g = tl.where((_seq_at(seq_idx, b, L, s) == seq_p)[None, :], g, 0.0)
         dxp += tl.load(weight + d * W + k, mask=d_mask, other=0.0).to(tl.float32)[:, None] * g
-        tl.atomic_add(dweight + d * W + k, tl.sum(g * xp, axis=1), mask=d_mask)
-        if HAS_BIAS and k == W - 1:  # tap W - 1 has s == p: every output once
-            tl.atomic_add(dbias + d, tl.sum(g, axis=1), mask=d_mask)
-    row = (b * dim + d[:, None]) * L
     tl.store(dx + row + p[None, :], dxp, mask=d_mask[:, None] & ((p >= 0) & (p < L))[None, :])
     if HAS_INIT:
         tl.store(dinit + b * s_ib + d[:, None] * s_id + (p + W - 1)[None, :] * s_il, dxp,
                  mask=d_mask[:, None] & (p < 0)[None, :])
+
+
+def _tiles(dim, n_positions):
+    """(BLOCK_D channels, BLOCK_L positions) of a program over n_positions."""
+    return block_size(dim, 16), block_size(n_positions, 64)
 
 
 def _conv_launch(kernel, x, weight, bias, seq_idx, init, activation, n_positions, *extra):
@@ -105,7 +133,7 @@ def _conv_launch(kernel, x, weight, bias, seq_idx, init, activation, n_positions
         raise ValueError(f"activation must be None or 'silu', got {activation!r}")
     batch, dim, L = x.shape
     W = weight.shape[-1]
-    BLOCK_D, BLOCK_L = block_size(dim, 16), block_size(n_positions, 64)
+    BLOCK_D, BLOCK_L = _tiles(dim, n_positions)
     grid = (batch, triton.cdiv(dim, BLOCK_D), triton.cdiv(n_positions, BLOCK_L))
     strides = init.stride() if init is not None else (0, 0, 0)
     kernel[grid](
@@ -145,10 +173,18 @@ def _conv_bwd_op(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias
                  seq_idx: torch.Tensor | None, initial_states: torch.Tensor | None,
                  activation: str | None) -> list[torch.Tensor]:
     """(dx, dweight, dbias, dinitial_states), the last three in float32; dinitial_states empty when absent."""
-    dx, dweight, dbias, dinit = _conv_bwd_outputs(x, weight, initial_states)
-    _conv_launch(_conv_bwd_kernel, x, weight, bias, seq_idx, initial_states, activation,
-                 x.shape[-1] + weight.shape[-1] - 1, dout, dx, dx if initial_states is None else dinit, dweight, dbias)
-    return [dx, dweight, dbias, dinit]
+    batch, dim, L = x.shape
+    W = weight.shape[-1]
+    dx, _, _, dinit = _conv_bwd_outputs(x, weight, initial_states)  # dweight and dbias: summed partials
+    g_out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    parts = batch * triton.cdiv(L, _tiles(dim, L)[1])  # (batch, position block) rows of the partial sums
+    dweight_part = torch.empty(parts, dim, W, dtype=torch.float32, device=x.device)
+    dbias_part = torch.zeros(parts, dim, dtype=torch.float32, device=x.device)
+    _conv_launch(_conv_bwd_out_kernel, x, weight, bias, seq_idx, initial_states, activation, L,
+                 dout, g_out, dweight_part, dbias_part)
+    _conv_launch(_conv_bwd_in_kernel, x, weight, bias, seq_idx, initial_states, activation, L + W - 1,
+                 g_out, dx, dx if initial_states is None else dinit)
+    return [dx, dweight_part.sum(0), dbias_part.sum(0), dinit]
 
 
 @_conv_bwd_op.register_fake
