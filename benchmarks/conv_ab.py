@@ -8,14 +8,11 @@ Writes the errors and times as JSON.
     PYTHONPATH=kernels:benchmarks python benchmarks/conv_ab.py --baseline 20ddf4c --out conv_ab.json
 """
 
-import argparse
 import json
-import sys
-import tempfile
 from pathlib import Path
 
 import torch
-from scan_ab import import_baseline
+from scan_ab import ab_arguments, side_by_side
 
 import samba_kernels
 from kernels import rel_err, timer  # the sibling scripts (benchmarks/ on the path)
@@ -37,18 +34,11 @@ def gradients(conv, inputs: dict, dy: torch.Tensor, seq_idx=None) -> tuple:
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--baseline", action="append", required=True,
-                        help="a git revision, or a folder with its samba_kernels files (repeatable)")
-    parser.add_argument("--out", default="conv_ab.json")
-    args = parser.parse_args()
+    args = ab_arguments("conv_ab.json")
     measure = timer("cuda")
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "relative_error_against_reference": {}, "times_ms": {}}
-    with tempfile.TemporaryDirectory() as root:
-        sys.path.insert(0, root)
-        versions = {baseline: import_baseline(baseline, Path(root)) for baseline in args.baseline}
-        versions["working tree"] = samba_kernels
+    with side_by_side(args.baseline) as versions:
         inputs = conv_inputs(512, torch.float32)  # the check: float32, three documents per row
         dy = torch.randn_like(inputs["x"])
         seq_idx = (torch.arange(4096, device="cuda") // 1500).to(torch.int32).expand(8, -1).contiguous()

@@ -9,6 +9,7 @@ reference (fp32, packed documents). Writes the times as JSON.
 """
 
 import argparse
+import contextlib
 import importlib
 import json
 import subprocess
@@ -63,17 +64,28 @@ def check(module, batch: int, dim: int) -> float:
     return max(rel_err(a, b) for a, b in zip(*results))
 
 
-def main():
+def ab_arguments(default_out: str) -> argparse.Namespace:
+    """The A/B scripts' arguments: --baseline (repeatable) and --out."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--baseline", action="append", required=True,
                         help="a git revision, or a folder with its samba_kernels files (repeatable)")
-    parser.add_argument("--out", default="scan_ab.json")
-    args = parser.parse_args()
-    measure = timer("cuda")
+    parser.add_argument("--out", default=default_out)
+    return parser.parse_args()
+
+
+@contextlib.contextmanager
+def side_by_side(baselines: list[str]):
+    """{version: samba_kernels module}: each baseline imported as its own package, then the working tree's."""
     with tempfile.TemporaryDirectory() as root:
         sys.path.insert(0, root)
-        versions = {baseline: import_baseline(baseline, Path(root)) for baseline in args.baseline}
-        versions["working tree"] = samba_kernels
+        versions = {baseline: import_baseline(baseline, Path(root)) for baseline in baselines}
+        yield {**versions, "working tree": samba_kernels}
+
+
+def main():
+    args = ab_arguments("scan_ab.json")
+    measure = timer("cuda")
+    with side_by_side(args.baseline) as versions:
         result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                   "check": {version: {f"batch {b} dim {d}": check(module, b, d) for b, d in CHECKS}
                             for version, module in versions.items()}, "times_ms": {}}  # fmt: skip

@@ -7,34 +7,23 @@ copy of their samba_kernels files. Writes the errors and times as JSON.
     PYTHONPATH=kernels:benchmarks python benchmarks/scan_forward_ab.py --baseline d506dd9 --out ab.json
 """
 
-import argparse
 import json
-import sys
-import tempfile
 from pathlib import Path
 
 import torch
-from scan_ab import import_baseline
+from scan_ab import ab_arguments, side_by_side
 
-import samba_kernels
 from kernels import rel_err, scan_inputs, timer  # the sibling scripts (benchmarks/ on the path)
 
 SHAPES = [(8, 3072), (8, 4096), (6, 3072), (16, 3072)]  # (batch, dim): samba-421m's and samba-1.3b's widths
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--baseline", action="append", required=True,
-                        help="a git revision, or a folder with its samba_kernels files (repeatable)")
-    parser.add_argument("--out", default="scan_forward_ab.json")
-    args = parser.parse_args()
+    args = ab_arguments("scan_forward_ab.json")
     measure = timer("cuda")
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "length": 4096,
               "relative_error_against_first_baseline": {}, "times_ms": {}}
-    with tempfile.TemporaryDirectory() as root, torch.no_grad():
-        sys.path.insert(0, root)
-        versions = {baseline: import_baseline(baseline, Path(root)) for baseline in args.baseline}
-        versions["working tree"] = samba_kernels
+    with side_by_side(args.baseline) as versions, torch.no_grad():
         for batch, dim in SHAPES:
             inputs = scan_inputs(batch, dim, 4096, "cuda", torch.bfloat16)
             shape = f"{batch}x{dim}"
