@@ -474,7 +474,7 @@ def main():
     section("device rates", do_rates)
     if device == "cuda" and not args.no_sweep:
         section("tile sweep", do_sweep)
-    result["scan_config"] = dict(fwd=ss.GPU_FWD, train=ss.GPU_TRAIN, lanes=ss.LANES, lane_min_programs=ss.LANE_MIN_PROGRAMS)
+    result["scan_config"] = dict(fwd=ss.GPU_FWD, train=ss.GPU_TRAIN, lanes=ss.LANES, lane_cost=ss.LANE_COST)
     section("ops", do_ops)
     section("attention", do_attention)
     table = render(result)

@@ -22,10 +22,12 @@ import torch
 import samba_kernels
 from kernels import rel_err, scan_inputs, seq_idx_for, timer  # the sibling script (benchmarks/ on the path)
 
-SHAPES = {"samba-421m": 3072, "samba-1.3b": 4096}  # Mamba channels (dim); batch 8, length 4096, bf16
+# (name, batch, Mamba channels (dim)); length 4096, bf16. The smaller batches take the lanes forward's smaller
+# BLOCK_D (selective_scan.LANE_COST).
+SHAPES = [("samba-421m", 8, 3072), ("samba-1.3b", 8, 4096), ("samba-421m", 4, 3072), ("samba-421m", 2, 3072)]
 # (batch, dim) of the checks: few channels (the forward that spreads steps over lanes) and enough for the
-# forward with one channel per lane (selective_scan.LANE_MIN_PROGRAMS)
-CHECKS = [(2, 256), (8, 2176)]
+# lanes forward at BLOCK_D 16, 8 and 32
+CHECKS = [(2, 256), (8, 2176), (2, 3072), (8, 4096)]
 
 
 def kernel_sources(baseline: str) -> dict[str, str]:
@@ -90,8 +92,8 @@ def main():
                   "check": {version: {f"batch {b} dim {d}": check(module, b, d) for b, d in CHECKS}
                             for version, module in versions.items()}, "times_ms": {}}  # fmt: skip
         print("worst relative errors against the reference:", result["check"], flush=True)
-        for model, dim in SHAPES.items():
-            t = scan_inputs(8, dim, 4096, "cuda", torch.bfloat16, True)
+        for model, batch, dim in SHAPES:
+            t = scan_inputs(batch, dim, 4096, "cuda", torch.bfloat16, True)
             dy = torch.randn_like(t["u"])
             detached = {k: v.detach() for k, v in t.items()}
             for repeat in range(2):
@@ -100,8 +102,8 @@ def main():
                     fwd_bwd = lambda m=module: torch.autograd.grad(  # noqa: E731
                         m.selective_scan_fn(**t, delta_softplus=True), list(t.values()), dy)
                     times = {"fwd": measure(fwd), "fwd+bwd": measure(fwd_bwd)}
-                    result["times_ms"][f"{model} {version} #{repeat + 1}"] = times
-                    print(model, version, repeat + 1, times, flush=True)
+                    result["times_ms"][f"{model} batch {batch} {version} #{repeat + 1}"] = times
+                    print(model, batch, version, repeat + 1, times, flush=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
 
 

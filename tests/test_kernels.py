@@ -82,8 +82,8 @@ SCAN_CASES = {
 }
 
 
-# The forward with one channel per lane runs where there are enough channels
-# (selective_scan.LANES); at these sizes only when the threshold is lowered.
+# The lanes forward runs where there are enough channels to give each SM sub-partition a warp
+# (selective_scan.LANES); at these sizes only when the interpreter counts one sub-partition.
 LANE_CASES = ["everything", "grouped", "length-1", "length-130", "d_state-13"]
 
 
@@ -99,7 +99,7 @@ def test_selective_scan_matches_reference(case, forward, monkeypatch):
     if opt.get("seq"):
         kwargs["seq_idx"] = _seq_idx(g, batch, length, cuts=(chunk, length - 1))
     if forward == "lanes":
-        monkeypatch.setattr(selective_scan, "LANE_MIN_PROGRAMS", 0)
+        monkeypatch.setattr(selective_scan, "INTERPRETER_SUB_PARTITIONS", 1)
     out = samba_kernels.selective_scan_fn(**tensors, **kwargs)
     out_ref = samba_kernels.selective_scan_ref(**tensors, **kwargs)
     _assert_grads_match(out, out_ref, list(tensors.values()), g)

@@ -16,9 +16,11 @@ q_t = C_t g_t + a_{t+1} q_{t+1} with a scan of the time-reversed tile. Sums over
 atomics, deterministic. A new document of `seq_idx` zeroes a_t.
 
 The forward has a second layout where there are enough channels to fill the GPU
-(`_scan_fwd_lanes_kernel`, for inference and training): one channel per lane, its states and a tile of
-steps in the thread, so the recurrence is one multiply-add per state and step, with nothing across lanes.
+(`_scan_fwd_lanes_kernel`, for inference and training): a channel's states in one lane (or split over two or
+four), with a tile of steps in the thread, so the recurrence is one multiply-add per state and step.
 """
+
+import functools
 
 import torch
 import triton
@@ -27,6 +29,7 @@ import triton.language as tl
 from ._common import block_size, use_triton
 from .reference import selective_scan_ref, selective_state_update_ref
 
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x LOG2E)
 CHUNK = 8  # the time tile under Triton's interpreter (CPU tensors), where a scan step is a Python loop
 
 # Tile shapes on a GPU: (BLOCK_D channels, spread over the lanes of num_warps warps) x (T steps).
@@ -43,12 +46,30 @@ GPU_FWD = dict(BLOCK_D=16, T=16, NU=8, num_warps=1, maxnreg=128)  # forward with
 GPU_TRAIN = dict(T=16, fwd=dict(BLOCK_D=16, NU=8, num_warps=1, maxnreg=128),
                  bwd=dict(BLOCK_D=16, NU=1, num_warps=1, maxnreg=168))
 MIN_BLOCK_D, MIN_PROGRAMS = 1, 8 * 132
-# The forward runs with one channel per lane (_scan_fwd_lanes_kernel: 32 channels, one warp, T 8: a
-# thread's 16-byte loads) where that gives each of an H200's 528 SM sub-partitions a warp; for training it
-# saves a checkpoint every T_backward / T tiles. Fewer channels (small batches: batch-1 prefill) keep
+# Where there are enough channels, the forward runs _scan_fwd_lanes_kernel: one warp on BLOCK_D channels, a
+# thread's steps in tiles of T 8 (16-byte loads); for training it saves a checkpoint every T_backward / T tiles.
+# With BLOCK_D 32 a lane holds one channel's states; with 16 or 8, two or four lanes split them, and also the
+# channel's per-step work, which leaves them more of it than a half or a quarter. LANE_COST: the time of a warp
+# at each BLOCK_D relative to 32 (H200, bf16, benchmarks/scan_lanes.json). Each SM sub-partition (4 per SM)
+# runs its warps in turn, so the forward takes about LANE_COST x ceil(warps / sub-partitions): the BLOCK_D with
+# the least runs, among those that give every sub-partition a warp. Fewer channels (batch-1 prefill) keep
 # _scan_fwd_kernel, whose lanes share the steps of fewer channels.
-LANES = dict(BLOCK_D=32, T=8, num_warps=1)
-LANE_MIN_PROGRAMS = 4 * 132
+LANES = dict(T=8, num_warps=1)
+LANE_COST = {32: 1.0, 16: 0.61, 8: 0.53}
+INTERPRETER_SUB_PARTITIONS = 4 * 132  # CPU tensors (the interpreter) choose as an H200 would
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _lanes_block(n_rows, dpg, device):
+    """BLOCK_D of the lanes forward over n_rows x dpg channels, or None where no BLOCK_D fills the GPU."""
+    slots = 4 * _sm_count(device) if device.type == "cuda" else INTERPRETER_SUB_PARTITIONS
+    warps = {bd: n_rows * triton.cdiv(dpg, bd) for bd in LANE_COST}
+    time = {bd: cost * triton.cdiv(warps[bd], slots) for bd, cost in LANE_COST.items() if warps[bd] >= slots}
+    return min(time, key=time.get, default=None)
 
 
 @triton.jit
@@ -173,7 +194,7 @@ def _scan_fwd_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, init, last, c
         for n0 in range(0, N, NU):  # NU states at a time: enough independent work, not all N live at once
             for k in tl.static_range(NU):
                 n = n0 + k
-                A2_n = tl.load(A + d * N + n, mask=d_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+                A2_n = tl.load(A + d * N + n, mask=d_mask, other=0.0).to(tl.float32) * LOG2E
                 B_n = tl.load(B + bc + n * L + t, mask=t_mask, other=0.0).to(tl.float32)
                 C_n = tl.load(C + bc + n * L + t, mask=t_mask, other=0.0).to(tl.float32)
                 ac, bc_ = tl.associative_scan((_decay(dt, A2_n, keep, HAS_SEQ), dtu * B_n[None, :]), axis=1,
@@ -196,9 +217,10 @@ def _scan_fwd_lanes_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, init, l
                            HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                            SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
                            SAVE_CKPT: tl.constexpr, CKPT_EVERY: tl.constexpr):
-    """The forward with one channel per lane (BLOCK_D = 32 lanes of one warp): a thread holds its channel's
-    states (BLOCK_N) and the tile's steps (T), so each step is one multiply-add per state (the steps are
-    unrolled; picking step s of a tile is a register pick) and y's sum over the states stays in the thread.
+    """The forward with a channel's states in one lane (BLOCK_D 32: one warp) or split over two or four (BLOCK_D 16
+    or 8): a thread holds its states of the channel and the tile's steps (T), so each step is one multiply-add per
+    state (the steps are unrolled; picking step s of a tile is a register pick) and y's sum over the states stays
+    in the thread or the lanes of its channel.
     B and C of the tile are the same for every channel; Triton's layout conversion hands them to each lane
     through shared memory. _scan_fwd_kernel's arguments and results; the backward's tiles span CKPT_EVERY
     of these, so the checkpoints are the states entering every CKPT_EVERY-th tile."""
@@ -209,7 +231,7 @@ def _scan_fwd_lanes_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, init, l
     tt = tl.arange(0, T)
     st_mask = d_mask[:, None] & (nn < N)[None, :]
     st_off = b * s_hb + d[:, None] * s_hd + nn[None, :] * s_hn
-    A2 = tl.load(A + d[:, None] * N + nn[None, :], mask=st_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+    A2 = tl.load(A + d[:, None] * N + nn[None, :], mask=st_mask, other=0.0).to(tl.float32) * LOG2E
     if HAS_INIT:
         h = tl.load(init + st_off, mask=st_mask, other=0.0)
     else:
@@ -339,7 +361,7 @@ def _scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt, dlast, 
                 sel = (tt == n)[None, :]
                 A_n, B_n, C_n, h0 = A_x, B_x, C_x, h0_x
                 A_x, B_x, C_x, h0_x = _state_inputs(A, B, C, ck, d, d_mask, bc, L, t, t_mask, i, (n + 1) % N, N)
-                A2_n = A_n * 1.4426950408889634
+                A2_n = A_n * LOG2E
                 bb = dtu * B_n[None, :]
                 ac, bc_ = tl.associative_scan((_decay(dt, A2_n, keep, HAS_SEQ), bb), axis=1, combine_fn=_lin)
                 hs = ac * h0[:, None] + bc_
@@ -364,7 +386,7 @@ def _scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt, dlast, 
             tl.store(dC_part + rows, dC_t, mask=(jj < N)[:, None] & t_mask[None, :])
         ddt = dexpA + qB * u_t
         if SOFTPLUS:  # d softplus(x)/dx = sigmoid(x) = 1 - exp(-softplus(x))
-            ddt *= 1.0 - tl.exp2(-1.4426950408889634 * dt)
+            ddt *= 1.0 - tl.exp2(dt * -LOG2E)
         ddt = tl.where(m2, ddt, 0.0)
         du_t = qB * dt
         if HAS_D:
@@ -382,7 +404,7 @@ def _scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt, dlast, 
     if HAS_INIT:  # h_0 = a_0 h_init + b_0
         dt0 = _dt(tl.load(delta + row[:, None] + tl.zeros([1, T], dtype=tl.int64), mask=st_mask, other=0.0),
                   st_mask, bias_v, HAS_BIAS, SOFTPLUS)
-        A2 = tl.load(A + d[:, None] * N + tt[None, :], mask=st_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+        A2 = tl.load(A + d[:, None] * N + tt[None, :], mask=st_mask, other=0.0).to(tl.float32) * LOG2E
         tl.store(dinit + st_off, q * tl.exp2(dt0 * A2), mask=st_mask)
     if HAS_D:
         tl.store(dD_part + b * dim + d, dD_acc, mask=d_mask)
@@ -426,7 +448,7 @@ def _configs(u, B, N, train):
     if not u.is_cuda:  # the interpreter: one small tile shape; the lanes forward's tiles half the
         # checkpoint spacing, as on a GPU
         meta = dict(T=tile(CHUNK), BLOCK_D=block_size(dpg, 4), NU=_unroll(2, N), num_warps=1)
-        forward, backward, lanes = meta, meta, dict(BLOCK_D=meta["BLOCK_D"], T=meta["T"] // 2, num_warps=1)
+        forward, backward, lanes = meta, meta, dict(T=meta["T"] // 2, num_warps=1)
     else:
         configs = [GPU_TRAIN["fwd"], GPU_TRAIN["bwd"]] if train else [GPU_FWD]
         blocks = [_block_d(c["BLOCK_D"], n_rows, dpg) for c in configs]
@@ -437,8 +459,9 @@ def _configs(u, B, N, train):
                  for c, bd in zip(configs, blocks)]
         forward, backward = metas[0], metas[-1]
         lanes = dict(LANES, T=min(LANES["T"], T))
-    if n_rows * triton.cdiv(dpg, lanes["BLOCK_D"]) >= LANE_MIN_PROGRAMS:
-        forward = dict(lanes, lanes=True, CKPT_EVERY=forward["T"] // lanes["T"])
+    lanes_block = _lanes_block(n_rows, dpg, u.device)
+    if lanes_block is not None:
+        forward = dict(lanes, BLOCK_D=lanes_block, lanes=True, CKPT_EVERY=forward["T"] // lanes["T"])
     else:
         forward = dict(forward, lanes=False, CKPT_EVERY=1)
     return groups, dpg, forward, backward if train else None
