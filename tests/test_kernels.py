@@ -9,6 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 import samba_kernels
 from samba_kernels import causal_conv1d, selective_scan
@@ -117,6 +119,24 @@ def test_selective_scan_bf16():
     for gr, gr_ref in zip(torch.autograd.grad(y, list(t.values()), dy), torch.autograd.grad(y_ref, list(t.values()), dy)):
         assert gr.dtype == torch.bfloat16
         torch.testing.assert_close(gr.float(), gr_ref.float(), rtol=5e-2, atol=5e-2)
+
+
+@triton.jit
+def _softplus_kernel(x, out, n, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out + offsets, selective_scan._softplus(tl.load(x + offsets, mask=offsets < n)), mask=offsets < n)
+
+
+def test_scan_softplus_keeps_float32_precision_in_its_tails():
+    # log(1 + exp(x)) in float32 loses everything below x = -17 (1 + exp(x) rounds to 1); the scan's
+    # softplus stays within float32's rounding of exp(x) there.
+    x = torch.cat([torch.linspace(-40, 40, 8001), -torch.logspace(-7, 1.6, 500), torch.logspace(-7, 1.6, 500)])
+    out = torch.empty_like(x, device=DEVICE)
+    _softplus_kernel[(triton.cdiv(x.numel(), 1024),)](x.to(DEVICE), out, x.numel(), BLOCK=1024)
+    out, expected = out.double().cpu(), F.softplus(x.double(), threshold=100)
+    torch.testing.assert_close(out, expected, rtol=4e-6, atol=0)
+    middle = x.abs() < 5  # where exp(x) rounds least: a few float32 roundings
+    torch.testing.assert_close(out[middle], expected[middle], rtol=6e-7, atol=0)
 
 
 CONV_CASES = {

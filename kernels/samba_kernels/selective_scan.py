@@ -97,8 +97,22 @@ def _dt(delta_raw, mask, bias_v, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr)
     if HAS_BIAS:
         dt += bias_v[:, None]
     if SOFTPLUS:
-        dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(tl.minimum(dt, 20.0))))
+        dt = _softplus(dt)
     return tl.where(mask, dt, 0.0)
+
+
+@triton.jit
+def _softplus(x):
+    """log(1 + exp(x)) = max(x, 0) + log1p(e), e = exp(-|x|) in (0, 1], with log1p(e) = 2 atanh(s) summed as
+    its series in s = e / (2 + e) <= 1/3, to s^13 / 13 (the next term is below float32's precision). Two MUFU
+    operations and ~15 instructions: tl.log's range reduction and polynomial took ~25."""
+    e = tl.exp2(-tl.abs(x) * LOG2E)
+    s = e / (2.0 + e)
+    s2 = s * s
+    series = 1.0 / 13.0
+    for k in tl.static_range(5, -1, -1):  # Horner in s^2: 1/11, 1/9, ..., 1/1
+        series = series * s2 + 1.0 / (2 * k + 1)
+    return tl.maximum(x, 0.0) + 2.0 * s * series
 
 
 @triton.jit
