@@ -1,7 +1,8 @@
 """The lanes forward at each BLOCK_D, for selective_scan.LANE_COST. Each BLOCK_D is forced in turn at shapes
 whose warps give the SM sub-partitions different numbers of turns; a warp's time is the forward's time over
-ceil(warps / sub-partitions), and LANE_COST is its median over the shapes relative to BLOCK_D 32's. bf16,
-length 4096, d_state 16, the inputs of kernels.py. Writes the times and the relative costs as JSON.
+ceil(warps / sub-partitions), and LANE_COST is its median over the shapes relative to BLOCK_D 32's. Then,
+at batch 1 (fewer warps than sub-partitions), the lanes forward forced at BLOCK_D 8 against _scan_fwd_kernel.
+bf16, length 4096, d_state 16, the inputs of kernels.py. Writes the times and the relative costs as JSON.
 
     PYTHONPATH=kernels:benchmarks python benchmarks/scan_lanes.py --out scan_lanes.json
 """
@@ -40,6 +41,13 @@ def main():
                 per_turn[bd].append(ms / turns)
                 result["times_ms"][f"batch {batch} dim {dim} BLOCK_D {bd}"] = dict(ms=ms, turns=turns)
                 print(batch, dim, bd, ms, turns, flush=True)
+        for dim in (3072, 4096):
+            t = scan_inputs(1, dim, 4096, "cuda", torch.bfloat16)
+            for bd in (None, 8):
+                ss._lanes_block = lambda n_rows, dpg, device, bd=bd: bd  # noqa: E731
+                ms = measure(lambda: ss.selective_scan_fn(**t, delta_softplus=True))
+                result["times_ms"][f"batch 1 dim {dim} " + ("_scan_fwd_kernel" if bd is None else f"BLOCK_D {bd}")] = ms
+                print(1, dim, bd, ms, flush=True)
     finally:
         ss._lanes_block = chooser
     result["lane_cost_measured"] = {bd: statistics.median(a / b for a, b in zip(times, per_turn[32]))
