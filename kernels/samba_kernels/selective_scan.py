@@ -55,7 +55,11 @@ MIN_BLOCK_D, MIN_PROGRAMS = 1, 8 * 132
 # the least runs, among those that give every sub-partition a warp. Fewer channels (batch-1 prefill) keep
 # _scan_fwd_kernel, whose lanes share the steps of fewer channels.
 LANES = dict(T=8, num_warps=1)
-LANE_COST = {32: 1.0, 16: 0.61, 8: 0.55}
+LANE_COST = {32: 1.0, 16: 0.61, 8: 0.55}  # measured before LANE_Y_PARTS, which made 16 and 8 3-5% faster
+# y's sum over the states, per BLOCK_D: the partial sums it takes (chains of multiply-adds between them). BLOCK_D 32,
+# bound by issue and the MUFU pipe together, takes two chains; 16 and 8, which wait on latency, a tree of adds
+# (more instructions, shorter dependences): H200, benchmarks/scan_ab_yparts.json.
+LANE_Y_PARTS = {32: 2, 16: 16, 8: 16}
 INTERPRETER_SUB_PARTITIONS = 4 * 132  # CPU tensors (the interpreter) choose as an H200 would
 
 
@@ -237,7 +241,7 @@ def _scan_fwd_lanes_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, init, l
                            N: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr,
                            HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                            SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
-                           SAVE_CKPT: tl.constexpr, CKPT_EVERY: tl.constexpr):
+                           SAVE_CKPT: tl.constexpr, CKPT_EVERY: tl.constexpr, Y_PARTS: tl.constexpr):
     """The forward with a channel's states in one lane (BLOCK_D 32: one warp) or split over two or four (BLOCK_D 16
     or 8): a thread holds its states of the channel and the tile's steps (T), so each step is one multiply-add per
     state (the steps are unrolled; picking step s of a tile is a register pick) and y's sum over the states stays
@@ -285,8 +289,8 @@ def _scan_fwd_lanes_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, init, l
             if HAS_SEQ:
                 a *= _col(keep_t, tt, step)[:, None]
             h = a * h + _col(dtu, tt, step)[:, None] * B_s[None, :]
-            # y's sum over the states as two partial sums: dependent chains half as long
-            hC = tl.reshape(h * C_s[None, :], (BLOCK_D, 2, BLOCK_N // 2))
+            # y's sum over the states in Y_PARTS partial sums (see LANE_Y_PARTS)
+            hC = tl.reshape(h * C_s[None, :], (BLOCK_D, Y_PARTS, BLOCK_N // Y_PARTS))
             y_step = tl.sum(tl.sum(hC, axis=2), axis=1)
             y = tl.where((tt == step)[None, :], y + y_step[:, None], y)
         if HAS_Z:
@@ -516,9 +520,11 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, 
                  HAS_SEQ=seq_idx is not None, HAS_INIT=initial_state is not None, SAVE_CKPT=save_ckpt)
     meta = dict(meta)
     lanes, ckpt_every = meta.pop("lanes"), meta.pop("CKPT_EVERY")
-    if lanes:  # one channel per lane (see LANES)
-        _scan_fwd_lanes_kernel[grid](*inputs, ckpt, out, *sizes, BLOCK_N=max(2, triton.next_power_of_2(N)),
-                                     CKPT_EVERY=ckpt_every, **flags, **meta)
+    if lanes:  # see LANES
+        block_n = max(2, triton.next_power_of_2(N))
+        _scan_fwd_lanes_kernel[grid](*inputs, ckpt, out, *sizes, BLOCK_N=block_n, CKPT_EVERY=ckpt_every,
+                                     Y_PARTS=min(block_n, LANE_Y_PARTS[meta["BLOCK_D"]]),
+                                     **flags, **meta)
     else:
         _scan_fwd_kernel[grid](*inputs, ckpt, out, *sizes, **flags, **meta)
     return out, ckpt
