@@ -474,7 +474,8 @@ def main():
     section("device rates", do_rates)
     if device == "cuda" and not args.no_sweep:
         section("tile sweep", do_sweep)
-    result["scan_config"] = dict(fwd=ss.GPU_FWD, train=ss.GPU_TRAIN, lanes=ss.LANES, lane_cost=ss.LANE_COST)
+    result["scan_config"] = dict(fwd=ss.GPU_FWD, train=ss.GPU_TRAIN, lanes=ss.LANES, lane_cost=ss.LANE_COST,
+                                 lane_y_parts=ss.LANE_Y_PARTS)
     section("ops", do_ops)
     section("attention", do_attention)
     table = render(result)
