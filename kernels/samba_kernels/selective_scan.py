@@ -48,11 +48,11 @@ GPU_TRAIN = dict(T=16, fwd=dict(BLOCK_D=16, NU=8, num_warps=1, maxnreg=128),
 MIN_BLOCK_D, MIN_PROGRAMS = 1, 8 * 132
 # Where there are enough channels, the forward runs _scan_fwd_lanes_kernel: one warp on BLOCK_D channels, a
 # thread's steps in tiles of T 8 (16-byte loads); for training it saves a checkpoint every T_backward / T tiles.
-# With BLOCK_D 32 a lane holds one channel's states; with 16 or 8, two or four lanes split them, and also the
-# channel's per-step work, which leaves them more of it than a half or a quarter. LANE_COST: the time of a warp
-# at each BLOCK_D relative to 32 (H200, bf16, benchmarks/scan_lanes.json). Each SM sub-partition (4 per SM)
-# runs its warps in turn, so the forward takes about LANE_COST x ceil(warps / sub-partitions): the BLOCK_D with
-# the least runs, among those that give every sub-partition a warp. Fewer channels (batch-1 prefill) keep
+# With BLOCK_D 32 a lane holds one channel's states; with 16 or 8, two or four lanes split them and the channel's
+# per-step work, so a warp takes more than a half or a quarter of the time. LANE_COST: a warp's time at each
+# BLOCK_D relative to 32 (H200, bf16, benchmarks/scan_lanes.json). Each SM sub-partition (4 per SM) runs its
+# warps in turn, so the forward takes about LANE_COST x ceil(warps / sub-partitions); of the BLOCK_D that give
+# every sub-partition a warp, the one with the least of that is used. Fewer channels (batch-1 prefill) keep
 # _scan_fwd_kernel, whose lanes share the steps of fewer channels.
 LANES = dict(T=8, num_warps=1)
 LANE_COST = {32: 1.0, 16: 0.61, 8: 0.55}  # measured before LANE_Y_PARTS, which made 16 and 8 3-5% faster
