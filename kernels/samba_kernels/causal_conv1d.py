@@ -163,9 +163,11 @@ def _(x, weight, bias, seq_idx, initial_states, activation):
 
 
 def _conv_bwd_outputs(x, weight, init):
+    """Uninitialised (dx, dweight, dbias, dinitial_states) of the backward's shapes (the op returns its own
+    dweight and dbias, summed from partials)."""
     f32 = dict(dtype=torch.float32, device=x.device)
     dinit = torch.empty(0, **f32) if init is None else torch.empty(init.shape, **f32)
-    return [torch.empty_like(x), torch.zeros(weight.shape, **f32), torch.zeros(weight.shape[0], **f32), dinit]
+    return [torch.empty_like(x), torch.empty(weight.shape, **f32), torch.empty(weight.shape[0], **f32), dinit]
 
 
 @torch.library.custom_op("samba_kernels::causal_conv1d_bwd", mutates_args=())
@@ -175,7 +177,7 @@ def _conv_bwd_op(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias
     """(dx, dweight, dbias, dinitial_states), the last three in float32; dinitial_states empty when absent."""
     batch, dim, L = x.shape
     W = weight.shape[-1]
-    dx, _, _, dinit = _conv_bwd_outputs(x, weight, initial_states)  # dweight and dbias: summed partials
+    dx, _, _, dinit = _conv_bwd_outputs(x, weight, initial_states)
     g_out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     parts = batch * triton.cdiv(L, _tiles(dim, L)[1])  # (batch, position block) rows of the partial sums
     dweight_part = torch.empty(parts, dim, W, dtype=torch.float32, device=x.device)
