@@ -55,7 +55,7 @@ MIN_BLOCK_D, MIN_PROGRAMS = 1, 8 * 132
 # every sub-partition a warp, the one with the least of that is used. Fewer channels (batch-1 prefill) keep
 # _scan_fwd_kernel, whose lanes share the steps of fewer channels.
 LANES = dict(T=8, num_warps=1)
-LANE_COST = {32: 1.0, 16: 0.61, 8: 0.55}  # measured before LANE_Y_PARTS, which made 16 and 8 3-5% faster
+LANE_COST = {32: 1.0, 16: 0.56, 8: 0.48}
 # y's sum over the states, per BLOCK_D: the partial sums it takes (chains of multiply-adds between them). BLOCK_D 32,
 # bound by issue and the MUFU pipe together, takes two chains; 16 and 8, which wait on latency, a tree of adds
 # (more instructions, shorter dependences): H200, benchmarks/scan_ab_yparts.json.
