@@ -139,6 +139,23 @@ def test_scan_softplus_keeps_float32_precision_in_its_tails():
     torch.testing.assert_close(out[middle], expected[middle], rtol=6e-7, atol=0)
 
 
+
+@triton.jit
+def _channel_sums_kernel(x, sums, BLOCK_D: tl.constexpr, T: tl.constexpr, THREAD_STEPS: tl.constexpr):
+    tile = tl.load(x + tl.arange(0, BLOCK_D)[:, None] * T + tl.arange(0, T)[None, :])
+    values, steps = selective_scan._channel_sums(tile, BLOCK_D, T, THREAD_STEPS)
+    tl.store(sums + steps, values)
+
+
+@pytest.mark.parametrize("block_d, T, thread_steps", [(16, 16, 8), (4, 8, 4), (8, 32, 8), (32, 8, 8), (1, 8, 8),
+                                                      (2, 16, 4)])
+def test_scan_channel_sums_match_torch_sum(block_d, T, thread_steps):
+    # the backward's reduce-scatter, with fewer rounds than channel bits (32 x 8) and than step bits (2 x 16)
+    x = _randn(_gen(block_d * T), block_d, T)
+    sums = torch.full((T,), float("nan"), device=DEVICE)
+    _channel_sums_kernel[(1,)](x, sums, BLOCK_D=block_d, T=T, THREAD_STEPS=thread_steps)
+    torch.testing.assert_close(sums, x.sum(0), rtol=1e-6, atol=1e-6)
+
 CONV_CASES = {
     # name: (batch, dim, length, width, activation, seq_idx, initial_states, bias, return_final_states)
     "silu-everything": (2, 5, 19, 4, "silu", True, True, True, True),

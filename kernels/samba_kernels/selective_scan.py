@@ -323,6 +323,29 @@ def _bwd_tile(u, delta, z, dout, seq_idx, b, L, row, d_mask, bias_v, t,
 
 
 @triton.jit
+def _channel_sums(x, BLOCK_D: tl.constexpr, T: tl.constexpr, THREAD_STEPS: tl.constexpr):
+    """Sums over the channels (axis 0) of a (BLOCK_D, T) tile, as (sums, their steps): tl.sum's butterfly would
+    pass every value across lanes at each of log2(BLOCK_D) rounds, this halves them (a reduce-scatter). Each
+    round pairs the channels that differ in one bit: of its run of THREAD_STEPS steps (the ones a thread holds),
+    a channel keeps one half, sends its partner the other half (`tl.flip` of the pair: one shuffle a value)
+    and adds what it receives. Rounds left once the runs are down to one step sum with tl.sum."""
+    ROUNDS: tl.constexpr = min(BLOCK_D.bit_length(), THREAD_STEPS.bit_length()) - 1
+    RUNS: tl.constexpr = T // THREAD_STEPS
+    for k in tl.static_range(ROUNDS):  # (channels above bit k, bit k, below it, runs, halves, half-run)
+        pairs = tl.reshape(x, (BLOCK_D // (2 << k), 2, 1 << k, RUNS, 2, THREAD_STEPS >> (k + 1)))
+        lo, hi = tl.split(tl.permute(pairs, (0, 1, 2, 3, 5, 4)))
+        first = (tl.arange(0, 2) == 0)[None, :, None, None, None]
+        x = tl.where(first, lo, hi) + tl.flip(tl.where(first, hi, lo), 1)
+    # channel d now holds its half-runs' sums over the channels that match it below bit ROUNDS
+    x = tl.sum(tl.reshape(x, (BLOCK_D >> ROUNDS, 1 << ROUNDS, RUNS, THREAD_STEPS >> ROUNDS)), axis=0)
+    low_bits = tl.arange(0, 1 << ROUNDS)[:, None, None]
+    steps = tl.arange(0, RUNS)[None, :, None] * THREAD_STEPS + tl.arange(0, THREAD_STEPS >> ROUNDS)[None, None, :]
+    for k in tl.static_range(ROUNDS):  # round k kept the upper half of the run where bit k is set
+        steps += ((low_bits >> k) & 1) * (THREAD_STEPS >> (k + 1))
+    return x, steps
+
+
+@triton.jit
 def _state_inputs(A, B, C, ck, d, d_mask, bc, L, t, t_mask, i, n, N: tl.constexpr):
     """State n's inputs to the backward of tile i: A[d, n] (BLOCK_D,), B and C at steps t (T,), and the
     checkpointed state entering the tile (BLOCK_D,)."""
@@ -339,13 +362,11 @@ def _scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt, dlast, 
                      N: tl.constexpr, NU: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr,
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                      SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
-                     HAS_DLAST: tl.constexpr):
+                     HAS_DLAST: tl.constexpr, THREAD_STEPS: tl.constexpr):
     b, d, d_mask, row, bc = _coords(dim, L, N, groups, dpg, BLOCK_D)
     bias_v = tl.load(delta_bias + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
     D_v = tl.load(D + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_D else 0.0
     tt = tl.arange(0, T)
-    jj = tl.arange(0, BLOCK_D)
-    STATE_ROWS: tl.constexpr = N <= BLOCK_D
     # Per-state values in registers, state n in column n of a (BLOCK_D, T) tile (T >= N), as in the forward.
     st_off = (b * dim + d[:, None]) * N + tt[None, :]  # (batch, dim, d_state) tensors: dlast, dA_part, dinit
     st_mask = d_mask[:, None] & (tt < N)[None, :]
@@ -372,10 +393,6 @@ def _scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt, dlast, 
             g *= z_t * tl.sigmoid(z_t)
             y = D_v[:, None] * u_t
         dtu = dt * u_t
-        if STATE_ROWS:  # this tile's dB and dC, state n in row n: one wide store each per tile, where a
-            # store per state would pass each sum through shared memory behind a barrier
-            dB_t = tl.zeros([BLOCK_D, T], dtype=tl.float32)
-            dC_t = tl.zeros([BLOCK_D, T], dtype=tl.float32)
         qB = tl.zeros([BLOCK_D, T], dtype=tl.float32)  # sum_n q_t[n] B_t[n]: the adjoint of dt_t u_t
         dexpA = tl.zeros([BLOCK_D, T], dtype=tl.float32)  # sum_n of the adjoint of dt_t A[n], times A[n]
         # Software prefetch: the loads of state n + 1 are issued before state n is computed.
@@ -398,17 +415,10 @@ def _scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt, dlast, 
                 dA_acc = tl.where(sel, dA_acc + tl.sum(dexp * dt, axis=1)[:, None], dA_acc)
                 dexpA += dexp * A_n[:, None]
                 qB += qs * B_n[None, :]
-                dB_n, dC_n = tl.sum(qs * dtu, axis=0), tl.sum(g * hs, axis=0)  # sums over the channels
-                if STATE_ROWS:
-                    dB_t = tl.where((jj == n)[:, None], dB_n[None, :], dB_t)
-                    dC_t = tl.where((jj == n)[:, None], dC_n[None, :], dC_t)
-                else:
-                    tl.store(dB_part + part + n * L + t, dB_n, mask=t_mask)
-                    tl.store(dC_part + part + n * L + t, dC_n, mask=t_mask)
-        if STATE_ROWS:
-            rows = part + jj[:, None] * L + t[None, :]
-            tl.store(dB_part + rows, dB_t, mask=(jj < N)[:, None] & t_mask[None, :])
-            tl.store(dC_part + rows, dC_t, mask=(jj < N)[:, None] & t_mask[None, :])
+                dB_n, steps = _channel_sums(qs * dtu, BLOCK_D, T, THREAD_STEPS)
+                dC_n, _ = _channel_sums(g * hs, BLOCK_D, T, THREAD_STEPS)
+                tl.store(dB_part + part + n * L + i * T + steps, dB_n, mask=i * T + steps < L)
+                tl.store(dC_part + part + n * L + i * T + steps, dC_n, mask=i * T + steps < L)
         ddt = dexpA + qB * u_t
         if SOFTPLUS:  # d softplus(x)/dx = sigmoid(x) = 1 - exp(-softplus(x))
             ddt *= 1.0 - tl.exp2(dt * -LOG2E)
@@ -593,7 +603,8 @@ def _scan_bwd_op(dout: torch.Tensor, dlast: torch.Tensor | None, u: torch.Tensor
         dinit if has_init else ckpt,
         batch * groups, dim, L, groups, dim // groups, ckpt.shape[2], N=N,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-        HAS_SEQ=seq_idx is not None, HAS_INIT=has_init, HAS_DLAST=dlast is not None, **meta,
+        HAS_SEQ=seq_idx is not None, HAS_INIT=has_init, HAS_DLAST=dlast is not None,
+        THREAD_STEPS=min(meta["T"], 16 // u.element_size()), **meta,  # a thread's run of steps: one 16-byte load
     )
     return [du, ddelta, dA_part, dB_part, dC_part, dD_part, dz, dbias_part, dinit]
 
