@@ -18,7 +18,7 @@ import triton
 from kernels import scan_inputs, timer  # the sibling script (benchmarks/ on the path)
 from samba_kernels import selective_scan as ss
 
-SHAPES = [(8, 3072), (8, 4096), (16, 3072)]  # (batch, dim)
+SHAPES = [(8, 3072), (8, 4096), (8, 4608), (16, 3072)]  # (batch, dim)
 
 
 def main():
