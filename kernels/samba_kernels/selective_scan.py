@@ -40,12 +40,19 @@ CHUNK = 8  # the time tile under Triton's interpreter (CPU tensors), where a sca
 # maxnreg: a register cap. The forwards' NU 8 fits 128 registers without spilling (offline sm_90
 # compile), so 16 one-warp programs share an SM; NU 16 took 167 (12 per SM): 3% faster at samba-421m's
 # shape, 19% slower at samba-1.3b's, whose 2048 programs then need a second, mostly idle wave. The
-# backward's cap: ptxas would take 229 and fit 8 programs per SM instead of 12; capped, it spills a few
-# loop-invariant values outside the state loop.
+# backward's caps: at 168 (its NU 4 would take more) it spills a few loop-invariant values outside the state
+# loop, at 128 a few inside it (offline sm_90 compiles).
 GPU_FWD = dict(BLOCK_D=16, T=16, NU=8, num_warps=1, maxnreg=128)  # forward without saving checkpoints
 GPU_TRAIN = dict(T=16, fwd=dict(BLOCK_D=16, NU=8, num_warps=1, maxnreg=128),
-                 bwd=dict(BLOCK_D=16, NU=1, num_warps=1, maxnreg=168))
+                 bwd=dict(BLOCK_D=16, NU=4, num_warps=1, maxnreg=168))
 MIN_BLOCK_D, MIN_PROGRAMS = 1, 8 * 132
+# Each of the backward's programs walks the whole sequence, so a grid with more warps than the GPU holds at once
+# runs a second, mostly idle wave. Its register cap is the largest of BWD_REGISTER_CAPS under which every warp
+# is resident at once (168: 12 warps per SM, 128: 16), else the first. Where BLOCK_D is halved (small batches),
+# a channel's steps spread over more lanes and NU 4 spills: NU is BWD_SMALL_BLOCK_NU there. H200, bf16,
+# benchmarks/scan_ab_channel_sums.json.
+BWD_REGISTER_CAPS = (168, 128)
+BWD_SMALL_BLOCK_NU = 1
 # Where there are enough channels, the forward runs _scan_fwd_lanes_kernel: one warp on BLOCK_D channels, a
 # thread's steps in tiles of T 8 (16-byte loads); for training it saves a checkpoint every T_backward / T tiles.
 # With BLOCK_D 32 a lane holds one channel's states; with 16 or 8, two or four lanes split them and the channel's
@@ -463,6 +470,14 @@ def _block_d(cap, n_rows, dpg):
     return bd
 
 
+def _bwd_occupancy(meta, n_programs, N, device):
+    """NU and maxnreg of the backward (see BWD_REGISTER_CAPS)."""
+    warps = n_programs * meta["num_warps"]
+    resident = [cap for cap in BWD_REGISTER_CAPS if warps <= _sm_count(device) * min(64, 65536 // (32 * cap))]
+    nu = meta["NU"] if meta["BLOCK_D"] == GPU_TRAIN["bwd"]["BLOCK_D"] else _unroll(BWD_SMALL_BLOCK_NU, N)
+    return dict(NU=nu, maxnreg=max(resident, default=BWD_REGISTER_CAPS[0]))
+
+
 def _unroll(nu, N):
     """The largest divisor of N that is at most nu."""
     return max(k for k in range(1, min(nu, N) + 1) if N % k == 0)
@@ -494,6 +509,8 @@ def _configs(u, B, N, train):
                  for c, bd in zip(configs, blocks)]
         forward, backward = metas[0], metas[-1]
         lanes = dict(LANES, T=min(LANES["T"], T))
+        if train:
+            backward.update(_bwd_occupancy(backward, n_rows * triton.cdiv(dpg, backward["BLOCK_D"]), N, u.device))
     lanes_block = _lanes_block(n_rows, dpg, u.device)
     if lanes_block is not None:
         forward = dict(lanes, BLOCK_D=lanes_block, lanes=True, CKPT_EVERY=forward["T"] // lanes["T"])
