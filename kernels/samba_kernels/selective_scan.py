@@ -311,9 +311,12 @@ def _adjoint(decay_next, c, q_after):
     """q_t = c_t + decay_next_t q_{t+1} over a tile's steps, from q_after (BLOCK_D,) past its end.
     A forward scan of the time-reversed tile: Triton lowers `reverse=True` scans with two permutations
     across all lanes (about 160 shuffles for a 16 x 16 tile in sm_90 SASS), tl.flip only moves what
-    crosses lanes (28)."""
-    qa, qc = tl.associative_scan((tl.flip(decay_next, 1), tl.flip(c, 1)), axis=1, combine_fn=_lin)
-    return tl.flip(qa * q_after[:, None] + qc, 1)
+    crosses lanes (28). q_after enters as part of the last step's c, so the scan's products of decays are
+    only used inside it (and their final multiply-adds drop out)."""
+    last = (tl.arange(0, c.shape[1]) == c.shape[1] - 1)[None, :]
+    c = tl.where(last, c + decay_next * q_after[:, None], c)  # q_after folded into the last step
+    _, q = tl.associative_scan((tl.flip(decay_next, 1), tl.flip(c, 1)), axis=1, combine_fn=_lin)
+    return tl.flip(q, 1)
 
 
 @triton.jit
@@ -412,8 +415,10 @@ def _scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt, dlast, 
                 A_x, B_x, C_x, h0_x = _state_inputs(A, B, C, ck, d, d_mask, bc, L, t, t_mask, i, (n + 1) % N, N)
                 A2_n = A_n * LOG2E
                 bb = dtu * B_n[None, :]
-                ac, bc_ = tl.associative_scan((_decay(dt, A2_n, keep, HAS_SEQ), bb), axis=1, combine_fn=_lin)
-                hs = ac * h0[:, None] + bc_
+                decay = _decay(dt, A2_n, keep, HAS_SEQ)
+                # h0 enters as part of the first step's b (see _adjoint)
+                _, hs = tl.associative_scan((decay, tl.where(tt[None, :] == 0, decay * h0[:, None] + bb, bb)), axis=1,
+                                            combine_fn=_lin)
                 if HAS_Z:
                     y += hs * C_n[None, :]
                 qs = _adjoint(_decay(dt1, A2_n, keep1, HAS_SEQ), g * C_n[None, :], _col(q, tt, n))  # dL/dh_t
