@@ -49,8 +49,8 @@ MIN_BLOCK_D, MIN_PROGRAMS = 1, 8 * 132
 # Each of the backward's programs walks the whole sequence, so a grid with more warps than the GPU holds at once
 # runs a second, mostly idle wave. Its register cap is the largest of BWD_REGISTER_CAPS under which every warp
 # is resident at once (168: 12 warps per SM, 128: 16), else the first. Where BLOCK_D is halved (small batches),
-# a channel's steps spread over more lanes and NU 4 spills: NU is BWD_SMALL_BLOCK_NU there. H200, bf16,
-# benchmarks/scan_ab_channel_sums.json.
+# a channel's steps spread over more lanes and NU 4 spills: NU is BWD_SMALL_BLOCK_NU there. At each shape of
+# benchmarks/scan_bwd_occupancy.json (H200, bf16) the rule picks the fastest of six (NU, cap) pairs.
 BWD_REGISTER_CAPS = (168, 128)
 BWD_SMALL_BLOCK_NU = 1
 # Where there are enough channels, the forward runs _scan_fwd_lanes_kernel: one warp on BLOCK_D channels, a
