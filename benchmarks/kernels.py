@@ -475,7 +475,8 @@ def main():
     if device == "cuda" and not args.no_sweep:
         section("tile sweep", do_sweep)
     result["scan_config"] = dict(fwd=ss.GPU_FWD, train=ss.GPU_TRAIN, lanes=ss.LANES, lane_cost=ss.LANE_COST,
-                                 lane_y_parts=ss.LANE_Y_PARTS)
+                                 lane_y_parts=ss.LANE_Y_PARTS, bwd_register_caps=ss.BWD_REGISTER_CAPS,
+                                 bwd_small_block_nu=ss.BWD_SMALL_BLOCK_NU)
     section("ops", do_ops)
     section("attention", do_attention)
     table = render(result)
