@@ -139,7 +139,6 @@ def test_scan_softplus_keeps_float32_precision_in_its_tails():
     torch.testing.assert_close(out[middle], expected[middle], rtol=6e-7, atol=0)
 
 
-
 @triton.jit
 def _channel_sums_kernel(x, sums, BLOCK_D: tl.constexpr, T: tl.constexpr, THREAD_STEPS: tl.constexpr):
     tile = tl.load(x + tl.arange(0, BLOCK_D)[:, None] * T + tl.arange(0, T)[None, :])
@@ -155,6 +154,7 @@ def test_scan_channel_sums_match_torch_sum(block_d, T, thread_steps):
     sums = torch.full((T,), float("nan"), device=DEVICE)
     _channel_sums_kernel[(1,)](x, sums, BLOCK_D=block_d, T=T, THREAD_STEPS=thread_steps)
     torch.testing.assert_close(sums, x.sum(0), rtol=1e-6, atol=1e-6)
+
 
 CONV_CASES = {
     # name: (batch, dim, length, width, activation, seq_idx, initial_states, bias, return_final_states)
