@@ -478,7 +478,8 @@ def _block_d(cap, n_rows, dpg):
 def _bwd_occupancy(meta, n_programs, N, device):
     """NU and maxnreg of the backward (see BWD_REGISTER_CAPS)."""
     warps = n_programs * meta["num_warps"]
-    resident = [cap for cap in BWD_REGISTER_CAPS if warps <= _sm_count(device) * min(64, 65536 // (32 * cap))]
+    per_sm = lambda cap: min(64, 65536 // (32 * cap))  # noqa: E731 (an SM: 64K registers, at most 64 warps)
+    resident = [cap for cap in BWD_REGISTER_CAPS if warps <= _sm_count(device) * per_sm(cap)]
     nu = meta["NU"] if meta["BLOCK_D"] == GPU_TRAIN["bwd"]["BLOCK_D"] else _unroll(BWD_SMALL_BLOCK_NU, N)
     return dict(NU=nu, maxnreg=max(resident, default=BWD_REGISTER_CAPS[0]))
 
