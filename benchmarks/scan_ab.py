@@ -23,8 +23,9 @@ import samba_kernels
 from kernels import rel_err, scan_inputs, seq_idx_for, timer  # the sibling script (benchmarks/ on the path)
 
 # (batch, Mamba channels (dim)); length 4096, bf16. 3072 and 4608 are samba-421m's and samba-1.3b's. The smaller
-# batches take the lanes forward's smaller BLOCK_D (selective_scan.LANE_COST) and the backward's smaller BLOCK_D.
-SHAPES = [(8, 3072), (8, 4608), (8, 4096), (4, 3072), (2, 3072)]
+# batches take the lanes forward's smaller BLOCK_D (selective_scan.LANE_COST) and the backward's smaller BLOCK_D;
+# batch 1 takes the forward that spreads steps over lanes (_scan_fwd_kernel).
+SHAPES = [(8, 3072), (8, 4608), (8, 4096), (4, 3072), (2, 3072), (1, 3072)]
 # (batch, dim) of the checks: few channels (the forward that spreads steps over lanes) and enough for the
 # lanes forward at BLOCK_D 16, 8 and 32
 CHECKS = [(2, 256), (8, 2176), (2, 3072), (8, 4096)]

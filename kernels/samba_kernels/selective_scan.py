@@ -187,6 +187,16 @@ def _decay(dt, A2_n, keep, HAS_SEQ: tl.constexpr):
 
 
 @triton.jit
+def _trajectory(decay, b, h0):
+    """The states after each step of a (BLOCK_D, T) tile, h_t = decay_t h_{t-1} + b_t from h0 (BLOCK_D,). h0 enters
+    as part of the first step's b, so the scan's products of decays are only used inside it (and their final
+    multiply-adds drop out)."""
+    first = (tl.arange(0, b.shape[1]) == 0)[None, :]
+    _, h = tl.associative_scan((decay, tl.where(first, decay * h0[:, None] + b, b)), axis=1, combine_fn=_lin)
+    return h
+
+
+@triton.jit
 def _col(x, tt, n):
     """Column n of a (BLOCK_D, T) tile: a register pick where n is known at compile time."""
     return tl.sum(tl.where((tt == n)[None, :], x, 0.0), axis=1)
@@ -229,9 +239,7 @@ def _scan_fwd_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, init, last, c
                 A2_n = tl.load(A + d * N + n, mask=d_mask, other=0.0).to(tl.float32) * LOG2E
                 B_n = tl.load(B + bc + n * L + t, mask=t_mask, other=0.0).to(tl.float32)
                 C_n = tl.load(C + bc + n * L + t, mask=t_mask, other=0.0).to(tl.float32)
-                ac, bc_ = tl.associative_scan((_decay(dt, A2_n, keep, HAS_SEQ), dtu * B_n[None, :]), axis=1,
-                                              combine_fn=_lin)
-                hs = ac * _col(h, tt, n)[:, None] + bc_  # the state after each step
+                hs = _trajectory(_decay(dt, A2_n, keep, HAS_SEQ), dtu * B_n[None, :], _col(h, tt, n))
                 y += hs * C_n[None, :]
                 # Padded steps (t >= L) are no-ops, so the last column is the state after step min(L, t0 + T) - 1.
                 h = tl.where((tt == n)[None, :], _col(hs, tt, T - 1)[:, None], h)
@@ -311,8 +319,7 @@ def _adjoint(decay_next, c, q_after):
     """q_t = c_t + decay_next_t q_{t+1} over a tile's steps, from q_after (BLOCK_D,) past its end.
     A forward scan of the time-reversed tile: Triton lowers `reverse=True` scans with two permutations
     across all lanes (about 160 shuffles for a 16 x 16 tile in sm_90 SASS), tl.flip only moves what
-    crosses lanes (28). q_after enters as part of the last step's c, so the scan's products of decays are
-    only used inside it (and their final multiply-adds drop out)."""
+    crosses lanes (28). q_after enters as part of the last step's c (as h0 in `_trajectory`)."""
     last = (tl.arange(0, c.shape[1]) == c.shape[1] - 1)[None, :]
     c = tl.where(last, c + decay_next * q_after[:, None], c)  # q_after folded into the last step
     _, q = tl.associative_scan((tl.flip(decay_next, 1), tl.flip(c, 1)), axis=1, combine_fn=_lin)
@@ -415,10 +422,7 @@ def _scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt, dlast, 
                 A_x, B_x, C_x, h0_x = _state_inputs(A, B, C, ck, d, d_mask, bc, L, t, t_mask, i, (n + 1) % N, N)
                 A2_n = A_n * LOG2E
                 bb = dtu * B_n[None, :]
-                decay = _decay(dt, A2_n, keep, HAS_SEQ)
-                # h0 enters as part of the first step's b (see _adjoint)
-                _, hs = tl.associative_scan((decay, tl.where(tt[None, :] == 0, decay * h0[:, None] + bb, bb)), axis=1,
-                                            combine_fn=_lin)
+                hs = _trajectory(_decay(dt, A2_n, keep, HAS_SEQ), bb, h0)
                 if HAS_Z:
                     y += hs * C_n[None, :]
                 qs = _adjoint(_decay(dt1, A2_n, keep1, HAS_SEQ), g * C_n[None, :], _col(q, tt, n))  # dL/dh_t
