@@ -4,6 +4,8 @@ d_state 16, the inputs of kernels.py. A cap decides how many one-warp programs a
 144: 14, 128: 16, 112: 18), so whether the grid's warps are resident at once. Writes the times as JSON.
 
     PYTHONPATH=kernels:benchmarks python benchmarks/scan_bwd_occupancy.py --out scan_bwd_occupancy.json
+    PYTHONPATH=kernels:benchmarks python benchmarks/scan_bwd_occupancy.py --configs 4,168 4,128 8,168 8,128 2,168 1,168 \
+        --out scan_bwd_occupancy_nu8.json
 """
 
 import argparse
@@ -23,7 +25,9 @@ CONFIGS = [(1, 168), (4, 168), (4, 144), (4, 128), (1, 128), (4, 112)]  # (NU, m
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="scan_bwd_occupancy.json")
-    out = parser.parse_args().out
+    parser.add_argument("--configs", nargs="+", metavar="NU,MAXNREG", help="instead of CONFIGS")
+    args = parser.parse_args()
+    configs = [tuple(map(int, pair.split(","))) for pair in args.configs] if args.configs else CONFIGS
     measure = timer("cuda")
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "register_caps_in_use": ss.BWD_REGISTER_CAPS, "times_ms": {}, "chosen": {}}
@@ -35,7 +39,7 @@ def main():
             fwd_bwd = lambda: torch.autograd.grad(ss.selective_scan_fn(**t, delta_softplus=True), list(t.values()), dy)  # noqa: E731
             backward = ss._configs(t["u"], t["B"].unsqueeze(1), 16, True)[3]
             result["chosen"][f"batch {batch} dim {dim}"] = backward
-            for nu, cap in CONFIGS:
+            for nu, cap in configs:
                 ss._bwd_occupancy = lambda meta, n_programs, N, device, nu=nu, cap=cap: dict(NU=nu, maxnreg=cap)  # noqa: E731
                 ms = measure(fwd_bwd)
                 result["times_ms"][f"batch {batch} dim {dim} NU {nu} maxnreg {cap}"] = ms
@@ -46,7 +50,7 @@ def main():
                   flush=True)
     finally:
         ss._bwd_occupancy = rule
-    Path(out).write_text(json.dumps(result, indent=2))
+    Path(args.out).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
