@@ -1,4 +1,4 @@
-"""Calibration of the selective scan's launch plan (samba_kernels.selective_scan's cost model).
+"""Calibration of the selective scan's launch plan (samba_kernels.selective_scan.kernel's cost model).
 
 Every forward layout is forced in turn with `selective_scan.forced_layout`: the steps forward, the lanes forward
 at each BLOCK_D, and the split scan at each BLOCK_D and several chunk counts; then forward+backward with the
@@ -36,8 +36,8 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
-from samba_kernels import selective_scan as ss  # noqa: E402
 from samba_kernels import selective_scan_fn, selective_scan_ref  # noqa: E402
+from samba_kernels.selective_scan import kernel as ss  # noqa: E402
 
 D_STATE = 16
 EXP2_RATE = 3.90e12  # exp2 per second of the H200 (benchmarks/kernels.md's measured ceiling), for "x floor"
