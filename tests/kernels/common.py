@@ -7,6 +7,8 @@ imports triton, which reads it when the kernels are defined. So sizes are tiny.
 
 import torch
 
+import samba_kernels
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = dict(rtol=2e-4, atol=2e-4)
 
@@ -37,3 +39,16 @@ def assert_grads_match(out, out_ref, inputs, g):
     for x, gr, gr_ref in zip(inputs, grads, grads_ref):
         assert gr.shape == x.shape and gr.dtype == x.dtype
         torch.testing.assert_close(gr, gr_ref, **TOL)
+
+
+def forbid_kernels_on_the_cpu(monkeypatch, kernel_module, launcher):
+    """CPU tensors without TRITON_INTERPRET: `use_triton` says no, and `kernel_module`'s `launcher` fails the test
+    if it is reached (the module's own `use_triton` is the real one only for CUDA tensors)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not samba_kernels.use_triton(torch.zeros(1))
+
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("a kernel was launched")
+
+    monkeypatch.setattr(kernel_module, "use_triton", lambda x: x.is_cuda)
+    monkeypatch.setattr(kernel_module, launcher, no_kernel)

@@ -7,7 +7,7 @@ import torch
 import samba_kernels
 from samba_kernels.causal_conv1d import kernel as conv_kernel
 
-from .common import TOL, assert_grads_match, gen, randn, random_seq_idx
+from .common import TOL, assert_grads_match, forbid_kernels_on_the_cpu, gen, randn, random_seq_idx
 
 CONV_CASES = {
     # name: (batch, dim, length, width, activation, seq_idx, initial_states, bias, return_final_states)
@@ -54,14 +54,7 @@ def test_causal_conv1d_update_matches_reference(extra_state, length):
 
 
 def test_cpu_without_interpreter_takes_the_reference(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert not samba_kernels.use_triton(torch.zeros(1))
-
-    def no_kernel(*args, **kwargs):
-        raise AssertionError("a kernel was launched")
-
-    monkeypatch.setattr(conv_kernel, "use_triton", lambda x: x.is_cuda)
-    monkeypatch.setattr(conv_kernel, "_conv_forward", no_kernel)
+    forbid_kernels_on_the_cpu(monkeypatch, conv_kernel, "_conv_forward")
     g = gen(5)
     x, w = torch.randn(1, 3, 4, generator=g), torch.randn(3, 4, generator=g)
     torch.testing.assert_close(samba_kernels.causal_conv1d_fn(x, w), samba_kernels.causal_conv1d_ref(x, w))

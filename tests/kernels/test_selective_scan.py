@@ -10,7 +10,7 @@ import triton.language as tl
 import samba_kernels
 from samba_kernels.selective_scan import kernel as scan_kernel
 
-from .common import DEVICE, TOL, assert_grads_match, gen, randn, random_seq_idx
+from .common import DEVICE, TOL, assert_grads_match, forbid_kernels_on_the_cpu, gen, randn, random_seq_idx
 
 
 def _scan_inputs(g, batch, dim, d_state, length, groups=None, *, D=False, z=False, bias=False, init=False):
@@ -65,7 +65,8 @@ def test_selective_scan_matches_reference(case, layout, monkeypatch):
                            **{k: opt.get(k, False) for k in ("D", "z", "bias", "init")})
     kwargs = dict(delta_softplus=opt.get("softplus", False), return_last_state=opt.get("last", False))
     if opt.get("seq"):
-        kwargs["seq_idx"] = random_seq_idx(g, batch, length, cuts=[c for c in (chunk, 2 * chunk, length - 1) if c < length])
+        kwargs["seq_idx"] = random_seq_idx(g, batch, length,
+                                           cuts=[c for c in (chunk, 2 * chunk, length - 1) if c < length])
     with scan_kernel.forced_layout(**LAYOUTS[layout](chunk)):
         plan = scan_kernel._configs(tensors["u"], _grouped(tensors["B"]), d_state, True)
         out = samba_kernels.selective_scan_fn(**tensors, **kwargs)
@@ -183,14 +184,7 @@ def test_decode_token_by_token_matches_full_sequence():
 
 
 def test_cpu_without_interpreter_takes_the_reference(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert not samba_kernels.use_triton(torch.zeros(1))
-
-    def no_kernel(*args, **kwargs):
-        raise AssertionError("a kernel was launched")
-
-    monkeypatch.setattr(scan_kernel, "use_triton", lambda x: x.is_cuda)
-    monkeypatch.setattr(scan_kernel, "_scan_forward", no_kernel)
+    forbid_kernels_on_the_cpu(monkeypatch, scan_kernel, "_scan_forward")
     g = gen(5)
     t = _scan_inputs(g, 1, 3, 2, 4, D=True)
     t = {k: v.detach().cpu() for k, v in t.items()}

@@ -31,7 +31,8 @@ from .naive import mamba_decode_step_ref
 
 
 @triton.jit
-def _conv_parameters(conv_weight_ptr, conv_bias_ptr, channels, channel_mask, WIDTH: tl.constexpr, BLOCK_W: tl.constexpr,
+def _conv_parameters(conv_weight_ptr, conv_bias_ptr, channels, channel_mask, WIDTH: tl.constexpr,
+                     BLOCK_W: tl.constexpr,
                      HAS_CONV_BIAS: tl.constexpr):
     """The convolution's weights (channels x taps) and bias for `channels`, in float32. Parameters: no
     kernel of the step writes them, so they may load before the wait."""
@@ -59,7 +60,8 @@ def _conv_silu(x_ptr, conv_state_ptr, weights, bias, channels, channel_mask, S, 
 
 
 @triton.jit
-def _project_kernel(x_ptr, conv_state_ptr, conv_weight_ptr, conv_bias_ptr, x_proj_weight_ptr, projected_ptr, dim, rows, S,
+def _project_kernel(x_ptr, conv_state_ptr, conv_weight_ptr, conv_bias_ptr, x_proj_weight_ptr, projected_ptr, dim,
+                    rows, S,
                     stride_x, stride_sd, stride_ss, stride_w,
                     WIDTH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, PDL: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr):
@@ -70,25 +72,29 @@ def _project_kernel(x_ptr, conv_state_ptr, conv_weight_ptr, conv_bias_ptr, x_pro
     channels = tl.arange(0, BLOCK_K)
     channel_mask = channels < dim
     w = tl.load(w_rows_ptr[:, None] + channels[None, :], mask=row_mask[:, None] & channel_mask[None, :], other=0.0)
-    conv_w, conv_b = _conv_parameters(conv_weight_ptr, conv_bias_ptr, channels, channel_mask, WIDTH, BLOCK_W, HAS_CONV_BIAS)
+    conv_w, conv_b = _conv_parameters(conv_weight_ptr, conv_bias_ptr, channels, channel_mask, WIDTH, BLOCK_W,
+                                      HAS_CONV_BIAS)
     if PDL:  # the parameters above do not depend on the kernels before; x and the state do
         gdc_launch_dependents()
         gdc_wait()
-    xc = _conv_silu(x_ptr, conv_state_ptr, conv_w, conv_b, channels, channel_mask, S, stride_x, stride_sd, stride_ss, WIDTH, BLOCK_W)
+    xc = _conv_silu(x_ptr, conv_state_ptr, conv_w, conv_b, channels, channel_mask, S, stride_x, stride_sd, stride_ss,
+                    WIDTH, BLOCK_W)
     acc = w.to(tl.float32) * xc[None, :]
     for k0 in range(BLOCK_K, dim, BLOCK_K):
         channels = k0 + tl.arange(0, BLOCK_K)
         channel_mask = channels < dim
         w = tl.load(w_rows_ptr[:, None] + channels[None, :], mask=row_mask[:, None] & channel_mask[None, :], other=0.0)
-        conv_w, conv_b = _conv_parameters(conv_weight_ptr, conv_bias_ptr, channels, channel_mask, WIDTH, BLOCK_W, HAS_CONV_BIAS)
-        xc = _conv_silu(x_ptr, conv_state_ptr, conv_w, conv_b, channels, channel_mask, S, stride_x, stride_sd, stride_ss, WIDTH,
-                        BLOCK_W)
+        conv_w, conv_b = _conv_parameters(conv_weight_ptr, conv_bias_ptr, channels, channel_mask, WIDTH, BLOCK_W,
+                                          HAS_CONV_BIAS)
+        xc = _conv_silu(x_ptr, conv_state_ptr, conv_w, conv_b, channels, channel_mask, S, stride_x, stride_sd,
+                        stride_ss, WIDTH, BLOCK_W)
         acc += w.to(tl.float32) * xc[None, :]
     tl.store(projected_ptr + out_rows, tl.sum(acc, axis=1), mask=row_mask)
 
 
 @triton.jit
-def _state_kernel(x_ptr, z_ptr, conv_state_ptr, conv_weight_ptr, conv_bias_ptr, projected_ptr, dt_weight_ptr, dt_bias_ptr, A_log_ptr, D_ptr, ssm_state_ptr, y_ptr,
+def _state_kernel(x_ptr, z_ptr, conv_state_ptr, conv_weight_ptr, conv_bias_ptr, projected_ptr, dt_weight_ptr,
+                  dt_bias_ptr, A_log_ptr, D_ptr, ssm_state_ptr, y_ptr,
                   dim, S, rank, d_state, stride_x, stride_z, stride_sd, stride_ss, stride_hd, stride_hn, stride_dt,
                   WIDTH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, PDL: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_R: tl.constexpr, BLOCK_STATE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_W: tl.constexpr):
@@ -100,17 +106,20 @@ def _state_kernel(x_ptr, z_ptr, conv_state_ptr, conv_weight_ptr, conv_bias_ptr, 
     state_mask = channel_mask[:, None] & (states < d_state)[None, :]
     w_dt = tl.load(dt_weight_ptr + channels[:, None] * stride_dt + ranks[None, :],
                    mask=channel_mask[:, None] & (ranks < rank)[None, :], other=0.0).to(tl.float32)
-    A = -tl.exp(tl.load(A_log_ptr + channels[:, None] * d_state + states[None, :], mask=state_mask, other=0.0).to(tl.float32))
+    A = -tl.exp(tl.load(A_log_ptr + channels[:, None] * d_state + states[None, :], mask=state_mask,
+                        other=0.0).to(tl.float32))
     b_dt = tl.load(dt_bias_ptr + channels, mask=channel_mask, other=0.0).to(tl.float32)
     skip = tl.load(D_ptr + channels, mask=channel_mask, other=0.0).to(tl.float32)
-    conv_w, conv_b = _conv_parameters(conv_weight_ptr, conv_bias_ptr, channels, channel_mask, WIDTH, BLOCK_W, HAS_CONV_BIAS)
+    conv_w, conv_b = _conv_parameters(conv_weight_ptr, conv_bias_ptr, channels, channel_mask, WIDTH, BLOCK_W,
+                                      HAS_CONV_BIAS)
     if PDL:  # as in _project_kernel: parameters before the wait
         gdc_launch_dependents()
         gdc_wait()
     dt_low = tl.load(projected_ptr + ranks, mask=ranks < rank, other=0.0)
     dt = tl.sum(w_dt * dt_low[None, :], axis=1) + b_dt
     dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt)))  # softplus, as torch computes it
-    xc = _conv_silu(x_ptr, conv_state_ptr, conv_w, conv_b, channels, channel_mask, S, stride_x, stride_sd, stride_ss, WIDTH, BLOCK_W)
+    xc = _conv_silu(x_ptr, conv_state_ptr, conv_w, conv_b, channels, channel_mask, S, stride_x, stride_sd, stride_ss,
+                    WIDTH, BLOCK_W)
     B = tl.load(projected_ptr + rank + states, mask=states < d_state, other=0.0)
     C = tl.load(projected_ptr + rank + d_state + states, mask=states < d_state, other=0.0)
     h_ptr = ssm_state_ptr + channels[:, None] * stride_hd + states[None, :] * stride_hn

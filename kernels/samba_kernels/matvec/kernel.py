@@ -31,7 +31,8 @@ from .naive import gated_matvec_ref, matvec_ref, stacked_matvec_ref
 
 
 @triton.jit
-def _matvec_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, bias_ptr, out_ptr, N0, N1, N2, K, stride_x, stride0, stride1, stride2,
+def _matvec_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, bias_ptr, out_ptr, N0, N1, N2, K, stride_x, stride0, stride1,
+                   stride2,
                    WEIGHTS: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out = x @ [w0; w1; w2].T (+ bias): the rows of the first WEIGHTS weights stacked, N0 + N1 + N2
@@ -66,7 +67,8 @@ def _matvec_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, bias_ptr, out_ptr, N0, N1, N2,
         w = tl.load(w_rows_ptr[:, None] + cols[None, :], mask=tile_mask, other=0.0, eviction_policy="evict_first")
         acc += w.to(tl.float32) * x_k
         if GATED:
-            up = tl.load(up_rows_ptr[:, None] + cols[None, :], mask=tile_mask, other=0.0, eviction_policy="evict_first")
+            up = tl.load(up_rows_ptr[:, None] + cols[None, :], mask=tile_mask, other=0.0,
+                         eviction_policy="evict_first")
             acc_up += up.to(tl.float32) * x_k
     y = tl.sum(acc, axis=1)
     if GATED:
@@ -91,7 +93,8 @@ def _new_output(x: torch.Tensor, weights: list[torch.Tensor], gated: bool) -> to
     return x.new_empty(*x.shape[:-1], weights[0].shape[0] if gated else sum(w.shape[0] for w in weights))
 
 
-def _launch_matvec(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None, gated: bool) -> torch.Tensor:
+def _launch_matvec(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None,
+                   gated: bool) -> torch.Tensor:
     out = _new_output(x, weights, gated)
     x_row = x.reshape(-1)  # one row, as a view: its elements may be strided (a slice of a wider tensor)
     weights = [w if w.stride(-1) == 1 else w.contiguous() for w in weights]

@@ -255,6 +255,14 @@ def _coords(dim, L, N, groups, dpg, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _channel_params(delta_bias_ptr, D_ptr, d, d_mask, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr):
+    """delta_bias and D of channels d (BLOCK_D,) in float32, 0.0 where absent."""
+    bias_v = tl.load(delta_bias_ptr + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+    D_v = tl.load(D_ptr + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_D else 0.0
+    return bias_v, D_v
+
+
+@triton.jit
 def _dt(delta_raw, mask, bias_v, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """dt = softplus(delta + bias) in float32 of a loaded (BLOCK_D, T) tile of delta; 0 where masked
     (a = 1, b = 0: a no-op step)."""
@@ -327,7 +335,8 @@ def _values(u_raw, delta_raw, z_raw, d_mask, t, L, bias_v, HAS_BIAS: tl.constexp
 def _tile(u_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, bias_v, t,
           HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr):
     """u, dt, z (BLOCK_D, T) in float32 and keep (T,) of steps t, loaded and converted at once."""
-    u_raw, delta_raw, z_raw, keep = _loads(u_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, t, HAS_Z, HAS_SEQ)
+    u_raw, delta_raw, z_raw, keep = _loads(u_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, t, HAS_Z,
+                                           HAS_SEQ)
     u_t, dt, z_t = _values(u_raw, delta_raw, z_raw, d_mask, t, L, bias_v, HAS_BIAS, SOFTPLUS)
     return u_t, dt, z_t, keep
 
@@ -357,15 +366,15 @@ def _col(x, tt, n):
 
 
 @triton.jit
-def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, seq_idx_ptr, init_ptr, last_ptr, ckpt_ptr, out_ptr,
+def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, seq_idx_ptr, init_ptr,
+                     last_ptr, ckpt_ptr, out_ptr,
                      dim, L, groups, dpg, n_tiles, s_hb, s_hd, s_hn,
                      N: tl.constexpr, NU: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr,
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                      SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
                      SAVE_CKPT: tl.constexpr):
     b, d, d_mask, row_off, bc_off = _coords(dim, L, N, groups, dpg, BLOCK_D)
-    bias_v = tl.load(delta_bias_ptr + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
-    D_v = tl.load(D_ptr + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_D else 0.0
+    bias_v, D_v = _channel_params(delta_bias_ptr, D_ptr, d, d_mask, HAS_BIAS, HAS_D)
     tt = tl.arange(0, T)
     # The states of each channel live in registers, state n in column n of a (BLOCK_D, T) tile (T >= N).
     st_off = b * s_hb + d[:, None] * s_hd + tt[None, :] * s_hn
@@ -376,7 +385,8 @@ def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_
         h = tl.zeros([BLOCK_D, T], dtype=tl.float32)
     ckpt_tiles_ptr = ckpt_ptr + (b * dim + d[:, None]) * n_tiles * N + tt[None, :]
     # Software prefetch: the loads of tile i + 1 are issued before tile i is computed.
-    u_raw, delta_raw, z_raw, k_n = _loads(u_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, tt, HAS_Z, HAS_SEQ)
+    u_raw, delta_raw, z_raw, k_n = _loads(u_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, tt, HAS_Z,
+                                          HAS_SEQ)
     for i in range(n_tiles):
         if SAVE_CKPT:  # the states entering each tile, for the backward
             tl.store(ckpt_tiles_ptr + i * N, h, mask=st_mask)
@@ -384,7 +394,8 @@ def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_
         t_mask = t < L
         u_t, dt, z_t = _values(u_raw, delta_raw, z_raw, d_mask, t, L, bias_v, HAS_BIAS, SOFTPLUS)
         keep = k_n
-        u_raw, delta_raw, z_raw, k_n = _loads(u_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, t + T, HAS_Z, HAS_SEQ)
+        u_raw, delta_raw, z_raw, k_n = _loads(u_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, t + T,
+                                              HAS_Z, HAS_SEQ)
         dtu = dt * u_t
         y = D_v[:, None] * u_t if HAS_D else tl.zeros([BLOCK_D, T], dtype=tl.float32)
         for n0 in range(0, N, NU):  # NU states at a time: enough independent work, not all N live at once
@@ -405,7 +416,8 @@ def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_
 
 
 @triton.jit
-def _scan_fwd_lanes_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, seq_idx_ptr, init_ptr, last_ptr, ckpt_ptr, out_ptr, ends_ptr, decays_ptr,
+def _scan_fwd_lanes_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, seq_idx_ptr, init_ptr,
+                           last_ptr, ckpt_ptr, out_ptr, ends_ptr, decays_ptr,
                            dim, L, groups, dpg, n_tiles, chunk_tiles, s_hb, s_hd, s_hn,
                            N: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr,
                            HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -424,8 +436,7 @@ def _scan_fwd_lanes_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
     b, d, d_mask, row_off, bc_off = _coords(dim, L, N, groups, dpg, BLOCK_D)
     c = tl.program_id(2)
     n_chunks = tl.num_programs(2)
-    bias_v = tl.load(delta_bias_ptr + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
-    D_v = tl.load(D_ptr + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_D else 0.0
+    bias_v, D_v = _channel_params(delta_bias_ptr, D_ptr, d, d_mask, HAS_BIAS, HAS_D)
     nn = tl.arange(0, BLOCK_N)
     tt = tl.arange(0, T)
     st_mask = d_mask[:, None] & (nn < N)[None, :]
@@ -450,7 +461,8 @@ def _scan_fwd_lanes_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
     first = c * chunk_tiles
     # Software prefetch of tile i + 1's inputs as stored, converted in the next iteration (see `_loads`).
     t_next = first * T + tt
-    u_raw, delta_raw, z_raw, k_n = _loads(u_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, t_next, HAS_Z, HAS_SEQ)
+    u_raw, delta_raw, z_raw, k_n = _loads(u_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, t_next, HAS_Z,
+                                          HAS_SEQ)
     BC_raw = tl.load(bc_rows_ptr + t_next[None, :], mask=bc_mask & (t_next < L)[None, :], other=0.0)
     for i in range(first, tl.minimum(first + chunk_tiles, n_tiles)):
         if SAVE_CKPT:
@@ -459,7 +471,8 @@ def _scan_fwd_lanes_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
         t_mask = t < L
         u_t, dt, z_t = _values(u_raw, delta_raw, z_raw, d_mask, t, L, bias_v, HAS_BIAS, SOFTPLUS)
         keep, BC_t = k_n, BC_raw.to(tl.float32)
-        u_raw, delta_raw, z_raw, k_n = _loads(u_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, t + T, HAS_Z, HAS_SEQ)
+        u_raw, delta_raw, z_raw, k_n = _loads(u_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, t + T,
+                                              HAS_Z, HAS_SEQ)
         BC_raw = tl.load(bc_rows_ptr + (t + T)[None, :], mask=bc_mask & (t + T < L)[None, :], other=0.0)
         dtu = dt * u_t
         if HAS_SEQ:
@@ -497,7 +510,7 @@ def _chunk_summary_kernel(x_ptr, delta_ptr, V_ptr, z_ptr, A_ptr, delta_bias_ptr,
     (batch, dim, n_chunks, d_state) float32."""
     b, d, d_mask, row_off, bc_off = _coords(dim, L, N, groups, dpg, BLOCK_D)
     c = tl.program_id(2) + (1 if REVERSE else 0)
-    bias_v = tl.load(delta_bias_ptr + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+    bias_v, _ = _channel_params(delta_bias_ptr, delta_bias_ptr, d, d_mask, HAS_BIAS, False)
     nn = tl.arange(0, BLOCK_N)
     tt = tl.arange(0, T)
     st_mask = d_mask[:, None] & (nn < N)[None, :]
@@ -510,14 +523,16 @@ def _chunk_summary_kernel(x_ptr, delta_ptr, V_ptr, z_ptr, A_ptr, delta_bias_ptr,
     count = tl.minimum(chunk_tiles, n_tiles - first)
     # Software prefetch of the next tile's inputs, as in the lanes forward.
     t_next = (first + count - 1 if REVERSE else first) * T + tt
-    x_raw, delta_raw, z_raw, k_n = _loads(x_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, t_next, HAS_Z, HAS_SEQ)
+    x_raw, delta_raw, z_raw, k_n = _loads(x_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, t_next, HAS_Z,
+                                          HAS_SEQ)
     V_raw = tl.load(v_rows_ptr + t_next[None, :], mask=(nn < N)[:, None] & (t_next < L)[None, :], other=0.0)
     for k in range(count):
         t = t_next
         x_t, dt, z_t = _values(x_raw, delta_raw, z_raw, d_mask, t, L, bias_v, HAS_BIAS, SOFTPLUS)
         keep, V_t = k_n, V_raw.to(tl.float32)
         t_next = t - T if REVERSE else t + T
-        x_raw, delta_raw, z_raw, k_n = _loads(x_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, t_next, HAS_Z, HAS_SEQ)
+        x_raw, delta_raw, z_raw, k_n = _loads(x_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, t_next,
+                                              HAS_Z, HAS_SEQ)
         V_raw = tl.load(v_rows_ptr + t_next[None, :], mask=(nn < N)[:, None] & (t_next >= 0)[None, :]
                         & (t_next < L)[None, :], other=0.0)
         if REVERSE:
@@ -603,8 +618,10 @@ def _state_inputs(A_ptr, B_ptr, C_ptr, ckpt_tiles_ptr, d, d_mask, bc_off, L, t, 
 
 
 @triton.jit
-def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, seq_idx_ptr, ckpt_ptr, dlast_ptr, dout_ptr, adjoints_ptr, decays_ptr,
-                     du_ptr, ddelta_ptr, dz_ptr, dA_part_ptr, dB_part_ptr, dC_part_ptr, dD_part_ptr, dbias_part_ptr, dinit_ptr,
+def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, seq_idx_ptr, ckpt_ptr,
+                     dlast_ptr, dout_ptr, adjoints_ptr, decays_ptr,
+                     du_ptr, ddelta_ptr, dz_ptr, dA_part_ptr, dB_part_ptr, dC_part_ptr, dD_part_ptr, dbias_part_ptr,
+                     dinit_ptr,
                      n_rows, dim, L, groups, dpg, n_tiles, chunk_tiles,
                      N: tl.constexpr, NU: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr,
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -616,8 +633,7 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_
     b, d, d_mask, row_off, bc_off = _coords(dim, L, N, groups, dpg, BLOCK_D)
     c = tl.program_id(2)
     n_chunks = tl.num_programs(2)
-    bias_v = tl.load(delta_bias_ptr + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
-    D_v = tl.load(D_ptr + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_D else 0.0
+    bias_v, D_v = _channel_params(delta_bias_ptr, D_ptr, d, d_mask, HAS_BIAS, HAS_D)
     tt = tl.arange(0, T)
     # Per-state values in registers, state n in column n of a (BLOCK_D, T) tile (T >= N), as in the forward.
     st_off = (b * dim + d[:, None]) * N + tt[None, :]  # (batch, dim, d_state) tensors: dlast, dinit
@@ -651,7 +667,8 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_
         t_mask = t < L
         tile_mask = d_mask[:, None] & t_mask[None, :]
         tile_off = row_off[:, None] + t[None, :]
-        u_t, dt, z_t, keep, dt1, keep1, g = _bwd_tile(u_ptr, delta_ptr, z_ptr, dout_ptr, seq_idx_ptr, b, L, row_off, d_mask, bias_v, t,
+        u_t, dt, z_t, keep, dt1, keep1, g = _bwd_tile(u_ptr, delta_ptr, z_ptr, dout_ptr, seq_idx_ptr, b, L, row_off,
+                                                      d_mask, bias_v, t,
                                                       HAS_Z, HAS_BIAS, SOFTPLUS, HAS_SEQ)
         if SPLIT:  # past the chunk's last step, a = 1 (the loads already give that past L)
             dt1 = tl.where((t + 1 < t_end)[None, :], dt1, 0.0)
@@ -663,13 +680,15 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_
         qB = tl.zeros([BLOCK_D, T], dtype=tl.float32)  # sum_n q_t[n] B_t[n]: the adjoint of dt_t u_t
         dexpA = tl.zeros([BLOCK_D, T], dtype=tl.float32)  # sum_n of the adjoint of dt_t A[n], times A[n]
         # Software prefetch: the loads of state n + 1 are issued before state n is computed.
-        A_x, B_x, C_x, h0_x = _state_inputs(A_ptr, B_ptr, C_ptr, ckpt_tiles_ptr, d, d_mask, bc_off, L, t, t_mask, i, 0, N)
+        A_x, B_x, C_x, h0_x = _state_inputs(A_ptr, B_ptr, C_ptr, ckpt_tiles_ptr, d, d_mask, bc_off, L, t, t_mask, i,
+                                            0, N)
         for n0 in range(0, N, NU):  # NU states at a time: enough independent work, not all N live at once
             for k in tl.static_range(NU):
                 n = n0 + k
                 sel = (tt == n)[None, :]
                 A_n, B_n, C_n, h0 = A_x, B_x, C_x, h0_x
-                A_x, B_x, C_x, h0_x = _state_inputs(A_ptr, B_ptr, C_ptr, ckpt_tiles_ptr, d, d_mask, bc_off, L, t, t_mask, i, (n + 1) % N, N)
+                A_x, B_x, C_x, h0_x = _state_inputs(A_ptr, B_ptr, C_ptr, ckpt_tiles_ptr, d, d_mask, bc_off, L, t,
+                                                    t_mask, i, (n + 1) % N, N)
                 A2_n = A_n * LOG2E
                 bb = dtu * B_n[None, :]
                 hs = _trajectory(_decay(dt, A2_n, keep, HAS_SEQ), bb, h0)
@@ -704,7 +723,8 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_
     tl.store(dA_part_ptr + chunk_off * N + st_off, dA_acc, mask=st_mask)
     if HAS_INIT:  # h_0 = a_0 h_init + b_0
         if c == 0:
-            dt0 = _dt(tl.load(delta_ptr + row_off[:, None] + tl.zeros([1, T], dtype=tl.int64), mask=st_mask, other=0.0),
+            dt0 = _dt(tl.load(delta_ptr + row_off[:, None] + tl.zeros([1, T], dtype=tl.int64), mask=st_mask,
+                              other=0.0),
                       st_mask, bias_v, HAS_BIAS, SOFTPLUS)
             A2 = tl.load(A_ptr + d[:, None] * N + tt[None, :], mask=st_mask, other=0.0).to(tl.float32) * LOG2E
             tl.store(dinit_ptr + st_off, q * tl.exp2(dt0 * A2), mask=st_mask)
@@ -901,7 +921,8 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, 
         _scan_fwd_lanes_kernel[grid + (launch.chunks,)](
             *inputs, ckpt, out, ends, decays, dim, L, groups, dpg, n_tiles, launch.chunk // launch.meta["T"],
             *last.stride(), BLOCK_N=block_n, CKPT_EVERY=launch.ckpt_every,
-            Y_PARTS=min(block_n, LANE_Y_PARTS[launch.meta["BLOCK_D"]]), SPLIT=launch.chunks > 1, **flags, **launch.meta)
+            Y_PARTS=min(block_n,
+                        LANE_Y_PARTS[launch.meta["BLOCK_D"]]), SPLIT=launch.chunks > 1, **flags, **launch.meta)
     else:
         _scan_fwd_kernel[grid](*inputs, ckpt, out, dim, L, groups, dpg, n_tiles, *last.stride(), **flags, **launch.meta)
     return out, ckpt

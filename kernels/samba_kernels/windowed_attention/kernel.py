@@ -93,8 +93,11 @@ def _window_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, qk_scale, len_q, len_kv, wi
     block_keys = tl.arange(0, BLOCK_N)
     q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + rows[:, None] * stride_qm + dims[None, :],
                 mask=rows[:, None] < len_q, other=0.0)
-    k_tile_ptr = k_ptr + b.to(tl.int64) * stride_kb + (h // group) * stride_kh + block_keys[None, :] * stride_kn + dims[:, None]
-    v_tile_ptr = v_ptr + b.to(tl.int64) * stride_vb + (h // group) * stride_vh + block_keys[:, None] * stride_vn + dims[None, :]
+    kv_head = h // group  # the key and value head of query head h
+    k_tile_ptr = (k_ptr + b.to(tl.int64) * stride_kb + kv_head * stride_kh + block_keys[None, :] * stride_kn
+                  + dims[:, None])
+    v_tile_ptr = (v_ptr + b.to(tl.int64) * stride_vb + kv_head * stride_vh + block_keys[:, None] * stride_vn
+                  + dims[None, :])
     first = len_kv - len_q + block_m * BLOCK_M  # the tile's first and last query positions
     last = first + BLOCK_M - 1
     pos = first + tl.arange(0, BLOCK_M)
@@ -105,9 +108,11 @@ def _window_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, qk_scale, len_q, len_kv, wi
     m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, k_tile_ptr, v_tile_ptr, pos, full_lo, diag_lo, len_kv, window, qk_scale,
+    acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, k_tile_ptr, v_tile_ptr, pos, full_lo, diag_lo, len_kv, window,
+                                 qk_scale,
                                  stride_kn, stride_vn, BLOCK_N, False, PRECISION)
-    acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, k_tile_ptr, v_tile_ptr, pos, edge_lo, full_lo, len_kv, window, qk_scale,
+    acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, k_tile_ptr, v_tile_ptr, pos, edge_lo, full_lo, len_kv, window,
+                                 qk_scale,
                                  stride_kn, stride_vn, BLOCK_N, True, PRECISION)
     acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, k_tile_ptr, v_tile_ptr, pos, diag_lo, tl.minimum(last + 1, len_kv),
                                  len_kv, window, qk_scale, stride_kn, stride_vn, BLOCK_N, True, PRECISION)
