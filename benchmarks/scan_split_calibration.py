@@ -88,18 +88,18 @@ class Setup:
 def scan_inputs(batch, dim, length, d_state, device, dtype, *, extras, seed=0):
     """The model's inputs: u, delta (before softplus), z, B, C in `dtype`; A, D, delta_bias in float32; with
     `extras` an initial state and documents (seq_idx), returned as (tensors, seq_idx)."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    r = lambda *s, dt=dtype: torch.randn(*s, generator=g).to(device=device, dtype=dt)  # noqa: E731
+    g = torch.Generator(device=device).manual_seed(seed)  # on the device: 64K-token batches are large
+    r = lambda *s, dt=dtype: torch.randn(*s, generator=g, device=device).to(dt)  # noqa: E731
     t = dict(u=r(batch, dim, length), delta=r(batch, dim, length) - 2.0,
-             A=-torch.exp(torch.rand(dim, d_state, generator=g)).to(device), B=r(batch, d_state, length),
+             A=-torch.exp(torch.rand(dim, d_state, generator=g, device=device)), B=r(batch, d_state, length),
              C=r(batch, d_state, length), D=r(dim, dt=torch.float32), z=r(batch, dim, length),
              delta_bias=r(dim, dt=torch.float32) * 0.5)  # fmt: skip
     seq_idx = None
     if extras:
         t["initial_state"] = r(batch, dim, d_state, dt=torch.float32)
-        starts = torch.rand(batch, length, generator=g) < 8.0 / length
+        starts = torch.rand(batch, length, generator=g, device=device) < 8.0 / length
         starts[:, 0] = False
-        seq_idx = torch.cumsum(starts, dim=-1).to(torch.int32).to(device)
+        seq_idx = torch.cumsum(starts, dim=-1).to(torch.int32)
     return t, seq_idx
 
 
@@ -392,7 +392,7 @@ def report(setup, result):
               f"| {ms(auto_both)} ({r['auto']['backward_chunks']}) "
               f"| {ms(best_both)} ({best_both and best_both['backward_chunks']}) |")
     if fitted:
-        print("\nFitted constants (selective_scan.py; LANE_COST's unit is "
+        print("\nFitted constants (samba_kernels/selective_scan/kernel.py; LANE_COST's unit is "
               f"{fitted['unit_ms_per_step'] * 1e3:.4f} us per step of a BLOCK_D-32 warp):")
         for k in CONSTANTS:
             print(f"{k} = {fitted[k]}")
