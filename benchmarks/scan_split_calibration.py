@@ -5,7 +5,7 @@ at each BLOCK_D, and the split scan at each BLOCK_D and several chunk counts; th
 backward unsplit or split into several chunk counts. Each layout is first checked against the PyTorch reference
 (float32, every option, documents crossing chunk boundaries; and bf16), and at every timed shape against the
 first layout timed there. From the times the script fits the cost model's constants (LANE_COST, SUMMARY_COST,
-SPLIT_OVERHEAD, STEPS_COST), prints them as Python to paste into selective_scan.py, and prints per shape the
+SPLIT_OVERHEAD, STEPS_COST), prints them as Python to paste into selective_scan/kernel.py, and prints per shape the
 layout the model chooses among those measured, before and after the fit, against the fastest one.
 
     python benchmarks/scan_split_calibration.py                  # a GPU; JSON to $OUT or the current folder

@@ -38,19 +38,20 @@ def test_one_row_kernels_launch_as_dependents_only_where_inductor_does_on_sm90(m
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability[0])
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     serial = {"PDL": False}  # without launch_pdl, which Triton before 3.4 refuses
-    monkeypatch.setattr(config.triton, "enable_pdl", False)
-    assert common.dependent_launch(on_gpu) == serial
-    monkeypatch.setattr(config.triton, "enable_pdl", True)
-    assert common.dependent_launch(on_gpu) == {"PDL": True, "launch_pdl": True}
-    capability[0] = (8, 0)
-    assert common.dependent_launch(on_gpu) == serial
-    capability[0] = (9, 0)
-    assert common.dependent_launch(torch.zeros(1)) == serial
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert common.dependent_launch(on_gpu) == serial
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setattr(common, "gdc_wait", None)  # Triton before 3.4
-    assert common.dependent_launch(on_gpu) == serial
+    # torch's own patch: monkeypatch's undo would leave the config without the option for the tests after
+    with config.patch({"triton.enable_pdl": False}):
+        assert common.dependent_launch(on_gpu) == serial
+    with config.patch({"triton.enable_pdl": True}):
+        assert common.dependent_launch(on_gpu) == {"PDL": True, "launch_pdl": True}
+        capability[0] = (8, 0)
+        assert common.dependent_launch(on_gpu) == serial
+        capability[0] = (9, 0)
+        assert common.dependent_launch(torch.zeros(1)) == serial
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert common.dependent_launch(on_gpu) == serial
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        monkeypatch.setattr(common, "gdc_wait", None)  # Triton before 3.4
+        assert common.dependent_launch(on_gpu) == serial
 
 
 def test_matvec_reads_a_strided_row_and_traces_into_a_graph():
