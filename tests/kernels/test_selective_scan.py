@@ -1,6 +1,8 @@
 """The selective scan and its decode step (samba_kernels.selective_scan) against the PyTorch references, on fresh
 random inputs: every forward layout (steps, lanes, the split scan), forward and gradients."""
 
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -103,6 +105,40 @@ def test_selective_scan_splits_long_sequences_of_small_batches(sms):
             pass
 
 
+
+
+def test_selective_scan_backward_keeps_the_forwards_forced_layout_on_another_thread(monkeypatch):
+    """On CUDA, autograd runs the backward on its own thread, where the forward caller's forced_layout is not set;
+    the backward still launches the forward's plan (here the split backward, whose reverse summaries run)."""
+    monkeypatch.setattr(scan_kernel, "CHUNK", 8)
+    g = gen(21)
+    tensors = _scan_inputs(g, 1, 5, 3, 19, D=True, z=True, bias=True, init=True)
+    summaries, summarize = [], scan_kernel._summarize
+    monkeypatch.setattr(scan_kernel, "_summarize", lambda *args, reverse: (summaries.append(reverse),
+                                                                         summarize(*args, reverse=reverse))[1])
+    with scan_kernel.forced_layout("lanes", chunk_length=8, backward_chunk_length=8):
+        out = samba_kernels.selective_scan_fn(**tensors, delta_softplus=True)
+    dy = randn(g, *out.shape)
+    grads = []
+    worker = threading.Thread(target=lambda: grads.append(torch.autograd.grad(out, list(tensors.values()), dy)))
+    worker.start()
+    worker.join()
+    assert summaries == [False, True]  # the forward's summaries, then the backward's
+    grads_ref = torch.autograd.grad(samba_kernels.selective_scan_ref(**tensors, delta_softplus=True),
+                                    list(tensors.values()), dy)
+    for gr, gr_ref in zip(grads[0], grads_ref):
+        torch.testing.assert_close(gr, gr_ref, **TOL)
+
+
+def test_selective_scan_backward_refuses_checkpoints_of_other_tiles():
+    g = gen(22)
+    t = {k: v.detach() for k, v in _scan_inputs(g, 1, 5, 3, 19).items()}
+    grouped = t["B"].unsqueeze(1).contiguous(), t["C"].unsqueeze(1).contiguous()
+    tiles = scan_kernel._tiles_of(t["u"], grouped[0], 3, True).backward.meta["T"]
+    ckpt = torch.zeros(1, 5, triton.cdiv(19, tiles) + 1, 3, device=DEVICE)  # one tile too many
+    with pytest.raises(RuntimeError, match="launch plan changed"):
+        scan_kernel._scan_bwd_op(t["u"], None, t["u"], t["delta"], t["A"], *grouped, None, None, None, None, ckpt,
+                                 False, False)
 
 
 @triton.jit

@@ -982,6 +982,9 @@ def _scan_bwd_op(dout: torch.Tensor, dlast: torch.Tensor | None, u: torch.Tensor
     batch, dim, L = u.shape
     N, groups = A.shape[1], B.shape[1]
     launch, n_dblocks = _bwd_launch(u, B, A)
+    if ckpt.shape[2] != triton.cdiv(L, launch.meta["T"]):  # checkpoints of other tiles would give wrong gradients
+        raise RuntimeError(f"the forward saved the states entering {ckpt.shape[2]} tiles, the backward plans tiles of "
+                           f"{launch.meta['T']} steps over {L}: the launch plan changed between the two")
     du, ddelta, dA_part, dB_part, dC_part, dD_part, dz, dbias_part, dinit = _scan_bwd_outputs(
         u, delta, A, B, D, z, delta_bias, has_init, n_dblocks, launch.chunks)
     adjoints, decays = (ckpt, ckpt) if launch.chunks == 1 else _summarize(dout, delta, C, z, A, delta_bias, seq_idx,
@@ -1011,15 +1014,22 @@ def _(dout, dlast, u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt, softplus,
 def _scan_setup_context(ctx, inputs, output):
     u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, softplus, _ = inputs
     ctx.softplus, ctx.has_init = softplus, initial_state is not None
+    # The backward plans its launch as the forward did: on CUDA, autograd runs it on its own thread, where a
+    # forced_layout of the forward's caller is not set.
+    ctx.forced = _FORCED.get()
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, output[2])
 
 
 def _scan_backward(ctx, dout, dlast, _):
     u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt = ctx.saved_tensors
-    du, ddelta, dA, dB, dC, dD, dz, dbias, dinit = _scan_bwd_op(
-        torch.zeros_like(u) if dout is None else dout.contiguous(),
-        None if dlast is None else dlast.float().contiguous(),
-        u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt, ctx.softplus, ctx.has_init)
+    token = _FORCED.set(ctx.forced)
+    try:
+        du, ddelta, dA, dB, dC, dD, dz, dbias, dinit = _scan_bwd_op(
+            torch.zeros_like(u) if dout is None else dout.contiguous(),
+            None if dlast is None else dlast.float().contiguous(),
+            u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt, ctx.softplus, ctx.has_init)
+    finally:
+        _FORCED.reset(token)
     return (
         du, ddelta, dA.sum(0).to(A.dtype), dB.sum(0).view(B.shape).to(B.dtype), dC.sum(0).view(C.shape).to(C.dtype),
         None if D is None else dD.sum(0).to(D.dtype), None if z is None else dz,
