@@ -65,24 +65,3 @@ def test_auto_takes_the_pytorch_decode_ops_under_compilation(monkeypatch):
     assert mamba_ops("triton", torch.device("cpu"), decoding=True) is TRITON_OPS
 
 
-def test_the_one_row_kernels_are_chosen_only_where_they_apply(monkeypatch):
-    """samba_kernels' one-row kernels take one row inside torch.compile, without gradients, in the
-    weights' dtype, outside autocast, on CUDA ("auto") or anywhere with "triton"; everything else, and
-    every eager call, stays with nn.Linear's F.linear."""
-    import samba_kernels
-    from samba_hf.kernel_dispatch import one_row_kernels
-
-    row, rows, weight = torch.zeros(1, 1, 4), torch.zeros(1, 2, 4), torch.zeros(3, 4)
-    with torch.no_grad():
-        assert one_row_kernels("triton", row, weight) is None  # eager
-        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-        assert one_row_kernels("triton", row, weight, weight) is samba_kernels
-        assert one_row_kernels("auto", row, weight) is None  # a CPU tensor
-        assert one_row_kernels("torch", row, weight) is None
-        assert one_row_kernels("triton", rows, weight) is None
-        assert one_row_kernels("triton", row, weight, weight.double()) is None
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert one_row_kernels("triton", row, weight) is None
-        assert one_row_kernels("auto", row.to("meta"), weight.to("meta")) is None
-        assert one_row_kernels("triton", row.to("meta"), weight.to("meta")) is samba_kernels  # F.linear inside
-    assert one_row_kernels("triton", row, weight, weight.requires_grad_()) is None  # gradients: F.linear's backward

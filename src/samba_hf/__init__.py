@@ -6,14 +6,9 @@ LoRA targets, when PEFT is installed).
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from .cache_samba import SambaStaticCache
 from .configuration_samba import PRESETS, SambaConfig
-from .modeling_samba import (
-    SambaForCausalLM,
-    SambaForSequenceClassification,
-    SambaModel,
-    SambaPreTrainedModel,
-    SambaStaticCache,
-)
+from .modeling_samba import SambaForCausalLM, SambaForSequenceClassification, SambaModel, SambaPreTrainedModel
 from .peft_integration import register_peft_defaults
 
 __version__ = "0.1.0"
