@@ -14,9 +14,9 @@ def small_config(**overrides) -> SambaConfig:
     return SambaConfig(**{**fields, **overrides})
 
 
-def small_model(seed: int = 0, **overrides) -> SambaForCausalLM:
+def small_model(seed: int = 0, model_class=SambaForCausalLM, **overrides):
     torch.manual_seed(seed)
-    model = SambaForCausalLM(small_config(**overrides)).eval()
+    model = model_class(small_config(**overrides)).eval()
     # The reference initialisation makes dt tiny and the residual writers small; randomise
     # everything so that the tests exercise every term at a visible scale.
     with torch.no_grad():
