@@ -26,7 +26,7 @@ from transformers import (
 from samba_hf import SambaConfig, SambaForCausalLM, SambaForSequenceClassification, SambaModel
 from samba_hf.demo import train_tokenizer
 
-from .helpers import small_config, small_model
+from .helpers import fp32_rule_breaks, left_padded, main_output, random_ids, small_config, small_model
 
 WINDOW = 8  # small_config's sliding window
 BATCH, LENGTH = 2, 2 * WINDOW + 3  # past the window, so that sliding-window layers drop keys
@@ -62,6 +62,7 @@ NOT_APPLICABLE = {
     "GPU benchmarks check flash attention",
     "test_model_parallelism / test_cpu_offload / test_disk_offload_bin": "need GPUs; "
     "test_device_map_auto_offloads_to_disk_exactly covers offloading on the CPU",
+    "activation checkpointing with offload=True": "pins CPU memory, which needs a GPU",
     "test_torch_compile_for_training / test_sdpa_can_compile_dynamic": "slow, GPU-marked in transformers; compiled "
     "training and decoding are tested in test_training and test_generation",
     "test_tp_plan_matches_params / test_tied_weights_are_sharded_together": "Samba defines no tensor-parallel plan",
@@ -81,17 +82,6 @@ def build(model_class=SambaForCausalLM, seed: int = 0, **overrides):
     return small_model(seed, model_class=model_class, **{"pad_token_id": 0, "num_labels": 3, **overrides})
 
 
-def random_ids(batch: int = BATCH, length: int = LENGTH, seed: int = 0) -> torch.Tensor:
-    """Token ids that avoid the pad token 0."""
-    return torch.randint(1, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def main_output(model, **inputs) -> torch.Tensor:
-    """The first output of each class: hidden states, LM logits or class logits."""
-    with torch.no_grad():
-        return model(**inputs)[0]
-
-
 def greedy_by_full_forwards(model, prompt: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy decoding that reruns the whole sequence every step, without a cache: the sequences and the
     logits of each new token."""
@@ -102,13 +92,6 @@ def greedy_by_full_forwards(model, prompt: torch.Tensor, steps: int) -> tuple[to
             step_logits.append(last)
             sequence = torch.cat([sequence, last.argmax(-1, keepdim=True)], dim=1)
     return sequence, torch.stack(step_logits, dim=1)
-
-
-def left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(row) for row in rows)
-    ids = torch.stack([F.pad(row, (width - len(row), 0), value=0) for row in rows])
-    mask = torch.stack([F.pad(torch.ones_like(row), (width - len(row), 0)) for row in rows])
-    return ids, mask
 
 
 # ----------------------------------------------------------------------------------------- save and load
@@ -200,23 +183,12 @@ def test_fp32_modules_named_in_keep_in_fp32_modules_strict_exist():
         assert any(name.endswith("." + pattern) for name in names), pattern
 
 
-def dtype_is_kept(model, half: torch.dtype) -> dict[str, torch.dtype]:
-    """Floating tensors whose dtype breaks the rule: fp32 for `_keep_in_fp32_modules_strict`, `half` for the rest."""
-    strict = model._keep_in_fp32_modules_strict
-    wrong = {}
-    for name, tensor in model.state_dict().items():
-        expected = torch.float32 if any(name.endswith("." + pattern) for pattern in strict) else half
-        if tensor.is_floating_point() and tensor.dtype != expected:
-            wrong[name] = tensor.dtype
-    return wrong
-
-
 @pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
 def test_from_pretrained_in_half_precision_keeps_the_ssm_parameters_in_fp32(half, tmp_path):
     """Building a model in half precision from a config is in test_contracts (issue of `D`)."""
     build().save_pretrained(tmp_path)
     loaded = SambaForCausalLM.from_pretrained(tmp_path, dtype=half)
-    assert dtype_is_kept(loaded, half) == {}
+    assert fp32_rule_breaks(loaded, half) == {}
     assert torch.isfinite(main_output(loaded, input_ids=random_ids())).all()
 
 
@@ -425,8 +397,9 @@ def test_left_padded_rows_equal_each_row_alone(model_class):
     batched = main_output(model, input_ids=ids, attention_mask=mask)
     for row_idx, row in enumerate(rows):
         alone = main_output(model, input_ids=row[None])[0]
+        # The LM gives logits at every real position, the classifier one row of class logits.
         got = batched[row_idx, -len(row) :] if model_class is SambaForCausalLM else batched[row_idx]
-        torch.testing.assert_close(got, alone if model_class is SambaForCausalLM else alone, **FP32)
+        torch.testing.assert_close(got, alone, **FP32)
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -489,8 +462,13 @@ def test_sequence_classification_losses(problem_type):
     torch.testing.assert_close(output.loss, expected)
 
 
-@pytest.mark.parametrize("use_reentrant", [None, False, True])
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients(use_reentrant):
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"activation_checkpointing_kwargs": {"use_reentrant": False}},
+     {"activation_checkpointing_kwargs": {"use_reentrant": True}}, {"every_n_layers": 2}],
+    ids=["default", "non-reentrant", "reentrant", "every-2nd-layer"],
+)  # fmt: skip
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(options):
     model, ids = build().train(), random_ids()
 
     def loss_and_gradients():
@@ -500,12 +478,11 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(use_reentrant)
         return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
     plain_loss, plain = loss_and_gradients()
-    kwargs = None if use_reentrant is None else {"use_reentrant": use_reentrant}
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    assert model.is_gradient_checkpointing
+    model.activation_checkpointing_enable(**options)
+    assert model.is_activation_checkpointing
     checkpointed_loss, checkpointed = loss_and_gradients()
-    model.gradient_checkpointing_disable()
-    assert not model.is_gradient_checkpointing
+    model.activation_checkpointing_disable()
+    assert not model.is_activation_checkpointing
     torch.testing.assert_close(checkpointed_loss, plain_loss, rtol=0, atol=0)
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
