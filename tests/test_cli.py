@@ -39,8 +39,8 @@ def test_env_reports_versions_and_each_op_implementation(capsys):
     assert samba_hf_main(["env"]) == 0
     printed = capsys.readouterr().out
     assert "transformers" in printed and "cpu    tensors -> torch" in printed
-    assert "sliding-window attention" in printed and "cpu    tensors -> the attention interface" in printed
-    assert "one-row projections" in printed and "cpu    tensors -> F.linear" in printed
+    assert "sliding-window attention" in printed and "cpu    tensors -> sdpa over blocks" in printed
+    assert "generate() decoding" in printed and "cpu    tensors -> transformers' decoding loop" in printed
 
 
 def test_env_honours_the_samba_kernels_override(capsys, monkeypatch):

@@ -7,11 +7,13 @@ must raise, never return a different result."""
 import pytest
 import torch
 import torch.nn.functional as F
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorWithFlattening, DynamicCache
 
 from samba_hf import SambaForCausalLM, SambaForSequenceClassification, SambaModel
 from samba_hf.demo import train_tokenizer
+from samba_hf.generation import chunked_forward
 
 from .helpers import fp32_rule_breaks, left_padded, main_output, random_ids, small_config, small_model
 
@@ -26,11 +28,11 @@ LONG_WINDOW = 64
 
 def assert_rows_equal_each_row_alone(model, logits, rows, mask):
     """`logits` (batch, n) of the last n positions of a padded batch: at each real position, the logits of the
-    row's real tokens run alone, in one forward without a cache or chunking."""
+    row's real tokens run alone, in one forward without a cache."""
     n = logits.shape[1]
     for row_idx, row in enumerate(rows):
         real = mask[row_idx, -n:].bool()
-        alone = main_output(model, input_ids=row[None], use_cache=False, prefill_chunk_size=None)[0]
+        alone = main_output(model, input_ids=row[None], use_cache=False)[0]
         torch.testing.assert_close(logits[row_idx, real], alone[-int(real.sum()) :], **FP32)
 
 
@@ -104,14 +106,17 @@ def test_right_padding_is_refused_or_its_cache_continues_exactly():
 
 
 def test_a_mamba_only_model_continues_left_padded_rows_in_chunks():
-    model = small_model(layer_types=MAMBA_ONLY, prefill_chunk_size=4)
+    """A cache of Mamba layers alone does not count tokens: the chunks of generate's prefill cut the 2D mask
+    from its end, so each chunk of a continuation gets its own padding."""
+    model = small_model(layer_types=MAMBA_ONLY)
     rows = [random_ids(1, n, seed=n)[0] for n in (6, 3)]
     prompt, mask = left_padded(rows)
     following = random_ids(2, 9, seed=1)  # longer than a chunk
     full_mask = torch.cat([mask, torch.ones_like(following)], dim=1)
     with torch.no_grad():
         first = model(prompt, attention_mask=mask, use_cache=True)
-        second = model(following, attention_mask=full_mask, cache=first.cache, use_cache=True)
+        second = chunked_forward(model, dict(input_ids=following, attention_mask=full_mask, cache=first.cache,
+                                             use_cache=True), chunk_size=4)  # fmt: skip
     assert_rows_equal_each_row_alone(model, first.logits, rows, mask)
     assert_rows_equal_each_row_alone(model, second.logits,
                                      [torch.cat([row, next_ids]) for row, next_ids in zip(rows, following)], full_mask)  # fmt: skip
@@ -142,17 +147,16 @@ def test_padding_in_the_middle_of_a_continued_batch():
 # ------------------------------------------------------------------------------------ chunked prefill
 
 
-@pytest.mark.parametrize("use_cache", ["default", "False in the config", "False in the call"])
-def test_long_inference_forwards_are_chunked_whatever_use_cache_says(use_cache):
-    """Trainer saves `use_cache: false` into the config; a long inference forward must still run in chunks
-    (memory of one chunk), with the logits of the unchunked forward. Every layer sees at most one chunk."""
+@pytest.mark.parametrize("use_cache", ["default", "False in the config"])
+def test_long_prompts_are_prefilled_in_chunks_whatever_the_config_says(use_cache):
+    """Trainer saves `use_cache: false` into the config, a training setting: generate still keeps a cache and
+    runs a long prompt through it in chunks (every layer sees at most one chunk), with the tokens of an
+    unchunked prefill. (A plain forward is never chunked; test_generation checks that its memory grows
+    linearly.)"""
     chunk = 8
     model = small_model(prefill_chunk_size=chunk)
-    kwargs = {}
     if use_cache == "False in the config":
-        model.config.use_cache = False
-    elif use_cache == "False in the call":
-        kwargs["use_cache"] = False
+        model = small_model(prefill_chunk_size=chunk, use_cache=False)
     ids = random_ids(length=3 * chunk + 5)
     lengths_seen = []
 
@@ -160,12 +164,13 @@ def test_long_inference_forwards_are_chunked_whatever_use_cache_says(use_cache):
         hidden_states = args[0] if args else kwargs["hidden_states"]
         lengths_seen.append(hidden_states.shape[1])
 
-    for layer in model.model.layers:
-        layer.register_forward_pre_hook(record_length, with_kwargs=True)
-    logits = main_output(model, input_ids=ids, **kwargs)
+    hooks = [layer.register_forward_pre_hook(record_length, with_kwargs=True) for layer in model.model.layers]
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, decode_engine=False)
+    chunked = model.generate(ids, **kwargs)
     assert max(lengths_seen) <= chunk, f"a layer ran {max(lengths_seen)} tokens at once"
-    lengths_seen.clear()
-    torch.testing.assert_close(logits, main_output(model, input_ids=ids, prefill_chunk_size=None), **FP32)
+    for hook in hooks:
+        hook.remove()
+    assert torch.equal(chunked, model.generate(ids, prefill_chunk_size=ids.shape[1], **kwargs))
 
 
 # ------------------------------------------------------------------------------------------ quantization
@@ -268,11 +273,11 @@ def test_rope_types_are_supported_or_refused_with_a_value_error(rope_type):
     default RoPE's past the original context (dynamic: equal within it), never silently default RoPE."""
     config = small_config(layer_types=EVERY_LAYER_TYPE)
     try:
-        scaled = small_model(model_class=SambaModel, layer_types=EVERY_LAYER_TYPE,
+        scaled = small_model(model_class=SambaModel, layer_types=EVERY_LAYER_TYPE, max_position_embeddings=16,
                              rope_parameters=rope_parameters(rope_type, config.head_dim))  # fmt: skip
     except ValueError:
         return
-    default = small_model(model_class=SambaModel, layer_types=EVERY_LAYER_TYPE)
+    default = small_model(model_class=SambaModel, layer_types=EVERY_LAYER_TYPE, max_position_embeddings=16)
     short, long = random_ids(1, 12), random_ids(1, 40)
     if rope_type == "dynamic":
         torch.testing.assert_close(main_output(scaled, input_ids=short), main_output(default, input_ids=short))
@@ -328,7 +333,10 @@ def test_trl_sft_trainer_with_packing_trains_on_the_unpacked_loss(tmp_path):
 @pytest.mark.parametrize("field, value", [("rms_norm_eps", 0.0), ("rms_norm_eps", -1e-5), ("time_step_rank", "big"),
                                           ("time_step_rank", 2.5), ("initializer_range", -0.02)])  # fmt: skip
 def test_invalid_config_values_raise_a_value_error_naming_the_field(field, value):
-    with pytest.raises(ValueError, match=field):
+    """A value of the wrong type is refused by the config dataclass's own check (huggingface_hub's strict
+    dataclasses, as for every transformers config), one of the right type but out of range by a ValueError:
+    both name the field."""
+    with pytest.raises((ValueError, StrictDataclassFieldValidationError), match=field):
         small_config(**{field: value})
 
 

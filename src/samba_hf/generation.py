@@ -319,11 +319,11 @@ class DecodeEngine:
     def step_for(self, chooser: "TokenChooser", batch: int, generation_config) -> "DecodeStep":
         model = self.model
         use_graph = getattr(generation_config, "decode_engine", True) is True
-        reusable = use_graph and all(
+        reusable = all(
             isinstance(m, PLAIN_MODULE_TYPES) or type(m).__module__ == type(model).__module__
             for m in model.modules()
         )  # fmt: skip
-        key = (batch, model.dtype, chooser.key, tuple(p.data_ptr() for p in model.parameters()))
+        key = (use_graph, batch, model.dtype, chooser.key, tuple(p.data_ptr() for p in model.parameters()))
         step = self.graphs.get(key) if reusable else None
         if step is not None:
             self.graphs.move_to_end(key)

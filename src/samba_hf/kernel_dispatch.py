@@ -187,11 +187,11 @@ AttentionMaskInterface.register(SAMBA_SDPA, samba_sdpa_mask)
 
 
 def describe(config_choice: str = "auto") -> dict:
-    """{op: {device: the implementation it would use here}}, for `samba-hf env`: the Mamba ops and the
+    """{op: {device: the implementation it would use here}}, for `samba-hf env`: the Mamba ops, the
     sliding-window layers' attention under the default "samba_sdpa" (inputs without padding that reach
-    past the window)."""
+    past the window) and generate()'s decoding loop."""
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    report = {"Mamba ops": {}, "sliding-window attention": {}}
+    report = {"Mamba ops": {}, "sliding-window attention": {}, "generate() decoding": {}}
     for device in devices:
         try:
             report["Mamba ops"][device] = mamba_ops(config_choice, torch.device(device)).name
@@ -202,5 +202,8 @@ def describe(config_choice: str = "auto") -> dict:
             "samba_kernels.windowed_attention (Triton forward without gradients, compiled FlexAttention with them)"
             if fused
             else "sdpa over blocks of queries against the keys their window reaches"
+        )
+        report["generate() decoding"][device] = (
+            "the decode engine (CUDA graphs)" if device == "cuda" else "transformers' decoding loop"
         )
     return report

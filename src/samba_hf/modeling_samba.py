@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.integrations.accelerate import force_accelerate_hooks
 from transformers.masking_utils import (
     create_causal_mask,
     create_recurrent_attention_mask,
@@ -222,6 +223,7 @@ class SambaMambaMixer(nn.Module):
         self.D = nn.Parameter(torch.ones(self.intermediate_size, dtype=torch.float32))
         self.out_proj = nn.Linear(self.intermediate_size, config.hidden_size, bias=config.use_bias)
 
+    @force_accelerate_hooks("conv1d")  # the conv weight is handed to the op directly
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
@@ -406,6 +408,8 @@ class SambaPreTrainedModel(PreTrainedModel):
 # `return_dict`. Anything else is refused rather than ignored: a misspelt cache argument would otherwise
 # run the input without its cache.
 ACCEPTED_KEYWORDS = frozenset(TransformersKwargs.__annotations__) | {"return_dict"}
+# Keywords of transformers' causal-LM loss that the causal-LM forward hands to it rather than to the model.
+LOSS_KEYWORDS = ("shift_labels", "ignore_index")
 
 
 class SambaModel(SambaPreTrainedModel):
@@ -606,6 +610,7 @@ class SambaForCausalLM(SambaPreTrainedModel, SambaGenerationMixin):
         >>> out = model.generate(input_ids, max_new_tokens=32)
         ```
         """
+        loss_kwargs = {name: kwargs.pop(name) for name in LOSS_KEYWORDS if name in kwargs}
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -619,7 +624,8 @@ class SambaForCausalLM(SambaPreTrainedModel, SambaGenerationMixin):
         logits = self.lm_head(hidden_states)
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs,
+                                      **kwargs)  # fmt: skip
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
