@@ -151,3 +151,42 @@ def test_what_the_engine_cannot_run_goes_to_transformers_loop_and_says_why(caplo
     assert "captures CUDA graphs" in caplog.text
     with pytest.raises(ValueError, match="decode_engine"):
         model.generate(ids, max_new_tokens=2, decode_engine="fast", **GREEDY)
+
+
+def test_batch_one_runs_the_fused_kernels_with_the_tokens_of_transformers_loop(monkeypatch):
+    """A batch-1 step on the one-row kernels (Triton's interpreter here): norms folded into the products,
+    a Mamba mixer's token in mamba_decode_step, attention over the ring in ring_decode_attention."""
+    import samba_kernels
+
+    if not samba_kernels.use_triton(torch.empty(0)):
+        pytest.skip("TRITON_INTERPRET is off and there is no GPU")
+    calls = []
+    for name in ("mamba_decode_step", "ring_decode_attention", "gated_matvec", "matvec_add_"):
+        kernel = getattr(samba_kernels, name)
+        monkeypatch.setattr(samba_kernels, name, lambda *a, _n=name, _k=kernel, **kw: calls.append(_n) or _k(*a, **kw))
+    model = small_model()
+    ids = torch.randint(3, 97, (1, WINDOW + 3))
+    loop, engine = both_paths(model, ids, max_new_tokens=2 * WINDOW, **GREEDY)
+    assert torch.equal(loop, engine)
+    steps = 2 * WINDOW - 1
+    assert calls.count("ring_decode_attention") == calls.count("mamba_decode_step") == 2 * steps
+
+
+def test_an_adapted_layer_keeps_its_modules_in_the_fused_step():
+    """LoRA on one layer's projections: that layer runs its modules (the adapter's term included), the others
+    the fused kernels, over the same buffers."""
+    import peft
+    import samba_kernels
+
+    if not samba_kernels.use_triton(torch.empty(0)):
+        pytest.skip("TRITON_INTERPRET is off and there is no GPU")
+    model = peft.get_peft_model(small_model(), peft.LoraConfig(r=4, target_modules=["q_proj", "in_proj"],
+                                                                layers_to_transform=[1, 2]))  # fmt: skip
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.3)
+    ids = torch.randint(3, 97, (1, WINDOW + 3))
+    with torch.no_grad():
+        loop = model.generate(input_ids=ids, max_new_tokens=WINDOW + 2, decode_engine=False, **GREEDY)
+        engine = model.generate(input_ids=ids, max_new_tokens=WINDOW + 2, decode_engine="eager", **GREEDY)
+    assert torch.equal(loop, engine)

@@ -11,8 +11,9 @@ one-row products, `mamba_decode_step_ref`). The kernels are registered as torch.
 
 from ._common import use_triton
 from .causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+from .decode_attention import ring_decode_attention
 from .mamba_decode import mamba_decode_step, mamba_decode_step_ref
-from .matvec import gated_matvec, matvec, stacked_matvec
+from .matvec import gated_matvec, matvec, matvec_add_, stacked_matvec
 from .reference import (
     causal_conv1d_ref,
     causal_conv1d_update_ref,
@@ -31,6 +32,8 @@ __all__ = [
     "mamba_decode_step",
     "mamba_decode_step_ref",
     "matvec",
+    "matvec_add_",
+    "ring_decode_attention",
     "selective_scan_fn",
     "selective_scan_ref",
     "selective_state_update",

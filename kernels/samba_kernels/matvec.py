@@ -32,13 +32,16 @@ from ._common import dependent_launch, gdc_launch_dependents, gdc_wait, use_trit
 
 
 @triton.jit
-def _matvec_kernel(x, w0, w1, w2, bias, out, N0, N1, N2, K, stride_x, stride0, stride1, stride2,
-                   WEIGHTS: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _matvec_kernel(x, w0, w1, w2, bias, norm_weight, out, N0, N1, N2, K, stride_x, stride0, stride1, stride2, eps,
+                   WEIGHTS: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
+                   RESIDUAL: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out = x @ [w0; w1; w2].T (+ bias): the rows of the first WEIGHTS weights stacked, N0 + N1 + N2
     outputs (the unused weights have 0 rows). GATED: out = silu(x @ w0.T) * (x @ w1.T), N0 outputs,
-    each program reading the same rows of both weights. PDL: launched as a programmatic dependent; the
-    first weight tile loads before the wait for the kernel that writes x."""
+    each program reading the same rows of both weights. NORM: x is first RMS-normalised (float32) and
+    scaled by norm_weight; its sum of squares accumulates with the products, and the products are scaled
+    by 1 / rms at the end. RESIDUAL: out += the products (out is the float32 residual stream, updated in
+    place). PDL: launched as a programmatic dependent; the first weight tile loads before the wait for the
+    kernel that writes x."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N0 + N1 + N2
     offsets = rows.to(tl.int64)  # int64: vocabulary x hidden may pass 2**31
@@ -57,6 +60,9 @@ def _matvec_kernel(x, w0, w1, w2, bias, out, N0, N1, N2, K, stride_x, stride0, s
         gdc_launch_dependents()
         gdc_wait()
     x_k = tl.load(x + cols * stride_x, mask=cols < K, other=0.0).to(tl.float32)[None, :]
+    squares = x_k * x_k  # NORM only
+    if NORM:
+        x_k *= tl.load(norm_weight + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
     acc = w.to(tl.float32) * x_k
     if GATED:
         acc_up = up.to(tl.float32) * x_k
@@ -64,6 +70,9 @@ def _matvec_kernel(x, w0, w1, w2, bias, out, N0, N1, N2, K, stride_x, stride0, s
         cols = k0 + tl.arange(0, BLOCK_K)
         mask = row_mask[:, None] & (cols < K)[None, :]
         x_k = tl.load(x + cols * stride_x, mask=cols < K, other=0.0).to(tl.float32)[None, :]
+        if NORM:
+            squares += x_k * x_k
+            x_k *= tl.load(norm_weight + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
         w = tl.load(w_rows[:, None] + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
         acc += w.to(tl.float32) * x_k
         if GATED:
@@ -71,9 +80,18 @@ def _matvec_kernel(x, w0, w1, w2, bias, out, N0, N1, N2, K, stride_x, stride0, s
             acc_up += up.to(tl.float32) * x_k
     y = tl.sum(acc, axis=1)
     if GATED:
-        y = y * tl.sigmoid(y) * tl.sum(acc_up, axis=1)
+        y_up = tl.sum(acc_up, axis=1)
+    if NORM:
+        inv_rms = 1.0 / tl.sqrt(tl.sum(squares) / K + eps)
+        y *= inv_rms
+        if GATED:
+            y_up *= inv_rms
+    if GATED:
+        y = y * tl.sigmoid(y) * y_up
     if HAS_BIAS:
         y += tl.load(bias + rows, mask=row_mask, other=0.0).to(tl.float32)
+    if RESIDUAL:
+        y += tl.load(out + rows, mask=row_mask, other=0.0).to(tl.float32)
     tl.store(out + rows, y.to(out.dtype.element_ty), mask=row_mask)
 
 
@@ -89,11 +107,14 @@ def _tile(N: int, K: int) -> dict:
 
 
 def _new_output(x: torch.Tensor, weights: list[torch.Tensor], gated: bool) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], weights[0].shape[0] if gated else sum(w.shape[0] for w in weights))
+    n = weights[0].shape[0] if gated else sum(w.shape[0] for w in weights)
+    return x.new_empty(*x.shape[:-1], n, dtype=weights[0].dtype)
 
 
-def _launch_matvec(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None, gated: bool) -> torch.Tensor:
-    out = _new_output(x, weights, gated)
+def _launch_matvec(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None, gated: bool,
+                   norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+                   residual: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    out = _new_output(x, weights, gated) if residual is None else residual
     x_row = x.reshape(-1)  # one row, as a view: its elements may be strided (a slice of a wider tensor)
     weights = [w if w.stride(-1) == 1 else w.contiguous() for w in weights]
     bias = None if bias is None else bias.contiguous()
@@ -102,15 +123,20 @@ def _launch_matvec(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Ten
     rows = [weights[0].shape[0]] + [w.shape[0] for w in stacked] + [0] * (2 - len(stacked))
     tile = _tile(out.shape[-1] * (2 if gated else 1), x_row.shape[0])
     _matvec_kernel[(triton.cdiv(out.shape[-1], tile["BLOCK_N"]),)](
-        x_row, *padded, padded[0] if bias is None else bias, out, *rows, x_row.shape[0], x_row.stride(0),
-        *(w.stride(0) for w in padded), WEIGHTS=1 + len(stacked), GATED=gated, HAS_BIAS=bias is not None,
-        **dependent_launch(x), **tile)
+        x_row, *padded, padded[0] if bias is None else bias, padded[0] if norm_weight is None else norm_weight, out,
+        *rows, x_row.shape[0], x_row.stride(0), *(w.stride(0) for w in padded), eps, WEIGHTS=1 + len(stacked),
+        GATED=gated, HAS_BIAS=bias is not None, NORM=norm_weight is not None, RESIDUAL=residual is not None,
+        **dependent_launch(x), **tile)  # fmt: skip
     return out
+
+
+def _matvec_op(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None, gated: bool) -> torch.Tensor:
+    return _launch_matvec(x, weights, bias, gated)
 
 
 # A custom op for torch.compile; eager calls launch directly, as the op's dispatch costs host time
 # that a one-token step, bound by host time, would pay for each of its products.
-_matvec = torch.library.custom_op("samba_kernels::matvec", _launch_matvec, mutates_args=())
+_matvec = torch.library.custom_op("samba_kernels::matvec", _matvec_op, mutates_args=())
 
 
 @_matvec.register_fake
@@ -118,51 +144,89 @@ def _(x, weights, bias, gated):
     return _new_output(x, weights, gated)
 
 
-def _check(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: torch.Tensor | None, name: str) -> bool:
+def rms_normalized(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """The reference of the kernels' NORM: x RMS-normalised in float32 and scaled by norm_weight (x itself
+    where norm_weight is None), in `dtype`."""
+    if norm_weight is None:
+        return x
+    return F.rms_norm(x.float(), norm_weight.shape, norm_weight.float(), eps).to(dtype)
+
+
+def _check(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: torch.Tensor | None, name: str,
+           norm_weight: torch.Tensor | None = None) -> bool:  # fmt: skip
     """Raises on what the kernel cannot do; True where `use_triton(x)` (the kernel), False where the
     caller's F.linear reference runs."""
     if x.shape[:-1].numel() != 1:
         raise ValueError(f"{name} takes one row of x, got shape {tuple(x.shape)}: use F.linear for more rows")
     for weight in weights:
-        if weight.dim() != 2 or x.shape[-1] != weight.shape[1] or x.dtype != weight.dtype:
+        # x may be float32 where it is normalised first (the residual stream of a bf16 model)
+        dtype_ok = x.dtype == weight.dtype or (norm_weight is not None and x.dtype == torch.float32)
+        if weight.dim() != 2 or x.shape[-1] != weight.shape[1] or not dtype_ok:
             raise ValueError(f"{name}: x {tuple(x.shape)} {x.dtype} does not match weight {tuple(weight.shape)} "
                              f"{weight.dtype} (x's last dimension is the weight's second, in the same dtype)")
+    if norm_weight is not None and norm_weight.shape != (x.shape[-1],):
+        raise ValueError(f"{name}: norm_weight {tuple(norm_weight.shape)} must have x's last dimension {x.shape[-1]}")
     if not use_triton(x):
         return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *weights, bias)):
         raise ValueError(f"{name} has no backward: call it without gradients (torch.no_grad) or use F.linear")
+    if norm_weight is not None and torch.compiler.is_compiling():
+        raise NotImplementedError(f"{name} with norm_weight runs eagerly only (the decode engine's step)")
     return True
 
 
-def _run(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None, gated: bool) -> torch.Tensor:
-    return (_matvec if torch.compiler.is_compiling() else _launch_matvec)(x, weights, bias, gated)
+def _run(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None, gated: bool,
+         norm_weight: torch.Tensor | None, eps: float) -> torch.Tensor:  # fmt: skip
+    if torch.compiler.is_compiling():
+        return _matvec(x, weights, bias, gated)
+    return _launch_matvec(x, weights, bias, gated, norm_weight, eps)
 
 
-def matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+           norm_weight: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:  # fmt: skip
     """F.linear(x, weight, bias) for an x holding one row (its leading dimensions multiply to 1), without
-    gradients: the Triton kernel where `use_triton(x)`, F.linear elsewhere."""
-    if not _check(x, [weight], bias, "matvec"):
-        return F.linear(x, weight, bias)
-    return _run(x, [weight], bias, gated=False)
+    gradients: the Triton kernel where `use_triton(x)`, F.linear elsewhere. With `norm_weight` (hidden,),
+    x (then float32 or weight's dtype) is first RMS-normalised with `eps` and scaled by it, in the same
+    kernel: F.linear(rms_norm(x) * norm_weight, weight, bias)."""
+    if not _check(x, [weight], bias, "matvec", norm_weight):
+        return F.linear(rms_normalized(x, norm_weight, eps, weight.dtype), weight, bias)
+    return _run(x, [weight], bias, False, norm_weight, eps)
 
 
-def stacked_matvec(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+def matvec_add_(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """residual += F.linear(x, weight, bias), in place, for one row: a residual stream (float32, or x's dtype)
+    updated by a projection in one launch. Returns residual."""
+    if residual.shape[:-1].numel() != 1 or residual.shape[-1] != weight.shape[0]:
+        raise ValueError(f"matvec_add_: residual {tuple(residual.shape)} must be one row of {weight.shape[0]}")
+    if not _check(x, [weight], bias, "matvec_add_"):
+        return residual.add_(F.linear(x, weight, bias).to(residual.dtype))
+    if not residual.is_contiguous():
+        raise ValueError("matvec_add_ updates a contiguous residual row in place")
+    return _launch_matvec(x, [weight], bias, False, residual=residual)
+
+
+def stacked_matvec(x: torch.Tensor, weights: Sequence[torch.Tensor], *, norm_weight: torch.Tensor | None = None,
+                   eps: float = 1e-5) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """(F.linear(x, w) for w in weights), one to three weights that share the one-row input x, in one
-    launch (as `matvec`, and without concatenating the weights)."""
+    launch (as `matvec`, and without concatenating the weights; `norm_weight` as in `matvec`)."""
     weights = list(weights)
     if not 1 <= len(weights) <= 3:
         raise ValueError(f"stacked_matvec takes one to three weights, got {len(weights)}: split the list")
-    if not _check(x, weights, None, "stacked_matvec"):
+    if not _check(x, weights, None, "stacked_matvec", norm_weight):
+        x = rms_normalized(x, norm_weight, eps, weights[0].dtype)
         return tuple(F.linear(x, w) for w in weights)
-    return _run(x, weights, None, gated=False).split([w.shape[0] for w in weights], dim=-1)
+    return _run(x, weights, None, False, norm_weight, eps).split([w.shape[0] for w in weights], dim=-1)
 
 
-def gated_matvec(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor) -> torch.Tensor:
+def gated_matvec(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor, *,
+                 norm_weight: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:  # fmt: skip
     """F.silu(F.linear(x, gate_weight)) * F.linear(x, up_weight) for a one-row x, in one launch (as
-    `matvec`): SwiGLU's first half, with the product of its two halves taken in the kernel."""
+    `matvec`, `norm_weight` too): SwiGLU's first half, with the product of its two halves taken in the kernel."""
     if gate_weight.shape != up_weight.shape:
         raise ValueError(f"gated_matvec: gate {tuple(gate_weight.shape)} and up {tuple(up_weight.shape)} weights "
                          "must have the same shape")
-    if not _check(x, [gate_weight, up_weight], None, "gated_matvec"):
+    if not _check(x, [gate_weight, up_weight], None, "gated_matvec", norm_weight):
+        x = rms_normalized(x, norm_weight, eps, gate_weight.dtype)
         return F.silu(F.linear(x, gate_weight)) * F.linear(x, up_weight)
-    return _run(x, [gate_weight, up_weight], None, gated=True)
+    return _run(x, [gate_weight, up_weight], None, True, norm_weight, eps)

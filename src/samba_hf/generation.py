@@ -60,6 +60,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils import logging
 
 from .cache_samba import SambaStaticCache, SlidingWindowRingLayer
+from .kernel_dispatch import requested_implementation
 
 logger = logging.get_logger(__name__)
 
@@ -319,10 +320,7 @@ class DecodeEngine:
     def step_for(self, chooser: "TokenChooser", batch: int, generation_config) -> "DecodeStep":
         model = self.model
         use_graph = getattr(generation_config, "decode_engine", True) is True
-        reusable = all(
-            isinstance(m, PLAIN_MODULE_TYPES) or type(m).__module__ == type(model).__module__
-            for m in model.modules()
-        )  # fmt: skip
+        reusable = plain_modules(model, type(model).__module__)
         key = (use_graph, batch, model.dtype, chooser.key, tuple(p.data_ptr() for p in model.parameters()))
         step = self.graphs.get(key) if reusable else None
         if step is not None:
@@ -455,6 +453,7 @@ class DecodeStep:
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self.readable = torch.zeros(batch, window, dtype=torch.bool, device=self.device)
         self.allocate(config, batch, model.dtype)
+        self.fused = FusedStep(model, self) if FusedStep.applies(model, batch) else None
         self.graph = None
         if use_graph:
             self.capture()
@@ -478,9 +477,12 @@ class DecodeStep:
             slot = self.rings[0].cumulative_length % self.rings[0].max_cache_len
             self.readable.index_fill_(1, slot.view(1), True)
             masks["sliding_attention"] = self.readable[:, None, None, :]
-        logits = self.model(input_ids=self.tokens, position_ids=self.positions, cache=self.cache,
-                            attention_mask=masks, use_cache=True, logits_to_keep=1).logits  # fmt: skip
-        self.tokens.copy_(self.chooser(logits[:, -1].float())[:, None])
+        if self.fused is not None:
+            logits = self.fused(masks)
+        else:
+            logits = self.model(input_ids=self.tokens, position_ids=self.positions, cache=self.cache,
+                                attention_mask=masks, use_cache=True, logits_to_keep=1).logits[:, -1]  # fmt: skip
+        self.tokens.copy_(self.chooser(logits.float())[:, None])
         self.positions.add_(1)
 
     def capture(self) -> None:
@@ -554,3 +556,96 @@ def ordered_window(layer, seen: int) -> tuple[torch.Tensor, torch.Tensor]:
         order = layer.ordered_slots(seen)
         return layer.keys[:, :, order], layer.values[:, :, order]
     return layer.keys, layer.values  # DynamicSlidingWindowLayer keeps them in order
+
+
+def plain_modules(module: nn.Module, model_module: str) -> bool:
+    """Whether every module inside `module` is the model's own (defined in `model_module`) or a plain torch
+    layer, none of them hooked: then a fused kernel may read their weights, and a replayed graph reproduces
+    their forward. Adapters (LoRA), quantized layers and accelerate's offloading hooks keep their own forward."""
+    return all(
+        (type(part) in PLAIN_MODULE_TYPES or type(part).__module__ == model_module)
+        and not (part._forward_hooks or part._forward_pre_hooks or hasattr(part, "_hf_hook"))
+        for part in module.modules()
+    )
+
+
+class FusedStep:
+    """A batch-1 decode step on samba_kernels' one-row kernels: each norm folded into the product that reads
+    it, each residual update into the product that writes it, a Mamba mixer's token in two launches
+    (`mamba_decode_step`) and an attention layer's token, with its RoPE and ring update, in two
+    (`ring_decode_attention`): six or seven launches a layer, where the modules launch dozens. A layer whose
+    modules are not plain (`plain_modules`) runs its own forward over the same buffers. The step computes the
+    model's function with float32 intermediates (the modules round some to bf16): tokens agree with the
+    modules' up to ties within rounding."""
+
+    @staticmethod
+    def applies(model, batch: int) -> bool:
+        try:
+            import samba_kernels  # installed with samba-hf; a remote-code install may lack it
+        except ImportError:
+            return False
+        probe = next(model.parameters())
+        return (
+            batch == 1
+            and samba_kernels.use_triton(probe)
+            and requested_implementation(model.config.kernel_implementation) in ("auto", "triton")
+        )
+
+    def __init__(self, model, step: DecodeStep):
+        import samba_kernels
+
+        self.kernels, self.step, self.model = samba_kernels, step, model
+        config, base = model.config, model.model
+        own = type(model).__module__
+        self.layers = [(layer, cache_layer, plain_modules(layer, own)) for layer, cache_layer in zip(base.layers, step.cache.layers)]
+        self.residual = torch.zeros(1, config.hidden_size, device=step.device,
+                                    dtype=torch.float32 if config.residual_in_fp32 else model.dtype)  # fmt: skip
+        rotary = base.rotary_emb
+        half = (config.head_dim or 2) // 2
+        self.inv_freq = rotary.inv_freq if rotary is not None else torch.zeros(half, device=step.device)
+        self.rope_scale = rotary.attention_scaling if rotary is not None else 1.0
+
+    def __call__(self, masks: dict) -> torch.Tensor:
+        kernels, step, base, residual = self.kernels, self.step, self.model.model, self.residual
+        residual.copy_(base.embed_tokens.weight.index_select(0, step.tokens[0]))
+        position_embeddings = None
+        for layer, cache_layer, plain in self.layers:
+            if not plain:  # the layer's own forward, on the same buffers
+                if position_embeddings is None and base.rotary_emb is not None:
+                    position_embeddings = base.rotary_emb(residual, step.positions)
+                out = layer(residual[:, None], attention_mask=masks.get(layer.mixer_type),
+                            position_embeddings=position_embeddings, cache=step.cache)  # fmt: skip
+                residual.copy_(out[:, 0])
+                continue
+            norm, mixer = layer.mixer_norm, layer.mixer
+            if layer.mixer_type == "linear_attention":
+                xz = kernels.matvec(residual, mixer.in_proj.weight, mixer.in_proj.bias, norm_weight=norm.weight,
+                                    eps=norm.variance_epsilon)  # fmt: skip
+                x, z = xz.chunk(2, dim=-1)
+                y = kernels.mamba_decode_step(
+                    x, z, cache_layer.conv_states[0], cache_layer.recurrent_states[0], mixer.conv1d.weight[:, 0],
+                    mixer.conv1d.bias, mixer.x_proj.weight, mixer.dt_proj.weight, mixer.dt_proj.bias, mixer.A_log,
+                    mixer.D,
+                )  # fmt: skip
+                kernels.matvec_add_(residual, y, mixer.out_proj.weight, mixer.out_proj.bias)
+            elif layer.mixer_type == "mlp":
+                self.swiglu(norm, mixer)
+            else:
+                q, k, v = kernels.stacked_matvec(residual, [mixer.q_proj.weight, mixer.k_proj.weight, mixer.v_proj.weight],
+                                                 norm_weight=norm.weight, eps=norm.variance_epsilon)  # fmt: skip
+                out = kernels.ring_decode_attention(q, k, v, cache_layer.keys, cache_layer.values, step.readable,
+                                                    cache_layer.cumulative_length, step.positions, self.inv_freq,
+                                                    self.rope_scale, mixer.scaling)  # fmt: skip
+                kernels.matvec_add_(residual, out, mixer.o_proj.weight)
+            if layer.mlp is not None:
+                self.swiglu(layer.mlp_norm, layer.mlp)
+        for layer, cache_layer, plain in self.layers:  # the module path counts its own rings' tokens
+            if plain and isinstance(cache_layer, SlidingWindowRingLayer):
+                cache_layer.cumulative_length.add_(1)
+        norm, head = base.norm, self.model.lm_head
+        return kernels.matvec(residual, head.weight, head.bias, norm_weight=norm.weight, eps=norm.variance_epsilon)
+
+    def swiglu(self, norm, mlp) -> None:
+        hidden = self.kernels.gated_matvec(self.residual, mlp.gate_proj.weight, mlp.up_proj.weight,
+                                           norm_weight=norm.weight, eps=norm.variance_epsilon)  # fmt: skip
+        self.kernels.matvec_add_(self.residual, hidden, mlp.down_proj.weight)

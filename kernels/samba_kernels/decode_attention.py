@@ -1,0 +1,182 @@
+"""One token's sliding-window attention over a ring buffer of keys and values: the attention half of a
+batch-1 decode step, with the token's RoPE and the ring's update, in two launches.
+
+    ring_decode_attention(q, k, v, key_ring, value_ring, readable, tokens_seen, position, inv_freq,
+                          rope_scale, scale) -> out (1, heads * head_dim)
+
+q (1, heads * head_dim), k and v (1, kv_heads * head_dim): the token's projections, before RoPE (views of
+any stride between rows). key_ring and value_ring (1, kv_heads, slots, head_dim): the last `slots` tokens'
+rotated keys and values, slot s holding the latest token t with t = s (mod slots); the token's rotated key
+and value are written at slot `tokens_seen % slots`, in place. readable (1, slots) bool: the slots the query
+may read (written, inside the window, not padding); the new slot is read whatever it says. tokens_seen: a
+0-dim int64 tensor, tokens before this one (the caller counts it up). position: (1, 1) int64, the token's
+RoPE position. inv_freq (head_dim / 2,) float32 and rope_scale: RoPE's inverse frequencies and the
+attention scaling of its type (rotate-half layout, as the model's `apply_rotary_pos_emb`). heads must be a
+multiple of kv_heads (grouped-query attention).
+
+It computes what the model's attention computes for the token (`ring_decode_attention_ref`): RoPE on q and
+k, the cache update, softmax(q K^T scale) V over the readable slots. The first kernel splits the slots
+between programs, each for one key/value head and its group of query heads (flash-decoding): it rotates
+the query and the new key itself, reads its share of the ring (the new slot from registers, and writes it),
+and leaves a partial softmax (max, sum, weighted values). The second combines each head's partials.
+Statistics in float32. No gradients.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import use_triton
+
+# Slots per program of the first kernel, and per step of its loop. samba-421m's 2048-slot window over 12
+# key/value heads gives 192 programs.
+SPLIT_SLOTS = 128
+TILE_SLOTS = 32
+
+
+@triton.jit
+def _rotated(x_ptr, heads, head_mask, cos, sin, HALF: tl.constexpr):
+    """The two halves of rows `heads` of x (head_dim = 2 HALF) after rotate-half RoPE, in float32."""
+    offsets = tl.arange(0, HALF)
+    first = tl.load(x_ptr + heads[:, None] * (2 * HALF) + offsets[None, :], mask=head_mask[:, None], other=0.0)
+    second = tl.load(x_ptr + heads[:, None] * (2 * HALF) + HALF + offsets[None, :], mask=head_mask[:, None],
+                     other=0.0)  # fmt: skip
+    first, second = first.to(tl.float32), second.to(tl.float32)
+    return first * cos[None, :] - second * sin[None, :], second * cos[None, :] + first * sin[None, :]
+
+
+@triton.jit
+def _partial_kernel(q, k, v, key_ring, value_ring, readable, tokens_seen, position, inv_freq, part_max, part_sum,
+                    part_out, rope_scale, scale, slots, stride_kh, stride_ks, stride_vh, stride_vs, GROUP: tl.constexpr,
+                    BLOCK_G: tl.constexpr, HALF: tl.constexpr, SPLIT: tl.constexpr, TILE: tl.constexpr):  # fmt: skip
+    kv_head, split = tl.program_id(0), tl.program_id(1)
+    splits = tl.num_programs(1)
+    group = tl.arange(0, BLOCK_G)
+    group_mask = group < GROUP
+    heads = kv_head * GROUP + group
+    half = tl.arange(0, HALF)
+    angle = tl.load(position).to(tl.float32) * tl.load(inv_freq + half)
+    cos, sin = tl.cos(angle) * rope_scale, tl.sin(angle) * rope_scale
+    q1, q2 = _rotated(q, heads, group_mask, cos, sin, HALF)  # (BLOCK_G, HALF) each
+    one = tl.full((1,), kv_head, tl.int32)
+    k1, k2 = _rotated(k, one, one == kv_head, cos, sin, HALF)  # (1, HALF): the new key, rotated
+    v_new = tl.load(v + kv_head * 2 * HALF + tl.arange(0, 2 * HALF)).to(tl.float32)
+    new_slot = (tl.load(tokens_seen) % slots).to(tl.int32)
+
+    running_max = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+    running_sum = tl.zeros((BLOCK_G,), tl.float32)
+    acc = tl.zeros((BLOCK_G, 2 * HALF), tl.float32)
+    dims = tl.arange(0, 2 * HALF)
+    for start in tl.static_range(0, SPLIT, TILE):
+        slot = split * SPLIT + start + tl.arange(0, TILE)
+        in_ring = slot < slots
+        is_new = slot == new_slot
+        key_rows = key_ring + kv_head * stride_kh + slot[:, None] * stride_ks
+        key1 = tl.load(key_rows + half[None, :], mask=in_ring[:, None], other=0.0).to(tl.float32)
+        key2 = tl.load(key_rows + HALF + half[None, :], mask=in_ring[:, None], other=0.0).to(tl.float32)
+        key1 = tl.where(is_new[:, None], k1, key1)
+        key2 = tl.where(is_new[:, None], k2, key2)
+        values = tl.load(value_ring + kv_head * stride_vh + slot[:, None] * stride_vs + dims[None, :],
+                         mask=in_ring[:, None], other=0.0).to(tl.float32)  # fmt: skip
+        values = tl.where(is_new[:, None], v_new[None, :], values)
+        # (BLOCK_G, TILE) scores, summed over the two halves of the head
+        scores = tl.sum(q1[:, None, :] * key1[None, :, :], axis=2) + tl.sum(q2[:, None, :] * key2[None, :, :], axis=2)
+        visible = in_ring & ((tl.load(readable + slot, mask=in_ring, other=0) != 0) | is_new)
+        scores = tl.where(visible[None, :], scores * scale, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # no visible slot yet: nothing to rescale
+        weights = tl.exp(scores - shift[:, None])
+        correction = tl.exp(running_max - shift)
+        running_sum = running_sum * correction + tl.sum(weights, axis=1)
+        acc = acc * correction[:, None] + tl.sum(weights[:, :, None] * values[None, :, :], axis=1)
+        running_max = new_max
+    part = (kv_head * splits + split) * BLOCK_G + group
+    tl.store(part_max + part, running_max)
+    tl.store(part_sum + part, running_sum)
+    tl.store(part_out + part[:, None] * 2 * HALF + dims[None, :], acc)
+    # The program whose slots hold the new one writes it; no other program reads that slot.
+    if (new_slot >= split * SPLIT) & (new_slot < split * SPLIT + SPLIT):
+        key_row = key_ring + kv_head * stride_kh + new_slot * stride_ks
+        tl.store(key_row + tl.arange(0, HALF)[None, :], k1.to(key_ring.dtype.element_ty))
+        tl.store(key_row + HALF + tl.arange(0, HALF)[None, :], k2.to(key_ring.dtype.element_ty))
+        tl.store(value_ring + kv_head * stride_vh + new_slot * stride_vs + dims,
+                 v_new.to(value_ring.dtype.element_ty))  # fmt: skip
+
+
+@triton.jit
+def _combine_kernel(part_max, part_sum, part_out, out, splits, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BLOCK_SPLITS: tl.constexpr):  # fmt: skip
+    head = tl.program_id(0)
+    kv_head, member = head // GROUP, head % GROUP
+    split = tl.arange(0, BLOCK_SPLITS)
+    mask = split < splits
+    part = (kv_head * splits + split) * BLOCK_G + member
+    maxima = tl.load(part_max + part, mask=mask, other=float("-inf"))
+    overall = tl.max(maxima, axis=0)
+    weights = tl.where(mask, tl.exp(maxima - overall), 0.0)
+    total = tl.sum(weights * tl.load(part_sum + part, mask=mask, other=0.0), axis=0)
+    dims = tl.arange(0, HEAD_DIM)
+    outs = tl.load(part_out + part[:, None] * HEAD_DIM + dims[None, :], mask=mask[:, None], other=0.0)
+    result = tl.sum(weights[:, None] * outs, axis=0) / total
+    tl.store(out + head * HEAD_DIM + dims, result.to(out.dtype.element_ty))
+
+
+def ring_decode_attention_ref(q, k, v, key_ring, value_ring, readable, tokens_seen, position, inv_freq, rope_scale,
+                              scale):  # fmt: skip
+    heads, kv_heads, slots, head_dim = q.shape[-1] // key_ring.shape[-1], key_ring.shape[1], key_ring.shape[2], key_ring.shape[-1]
+    angle = position.reshape(()).float() * inv_freq.float()
+    cos, sin = torch.cat([angle.cos(), angle.cos()]) * rope_scale, torch.cat([angle.sin(), angle.sin()]) * rope_scale
+
+    def rotate(x, n):
+        x = x.reshape(n, head_dim).float()
+        first, second = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-second, first], dim=-1) * sin
+
+    slot = int(tokens_seen) % slots
+    key_ring[0, :, slot] = rotate(k, kv_heads).to(key_ring.dtype)
+    value_ring[0, :, slot] = v.reshape(kv_heads, head_dim).to(value_ring.dtype)
+    visible = readable[0].bool().clone()
+    visible[slot] = True
+    keys = key_ring[0].float().repeat_interleave(heads // kv_heads, dim=0)  # (heads, slots, head_dim)
+    values = value_ring[0].float().repeat_interleave(heads // kv_heads, dim=0)
+    scores = torch.einsum("hd,hsd->hs", rotate(q, heads), keys) * scale
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    return torch.einsum("hs,hsd->hd", probs, values).reshape(1, heads * head_dim).to(q.dtype)
+
+
+def ring_decode_attention(q, k, v, key_ring, value_ring, readable, tokens_seen, position, inv_freq, rope_scale,
+                          scale):  # fmt: skip
+    """One token's attention over a ring buffer (see the module docstring): the Triton kernels where
+    `use_triton(q)`, the reference elsewhere."""
+    batch, kv_heads, slots, head_dim = key_ring.shape
+    heads = q.shape[-1] // head_dim
+    if batch != 1 or q.shape[:-1].numel() != 1 or heads % kv_heads or head_dim % 2 or value_ring.shape != key_ring.shape:
+        raise ValueError(f"ring_decode_attention: one row of q {tuple(q.shape)} over rings {tuple(key_ring.shape)} "
+                         f"and {tuple(value_ring.shape)} (batch 1, heads a multiple of kv_heads, even head_dim)")  # fmt: skip
+    if readable.shape != (1, slots) or k.shape[-1] != kv_heads * head_dim or v.shape[-1] != kv_heads * head_dim:
+        raise ValueError(f"ring_decode_attention: k {tuple(k.shape)}, v {tuple(v.shape)} and readable "
+                         f"{tuple(readable.shape)} do not match rings {tuple(key_ring.shape)}")  # fmt: skip
+    if not use_triton(q):
+        return ring_decode_attention_ref(q, k, v, key_ring, value_ring, readable, tokens_seen, position, inv_freq,
+                                         rope_scale, scale)  # fmt: skip
+    if head_dim & (head_dim - 1) or key_ring.stride(-1) != 1 or value_ring.stride(-1) != 1:
+        raise ValueError(f"ring_decode_attention: the kernel takes a power-of-two head_dim ({head_dim}) and rings "
+                         "contiguous along head_dim")  # fmt: skip
+    group = heads // kv_heads
+    block_g = triton.next_power_of_2(group)
+    splits = triton.cdiv(slots, SPLIT_SLOTS)
+    part_max = q.new_empty(kv_heads * splits * block_g, dtype=torch.float32)
+    part_sum = torch.empty_like(part_max)
+    part_out = q.new_empty(kv_heads * splits * block_g, head_dim, dtype=torch.float32)
+    q, k, v = (t.reshape(-1).contiguous() for t in (q, k, v))
+    readable = readable.reshape(-1)
+    _partial_kernel[(kv_heads, splits)](
+        q, k, v, key_ring, value_ring, readable, tokens_seen, position, inv_freq.contiguous(), part_max, part_sum,
+        part_out, float(rope_scale), float(scale), slots, key_ring.stride(1), key_ring.stride(2),
+        value_ring.stride(1), value_ring.stride(2), GROUP=group, BLOCK_G=block_g, HALF=head_dim // 2,
+        SPLIT=SPLIT_SLOTS, TILE=min(TILE_SLOTS, SPLIT_SLOTS), num_warps=4,
+    )  # fmt: skip
+    out = q.new_empty(1, heads * head_dim)
+    _combine_kernel[(heads,)](part_max, part_sum, part_out, out, splits, GROUP=group, BLOCK_G=block_g,
+                              HEAD_DIM=head_dim, BLOCK_SPLITS=triton.next_power_of_2(splits), num_warps=4)  # fmt: skip
+    return out
