@@ -14,7 +14,7 @@ from transformers import StaticCache
 from samba_hf import SambaStaticCache
 
 from . import models
-from .harness import fmt, free_memory, peak_gib, registry, rows_of, synchronize, table, wall_seconds
+from .harness import columns, free_memory, peak_gib, registry, rows_of, synchronize, wall_seconds
 
 TITLE = "Generation: `model.generate()`, samba-421m against the paper's 438M Llama"
 NEW_TOKENS = 128
@@ -95,18 +95,9 @@ def dtype_for(device: torch.device) -> torch.dtype:
 
 @functools.cache
 def engine_switch_supported(device_type: str) -> bool:
-    """Whether samba_hf's generate() takes `decode_engine` (the decode engine's documented opt-out): without
-    it, generate() has no engine, its defaults are the eager loop, and the engine rows are skipped."""
-    device = torch.device(device_type)
-    model = models.build("samba", device, torch.float32, smoke=True)
-    prompt = torch.zeros(1, 4, dtype=torch.long, device=device)
-    try:
-        model.generate(prompt, max_new_tokens=1, do_sample=False, pad_token_id=0, decode_engine=False)
-    except ValueError as error:  # transformers refuses model keywords it does not use, naming them
-        if "decode_engine" in str(error):
-            return False
-        raise
-    return True
+    """Whether generate() has the decode engine here: without it, generate()'s defaults are the eager loop and the
+    engine rows are skipped."""
+    return models.generate_takes_decode_engine(models.build("samba", torch.device(device_type), torch.float32, True))
 
 
 class _Messages(logging.Handler):
@@ -336,108 +327,70 @@ def step_case(ctx):
             ctx.add(**cell, **row, roofline_ms=roofline_ms, of_roofline=roofline_ms / row["ms_per_token"])
 
 
-def best(rows: list[dict], model: str) -> dict | None:
-    measured = [row for row in rows if models.family(row["model"]) == model and "tokens_per_s" in row]
+def best(rows: list[dict], model: str, mode: str | None = None) -> dict | None:
+    """The row of `model` (in `mode`, if given) with the most decode tokens/s."""
+    measured = [
+        row
+        for row in rows
+        if models.family(row["model"]) == model and "tokens_per_s" in row and mode in (None, row["mode"])
+    ]
     return max(measured, key=lambda row: row["tokens_per_s"], default=None)
 
 
+def tokens_per_s(row: dict | None) -> float | None:
+    return row and row["tokens_per_s"]
+
+
 def render_overview(result: dict) -> list[str]:
-    lines = [
-        "## Overview",
-        "",
-        "Decode tokens/s of each model's fastest mode in the same run, and Samba's default `generate()` (the engine):",
-        "",
-    ]
-    body = []
+    rows = []
     for name in CELLS:
-        rows = rows_of(result, name)
-        if not rows:
-            continue
-        samba, llama = best(rows, "samba"), best(rows, "llama")
-        engine = next(
-            (
-                row
-                for row in rows
-                if models.family(row["model"]) == "samba" and row["mode"] == "engine" and "tokens_per_s" in row
-            ),
-            None,
-        )
-        body.append(
-            [
-                name,
-                fmt(samba and samba["tokens_per_s"], ".0f"),
-                samba and samba["mode"],
-                fmt(llama and llama["tokens_per_s"], ".0f"),
-                llama and llama["mode"],
-                fmt(models.ratio(samba and samba["tokens_per_s"], llama and llama["tokens_per_s"]), ".2f"),
-                fmt(models.ratio(engine and engine["tokens_per_s"], llama and llama["tokens_per_s"]), ".2f"),
-            ]
-        )
-    if not body:
+        cell = rows_of(result, name)
+        samba, llama, engine = best(cell, "samba"), best(cell, "llama"), best(cell, "samba", "engine")
+        if samba or llama:
+            rows.append(
+                dict(
+                    cell=name,
+                    samba=tokens_per_s(samba),
+                    samba_mode=samba and samba["mode"],
+                    llama=tokens_per_s(llama),
+                    llama_mode=llama and llama["mode"],
+                    ratio=models.ratio(tokens_per_s(samba), tokens_per_s(llama)),
+                    engine_ratio=models.ratio(tokens_per_s(engine), tokens_per_s(llama)),
+                )
+            )
+    if not rows:
         return []
-    header = ["cell", "samba best tokens/s", "mode", "llama best tokens/s", "mode", "ratio", "engine / llama best"]
-    return lines + table(header, body) + [""]
+    spec = [("cell", "cell"), ("samba best tokens/s", "samba", ".0f"), ("mode", "samba_mode"),
+            ("llama best tokens/s", "llama", ".0f"), ("mode", "llama_mode"), ("ratio", "ratio", ".2f"),
+            ("engine / llama best", "engine_ratio", ".2f")]  # fmt: skip
+    intro = (
+        "Decode tokens/s of each model's fastest mode in the same run, and Samba's default `generate()` (the engine):"
+    )
+    return ["## Overview", "", intro, ""] + columns(rows, spec) + [""]
+
+
+def note(row: dict) -> str | None:
+    return row.get("skipped") or "; ".join(row.get("log", []))[:200] or None
+
+
+COLUMNS = {
+    "step": [
+        ("model", "model"), ("variant", "variant"), ("context", "context"), ("ms/token", "ms_per_token", ".3f"),
+        ("roofline ms", "roofline_ms", ".3f"), ("of roofline", "of_roofline", ".1%"), ("compile s", "compile_s", ".1f"),
+        ("note", "skipped"),
+    ],
+    "cell": [
+        ("model", "model"), ("mode", "mode"), ("batch", "batch"), ("context", "context"),
+        ("tokens/s", "tokens_per_s", ".1f"), ("ms/step", "ms_per_step", ".3f"), ("TTFT s", "ttft_s", ".3f"),
+        ("first s", "first_s", ".2f"), ("steady s", "steady_s", ".3f"), ("warm-up s", "warmup_s", ".2f"),
+        ("e2e tokens/s", "e2e_tokens_per_s", ".1f"), ("peak GiB", "peak_gib", ".1f"),
+        ("roofline ms", "roofline_ms", ".3f"), ("of roofline", "of_roofline", ".1%"), ("note", note),
+    ],
+}  # fmt: skip
 
 
 def render_case(name: str, entry: dict) -> list[str]:
-    if name == "step":
-        header = ["model", "variant", "context", "ms/token", "roofline ms", "of roofline", "compile s", "note"]
-        return table(
-            header,
-            [
-                [
-                    row["model"],
-                    row["variant"],
-                    row["context"],
-                    fmt(row.get("ms_per_token"), ".3f"),
-                    fmt(row.get("roofline_ms"), ".3f"),
-                    fmt(row.get("of_roofline"), ".1%"),
-                    fmt(row.get("compile_s"), ".1f"),
-                    row.get("skipped"),
-                ]
-                for row in entry["rows"]
-            ],
-        )
-    header = [
-        "model",
-        "mode",
-        "batch",
-        "context",
-        "tokens/s",
-        "ms/step",
-        "TTFT s",
-        "first s",
-        "steady s",
-        "warm-up s",
-        "e2e tokens/s",
-        "peak GiB",
-        "roofline ms",
-        "of roofline",
-        "note",
-    ]
-    body = []
-    for row in entry["rows"]:
-        note = row.get("skipped") or "; ".join(row.get("log", []))[:200] or None
-        body.append(
-            [
-                row["model"],
-                row["mode"],
-                row["batch"],
-                row["context"],
-                fmt(row.get("tokens_per_s"), ".1f"),
-                fmt(row.get("ms_per_step"), ".3f"),
-                fmt(row.get("ttft_s"), ".3f"),
-                fmt(row.get("first_s"), ".2f"),
-                fmt(row.get("steady_s"), ".3f"),
-                fmt(row.get("warmup_s"), ".2f"),
-                fmt(row.get("e2e_tokens_per_s"), ".1f"),
-                fmt(row.get("peak_gib"), ".1f"),
-                fmt(row.get("roofline_ms"), ".3f"),
-                fmt(row.get("of_roofline"), ".1%"),
-                note,
-            ]
-        )
-    return table(header, body)
+    return columns(entry["rows"], COLUMNS["step" if name == "step" else "cell"])
 
 
 def summary(result: dict) -> list[str]:
@@ -447,7 +400,7 @@ def summary(result: dict) -> list[str]:
         samba, llama = best(rows, "samba"), best(rows, "llama")
         if samba or llama:
             describe = lambda row: f"{row['tokens_per_s']:.0f} tok/s ({row['mode']})" if row else "-"  # noqa: E731
-            ratio = models.ratio(samba and samba["tokens_per_s"], llama and llama["tokens_per_s"])
+            ratio = models.ratio(tokens_per_s(samba), tokens_per_s(llama))
             lines.append(
                 f"{name}: samba {describe(samba)}, llama {describe(llama)}" + (f", {ratio:.2f}x" if ratio else "")
             )

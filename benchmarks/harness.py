@@ -312,6 +312,17 @@ def table(header: list[str], rows: list[list]) -> list[str]:
     ]
 
 
+def columns(rows: list[dict], spec: list[tuple]) -> list[str]:
+    """A Markdown table of `rows` by a column spec: (header, key) or (header, key, format) per column; a key may
+    be a function of the row. Missing values stay empty."""
+
+    def cell(row, key, *format_spec):
+        value = key(row) if callable(key) else row.get(key)
+        return fmt(value, *format_spec) if format_spec else value
+
+    return table([column[0] for column in spec], [[cell(row, *column[1:]) for column in spec] for row in rows])
+
+
 def fmt(value, spec: str = ".3g") -> str | None:
     """format(value, spec), None for None: table cells of optional numbers."""
     return None if value is None else format(value, spec)

@@ -12,7 +12,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 import samba_kernels as sk
 
 from . import mamba_ssm_cuda, models
-from .harness import fmt, free_memory, kernel_ms, registry, rows_of, table
+from .harness import columns, fmt, free_memory, kernel_ms, registry, rows_of
 
 TITLE = "Kernels: samba_kernels against PyTorch, FlexAttention, cuBLAS and mamba-ssm"
 D_STATE, WIDTH, REF_LEN = 16, 4, 256
@@ -640,156 +640,71 @@ def mamba_note(entry: dict) -> list[str]:
     return [f"mamba-ssm {info.get('version') or '(version unknown)'}, built or loaded in {info['load_s']:.0f} s.", ""]
 
 
+def first_calls(row: dict) -> str | None:
+    """The first calls' ms of both scans (compilation included), where measured."""
+    if "samba_kernels_ms" not in row:
+        return None
+    return ", ".join(fmt(row.get(key), ".0f") or "-" for key in ("samba_kernels_first_ms", "mamba-ssm_first_ms"))
+
+
+def floor(row: dict) -> str | None:
+    return f"{row['floor_ms']:.3f} ({row['floor_kind']})" if "floor_ms" in row else None
+
+
+# (header, row key[, format]) of each case's table
+COLUMNS = {
+    "checks": [("check", "check"), ("relative error", "rel_error", ".1e"), ("tolerance", "tolerance", ".0e")],
+    "scan-accuracy": [
+        ("implementation", "implementation"), ("dtype", "dtype"), ("tensor", "tensor"),
+        ("relative error", lambda row: row.get("rel_error_vs_reference", row.get("rel_error")), ".1e"),
+        ("tolerance", "tolerance", ".0e"),
+    ],
+    "scan": [
+        ("op", "op"), ("batch", "batch"), ("dim", "dim"), ("length", "length"),
+        ("samba_kernels ms", "samba_kernels_ms", ".3f"), ("mamba-ssm ms", "mamba-ssm_ms", ".3f"),
+        ("mamba-ssm / ours", "mamba_ssm_over_ours", ".2f"), ("floor ms", floor),
+        ("ours / floor", "samba_kernels_x_floor", ".2f"), ("first ms (ours, mamba-ssm)", first_calls),
+        ("note", "skipped"),
+    ],
+    "conv": [
+        ("op", "op"), ("model", "model"), ("batch", "batch"), ("dim", "dim"), ("length", "length"), ("ms", "ms", ".3f"),
+        ("floor ms", "floor_ms", ".3f"), ("x floor", "x_floor", ".1f"), ("reference ms", "reference_ms", ".2f"),
+        ("x faster than reference", "x_faster_than_reference", ".1f"), ("first ms", "first_ms", ".0f"),
+    ],
+    "attention": [
+        ("method", "method"), ("batch", "batch"), ("heads", "heads"), ("length", "length"), ("head_dim", "head_dim"),
+        ("window", "window"), ("fwd ms", "fwd_ms", ".3f"), ("fwd TFLOP/s", "fwd_tflops_in_window", ".0f"),
+        ("fwd+bwd ms", "fwd_bwd_ms", ".3f"), ("fwd+bwd TFLOP/s", "fwd_bwd_tflops_in_window", ".0f"),
+        ("fwd first ms", "fwd_first_ms", ".0f"),
+    ],
+    "matvec": [
+        ("weight (N x K)", "weight"), ("modules", lambda row: ", ".join(row["modules"])), ("per token", "per_token"),
+        ("MB", "MB", ".1f"), ("cuBLAS µs", "cublas_us", ".2f"), ("matvec µs", "matvec_us", ".2f"),
+        ("speed-up", "speedup", ".2f"), ("error vs float64", "rel_error_vs_float64", ".1e"),
+    ],
+    "mamba-decode": [
+        ("channels", "dim"), ("calls per graph", "calls_per_graph"), ("compiled PyTorch ops µs", "compiled_ops_us", ".2f"),
+        ("mamba_decode_step µs", "mamba_decode_step_us", ".2f"), ("speed-up", "speedup", ".2f"),
+    ],
+}  # fmt: skip
+COLUMNS["decode-steps"] = COLUMNS["conv"]
+
+
 def render_case(name: str, entry: dict) -> list[str]:
     rows = entry["rows"]
-    if name == "checks":
-        return table(
-            ["check", "relative error", "tolerance"],
-            [[row["check"], fmt(row["rel_error"], ".1e"), fmt(row["tolerance"], ".0e")] for row in rows],
-        )
-    if name == "scan-accuracy":
-        return mamba_note(entry) + table(
-            ["implementation", "dtype", "tensor", "relative error", "tolerance"],
-            [
-                [
-                    row["implementation"],
-                    row["dtype"],
-                    row["tensor"],
-                    fmt(row.get("rel_error_vs_reference", row.get("rel_error")), ".1e"),
-                    fmt(row.get("tolerance"), ".0e"),
-                ]
-                for row in rows
-            ],
-        )
-    if name == "scan":
-        return mamba_note(entry) + table(
-            [
-                "op",
-                "batch",
-                "dim",
-                "length",
-                "samba_kernels ms",
-                "mamba-ssm ms",
-                "mamba-ssm / ours",
-                "floor ms",
-                "ours / floor",
-                "first ms (ours, mamba-ssm)",
-                "note",
-            ],
-            [
-                [
-                    row.get("op"),
-                    row["batch"],
-                    row["dim"],
-                    row["length"],
-                    fmt(row.get("samba_kernels_ms"), ".3f"),
-                    fmt(row.get("mamba-ssm_ms"), ".3f"),
-                    fmt(row.get("mamba_ssm_over_ours"), ".2f"),
-                    fmt(row.get("floor_ms"), ".3f") and f"{row['floor_ms']:.3f} ({row['floor_kind']})",
-                    fmt(row.get("samba_kernels_x_floor"), ".2f"),
-                    ", ".join(
-                        fmt(row.get(key), ".0f") or "-" for key in ("samba_kernels_first_ms", "mamba-ssm_first_ms")
-                    )
-                    if "floor_ms" in row
-                    else None,
-                    row.get("skipped"),
-                ]
-                for row in rows
-            ],
-        )
-    if name in ("conv", "decode-steps"):
-        return table(
-            [
-                "op",
-                "model",
-                "batch",
-                "dim",
-                "length",
-                "ms",
-                "floor ms",
-                "x floor",
-                "reference ms",
-                "x faster than reference",
-                "first ms",
-            ],
-            [
-                [
-                    row["op"],
-                    row["model"],
-                    row["batch"],
-                    row["dim"],
-                    row["length"],
-                    fmt(row["ms"], ".3f"),
-                    fmt(row["floor_ms"], ".3f"),
-                    fmt(row["x_floor"], ".1f"),
-                    fmt(row["reference_ms"], ".2f"),
-                    fmt(row["x_faster_than_reference"], ".1f"),
-                    fmt(row["first_ms"], ".0f"),
-                ]
-                for row in rows
-            ],
-        )
     if name == "attention":
-        timed = [row for row in rows if "fwd_ms" in row]
-        lines = table(
-            [
-                "method",
-                "batch",
-                "heads",
-                "length",
-                "head_dim",
-                "window",
-                "fwd ms",
-                "fwd TFLOP/s",
-                "fwd+bwd ms",
-                "fwd+bwd TFLOP/s",
-                "fwd first ms",
-            ],
-            [
-                [
-                    row["method"],
-                    row["batch"],
-                    row["heads"],
-                    row["length"],
-                    row["head_dim"],
-                    row["window"],
-                    fmt(row["fwd_ms"], ".3f"),
-                    fmt(row["fwd_tflops_in_window"], ".0f"),
-                    fmt(row["fwd_bwd_ms"], ".3f"),
-                    fmt(row["fwd_bwd_tflops_in_window"], ".0f"),
-                    fmt(row["fwd_first_ms"], ".0f"),
-                ]
-                for row in timed
-            ],
-        )
         checks = [row for row in rows if "rel_error" in row]
         return (
-            lines
+            columns([row for row in rows if "fwd_ms" in row], COLUMNS[name])
             + [""]
             + [
-                f"windowed_attention against SDPA with the window's boolean mask (b{row['batch']} "
-                f"L{row['length']}): relative error {row['rel_error']:.1e}."
+                f"windowed_attention against SDPA with the window's boolean mask (b{row['batch']} L{row['length']}): "
+                f"relative error {row['rel_error']:.1e}."
                 for row in checks
             ]
         )
     if name == "matvec":
-        products = [row for row in rows if row["what"] == "one product"]
-        lines = table(
-            ["weight (N x K)", "modules", "per token", "MB", "cuBLAS µs", "matvec µs", "speed-up", "error vs float64"],
-            [
-                [
-                    row["weight"],
-                    ", ".join(row["modules"]),
-                    row["per_token"],
-                    fmt(row["MB"], ".1f"),
-                    fmt(row["cublas_us"], ".2f"),
-                    fmt(row["matvec_us"], ".2f"),
-                    fmt(row["speedup"], ".2f"),
-                    fmt(row["rel_error_vs_float64"], ".1e"),
-                ]
-                for row in products
-            ],
-        )
+        lines = columns([row for row in rows if row["what"] == "one product"], COLUMNS[name])
         for row in rows:
             if row["what"] == "one token's products":
                 lines += [
@@ -801,21 +716,7 @@ def render_case(name: str, entry: dict) -> list[str]:
                     f"{row['floor_us']:.0f} µs.",
                 ]
         return lines
-    if name == "mamba-decode":
-        return table(
-            ["channels", "calls per graph", "compiled PyTorch ops µs", "mamba_decode_step µs", "speed-up"],
-            [
-                [
-                    row["dim"],
-                    row["calls_per_graph"],
-                    fmt(row["compiled_ops_us"], ".2f"),
-                    fmt(row["mamba_decode_step_us"], ".2f"),
-                    fmt(row["speedup"], ".2f"),
-                ]
-                for row in rows
-            ],
-        )
-    return table(sorted(rows[0]), [[row.get(key) for key in sorted(rows[0])] for row in rows])
+    return (mamba_note(entry) if name in ("scan", "scan-accuracy") else []) + columns(rows, COLUMNS[name])
 
 
 def summary(result: dict) -> list[str]:

@@ -7,7 +7,7 @@ from samba_hf.generation import cache_nbytes
 
 from . import models
 from .generate import dtype_for
-from .harness import fmt, free_memory, peak_gib, registry, rows_of, table
+from .harness import columns, free_memory, peak_gib, registry, rows_of
 
 TITLE = "Memory: the cache against generated length"
 WINDOW, SMOKE_WINDOW = 256, 16
@@ -59,24 +59,16 @@ case("llama", "the paper's 438M Llama: cache bytes and peak memory at the same l
 )
 
 
+COLUMNS = [("generated tokens", "generated"), ("window", "window"), ("cache MiB", "cache_mib", ".2f"),
+           ("peak GiB", "peak_gib", ".2f"), ("note", "skipped")]  # fmt: skip
+
+
 def render_case(name: str, entry: dict) -> list[str]:
-    rows = [row for row in entry["rows"] if "cache_mib" in row]
-    lines = table(
-        ["generated tokens", "window", "cache MiB", "peak GiB"],
-        [
-            [row["generated"], row["window"], fmt(row["cache_mib"], ".2f"), fmt(row.get("peak_gib"), ".2f")]
-            for row in rows
-        ]
-        + [[None, None, None, row["skipped"]] for row in entry["rows"] if "skipped" in row],
-    )
-    full = [row["cache_mib"] for row in rows if row["generated"] >= row["window"]]
+    lines = columns(entry["rows"], COLUMNS)
+    full = [row["cache_mib"] for row in entry["rows"] if "cache_mib" in row and row["generated"] >= row["window"]]
     if full:
-        constant = max(full) == min(full)
-        lines += [
-            "",
-            f"From one window on the cache is {'constant' if constant else 'growing'}: "
-            f"{min(full):.2f} to {max(full):.2f} MiB.",
-        ]
+        growth = "constant" if max(full) == min(full) else "growing"
+        lines += ["", f"From one window on the cache is {growth}: {min(full):.2f} to {max(full):.2f} MiB."]
     return lines
 
 

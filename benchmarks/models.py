@@ -13,29 +13,14 @@ import math
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from samba_hf import SambaConfig, SambaForCausalLM
+from samba_hf import PRESETS, SambaConfig, SambaForCausalLM
 from samba_hf.generation import cache_nbytes
 
 MODELS = ("samba", "llama")
-PAPER_LLAMA = dict(
-    vocab_size=32000,
-    hidden_size=1536,
-    intermediate_size=4096,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    num_key_value_heads=12,
-    head_dim=128,
-)
-# The tiny preset's shape, for both models of a smoke run.
-TINY_LLAMA = dict(
-    vocab_size=1024,
-    hidden_size=64,
-    intermediate_size=192,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-)
+PAPER_LLAMA = dict(vocab_size=32000, hidden_size=1536, intermediate_size=4096, num_hidden_layers=12,
+                   num_attention_heads=12, num_key_value_heads=12, head_dim=128)  # fmt: skip
+# Smoke runs' Llama has the tiny preset's shape.
+TINY_LLAMA = {key: value for key, value in PRESETS["tiny"].items() if key in PAPER_LLAMA}
 # Cache sizes are measured at up to this many prompt tokens and extrapolated linearly beyond: keys and values
 # of full attention grow by a fixed amount per token, Samba's states and window keys not at all once the
 # window is full (its window, 2048, is at most half of this).
@@ -76,6 +61,19 @@ def build(name: str, device: torch.device, dtype: torch.dtype, smoke: bool, seed
     with torch.device(device):
         model = model_class(config(name, smoke, **overrides))
     return model.to(dtype).eval()
+
+
+def generate_takes_decode_engine(model) -> bool:
+    """Whether the model's generate() has samba-hf's decode engine, tried through its documented opt-out
+    (`decode_engine=False`): without the engine, generate() refuses the keyword, naming it."""
+    prompt = torch.zeros(1, 4, dtype=torch.long, device=model.device)
+    try:
+        model.generate(prompt, max_new_tokens=1, do_sample=False, pad_token_id=0, decode_engine=False)
+    except ValueError as error:  # transformers refuses model keywords it does not use
+        if "decode_engine" in str(error):
+            return False
+        raise
+    return True
 
 
 def weight_bytes(model: torch.nn.Module) -> int:

@@ -7,7 +7,7 @@ import torch
 
 from . import models
 from .generate import dtype_for, random_prompt
-from .harness import fmt, free_memory, peak_gib, registry, rows_of, table, wall_seconds
+from .harness import columns, free_memory, peak_gib, registry, rows_of, wall_seconds
 
 TITLE = "Prefill: 128K and 1M-token prompts, samba-421m against the paper's 438M Llama"
 LENGTHS = {"128k": 131072, "1m": 1048576}
@@ -106,18 +106,24 @@ def render_overview(result: dict) -> list[str]:
     if not rows:
         return []
     lines = ["## Overview", ""]
-    body = []
+    by_length = []
     for key in LENGTHS:
         samba, llama = rows.get(("samba", key)), rows.get(("llama", key))
-        body.append(
-            [
-                key,
-                fmt(samba and samba["seconds"], ".3f"),
-                fmt(llama and llama["seconds"], ".3f"),
-                fmt(models.ratio(llama and llama["seconds"], samba and samba["seconds"]), ".2f"),
-            ]
+        by_length.append(
+            dict(
+                prompt=key,
+                samba=samba and samba["seconds"],
+                llama=llama and llama["seconds"],
+                ratio=models.ratio(llama and llama["seconds"], samba and samba["seconds"]),
+            )
         )
-    lines += table(["prompt", "samba s", "llama s", "llama / samba"], body)
+    spec = [
+        ("prompt", "prompt"),
+        ("samba s", "samba", ".3f"),
+        ("llama s", "llama", ".3f"),
+        ("llama / samba", "ratio", ".2f"),
+    ]
+    lines += columns(by_length, spec)
     for name in models.MODELS:
         short, long = rows.get((name, "128k")), rows.get((name, "1m"))
         if short and long:
@@ -129,24 +135,15 @@ def render_overview(result: dict) -> list[str]:
     return lines + [""]
 
 
+COLUMNS = [
+    ("model", "model"), ("length", "length"), ("median s", "seconds", ".3f"), ("tokens/s", "tokens_per_s", ".0f"),
+    ("runs s", lambda row: ", ".join(f"{s:.3f}" for s in row.get("runs_s", [])) or None),
+    ("peak GiB", "peak_gib", ".2f"), ("predicted peak GiB", "predicted_peak_gib", ".1f"), ("note", "skipped"),
+]  # fmt: skip
+
+
 def render_case(name: str, entry: dict) -> list[str]:
-    header = ["model", "length", "median s", "tokens/s", "runs s", "peak GiB", "predicted peak GiB", "note"]
-    return table(
-        header,
-        [
-            [
-                row["model"],
-                row["length"],
-                fmt(row.get("seconds"), ".3f"),
-                fmt(row.get("tokens_per_s"), ".0f"),
-                ", ".join(f"{s:.3f}" for s in row.get("runs_s", [])) or None,
-                fmt(row.get("peak_gib"), ".2f"),
-                fmt(row.get("predicted_peak_gib"), ".1f"),
-                row.get("skipped"),
-            ]
-            for row in entry["rows"]
-        ],
-    )
+    return columns(entry["rows"], COLUMNS)
 
 
 def summary(result: dict) -> list[str]:

@@ -4,7 +4,7 @@ under torch.compile, from 8 x 4K tokens to one 64K-token sequence."""
 import torch
 
 from . import models
-from .harness import fmt, free_memory, peak_gib, registry, rows_of, synchronize, table, wall_seconds
+from .harness import columns, free_memory, peak_gib, registry, rows_of, synchronize, wall_seconds
 
 TITLE = "Training: tokens/s and peak memory, samba-421m against the paper's 438M Llama"
 # (batch, length) per case, in the order of priority: the long single sequences first.
@@ -171,8 +171,9 @@ for _key, (_batch, _length) in SHAPES.items():
     )
 
 
-def render_overview(result: dict) -> list[str]:
-    body = []
+def pairs(result: dict) -> list[tuple[str, str, dict | None, dict | None]]:
+    """(shape, mode, samba's row, llama's row) of every shape and mode with a measured row."""
+    found = []
     for key in SHAPES:
         rows = {
             (models.family(row["model"]), row["mode"]): row for row in rows_of(result, key) if "tokens_per_s" in row
@@ -180,70 +181,44 @@ def render_overview(result: dict) -> list[str]:
         for mode in MODES:
             samba, llama = rows.get(("samba", mode)), rows.get(("llama", mode))
             if samba or llama:
-                body.append(
-                    [
-                        key,
-                        mode,
-                        fmt(samba and samba["tokens_per_s"], ",.0f"),
-                        fmt(llama and llama["tokens_per_s"], ",.0f"),
-                        fmt(models.ratio(samba and samba["tokens_per_s"], llama and llama["tokens_per_s"]), ".2f"),
-                    ]
-                )
-    if not body:
+                found.append((key, mode, samba, llama))
+    return found
+
+
+def render_overview(result: dict) -> list[str]:
+    rows = [
+        dict(
+            shape=key,
+            mode=mode,
+            samba=samba and samba["tokens_per_s"],
+            llama=llama and llama["tokens_per_s"],
+            ratio=models.ratio(samba and samba["tokens_per_s"], llama and llama["tokens_per_s"]),
+        )
+        for key, mode, samba, llama in pairs(result)
+    ]
+    if not rows:
         return []
-    return (
-        ["## Overview", ""]
-        + table(["shape", "mode", "samba tokens/s", "llama tokens/s", "samba / llama"], body)
-        + [""]
-    )
+    spec = [("shape", "shape"), ("mode", "mode"), ("samba tokens/s", "samba", ",.0f"),
+            ("llama tokens/s", "llama", ",.0f"), ("samba / llama", "ratio", ".2f")]  # fmt: skip
+    return ["## Overview", ""] + columns(rows, spec) + [""]
+
+
+COLUMNS = [
+    ("model", "model"), ("mode", "mode"), ("batch", "batch"), ("length", "length"), ("checkpointing", "checkpointing"),
+    ("tokens/s", "tokens_per_s", ",.0f"), ("step s", "step_s", ".3f"), ("peak GiB", "peak_gib", ".1f"),
+    ("MFU", "mfu", ".0%"), ("loss", "loss", ".3f"), ("first step s", "first_step_s", ".1f"),
+    ("note", lambda row: row.get("skipped") or row.get("note")),
+]  # fmt: skip
 
 
 def render_case(name: str, entry: dict) -> list[str]:
-    header = [
-        "model",
-        "mode",
-        "batch",
-        "length",
-        "checkpointing",
-        "tokens/s",
-        "step s",
-        "peak GiB",
-        "MFU",
-        "loss",
-        "first step s",
-        "note",
-    ]
-    body = [
-        [
-            row["model"],
-            row["mode"],
-            row["batch"],
-            row["length"],
-            row.get("checkpointing"),
-            fmt(row.get("tokens_per_s"), ",.0f"),
-            fmt(row.get("step_s"), ".3f"),
-            fmt(row.get("peak_gib"), ".1f"),
-            fmt(row.get("mfu"), ".0%"),
-            fmt(row.get("loss"), ".3f"),
-            fmt(row.get("first_step_s"), ".1f"),
-            row.get("skipped") or row.get("note") or row.get("error"),
-        ]
-        for row in entry["rows"]
-    ]
-    return table(header, body)
+    return columns(entry["rows"], COLUMNS)
 
 
 def summary(result: dict) -> list[str]:
-    lines = []
-    for key in SHAPES:
-        rows = {
-            (models.family(row["model"]), row["mode"]): row for row in rows_of(result, key) if "tokens_per_s" in row
-        }
-        for mode in MODES:
-            samba, llama = rows.get(("samba", mode)), rows.get(("llama", mode))
-            if samba and llama:
-                lines.append(
-                    f"{key} {mode}: samba {samba['tokens_per_s']:,.0f} tok/s, llama "
-                    f"{llama['tokens_per_s']:,.0f} tok/s ({samba['tokens_per_s'] / llama['tokens_per_s']:.2f}x)"
-                )
-    return lines
+    return [
+        f"{key} {mode}: samba {samba['tokens_per_s']:,.0f} tok/s, llama {llama['tokens_per_s']:,.0f} tok/s "
+        f"({samba['tokens_per_s'] / llama['tokens_per_s']:.2f}x)"
+        for key, mode, samba, llama in pairs(result)
+        if samba and llama
+    ]

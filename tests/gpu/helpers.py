@@ -2,7 +2,10 @@
 
 import torch
 
+from benchmarks.models import generate_takes_decode_engine
 from samba_hf import SambaConfig, SambaForCausalLM
+
+__all__ = ["FLOAT32_TOLERANCE", "generate_takes_decode_engine", "random_model", "relative_error"]
 
 # Relative error that the Triton kernel path and the PyTorch path stay within in float32 (different summation
 # orders; measured around 1e-6).
@@ -27,15 +30,3 @@ def random_model(implementation: str = "auto", seed: int = 0) -> SambaForCausalL
 def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     got, expected = got.double(), expected.double()
     return ((got - expected).norm() / expected.norm()).item()
-
-
-def generate_takes_decode_engine(model) -> bool:
-    """Whether generate() has samba-hf's decode engine (and so its `decode_engine` switch)."""
-    prompt = torch.zeros(1, 4, dtype=torch.long, device=model.device)
-    try:
-        model.generate(prompt, max_new_tokens=1, do_sample=False, pad_token_id=0, decode_engine=False)
-    except ValueError as error:  # transformers refuses model keywords it does not use, naming them
-        if "decode_engine" in str(error):
-            return False
-        raise
-    return True
