@@ -3,8 +3,8 @@
 #
 #   SAMBA_COMMIT=<commit> bash benchmarks/gpu_session.sh PART
 #
-#   kernels    builds mamba-ssm's selective scan in the background (about 2.5 minutes) while tests/gpu runs, then
-#              the kernels suite in the time left
+#   kernels    builds mamba-ssm's selective scan in the background (about 2.5 minutes) while tests/gpu runs
+#              (GPU_TESTS=0: not), then the kernels suite in the time left
 #   generate   the generate suite: its cells in order of priority, as many as fit
 #   long       the prefill suite, then train, then memory
 #   tests      tests/gpu alone
@@ -12,8 +12,8 @@
 # Carry, in the device call (both are ignored by git): .whl (python -m benchmarks.wheels prepare) and, for kernels,
 # .mamba_ssm_src (bash benchmarks/fetch_mamba_ssm.sh). SAMBA_COMMIT stamps the results where the copy has no .git.
 # Optional: PART_SECONDS (default 540) bounds the part; CASES_<suite> picks cases (CASES_generate=b1-64k,b1-128k).
-# Output in $OUT: PART-results.tar.gz (benchmarks/results/, to extract in the repository root), PART-logs.tar.gz,
-# PART-summary.txt; the summary is also printed last.
+# Output in $OUT: PART-results.tar.gz (the part's files of benchmarks/results/, to extract in the repository root),
+# PART-logs.tar.gz, PART-summary.txt; the summary is also printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 part=${1:?usage: bash benchmarks/gpu_session.sh kernels|generate|long|tests}
@@ -30,8 +30,9 @@ python3 -m benchmarks.wheels verify /tmp/site || exit 1
 export SAMBA_COMMIT=${SAMBA_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 suites=()
 
-left() {  # seconds left of the part, less a minute for the archives and the summary
-    echo $((start + limit - $(date +%s) - 60))
+left() {  # seconds left of the part, less a minute for the archives and the summary (at least 1: timeout 0 never stops)
+    local seconds=$((start + limit - $(date +%s) - 60))
+    echo $((seconds > 1 ? seconds : 1))
 }
 
 run_suite() {  # run_suite NAME PERCENT: the suite with PERCENT of the time left as its budget, hard-stopped at the part's end
@@ -58,7 +59,7 @@ case $part in
         export MAX_JOBS=${MAX_JOBS:-16}
         python3 -m benchmarks.mamba_ssm_cuda >"$logs/mamba_ssm_build.log" 2>&1 &
         build=$!
-        gpu_tests
+        [ "${GPU_TESTS:-1}" = 0 ] || gpu_tests
         wait "$build"
         tail -n 3 "$logs/mamba_ssm_build.log"
         run_suite kernels 100
@@ -73,7 +74,16 @@ case $part in
     *) echo "unknown part $part: kernels, generate, long or tests" >&2; exit 2 ;;
 esac
 
-tar -czf "$out/$part-results.tar.gz" benchmarks/results
+# Only this part's results files, so that extracting one part's archive leaves the other parts' files as they are.
+names=(${suites[@]+"${suites[@]}"})
+[ -f "$logs/gpu_tests.xml" ] && names+=(gpu_tests)
+written=()
+for name in ${names[@]+"${names[@]}"}; do
+    for file in benchmarks/results/"$name".{json,md,png}; do
+        [ -f "$file" ] && written+=("$file")
+    done
+done
+[ ${#written[@]} -gt 0 ] && tar -czf "$out/$part-results.tar.gz" "${written[@]}"
 tar -czf "$out/$part-logs.tar.gz" -C "$logs" .
 {
     echo "== part $part: $(($(date +%s) - start)) s, commit $SAMBA_COMMIT"
