@@ -5,13 +5,18 @@
 
 The GPU image has torch, triton, transformers 5.17 and the libraries in IMAGE, and no network. The session
 installs CARRIED (.whl/ is ignored by git and travels with the working tree, 64 MiB at most in all):
-transformers 5.24.0, pytest with its requirements for tests/gpu, and ninja, which torch.utils.cpp_extension
-needs to build mamba-ssm's extension (its `ninja` command lands in SITE/bin: put that on PATH). `prepare` checks each wheel's
+transformers 5.24.0, PEFT and bitsandbytes (LoRA, 4-bit and 8-bit loading), pytest with its requirements for
+tests/gpu, and ninja, which torch.utils.cpp_extension needs to build mamba-ssm's extension (its `ninja` command
+lands in SITE/bin: put that on PATH). bitsandbytes ships a library per CUDA version; only those of the image's
+CUDA 13 are kept (`slim_bitsandbytes`), as the others alone would fill the carry. `prepare` checks each wheel's
 requirements against IMAGE and the other carried wheels, and fails naming any the image does not meet;
 `verify` checks every requirement of what was installed against what the machine really has.
 """
 
+import base64
+import hashlib
 import importlib.metadata
+import re
 import subprocess
 import sys
 import zipfile
@@ -23,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 WHEELS = ROOT / ".whl"
 CARRIED = (
     "transformers==5.24.0",
+    "peft==0.21.2",
+    "bitsandbytes==0.50.2",
     "pytest==9.2.0",
     "pluggy==1.7.0",
     "iniconfig==2.3.1",
@@ -63,6 +70,26 @@ def wheel_requirements(wheel: Path) -> tuple[str, list[Requirement]]:
     return name, [r for r in requirements if r.marker is None or r.marker.evaluate(environment)]
 
 
+def slim_bitsandbytes(wheel: Path, cuda_major: str = "13") -> None:
+    """Rewrite bitsandbytes' wheel without its libraries for other CUDA versions than `cuda_major`, with a
+    RECORD that lists what is left."""
+    other_cuda = re.compile(rf"libbitsandbytes_cuda(?!{cuda_major})\d+\.so$")
+    with zipfile.ZipFile(wheel) as archive:
+        files = {name: archive.read(name) for name in archive.namelist() if not other_cuda.search(name)}
+    record = next(name for name in files if name.endswith(".dist-info/RECORD"))
+    lines = []
+    for name, data in files.items():
+        if name != record:
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            lines.append(f"{name},sha256={digest},{len(data)}")
+    files[record] = ("\n".join([*lines, f"{record},,"]) + "\n").encode()
+    staging = wheel.with_suffix(".partial")
+    with zipfile.ZipFile(staging, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    staging.replace(wheel)
+
+
 def prepare() -> int:
     WHEELS.mkdir(exist_ok=True)
     subprocess.run(
@@ -83,6 +110,8 @@ def prepare() -> int:
         ],
         check=True,
     )
+    for wheel in WHEELS.glob("bitsandbytes-*.whl"):
+        slim_bitsandbytes(wheel)
     wanted = {normalized(Requirement(spec).name): spec.split("==")[1] for spec in CARRIED}
     stale = [
         wheel
