@@ -176,6 +176,7 @@ def test_an_adapted_layer_keeps_its_modules_in_the_fused_step():
     """LoRA on one layer's projections: that layer runs its modules (the adapter's term included), the others
     the fused kernels, over the same buffers."""
     import peft
+
     import samba_kernels
 
     if not samba_kernels.use_triton(torch.empty(0)):
