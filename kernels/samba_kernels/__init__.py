@@ -9,7 +9,7 @@ one-row products, `mamba_decode_step_ref`). The kernels are registered as torch.
 (`torch.ops.samba_kernels.*`), so torch.compile traces models that use them as one graph.
 """
 
-from ._common import use_triton
+from ._common import programmatic_dependent_launch, use_triton
 from .causal_conv1d import causal_conv1d_fn, causal_conv1d_update
 from .decode_attention import ring_decode_attention
 from .mamba_decode import mamba_decode_step, mamba_decode_step_ref
@@ -33,6 +33,7 @@ __all__ = [
     "mamba_decode_step_ref",
     "matvec",
     "matvec_add_",
+    "programmatic_dependent_launch",
     "ring_decode_attention",
     "selective_scan_fn",
     "selective_scan_ref",

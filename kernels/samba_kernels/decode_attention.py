@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import use_triton
+from ._common import dependent_launch, gdc_launch_dependents, gdc_wait, use_triton
 
 # Slots per program of the first kernel, and per step of its loop. samba-421m's 2048-slot window over 12
 # key/value heads gives 192 programs.
@@ -48,8 +48,12 @@ def _rotated(x_ptr, heads, head_mask, cos, sin, HALF: tl.constexpr):
 @triton.jit
 def _partial_kernel(q, k, v, key_ring, value_ring, readable, tokens_seen, position, inv_freq, part_max, part_sum,
                     part_out, rope_scale, scale, slots, stride_kh, stride_ks, stride_vh, stride_vs, GROUP: tl.constexpr,
-                    BLOCK_G: tl.constexpr, HALF: tl.constexpr, SPLIT: tl.constexpr, TILE: tl.constexpr):  # fmt: skip
+                    BLOCK_G: tl.constexpr, HALF: tl.constexpr, SPLIT: tl.constexpr, TILE: tl.constexpr,
+                    PDL: tl.constexpr):  # fmt: skip
     kv_head, split = tl.program_id(0), tl.program_id(1)
+    if PDL:  # everything it reads may be written by the kernels before it
+        gdc_launch_dependents()
+        gdc_wait()
     splits = tl.num_programs(1)
     group = tl.arange(0, BLOCK_G)
     group_mask = group < GROUP
@@ -105,8 +109,11 @@ def _partial_kernel(q, k, v, key_ring, value_ring, readable, tokens_seen, positi
 
 @triton.jit
 def _combine_kernel(part_max, part_sum, part_out, out, splits, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, BLOCK_SPLITS: tl.constexpr):  # fmt: skip
+                    HEAD_DIM: tl.constexpr, BLOCK_SPLITS: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     head = tl.program_id(0)
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     kv_head, member = head // GROUP, head % GROUP
     split = tl.arange(0, BLOCK_SPLITS)
     mask = split < splits
@@ -174,9 +181,10 @@ def ring_decode_attention(q, k, v, key_ring, value_ring, readable, tokens_seen, 
         q, k, v, key_ring, value_ring, readable, tokens_seen, position, inv_freq.contiguous(), part_max, part_sum,
         part_out, float(rope_scale), float(scale), slots, key_ring.stride(1), key_ring.stride(2),
         value_ring.stride(1), value_ring.stride(2), GROUP=group, BLOCK_G=block_g, HALF=head_dim // 2,
-        SPLIT=SPLIT_SLOTS, TILE=min(TILE_SLOTS, SPLIT_SLOTS), num_warps=4,
+        SPLIT=SPLIT_SLOTS, TILE=min(TILE_SLOTS, SPLIT_SLOTS), num_warps=4, **dependent_launch(q),
     )  # fmt: skip
     out = q.new_empty(1, heads * head_dim)
     _combine_kernel[(heads,)](part_max, part_sum, part_out, out, splits, GROUP=group, BLOCK_G=block_g,
-                              HEAD_DIM=head_dim, BLOCK_SPLITS=triton.next_power_of_2(splits), num_warps=4)  # fmt: skip
+                              HEAD_DIM=head_dim, BLOCK_SPLITS=triton.next_power_of_2(splits), num_warps=4,
+                              **dependent_launch(q))  # fmt: skip
     return out

@@ -32,6 +32,7 @@ not show in a replayed graph.
 """
 
 import collections
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -71,6 +72,9 @@ MAX_GRAPHS = 4
 STOP_CHECK_INTERVAL = 16
 # Logits processors whose work depends only on the scores: they run in the captured step as they are.
 SCORE_ONLY_PROCESSORS = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper)
+# Whether the fused step's kernels launch as programmatic dependents (Hopper and later): each starts while the
+# one before it finishes and loads its weights meanwhile (docs/performance-notes.md has the measurement).
+DEPENDENT_LAUNCH = True
 # Modules whose forward a replayed graph reproduces for every call (their behaviour has no switches).
 PLAIN_MODULE_TYPES = (nn.Linear, nn.Conv1d, nn.Embedding, nn.ModuleList, nn.Identity)
 
@@ -338,6 +342,16 @@ class DecodeEngine:
         return step
 
 
+def kernel_launches():
+    """The context in which the engine launches samba_kernels' decode kernels: as programmatic dependents or
+    not (DEPENDENT_LAUNCH), whatever torch.compile's switch says."""
+    try:
+        import samba_kernels
+    except ImportError:
+        return contextlib.nullcontext()
+    return samba_kernels.programmatic_dependent_launch(DEPENDENT_LAUNCH)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -490,12 +504,12 @@ class DecodeStep:
         # they change the buffers, which `load` sets before every call.
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(stream), kernel_launches():
             for _ in range(2):
                 self.forward()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph), kernel_launches():
             self.forward()
 
     def run(self) -> torch.Tensor:
@@ -503,7 +517,8 @@ class DecodeStep:
         if self.graph is not None:
             self.graph.replay()
         else:
-            self.forward()
+            with kernel_launches():
+                self.forward()
         return self.tokens[:, 0].clone()
 
     def load(self, cache: Cache, attention_mask, position_ids, input_ids, first_token) -> None:
@@ -598,6 +613,8 @@ class FusedStep:
         config, base = model.config, model.model
         own = type(model).__module__
         self.layers = [(layer, cache_layer, plain_modules(layer, own)) for layer, cache_layer in zip(base.layers, step.cache.layers)]
+        self.ring_counts = [cache_layer.cumulative_length for _, cache_layer, plain in self.layers
+                            if plain and isinstance(cache_layer, SlidingWindowRingLayer)]  # fmt: skip
         self.residual = torch.zeros(1, config.hidden_size, device=step.device,
                                     dtype=torch.float32 if config.residual_in_fp32 else model.dtype)  # fmt: skip
         rotary = base.rotary_emb
@@ -639,9 +656,8 @@ class FusedStep:
                 kernels.matvec_add_(residual, out, mixer.o_proj.weight)
             if layer.mlp is not None:
                 self.swiglu(layer.mlp_norm, layer.mlp)
-        for layer, cache_layer, plain in self.layers:  # the module path counts its own rings' tokens
-            if plain and isinstance(cache_layer, SlidingWindowRingLayer):
-                cache_layer.cumulative_length.add_(1)
+        if self.ring_counts:  # a layer's own forward counts its ring's tokens itself
+            torch._foreach_add_(self.ring_counts, 1)
         norm, head = base.norm, self.model.lm_head
         return kernels.matvec(residual, head.weight, head.bias, norm_weight=norm.weight, eps=norm.variance_epsilon)
 
