@@ -85,13 +85,21 @@ SCAN_CASES = {
 
 
 # The lanes forward runs where there are enough channels to give each SM sub-partition a warp
-# (selective_scan.LANES); at these sizes only when the interpreter counts one sub-partition.
+# (selective_scan.LANES), the split scan where a long sequence has too few: at these sizes only when forced.
 LANE_CASES = ["everything", "grouped", "length-1", "length-130", "d_state-13"]
+# The split scan: the forward in chunks of two lanes tiles, the backward in chunks of two of its tiles, the last
+# chunk partial; documents start at chunks' first steps (`chunk`, 2 `chunk`) and inside chunks.
+SPLIT_CASES = ["everything", "grouped", "d_state-13"]
+LAYOUTS = {
+    "steps": lambda chunk: dict(forward="steps"),
+    "lanes": lambda chunk: dict(forward="lanes"),
+    "split": lambda chunk: dict(forward="lanes", chunk_length=chunk, backward_chunk_length=2 * chunk),
+}
 
 
-@pytest.mark.parametrize("case, forward", [(case, "steps") for case in SCAN_CASES] +
-                         [(case, "lanes") for case in LANE_CASES])
-def test_selective_scan_matches_reference(case, forward, monkeypatch):
+@pytest.mark.parametrize("case, layout", [(case, "steps") for case in SCAN_CASES] +
+                         [(case, "lanes") for case in LANE_CASES] + [(case, "split") for case in SPLIT_CASES])
+def test_selective_scan_matches_reference(case, layout, monkeypatch):
     batch, dim, d_state, length, groups, chunk, opt = SCAN_CASES[case]
     monkeypatch.setattr(selective_scan, "CHUNK", chunk)  # small chunks: cross checkpoints at tiny lengths
     g = _gen(len(case))
@@ -99,26 +107,41 @@ def test_selective_scan_matches_reference(case, forward, monkeypatch):
                            **{k: opt.get(k, False) for k in ("D", "z", "bias", "init")})
     kwargs = dict(delta_softplus=opt.get("softplus", False), return_last_state=opt.get("last", False))
     if opt.get("seq"):
-        kwargs["seq_idx"] = _seq_idx(g, batch, length, cuts=(chunk, length - 1))
-    if forward == "lanes":
-        monkeypatch.setattr(selective_scan, "INTERPRETER_SUB_PARTITIONS", 1)
-    out = samba_kernels.selective_scan_fn(**tensors, **kwargs)
-    out_ref = samba_kernels.selective_scan_ref(**tensors, **kwargs)
-    _assert_grads_match(out, out_ref, list(tensors.values()), g)
+        kwargs["seq_idx"] = _seq_idx(g, batch, length, cuts=[c for c in (chunk, 2 * chunk, length - 1) if c < length])
+    with selective_scan.forced_layout(**LAYOUTS[layout](chunk)):
+        plan = selective_scan._configs(tensors["u"], _grouped(tensors["B"]), d_state, True)
+        out = samba_kernels.selective_scan_fn(**tensors, **kwargs)
+        out_ref = samba_kernels.selective_scan_ref(**tensors, **kwargs)
+        _assert_grads_match(out, out_ref, list(tensors.values()), g)
+    assert plan.forward.lanes == (layout != "steps")
+    if layout == "split":  # both split, unless the backward's tiles are as long as the sequence (d_state 13)
+        assert plan.forward.chunks > 1 and (plan.backward.chunks > 1 or 2 * plan.backward.meta["T"] >= length)
 
 
-def test_selective_scan_bf16():
-    g = _gen(1)
-    t = _scan_inputs(g, 1, 5, 3, 9, D=True, z=True, bias=True)
-    t = {k: v.detach().to(torch.bfloat16).requires_grad_() for k, v in t.items()}
-    y = samba_kernels.selective_scan_fn(**t, delta_softplus=True)
-    y_ref = samba_kernels.selective_scan_ref(**t, delta_softplus=True)
-    assert y.dtype == torch.bfloat16
-    torch.testing.assert_close(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2)
-    dy = _randn(g, *y.shape).to(torch.bfloat16)
-    for gr, gr_ref in zip(torch.autograd.grad(y, list(t.values()), dy), torch.autograd.grad(y_ref, list(t.values()), dy)):
-        assert gr.dtype == torch.bfloat16
-        torch.testing.assert_close(gr.float(), gr_ref.float(), rtol=5e-2, atol=5e-2)
+def _grouped(BC):
+    return BC if BC.dim() == 4 else BC.unsqueeze(1)
+
+
+@pytest.mark.parametrize("sms", [132, 78])
+def test_selective_scan_splits_long_sequences_of_small_batches(sms):
+    """The GPU launch plan on a device of `sms` SMs (shapes only, no launch): batch-1 and batch-2 sequences of
+    16K steps split in the forward and the backward, a batch of 8 x 4K does not; at batch 1 the forward's chunks
+    give every SM sub-partition a warp and the backward's give each SM PROGRAMS_PER_SM programs."""
+    def plan(batch, length, dim=3072):
+        return selective_scan._plan(batch, dim, length, 1, 16, True, gpu=True, sms=sms)
+
+    for batch in (1, 2):
+        assert plan(batch, 16384).forward.chunks > 1 and plan(batch, 16384).backward.chunks > 1
+    unsplit = plan(8, 4096)
+    assert unsplit.forward.lanes and unsplit.forward.chunks == 1 and unsplit.backward.chunks == 1
+    forward, backward = plan(1, 65536).forward, plan(1, 65536).backward
+    assert forward.lanes and forward.chunk % forward.meta["T"] == 0 and backward.chunk % backward.meta["T"] == 0
+    assert forward.chunks * triton.cdiv(3072, forward.meta["BLOCK_D"]) >= selective_scan.SUB_PARTITIONS_PER_SM * sms
+    assert backward.chunks * triton.cdiv(3072, backward.meta["BLOCK_D"]) >= selective_scan.PROGRAMS_PER_SM * sms
+    assert plan(1, 64).forward.chunks == 1 and plan(1, 64).backward.chunks == 1  # too short to split
+    with pytest.raises(ValueError, match="forward='lanes'"):
+        with selective_scan.forced_layout("steps", chunk_length=64):
+            pass
 
 
 @triton.jit
@@ -308,6 +331,9 @@ def test_custom_op_registrations():
     for op, args in cases.items():
         results = torch.library.opcheck(op, args)
         assert set(results.values()) == {"SUCCESS"}, (op, results)
+    with selective_scan.forced_layout("lanes", chunk_length=4, backward_chunk_length=8):  # the split scan
+        results = torch.library.opcheck(selective_scan._scan_fwd_op, cases[selective_scan._scan_fwd_op])
+    assert set(results.values()) == {"SUCCESS"}, results
 
 
 # (N, K, bias, dtype): odd sizes; N >= 4096 takes the many-programs tile, K = 5 a single masked step

@@ -18,8 +18,21 @@ atomics, deterministic. A new document of `seq_idx` zeroes a_t.
 The forward has a second layout where there are enough channels to fill the GPU
 (`_scan_fwd_lanes_kernel`, for inference and training): a channel's states in one lane (or split over two or
 four), with a tile of steps in the thread, so the recurrence is one multiply-add per state and step.
+
+Where batch x channels cannot fill the GPU (a long sequence at batch 1 or 2), the scan splits the sequence into
+chunks that run in parallel. `_chunk_summary_kernel` scans each chunk from a zero state and keeps its end state
+and its decay, exp(A sum dt) (zero where a document starts inside it). The state entering chunk c is then
+h_c = decay_{c-1} h_{c-1} + end_{c-1}, composed at the start of each chunk's program from the summaries of the
+chunks before it, and the lanes forward scans every chunk again from its entering state. The backward splits the
+same way in reverse: the adjoint that leaves chunk c through its first step, from zero, is
+p = a_t (p + C_t g_t) over the chunk's steps taken backwards, and the tile backward starts each chunk from the
+adjoints of the chunks after it. A split costs a second exponential per (step, channel, state) on all chunks but
+one; the cost model of `_forward_layout` weighs it against the lanes that would idle without it.
 """
 
+import contextlib
+import contextvars
+import dataclasses
 import functools
 
 import torch
@@ -34,8 +47,8 @@ CHUNK = 8  # the time tile under Triton's interpreter (CPU tensors), where a sca
 
 # Tile shapes on a GPU: (BLOCK_D channels, spread over the lanes of num_warps warps) x (T steps).
 # The training forward and the backward share T (the checkpoint spacing). BLOCK_D is halved (down to
-# MIN_BLOCK_D) while too few programs fill the GPU. Defaults: from H200 sweeps at batch 8, length 4096
-# (benchmarks/kernels.md).
+# MIN_BLOCK_D) while fewer than PROGRAMS_PER_SM programs per SM fill the GPU. Defaults: from H200 sweeps at
+# batch 8, length 4096 (benchmarks/kernels.md).
 # NU: states per iteration of the loop over d_state (unrolled; more independent work, more registers).
 # maxnreg: a register cap. The forwards' NU 8 fits 128 registers without spilling (offline sm_90
 # compile), so 16 one-warp programs share an SM; NU 16 took 167 (12 per SM): 3% faster at samba-421m's
@@ -45,7 +58,7 @@ CHUNK = 8  # the time tile under Triton's interpreter (CPU tensors), where a sca
 GPU_FWD = dict(BLOCK_D=16, T=16, NU=8, num_warps=1, maxnreg=128)  # forward without saving checkpoints
 GPU_TRAIN = dict(T=16, fwd=dict(BLOCK_D=16, NU=8, num_warps=1, maxnreg=128),
                  bwd=dict(BLOCK_D=16, NU=4, num_warps=1, maxnreg=168))
-MIN_BLOCK_D, MIN_PROGRAMS = 1, 8 * 132
+MIN_BLOCK_D, PROGRAMS_PER_SM = 1, 8
 # Each of the backward's programs walks the whole sequence, so a grid with more warps than the GPU holds at once
 # runs a second, mostly idle wave. Its register cap is the largest of BWD_REGISTER_CAPS under which every warp
 # is resident at once (168: 12 warps per SM, 128: 16), else the first. Where BLOCK_D is halved (small batches),
@@ -56,31 +69,170 @@ BWD_SMALL_BLOCK_NU = 1
 # Where there are enough channels, the forward runs _scan_fwd_lanes_kernel: one warp on BLOCK_D channels, a
 # thread's steps in tiles of T 8 (16-byte loads); for training it saves a checkpoint every T_backward / T tiles.
 # With BLOCK_D 32 a lane holds one channel's states; with 16 or 8, two or four lanes split them and the channel's
-# per-step work, so a warp takes more than a half or a quarter of the time. LANE_COST: a warp's time at each
-# BLOCK_D relative to 32 (H200, bf16, benchmarks/scan_lanes.json). Each SM sub-partition (4 per SM) runs its
-# warps in turn, so the forward takes about LANE_COST x ceil(warps / sub-partitions); of the BLOCK_D that give
+# per-step work, so a warp takes more than a half or a quarter of the time. LANE_COST: a warp's time per step at
+# each BLOCK_D relative to 32 (H200, bf16, benchmarks/scan_lanes.json). Each SM sub-partition runs its warps in
+# turn, so the forward takes about LANE_COST x ceil(warps / sub-partitions) per step; of the BLOCK_D that give
 # every sub-partition a warp, the one with the least of that is used. Fewer channels (batch-1 prefill) keep
-# _scan_fwd_kernel, whose lanes share the steps of fewer channels.
+# _scan_fwd_kernel, whose lanes share the steps of fewer channels, or split the sequence (below).
 LANES = dict(T=8, num_warps=1)
 LANE_COST = {32: 1.0, 16: 0.56, 8: 0.48}
 # y's sum over the states, per BLOCK_D: the partial sums it takes (chains of multiply-adds between them). BLOCK_D 32,
 # bound by issue and the MUFU pipe together, takes two chains; 16 and 8, which wait on latency, a tree of adds
 # (more instructions, shorter dependences): H200, benchmarks/scan_ab_yparts.json.
 LANE_Y_PARTS = {32: 2, 16: 16, 8: 16}
-INTERPRETER_SUB_PARTITIONS = 4 * 132  # CPU tensors (the interpreter) choose as an H200 would
+# The split scan's cost model, in LANE_COST's unit (a BLOCK_D-32 warp's time per step):
+# - STEPS_COST: _scan_fwd_kernel's time per step where it runs (batches too small for the lanes forward);
+# - SUMMARY_COST: _chunk_summary_kernel's warp time per step at each BLOCK_D (a lanes step without C, y and z);
+# - SPLIT_OVERHEAD: a split's fixed cost in steps (a second launch; each chunk composes its entering state);
+# - MIN_CHUNK, BWD_MIN_CHUNK: the shortest chunks, in steps, of the forward and the backward; MAX_CHUNKS bounds
+#   the composition, whose work grows with the square of the number of chunks.
+# The forward takes the cheapest of: the unsplit forward (lanes where it fills the GPU, else steps) and every
+# split into n chunks that fills it. The backward splits where its tile backward would otherwise shrink BLOCK_D:
+# into as many chunks as make PROGRAMS_PER_SM programs per SM. STEPS_COST is estimated from the batch-1 rows of
+# benchmarks/scan_lanes.json and benchmarks/kernels.md, the others from instruction counts;
+# benchmarks/scan_split_calibration.py measures every layout and prints the values to put here.
+STEPS_COST = 0.6
+SUMMARY_COST = {32: 0.8, 16: 0.45, 8: 0.4}
+SPLIT_OVERHEAD = 64
+MIN_CHUNK, BWD_MIN_CHUNK, MAX_CHUNKS = 256, 512, 64
+SUB_PARTITIONS_PER_SM = 4  # warp schedulers per SM (every NVIDIA architecture since Volta)
+INTERPRETER_SMS = 132  # CPU tensors (the interpreter) plan their launches as the H200 the constants come from
+
+
+def _sm_count(device: torch.device) -> int:
+    """The SMs that a launch on `device` may fill."""
+    return _cuda_sm_count(device) if device.type == "cuda" else INTERPRETER_SMS
 
 
 @functools.cache
-def _sm_count(device: torch.device) -> int:
+def _cuda_sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _lanes_block(n_rows, dpg, device):
-    """BLOCK_D of the lanes forward over n_rows x dpg channels, or None where no BLOCK_D fills the GPU."""
-    slots = 4 * _sm_count(device) if device.type == "cuda" else INTERPRETER_SUB_PARTITIONS
+@dataclasses.dataclass(frozen=True)
+class _Forced:
+    forward: str | None
+    block_d: int | None
+    chunk_length: int | None
+    backward_chunk_length: int | None
+
+
+_FORCED = contextvars.ContextVar("samba_kernels.selective_scan.forced_layout", default=None)
+
+
+@contextlib.contextmanager
+def forced_layout(forward: str | None = None, *, block_d: int | None = None, chunk_length: int | None = None,
+                  backward_chunk_length: int | None = None):
+    """Within the block, scans launch the given layout instead of the cost model's choice (for benchmarks and
+    tests; the results do not change, only the kernels that compute them).
+
+    forward: "steps" (`_scan_fwd_kernel`) or "lanes" (`_scan_fwd_lanes_kernel`); None leaves it to the cost
+        model, which also decides whatever of the following is left as None.
+    block_d: the lanes forward's BLOCK_D, one of LANE_COST's keys.
+    chunk_length: the lanes forward's chunk length in steps, rounded up to a whole number of its tiles; a
+        length of the sequence or more is one chunk (no split).
+    backward_chunk_length: the backward's chunk length in steps, rounded up to a whole number of its tiles.
+
+        with selective_scan.forced_layout("lanes", block_d=32, chunk_length=4096, backward_chunk_length=4096):
+            y = selective_scan_fn(...)
+    """
+    if forward not in (None, "steps", "lanes"):
+        raise ValueError(f"forward must be None, 'steps' or 'lanes', got {forward!r}")
+    if forward == "steps" and (block_d is not None or chunk_length is not None):
+        raise ValueError("block_d and chunk_length choose the lanes forward's layout: force forward='lanes'")
+    if block_d is not None and block_d not in LANE_COST:
+        raise ValueError(f"block_d must be one of {sorted(LANE_COST)}, got {block_d}")
+    for name, length in (("chunk_length", chunk_length), ("backward_chunk_length", backward_chunk_length)):
+        if length is not None and length < 1:
+            raise ValueError(f"{name} must be a positive number of steps, got {length}")
+    token = _FORCED.set(_Forced(forward, block_d, chunk_length, backward_chunk_length))
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
+def _lanes_block(n_rows, dpg, sms):
+    """BLOCK_D of the lanes forward over n_rows x dpg channels, or None where no BLOCK_D fills `sms` SMs."""
+    slots = SUB_PARTITIONS_PER_SM * sms
     warps = {bd: n_rows * triton.cdiv(dpg, bd) for bd in LANE_COST}
     time = {bd: cost * triton.cdiv(warps[bd], slots) for bd, cost in LANE_COST.items() if warps[bd] >= slots}
     return min(time, key=time.get, default=None)
+
+
+def _chunks(L, chunk_length, align):
+    """(chunk length rounded up to `align`, number of chunks) of a sequence of L steps."""
+    chunk = triton.cdiv(min(chunk_length, L), align) * align
+    return chunk, triton.cdiv(L, chunk)
+
+
+def _summary_block(n_rows, dpg, chunks, slots):
+    """(cost per step, BLOCK_D) of _chunk_summary_kernel over `chunks` chunks: the cheapest BLOCK_D of those that
+    fill the GPU, else the one with the most warps."""
+    warps = {bd: n_rows * triton.cdiv(dpg, bd) * chunks for bd in SUMMARY_COST}
+    costs = {bd: (SUMMARY_COST[bd] * triton.cdiv(warps[bd], slots), bd) for bd in SUMMARY_COST if warps[bd] >= slots}
+    return min(costs.values(), default=(SUMMARY_COST[min(SUMMARY_COST)], min(SUMMARY_COST)))
+
+
+def _forward_cost(n_rows, dpg, L, kernel, block_d, chunk, slots):
+    """The cost model's time of a forward of L steps over n_rows x dpg channels on `slots` SM sub-partitions, in
+    LANE_COST's unit: `kernel` "steps", or "lanes" at BLOCK_D `block_d` in chunks of `chunk` steps."""
+    if kernel == "steps":
+        return STEPS_COST * L
+    chunks = triton.cdiv(L, chunk)
+    cost = LANE_COST[block_d] * triton.cdiv(n_rows * triton.cdiv(dpg, block_d) * chunks, slots) * min(chunk, L)
+    if chunks > 1:
+        cost += _summary_block(n_rows, dpg, chunks - 1, slots)[0] * chunk + SPLIT_OVERHEAD
+    return cost
+
+
+@functools.cache
+def _best_split(n_rows, dpg, L, align, slots, block_d):
+    """(cost, BLOCK_D, chunk length) of the cheapest split forward of L steps that fills the GPU (BLOCK_D
+    `block_d`, or any where None), or None where L is too short to split. Cached: a script that changes the
+    cost model's constants calls _best_split.cache_clear()."""
+    splits = set()
+    for wanted in range(2, min(MAX_CHUNKS, L // MIN_CHUNK) + 1):
+        chunk, chunks = _chunks(L, triton.cdiv(L, wanted), align)
+        for bd in LANE_COST if block_d is None else (block_d,):
+            if chunks > 1 and n_rows * triton.cdiv(dpg, bd) * chunks >= slots:
+                splits.add((_forward_cost(n_rows, dpg, L, "lanes", bd, chunk, slots), bd, chunk))
+    return min(splits, key=lambda split: (split[0], -split[2]), default=None)  # at equal cost, fewer chunks
+
+
+def _forward_layout(n_rows, dpg, L, align, sms):
+    """(kernel, BLOCK_D of the lanes forward, chunk length) of the forward on `sms` SMs: see STEPS_COST and
+    forced_layout."""
+    slots = SUB_PARTITIONS_PER_SM * sms
+    forced = _FORCED.get() or _Forced(None, None, None, None)
+    if forced.forward == "steps":
+        return "steps", None, L
+    if forced.chunk_length is not None:  # a forced split (or none): the BLOCK_D forced, else the cheapest for it
+        chunk = _chunks(L, forced.chunk_length, align)[0]
+        cost = lambda bd: _forward_cost(n_rows, dpg, L, "lanes", bd, chunk, slots)  # noqa: E731
+        return "lanes", forced.block_d or min(LANE_COST, key=cost), chunk
+    block = forced.block_d or _lanes_block(n_rows, dpg, sms)
+    if block is not None:
+        unsplit = ("lanes", block, L)
+    elif forced.forward == "lanes":  # the lanes forward that fills the GPU least badly
+        return "lanes", min(LANE_COST), L
+    else:
+        unsplit = ("steps", None, L)
+    split = _best_split(n_rows, dpg, L, align, slots, forced.block_d)
+    if split is None or _forward_cost(n_rows, dpg, L, *unsplit, slots) <= split[0]:
+        return unsplit
+    return "lanes", split[1], split[2]
+
+
+def _backward_chunk(n_rows, dpg, L, cap, sms):
+    """The backward's chunk length in steps before its rounding to whole tiles (L: no split), for BLOCK_D `cap`
+    on `sms` SMs."""
+    forced = _FORCED.get()
+    if forced is not None and forced.backward_chunk_length is not None:
+        return forced.backward_chunk_length
+    wanted = triton.cdiv(PROGRAMS_PER_SM * sms, n_rows * triton.cdiv(dpg, cap))
+    n = min(wanted, L // BWD_MIN_CHUNK, MAX_CHUNKS)
+    return L if n < 2 else triton.cdiv(L, n)
 
 
 @triton.jit
@@ -251,8 +403,8 @@ def _scan_fwd_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, init, last, c
 
 
 @triton.jit
-def _scan_fwd_lanes_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, init, last, ckpt, out,
-                           dim, L, groups, dpg, n_tiles, s_hb, s_hd, s_hn,
+def _scan_fwd_lanes_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, init, last, ckpt, out, ends, decays,
+                           dim, L, groups, dpg, n_tiles, chunk_tiles, s_hb, s_hd, s_hn,
                            N: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr,
                            HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                            SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
@@ -263,8 +415,12 @@ def _scan_fwd_lanes_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, init, l
     in the thread or the lanes of its channel.
     B and C of the tile are the same for every channel; Triton's layout conversion hands them to each lane
     through shared memory. _scan_fwd_kernel's arguments and results; the backward's tiles span CKPT_EVERY
-    of these, so the checkpoints are the states entering every CKPT_EVERY-th tile."""
+    of these, so the checkpoints are the states entering every CKPT_EVERY-th tile.
+    Program axis 2 walks chunk c of the sequence (chunk_tiles tiles); with more than one chunk, `ends` and `decays`
+    (batch, dim, chunks, d_state) hold _chunk_summary_kernel's summaries of every chunk but the last."""
     b, d, d_mask, row, bc = _coords(dim, L, N, groups, dpg, BLOCK_D)
+    c = tl.program_id(2)
+    n_chunks = tl.num_programs(2)
     bias_v = tl.load(delta_bias + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
     D_v = tl.load(D + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_D else 0.0
     nn = tl.arange(0, BLOCK_N)
@@ -276,16 +432,23 @@ def _scan_fwd_lanes_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, init, l
         h = tl.load(init + st_off, mask=st_mask, other=0.0)
     else:
         h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    # The state entering chunk c: each earlier chunk's end state from zero, carried through the chunks after it.
+    summary = (b * dim + d[:, None]) * n_chunks * N + nn[None, :]
+    for j in range(c):
+        h = tl.load(decays + summary + j * N, mask=st_mask, other=0.0) * h + tl.load(
+            ends + summary + j * N, mask=st_mask, other=0.0)
     # B and C of a tile in one (2 BLOCK_N, T) load, row 2n from B[n] and row 2n + 1 from C[n]: each step's
     # B and C then reach the lanes in one layout conversion.
     rr = tl.arange(0, 2 * BLOCK_N)
     bc_rows = tl.where((rr % 2 == 0)[:, None], B, C) + bc + (rr // 2)[:, None] * L
     bc_mask = ((rr // 2) < N)[:, None]
     ck = ckpt + (b * dim + d[:, None]) * tl.cdiv(n_tiles, CKPT_EVERY) * N + nn[None, :]
+    first = c * chunk_tiles
     # Software prefetch of tile i + 1's inputs as stored, converted in the next iteration (see `_loads`).
-    u_raw, delta_raw, z_raw, k_n = _loads(u, delta, z, seq_idx, b, L, row, d_mask, tt, HAS_Z, HAS_SEQ)
-    BC_raw = tl.load(bc_rows + tt[None, :], mask=bc_mask & (tt < L)[None, :], other=0.0)
-    for i in range(n_tiles):
+    t_next = first * T + tt
+    u_raw, delta_raw, z_raw, k_n = _loads(u, delta, z, seq_idx, b, L, row, d_mask, t_next, HAS_Z, HAS_SEQ)
+    BC_raw = tl.load(bc_rows + t_next[None, :], mask=bc_mask & (t_next < L)[None, :], other=0.0)
+    for i in range(first, tl.minimum(first + chunk_tiles, n_tiles)):
         if SAVE_CKPT:
             tl.store(ck + (i // CKPT_EVERY) * N, h, mask=st_mask & (i % CKPT_EVERY == 0))
         t = i * T + tt
@@ -311,7 +474,70 @@ def _scan_fwd_lanes_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, init, l
         if HAS_Z:
             y = _gate(y, z_t)
         tl.store(out + row[:, None] + t[None, :], y, mask=d_mask[:, None] & t_mask[None, :])
-    tl.store(last + st_off, h, mask=st_mask)
+    if c == n_chunks - 1:
+        tl.store(last + st_off, h, mask=st_mask)
+
+
+@triton.jit
+def _chunk_summary_kernel(x, delta, V, z, A, delta_bias, seq_idx, ends, decays,
+                          dim, L, groups, dpg, n_tiles, chunk_tiles, n_chunks,
+                          N: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr,
+                          HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                          HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr):
+    """A chunk's summary for the split scan, in the lanes forward's layout: from a zero state, its end state
+    h = a_t h + dt_t u_t B_t over its steps (x = u, V = B), or with REVERSE the adjoint that leaves it through its
+    first step, p = a_t (p + g_t C_t) over its steps taken backwards (x = dout, V = C, g = dout silu(z)); and its
+    decay prod_t a_t = exp(A sum dt), zero where a document starts inside it (or at its first step).
+    Program axis 2 walks chunks 0 .. n_chunks - 2 (forward: the last chunk's end is no other chunk's input) or,
+    with REVERSE, 1 .. n_chunks - 1 (the first chunk's adjoint is the initial state's gradient). Writes both as
+    (batch, dim, n_chunks, d_state) float32."""
+    b, d, d_mask, row, bc = _coords(dim, L, N, groups, dpg, BLOCK_D)
+    c = tl.program_id(2) + (1 if REVERSE else 0)
+    bias_v = tl.load(delta_bias + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+    nn = tl.arange(0, BLOCK_N)
+    tt = tl.arange(0, T)
+    st_mask = d_mask[:, None] & (nn < N)[None, :]
+    A2 = tl.load(A + d[:, None] * N + nn[None, :], mask=st_mask, other=0.0).to(tl.float32) * LOG2E
+    v_rows = V + bc + nn[:, None] * L
+    h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    dt_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
+    kept = tl.full([T], 1.0, dtype=tl.float32)  # 0 at steps where a document starts
+    first = c * chunk_tiles
+    count = tl.minimum(chunk_tiles, n_tiles - first)
+    # Software prefetch of the next tile's inputs, as in the lanes forward.
+    t_next = (first + count - 1 if REVERSE else first) * T + tt
+    x_raw, delta_raw, z_raw, k_n = _loads(x, delta, z, seq_idx, b, L, row, d_mask, t_next, HAS_Z, HAS_SEQ)
+    V_raw = tl.load(v_rows + t_next[None, :], mask=(nn < N)[:, None] & (t_next < L)[None, :], other=0.0)
+    for k in range(count):
+        t = t_next
+        x_t, dt, z_t = _values(x_raw, delta_raw, z_raw, d_mask, t, L, bias_v, HAS_BIAS, SOFTPLUS)
+        keep, V_t = k_n, V_raw.to(tl.float32)
+        t_next = t - T if REVERSE else t + T
+        x_raw, delta_raw, z_raw, k_n = _loads(x, delta, z, seq_idx, b, L, row, d_mask, t_next, HAS_Z, HAS_SEQ)
+        V_raw = tl.load(v_rows + t_next[None, :], mask=(nn < N)[:, None] & (t_next >= 0)[None, :]
+                        & (t_next < L)[None, :], other=0.0)
+        if REVERSE:
+            if HAS_Z:
+                x_t = _gate(x_t, z_t)
+        else:
+            x_t = dt * x_t
+        if HAS_SEQ:
+            kept = tl.minimum(kept, keep)
+            keep_t = tl.broadcast_to(keep[None, :], [BLOCK_D, T])
+        for j in tl.static_range(T):
+            step = T - 1 - j if REVERSE else j
+            a = tl.exp2(_col(dt, tt, step)[:, None] * A2)
+            if HAS_SEQ:
+                a *= _col(keep_t, tt, step)[:, None]
+            xv = _col(x_t, tt, step)[:, None] * _col(V_t, tt, step)[None, :]
+            h = a * (h + xv) if REVERSE else a * h + xv
+        dt_sum += tl.sum(dt, axis=1)
+    decay = tl.exp2(dt_sum[:, None] * A2)
+    if HAS_SEQ:
+        decay *= tl.min(kept, axis=0)
+    off = ((b * dim + d[:, None]) * n_chunks + c) * N + nn[None, :]
+    tl.store(ends + off, h, mask=st_mask)
+    tl.store(decays + off, decay, mask=st_mask)
 
 
 @triton.jit
@@ -373,39 +599,57 @@ def _state_inputs(A, B, C, ck, d, d_mask, bc, L, t, t_mask, i, n, N: tl.constexp
 
 
 @triton.jit
-def _scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt, dlast, dout,
+def _scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt, dlast, dout, adjoints, decays,
                      du, ddelta, dz, dA_part, dB_part, dC_part, dD_part, dbias_part, dinit,
-                     n_rows, dim, L, groups, dpg, n_tiles,
+                     n_rows, dim, L, groups, dpg, n_tiles, chunk_tiles,
                      N: tl.constexpr, NU: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr,
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                      SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
                      HAS_DLAST: tl.constexpr, THREAD_STEPS: tl.constexpr):
+    """Program axis 2 walks chunk c of the sequence (chunk_tiles tiles) backwards; with more than one chunk,
+    `adjoints` and `decays` (batch, dim, chunks, d_state) hold _chunk_summary_kernel's reverse summaries of
+    every chunk but the first. dA, dD and ddelta_bias partials are per (chunk, batch)."""
     b, d, d_mask, row, bc = _coords(dim, L, N, groups, dpg, BLOCK_D)
+    c = tl.program_id(2)
+    n_chunks = tl.num_programs(2)
     bias_v = tl.load(delta_bias + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
     D_v = tl.load(D + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_D else 0.0
     tt = tl.arange(0, T)
     # Per-state values in registers, state n in column n of a (BLOCK_D, T) tile (T >= N), as in the forward.
-    st_off = (b * dim + d[:, None]) * N + tt[None, :]  # (batch, dim, d_state) tensors: dlast, dA_part, dinit
+    st_off = (b * dim + d[:, None]) * N + tt[None, :]  # (batch, dim, d_state) tensors: dlast, dinit
     st_mask = d_mask[:, None] & (tt < N)[None, :]
     if HAS_DLAST:  # q: the adjoint of the state after the step just past the tile
         q = tl.load(dlast + st_off, mask=st_mask, other=0.0)
     else:
         q = tl.zeros([BLOCK_D, T], dtype=tl.float32)
+    # The adjoint entering chunk c from its end: each later chunk's adjoint from zero, carried back through the
+    # chunks before it. The chunk's end then acts as the sequence's: past it, a = 1.
+    summary = (b * dim + d[:, None]) * n_chunks * N + tt[None, :]
+    for later in range(n_chunks - 1 - c):
+        j = n_chunks - 1 - later
+        q = tl.load(adjoints + summary + j * N, mask=st_mask, other=0.0) + tl.load(
+            decays + summary + j * N, mask=st_mask, other=0.0) * q
     dA_acc = tl.zeros([BLOCK_D, T], dtype=tl.float32)
     ck = ckpt + (b * dim + d) * n_tiles * N
     # This program's rows of the (channel blocks, batch * groups, d_state, length) partials of dB, dC.
     part = (tl.program_id(1).to(tl.int64) * n_rows + tl.program_id(0)) * N * L
+    chunk_row = c.to(tl.int64) * (n_rows // groups) * dim  # this chunk's rows of the partials per (chunk, batch)
     dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    first = c * chunk_tiles
+    count = tl.minimum(chunk_tiles, n_tiles - first)
+    t_end = tl.minimum((first + count) * T, L)
     # No prefetch here (unlike the forward): its registers cost more occupancy than it hides latency.
-    for i_rev in range(n_tiles):
-        i = n_tiles - 1 - i_rev
+    for i_rev in range(count):
+        i = first + count - 1 - i_rev
         t = i * T + tt
         t_mask = t < L
         m2 = d_mask[:, None] & t_mask[None, :]
         off = row[:, None] + t[None, :]
         u_t, dt, z_t, keep, dt1, keep1, g = _bwd_tile(u, delta, z, dout, seq_idx, b, L, row, d_mask, bias_v, t,
                                                       HAS_Z, HAS_BIAS, SOFTPLUS, HAS_SEQ)
+        dt1 = tl.where((t + 1 < t_end)[None, :], dt1, 0.0)
+        keep1 = tl.where(t + 1 < t_end, keep1, 1.0)
         if HAS_Z:  # out = y silu(z): g becomes dL/dy; y is summed below for dz
             g *= z_t * tl.sigmoid(z_t)
             y = D_v[:, None] * u_t
@@ -451,16 +695,17 @@ def _scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt, dlast, 
         dbias_acc += tl.sum(ddt, axis=1)
         tl.store(du + off, du_t, mask=m2)
         tl.store(ddelta + off, ddt, mask=m2)
-    tl.store(dA_part + st_off, dA_acc, mask=st_mask)
+    tl.store(dA_part + chunk_row * N + st_off, dA_acc, mask=st_mask)
     if HAS_INIT:  # h_0 = a_0 h_init + b_0
-        dt0 = _dt(tl.load(delta + row[:, None] + tl.zeros([1, T], dtype=tl.int64), mask=st_mask, other=0.0),
-                  st_mask, bias_v, HAS_BIAS, SOFTPLUS)
-        A2 = tl.load(A + d[:, None] * N + tt[None, :], mask=st_mask, other=0.0).to(tl.float32) * LOG2E
-        tl.store(dinit + st_off, q * tl.exp2(dt0 * A2), mask=st_mask)
+        if c == 0:
+            dt0 = _dt(tl.load(delta + row[:, None] + tl.zeros([1, T], dtype=tl.int64), mask=st_mask, other=0.0),
+                      st_mask, bias_v, HAS_BIAS, SOFTPLUS)
+            A2 = tl.load(A + d[:, None] * N + tt[None, :], mask=st_mask, other=0.0).to(tl.float32) * LOG2E
+            tl.store(dinit + st_off, q * tl.exp2(dt0 * A2), mask=st_mask)
     if HAS_D:
-        tl.store(dD_part + b * dim + d, dD_acc, mask=d_mask)
+        tl.store(dD_part + chunk_row + b * dim + d, dD_acc, mask=d_mask)
     if HAS_BIAS:
-        tl.store(dbias_part + b * dim + d, dbias_acc, mask=d_mask)
+        tl.store(dbias_part + chunk_row + b * dim + d, dbias_acc, mask=d_mask)
 
 
 def _contiguous(t):
@@ -471,19 +716,19 @@ def _grouped(BC: torch.Tensor) -> torch.Tensor:
     return (BC if BC.dim() == 4 else BC.unsqueeze(1)).contiguous()
 
 
-def _block_d(cap, n_rows, dpg):
-    """BLOCK_D: at most `cap`, halved while too few programs would fill the GPU (small batches)."""
+def _block_d(cap, n_rows, dpg, sms):
+    """BLOCK_D: at most `cap`, halved while too few programs would fill `sms` SMs (small batches)."""
     bd = block_size(dpg, cap)
-    while bd > MIN_BLOCK_D and n_rows * triton.cdiv(dpg, bd) < MIN_PROGRAMS:
+    while bd > MIN_BLOCK_D and n_rows * triton.cdiv(dpg, bd) < PROGRAMS_PER_SM * sms:
         bd //= 2
     return bd
 
 
-def _bwd_occupancy(meta, n_programs, N, device):
-    """NU and maxnreg of the backward (see BWD_REGISTER_CAPS)."""
+def _bwd_occupancy(meta, n_programs, N, sms):
+    """NU and maxnreg of the backward on `sms` SMs (see BWD_REGISTER_CAPS)."""
     warps = n_programs * meta["num_warps"]
     per_sm = lambda cap: min(64, 65536 // (32 * cap))  # noqa: E731 (an SM: 64K registers, at most 64 warps)
-    resident = [cap for cap in BWD_REGISTER_CAPS if warps <= _sm_count(device) * per_sm(cap)]
+    resident = [cap for cap in BWD_REGISTER_CAPS if warps <= sms * per_sm(cap)]
     nu = meta["NU"] if meta["BLOCK_D"] == GPU_TRAIN["bwd"]["BLOCK_D"] else _unroll(BWD_SMALL_BLOCK_NU, N)
     return dict(NU=nu, maxnreg=max(resident, default=BWD_REGISTER_CAPS[0]))
 
@@ -493,11 +738,39 @@ def _unroll(nu, N):
     return max(k for k in range(1, min(nu, N) + 1) if N % k == 0)
 
 
-def _configs(u, B, N, train):
-    """(groups, dims per group, forward launch meta, backward launch meta or None) of a scan over u. The
-    forward's meta says which kernel runs it (`lanes`: see LANES)."""
-    batch, dim, L = u.shape
-    groups = B.shape[1]
+@dataclasses.dataclass(frozen=True)
+class _Launch:
+    """A scan kernel's launch: its meta (constexprs and launch options), whether it is the lanes forward, the
+    forward's checkpoint spacing in tiles, and the chunks of a split scan with their summaries' meta."""
+    meta: dict
+    lanes: bool = False
+    ckpt_every: int = 1
+    chunk: int = 0  # steps per chunk
+    chunks: int = 1
+    summary: dict | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tiles:
+    """A scan's tile shapes, which fix the shapes of its outputs (the checkpoints) and of the backward's partials,
+    and the steps and lanes forwards' metas to choose from. Symbolic sizes (torch.compile) pass through."""
+    groups: int
+    dpg: int
+    steps: dict  # _scan_fwd_kernel's meta
+    lanes: dict  # _scan_fwd_lanes_kernel's meta less BLOCK_D
+    backward: _Launch | None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    groups: int
+    dpg: int
+    forward: _Launch
+    backward: _Launch | None
+
+
+def _tiles(batch, dim, L, groups, N, train, gpu, sms) -> _Tiles:
+    """The tiles of a scan of these sizes on a GPU with `sms` SMs (or, where not `gpu`, in the interpreter)."""
     if dim % groups != 0:
         raise ValueError(f"dim ({dim}) must be divisible by the number of B/C groups ({groups})")
     dpg, n_rows = dim // groups, batch * groups
@@ -505,38 +778,95 @@ def _configs(u, B, N, train):
     def tile(T):  # T shrinks for short sequences (decode: one step) but the states fill a tile's columns
         return max(min(T, triton.next_power_of_2(L)), triton.next_power_of_2(N), 2)
 
-    if not u.is_cuda:  # the interpreter: one small tile shape; the lanes forward's tiles half the
+    if not gpu:  # the interpreter: one small tile shape; the lanes forward's tiles half the
         # checkpoint spacing, as on a GPU
-        meta = dict(T=tile(CHUNK), BLOCK_D=block_size(dpg, 4), NU=_unroll(2, N), num_warps=1)
-        forward, backward, lanes = meta, meta, dict(T=meta["T"] // 2, num_warps=1)
+        T = tile(CHUNK)
+        base = dict(T=T, BLOCK_D=block_size(dpg, 4), NU=_unroll(2, N), num_warps=1)
+        bwd_chunk = _chunks(L, _backward_chunk(n_rows, dpg, L, base["BLOCK_D"], sms), T)[0]
+        forward, backward, lanes = base, dict(base), dict(T=T // 2, num_warps=1)
     else:
+        # The backward first: its chunks count as rows when BLOCK_D is chosen.
+        bwd_chunk = _backward_chunk(n_rows, dpg, L, GPU_TRAIN["bwd"]["BLOCK_D"], sms) if train else L
+        chunk_rows = n_rows * triton.cdiv(L, bwd_chunk)
         configs = [GPU_TRAIN["fwd"], GPU_TRAIN["bwd"]] if train else [GPU_FWD]
-        blocks = [_block_d(c["BLOCK_D"], n_rows, dpg) for c in configs]
-        # A thread holds runs of 8 steps (16 bytes of bf16): with fewer channels than lanes, T grows so
-        # that the spare lanes take more of the sequence instead of idling.
+        blocks = [_block_d(c["BLOCK_D"], chunk_rows, dpg, sms) for c in configs]
+        # A thread holds runs of 8 steps (16 bytes of bf16): with fewer channels than lanes, T grows so that
+        # the spare lanes take more of the sequence instead of idling.
         T = tile(max(GPU_TRAIN["T"] if train else GPU_FWD["T"], 256 // min(blocks)))
+        bwd_chunk = _chunks(L, bwd_chunk, T)[0]
         metas = [dict(c, T=T, BLOCK_D=bd, NU=_unroll(c["NU"], N), num_warps=max(1, min(c["num_warps"], bd * T // 256)))
                  for c, bd in zip(configs, blocks)]
         forward, backward = metas[0], metas[-1]
         lanes = dict(LANES, T=min(LANES["T"], T))
         if train:
-            backward.update(_bwd_occupancy(backward, n_rows * triton.cdiv(dpg, backward["BLOCK_D"]), N, u.device))
-    lanes_block = _lanes_block(n_rows, dpg, u.device)
-    if lanes_block is not None:
-        forward = dict(lanes, BLOCK_D=lanes_block, lanes=True, CKPT_EVERY=forward["T"] // lanes["T"])
+            n_programs = n_rows * triton.cdiv(dpg, backward["BLOCK_D"]) * triton.cdiv(L, bwd_chunk)
+            backward.update(_bwd_occupancy(backward, n_programs, N, sms))
+    bwd = None
+    if train:
+        chunks = triton.cdiv(L, bwd_chunk)
+        # the reverse summaries in the lanes forward's tiles, which divide the backward's
+        bwd = _Launch(backward, chunk=bwd_chunk, chunks=chunks, summary=_summary_meta(n_rows, dpg, chunks, sms, lanes))
+    return _Tiles(groups, dpg, forward, lanes, bwd)
+
+
+def _summary_meta(n_rows, dpg, chunks, sms, lanes):
+    """_chunk_summary_kernel's meta over `chunks` chunks (None: no split), in the lanes forward's tiles."""
+    if chunks < 2:
+        return None
+    return dict(T=lanes["T"], BLOCK_D=_summary_block(n_rows, dpg, chunks - 1, SUB_PARTITIONS_PER_SM * sms)[1],
+                num_warps=1)
+
+
+def _plan(batch, dim, L, groups, N, train, gpu, sms) -> _Plan:
+    """The launches of a scan of these sizes on a GPU with `sms` SMs (or, where not `gpu`, in the interpreter):
+    `_tiles` and the forward's layout (sizes as ints)."""
+    tiles = _tiles(batch, dim, L, groups, N, train, gpu, sms)
+    lanes, n_rows = tiles.lanes, batch * groups
+    kernel, lanes_block, chunk = _forward_layout(n_rows, tiles.dpg, L, lanes["T"], sms)
+    if kernel == "lanes":
+        chunk, chunks = _chunks(L, chunk, lanes["T"])
+        forward = _Launch(dict(lanes, BLOCK_D=lanes_block), lanes=True, ckpt_every=tiles.steps["T"] // lanes["T"],
+                          chunk=chunk, chunks=chunks, summary=_summary_meta(n_rows, tiles.dpg, chunks, sms, lanes))
     else:
-        forward = dict(forward, lanes=False, CKPT_EVERY=1)
-    return groups, dpg, forward, backward if train else None
+        forward = _Launch(tiles.steps, chunk=L)
+    return _Plan(groups, tiles.dpg, forward, tiles.backward)
 
 
-def _new_outputs(u, A, meta, save_ckpt):
-    """Uninitialised (out, checkpoints) of a forward over u with launch `meta`: the launch and the
-    shape-only (fake) implementation of the op below share them."""
+def _configs(u, B, N, train) -> _Plan:
+    """The launches of a scan over u (batch, dim, length) with B (batch, groups, d_state, length), and of its
+    backward where `train`."""
+    return _plan(*u.shape, B.shape[1], N, train, u.is_cuda, _sm_count(u.device))
+
+
+def _tiles_of(u, B, N, train) -> _Tiles:
+    return _tiles(*u.shape, B.shape[1], N, train, u.is_cuda, _sm_count(u.device))
+
+
+def _summarize(x, delta, V, z, A, delta_bias, seq_idx, softplus, launch, reverse):
+    """(ends or adjoints, decays): _chunk_summary_kernel over the chunks of `launch` (see there). x, delta, z:
+    (batch, dim, length); V: (batch, groups, d_state, length)."""
+    batch, dim, L = x.shape
+    N, groups = A.shape[1], V.shape[1]
+    meta = launch.summary
+    ends, decays = (torch.empty(batch, dim, launch.chunks, N, dtype=torch.float32, device=x.device) for _ in range(2))
+    grid = (batch * groups, triton.cdiv(dim // groups, meta["BLOCK_D"]), launch.chunks - 1)
+    _chunk_summary_kernel[grid](
+        x, delta, V, x if z is None else z, A, x if delta_bias is None else delta_bias,
+        x if seq_idx is None else seq_idx, ends, decays,
+        dim, L, groups, dim // groups, triton.cdiv(L, meta["T"]), launch.chunk // meta["T"], launch.chunks,
+        N=N, BLOCK_N=max(2, triton.next_power_of_2(N)), HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=softplus, HAS_SEQ=seq_idx is not None, REVERSE=reverse, **meta,
+    )  # fmt: skip
+    return ends, decays
+
+
+def _new_outputs(u, A, backward):
+    """Uninitialised (out, checkpoints) of a forward over u, with checkpoints for the `backward` launch (or none):
+    the launch and the shape-only (fake) implementation of the op below share them."""
     batch, dim, L = u.shape
     N = A.shape[1]
-    n_ckpt = triton.cdiv(L, meta["T"] * meta["CKPT_EVERY"])  # the backward's tiles
-    ckpt = u.new_empty((batch, dim, n_ckpt, N) if save_ckpt else (1,), dtype=torch.float32)
-    return torch.empty_like(u), ckpt
+    shape = (1,) if backward is None else (batch, dim, triton.cdiv(L, backward.meta["T"]), N)  # a state per tile
+    return torch.empty_like(u), u.new_empty(shape, dtype=torch.float32)
 
 
 def _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, seq_idx, last, save_ckpt):
@@ -545,25 +875,29 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, 
     Returns (out, checkpoints)."""
     batch, dim, L = u.shape
     N = A.shape[1]
-    groups, dpg, meta, _ = _configs(u, B, N, save_ckpt)
+    plan = _configs(u, B, N, save_ckpt)
+    launch, groups, dpg = plan.forward, plan.groups, plan.dpg
     if initial_state is not None and initial_state.stride() != last.stride():
         raise ValueError("initial_state and the last state must have the same strides")
-    out, ckpt = _new_outputs(u, A, meta, save_ckpt)
-    grid = (batch * groups, triton.cdiv(dpg, meta["BLOCK_D"]))
+    if launch.chunks > 1 and initial_state is last:  # every chunk reads the initial state, the last one writes
+        raise ValueError("a scan split into chunks cannot write its last state over its initial state")
+    out, ckpt = _new_outputs(u, A, plan.backward)
+    grid = (batch * groups, triton.cdiv(dpg, launch.meta["BLOCK_D"]))
     inputs = (u, delta, A, B, C, u if D is None else D, u if z is None else z, u if delta_bias is None else delta_bias,
               u if seq_idx is None else seq_idx, last if initial_state is None else initial_state, last)
-    sizes = (dim, L, groups, dpg, triton.cdiv(L, meta["T"]), *last.stride())
+    n_tiles = triton.cdiv(L, launch.meta["T"])
     flags = dict(N=N, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
                  HAS_SEQ=seq_idx is not None, HAS_INIT=initial_state is not None, SAVE_CKPT=save_ckpt)
-    meta = dict(meta)
-    lanes, ckpt_every = meta.pop("lanes"), meta.pop("CKPT_EVERY")
-    if lanes:  # see LANES
+    if launch.lanes:  # see LANES
+        ends, decays = (last, last) if launch.chunks == 1 else _summarize(u, delta, B, None, A, delta_bias, seq_idx,
+                                                                        softplus, launch, reverse=False)
         block_n = max(2, triton.next_power_of_2(N))
-        _scan_fwd_lanes_kernel[grid](*inputs, ckpt, out, *sizes, BLOCK_N=block_n, CKPT_EVERY=ckpt_every,
-                                     Y_PARTS=min(block_n, LANE_Y_PARTS[meta["BLOCK_D"]]),
-                                     **flags, **meta)
+        _scan_fwd_lanes_kernel[grid + (launch.chunks,)](
+            *inputs, ckpt, out, ends, decays, dim, L, groups, dpg, n_tiles, launch.chunk // launch.meta["T"],
+            *last.stride(), BLOCK_N=block_n, CKPT_EVERY=launch.ckpt_every,
+            Y_PARTS=min(block_n, LANE_Y_PARTS[launch.meta["BLOCK_D"]]), **flags, **launch.meta)
     else:
-        _scan_fwd_kernel[grid](*inputs, ckpt, out, *sizes, **flags, **meta)
+        _scan_fwd_kernel[grid](*inputs, ckpt, out, dim, L, groups, dpg, n_tiles, *last.stride(), **flags, **launch.meta)
     return out, ckpt
 
 
@@ -583,31 +917,32 @@ def _scan_fwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch
 
 @_scan_fwd_op.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, softplus, save_ckpt):
-    out, ckpt = _new_outputs(u, A, _configs(u, B, A.shape[1], save_ckpt)[2], save_ckpt)
+    out, ckpt = _new_outputs(u, A, _tiles_of(u, B, A.shape[1], save_ckpt).backward)
     return out, u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=torch.float32), ckpt
 
 
-def _scan_bwd_outputs(u, delta, A, B, D, z, delta_bias, has_init, n_dblocks):
-    """Uninitialised gradients of the backward (per-program partials where programs share a sum)."""
+def _scan_bwd_outputs(u, delta, A, B, D, z, delta_bias, has_init, n_dblocks, chunks=1):
+    """Uninitialised gradients of the backward (per-program partials where programs share a sum; dA, dD and
+    ddelta_bias per chunk of the sequence)."""
     batch, dim, L = u.shape
     N = A.shape[1]
     f32 = dict(dtype=torch.float32, device=u.device)
     empty = lambda: torch.empty(0, **f32)  # noqa: E731 (one per absent input: outputs must not alias)
     return [
-        torch.empty_like(u), torch.empty_like(delta), torch.empty(batch, dim, N, **f32),
+        torch.empty_like(u), torch.empty_like(delta), torch.empty(chunks * batch, dim, N, **f32),
         torch.empty(n_dblocks, B.shape[0] * B.shape[1], N, L, **f32),
         torch.empty(n_dblocks, B.shape[0] * B.shape[1], N, L, **f32),
-        torch.empty(batch, dim, **f32) if D is not None else empty(),
+        torch.empty(chunks * batch, dim, **f32) if D is not None else empty(),
         torch.empty_like(z) if z is not None else empty(),
-        torch.empty(batch, dim, **f32) if delta_bias is not None else empty(),
+        torch.empty(chunks * batch, dim, **f32) if delta_bias is not None else empty(),
         torch.empty(batch, dim, N, **f32) if has_init else empty(),
     ]  # fmt: skip
 
 
 def _bwd_launch(u, B, A):
-    """(launch meta, channel blocks) of the backward."""
-    meta = _configs(u, B, A.shape[1], True)[3]
-    return meta, triton.cdiv(u.shape[1] // B.shape[1], meta["BLOCK_D"])
+    """(launch, channel blocks) of the backward."""
+    launch = _tiles_of(u, B, A.shape[1], True).backward
+    return launch, triton.cdiv(u.shape[1] // B.shape[1], launch.meta["BLOCK_D"])
 
 
 @torch.library.custom_op("samba_kernels::selective_scan_bwd", mutates_args=())
@@ -619,20 +954,25 @@ def _scan_bwd_op(dout: torch.Tensor, dlast: torch.Tensor | None, u: torch.Tensor
     as float32 partials (summed by the caller), empty where the input is absent."""
     batch, dim, L = u.shape
     N, groups = A.shape[1], B.shape[1]
-    meta, n_dblocks = _bwd_launch(u, B, A)
+    launch, n_dblocks = _bwd_launch(u, B, A)
     du, ddelta, dA_part, dB_part, dC_part, dD_part, dz, dbias_part, dinit = _scan_bwd_outputs(
-        u, delta, A, B, D, z, delta_bias, has_init, n_dblocks)
-    _scan_bwd_kernel[(batch * groups, n_dblocks)](
+        u, delta, A, B, D, z, delta_bias, has_init, n_dblocks, launch.chunks)
+    adjoints, decays = (ckpt, ckpt) if launch.chunks == 1 else _summarize(dout, delta, C, z, A, delta_bias, seq_idx,
+                                                                          softplus, launch, reverse=True)
+    _scan_bwd_kernel[(batch * groups, n_dblocks, launch.chunks)](
         u, delta, A, B, C, u if D is None else D, u if z is None else z,
         u if delta_bias is None else delta_bias, u if seq_idx is None else seq_idx, ckpt,
-        ckpt if dlast is None else dlast, dout, du, ddelta, u if z is None else dz, dA_part, dB_part, dC_part,
-        dA_part if D is None else dD_part, dA_part if delta_bias is None else dbias_part,
+        ckpt if dlast is None else dlast, dout, adjoints, decays, du, ddelta, u if z is None else dz, dA_part,
+        dB_part, dC_part, dA_part if D is None else dD_part, dA_part if delta_bias is None else dbias_part,
         dinit if has_init else ckpt,
-        batch * groups, dim, L, groups, dim // groups, ckpt.shape[2], N=N,
+        batch * groups, dim, L, groups, dim // groups, ckpt.shape[2], launch.chunk // launch.meta["T"], N=N,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
         HAS_SEQ=seq_idx is not None, HAS_INIT=has_init, HAS_DLAST=dlast is not None,
-        THREAD_STEPS=min(meta["T"], 16 // u.element_size()), **meta,  # a thread's run of steps: one 16-byte load
+        THREAD_STEPS=min(launch.meta["T"], 16 // u.element_size()), **launch.meta,  # a thread's run of steps: one 16-byte load
     )
+    if launch.chunks > 1:  # the outputs' partials are per batch entry, whatever the split
+        dA_part, dD_part, dbias_part = (x.view(launch.chunks, batch, *x.shape[1:]).sum(0) if x.numel() else x
+                                        for x in (dA_part, dD_part, dbias_part))
     return [du, ddelta, dA_part, dB_part, dC_part, dD_part, dz, dbias_part, dinit]
 
 
