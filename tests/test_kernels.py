@@ -125,16 +125,22 @@ def _grouped(BC):
 @pytest.mark.parametrize("sms", [132, 78])
 def test_selective_scan_splits_long_sequences_of_small_batches(sms):
     """The GPU launch plan on a device of `sms` SMs (shapes only, no launch): batch-1 and batch-2 sequences of
-    16K steps split in the forward and the backward, a batch of 8 x 4K does not; at batch 1 the forward's chunks
-    give every SM sub-partition a warp and the backward's give each SM PROGRAMS_PER_SM programs."""
+    16K steps split in the forward, a batch of 8 x 4K does not; the backward splits only where SPLIT_BACKWARD is
+    on. At batch 1 the forward's chunks give every SM sub-partition a warp and the backward's give each SM
+    PROGRAMS_PER_SM programs."""
     def plan(batch, length, dim=3072):
         return selective_scan._plan(batch, dim, length, 1, 16, True, gpu=True, sms=sms)
 
     for batch in (1, 2):
-        assert plan(batch, 16384).forward.chunks > 1 and plan(batch, 16384).backward.chunks > 1
+        assert plan(batch, 16384).forward.chunks > 1 and plan(batch, 16384).backward.chunks == 1
     unsplit = plan(8, 4096)
     assert unsplit.forward.lanes and unsplit.forward.chunks == 1 and unsplit.backward.chunks == 1
-    forward, backward = plan(1, 65536).forward, plan(1, 65536).backward
+    selective_scan.SPLIT_BACKWARD = True
+    try:
+        assert plan(1, 16384).backward.chunks > 1
+        forward, backward = plan(1, 65536).forward, plan(1, 65536).backward
+    finally:
+        selective_scan.SPLIT_BACKWARD = False
     assert forward.lanes and forward.chunk % forward.meta["T"] == 0 and backward.chunk % backward.meta["T"] == 0
     assert forward.chunks * triton.cdiv(3072, forward.meta["BLOCK_D"]) >= selective_scan.SUB_PARTITIONS_PER_SM * sms
     assert backward.chunks * triton.cdiv(3072, backward.meta["BLOCK_D"]) >= selective_scan.PROGRAMS_PER_SM * sms

@@ -95,6 +95,10 @@ STEPS_COST = 0.6
 SUMMARY_COST = {32: 0.8, 16: 0.45, 8: 0.4}
 SPLIT_OVERHEAD = 64
 MIN_CHUNK, BWD_MIN_CHUNK, MAX_CHUNKS = 256, 512, 64
+# The split backward is off unless forced: on the H200 its gradients disagreed with the unsplit backward's at
+# every timed shape (relative 1.2 to 3.0, bf16, 1 x 3072 x 4K to 64K) while agreeing in Triton's interpreter
+# (docs/performance-notes.md), and it was slower past 4K steps.
+SPLIT_BACKWARD = False
 SUB_PARTITIONS_PER_SM = 4  # warp schedulers per SM (every NVIDIA architecture since Volta)
 INTERPRETER_SMS = 132  # CPU tensors (the interpreter) plan their launches as the H200 the constants come from
 
@@ -230,6 +234,8 @@ def _backward_chunk(n_rows, dpg, L, cap, sms):
     forced = _FORCED.get()
     if forced is not None and forced.backward_chunk_length is not None:
         return forced.backward_chunk_length
+    if not SPLIT_BACKWARD:
+        return L
     wanted = triton.cdiv(PROGRAMS_PER_SM * sms, n_rows * triton.cdiv(dpg, cap))
     n = min(wanted, L // BWD_MIN_CHUNK, MAX_CHUNKS)
     return L if n < 2 else triton.cdiv(L, n)
