@@ -368,6 +368,5 @@ def test_samba_hf_serve_passes_its_options_to_transformers_serve(monkeypatch):
     monkeypatch.setattr(import_utils, "is_serve_available", lambda: True)
     monkeypatch.setattr(transformers_cli, "app", lambda **kwargs: calls.append(kwargs))
     monkeypatch.setattr(serve, "expose_to_transformers", lambda: calls.append("exposed") or [])
-    assert samba_hf_main(["serve", "--port", "8001", "--force-model", "samba-demo"]) == 0
-    assert calls == ["exposed", {"args": ["serve", "--port", "8001", "--force-model", "samba-demo"],
-                                 "prog_name": "samba-hf", "standalone_mode": False}]  # fmt: skip
+    assert samba_hf_main(["serve", "samba-demo", "--port", "8001"]) == 0
+    assert calls == ["exposed", {"args": ["serve", "samba-demo", "--port", "8001"], "prog_name": "samba-hf"}]

@@ -42,5 +42,5 @@ def run(args) -> int:
     from transformers.cli.transformers import app
 
     expose_to_transformers()
-    app(args=["serve", *args.passed_on], prog_name="samba-hf", standalone_mode=False)
+    app(args=["serve", *args.passed_on], prog_name="samba-hf")  # exits with click's code (2: a bad option)
     return 0
