@@ -34,6 +34,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 import samba_hf  # noqa: F401  (registers Samba with the Auto classes)
+from samba_hf.hub import folder_card
 
 
 @dataclass
@@ -140,6 +141,21 @@ def save_model(trainer: Trainer, output_dir: str) -> None:
         trainer.processing_class.save_pretrained(output_dir)
 
 
+def write_card(training_args: TrainingArguments, args: ScriptArguments, metrics: dict, steps: int) -> None:
+    """The model card of the saved folder, naming its base (`samba-hf push` uploads it as it is)."""
+    world = training_args.world_size * training_args.gradient_accumulation_steps
+    training = (
+        f"Full fine-tuning of `{args.model}` with transformers' Trainer (`examples/finetune.py`): {steps} steps of "
+        f"{training_args.per_device_train_batch_size * world} {'documents' if args.packed else 'blocks'} of up to "
+        f"{args.block_size} tokens from {', '.join(Path(f).name for f in args.train_file)}, learning rate "
+        f"{training_args.learning_rate:g} ({training_args.lr_scheduler_type.value} schedule)."
+    )
+    evaluation = f"Held-out loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_perplexity']:.2f}."
+    card = folder_card(training_args.output_dir, Path(training_args.output_dir).name, base_model=args.model,
+                       training=training, evaluation=evaluation)  # fmt: skip
+    (Path(training_args.output_dir) / "README.md").write_text(card, encoding="utf-8")
+
+
 def main(argv=None) -> dict:
     """Train, evaluate and save; returns the metrics (eval_loss, eval_perplexity, train_loss, ...)."""
     args, training_args = parse_args(argv)
@@ -169,9 +185,11 @@ def main(argv=None) -> dict:
     save_model(trainer, training_args.output_dir)
     trainer.save_state()
     trainer.save_metrics("all", metrics)  # all_results.json
+    if trainer.is_world_process_zero():  # once, not once per process under accelerate launch
+        write_card(training_args, args, metrics, trainer.state.global_step)
     if training_args.push_to_hub:  # the Hub repository gets the final model and transformers' training card
         trainer.push_to_hub(finetuned_from=args.model)
-    if trainer.is_world_process_zero():  # once, not once per process under accelerate launch
+    if trainer.is_world_process_zero():
         print(f"eval loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_perplexity']:.2f}; "
               f"model saved to {training_args.output_dir}")  # fmt: skip
     return metrics

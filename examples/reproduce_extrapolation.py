@@ -20,7 +20,7 @@ interrupted run keeps the models done so far.
 
     python examples/reproduce_extrapolation.py                        # CPU, a few minutes
     python examples/reproduce_extrapolation.py --size small --corpus source --seq-len 512 --steps 1000 \\
-        --batch-size 16 --lr 2e-3 --num-samples 32 --device cuda --output-dir DIR     # one H200, 4-5 minutes
+        --batch-size 16 --lr 2e-3 --num-samples 32 --device cuda --output-dir DIR     # one GPU (benchmarks/extrapolation.md)
 """
 
 import argparse

@@ -228,6 +228,8 @@ def test_finetune_checkpoints_resumes_and_reports_perplexity(tiny_model_dir, tex
     assert state["global_step"] == 4 and {"step": 2, "marker": "checkpoint-2"} in state["log_history"]
     assert resumed["eval_perplexity"] == pytest.approx(math.exp(resumed["eval_loss"]))
     assert (output_dir / "model.safetensors").is_file() and (output_dir / "tokenizer.json").is_file()
+    card = (output_dir / "README.md").read_text()  # the card names the base and the result
+    assert f"Full fine-tuning of `{tiny_model_dir}`" in card and f"perplexity {resumed['eval_perplexity']:.2f}" in card
 
 
 def test_finetune_packed(tiny_model_dir, text_files, tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .configuration_samba import SambaConfig
 from .peft_integration import SAMBA_LORA_TARGET_MODULES
-from .staging import MANIFEST, OutputFolder, read_manifest
+from .staging import MANIFEST, OutputFolder
 
 MIXER_NAMES = {
     "linear_attention": "Mamba",
@@ -246,9 +246,8 @@ def uploaded_files(folder: Path) -> list[str]:
 
 def plan_push(folder, repo_id: str, *, model_name: str | None = None, **card) -> PushPlan:
     """The files and the card of a push of `folder` to `repo_id`. The folder's own README.md is kept;
-    the one samba-hf wrote (unchanged since, per the folder's manifest) gets the repository id in its
-    usage code; a folder without one gets a rendered card (`card`: base_model, datasets, language,
-    tags and the text sections)."""
+    one samba-hf rendered gets the repository id in place of its placeholder; a folder without one
+    gets a rendered card (`card`: base_model, datasets, language, tags and the text sections)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder; give a model folder written by save_pretrained.")
@@ -260,10 +259,8 @@ def plan_push(folder, repo_id: str, *, model_name: str | None = None, **card) ->
     if not readme.is_file():
         return PushPlan(folder, repo_id, files, folder_card(folder, model_name, repo_id=repo_id, **card), "rendered")
     text = readme.read_text(encoding="utf-8")
-    ours = (read_manifest(folder) or {}).get("README.md")
-    if ours is not None and ours["size"] == readme.stat().st_size and ours["mtime_ns"] == readme.stat().st_mtime_ns:
-        if REPO_ID_PLACEHOLDER in text:
-            return PushPlan(folder, repo_id, files, text.replace(REPO_ID_PLACEHOLDER, repo_id), "repository id filled in")
+    if REPO_ID_PLACEHOLDER in text:  # a card samba-hf rendered before the repository was known
+        return PushPlan(folder, repo_id, files, text.replace(REPO_ID_PLACEHOLDER, repo_id), "repository id filled in")
     return PushPlan(folder, repo_id, files, None, "the folder's own")
 
 
