@@ -168,6 +168,24 @@ def test_bad_output_paths_fail_in_one_line_before_any_work(tmp_path, capsys):
         assert code == 2 and message in err and err.count("\n") == 1, (output, err)
 
 
+def test_a_hub_folder_holds_every_module_its_remote_code_imports(tiny, tmp_path):
+    """transformers copies the modeling file's relative imports (recursively, by a regular expression
+    over `from .x import`); every relative import, in any form Python allows, must find its file in
+    the folder, or trust_remote_code fails where samba-hf is not installed."""
+    import ast
+
+    model, _ = tiny
+    folder = save_hub_folder(model, tmp_path / "out")
+    code_files = {path.stem: path for path in folder.glob("*.py")}
+    assert {"modeling_samba", "configuration_samba"} <= set(code_files)
+    for path in code_files.values():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level > 0:
+                names = [node.module] if node.module else [alias.name for alias in node.names]
+                missing = [name for name in names if name.split(".")[0] not in code_files]
+                assert not missing, f"{path.name} imports .{missing}, which the folder lacks"
+
+
 def test_stale_staging_of_a_dead_process_is_removed(tiny, tmp_path):
     model, _ = tiny
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)

@@ -280,7 +280,7 @@ def pyplot():
     try:
         import matplotlib
     except ImportError as error:
-        raise ImportError("the plots need matplotlib: pip install matplotlib (or samba-hf[eval])") from error
+        raise ImportError("the plots need matplotlib: pip install matplotlib") from error
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
