@@ -312,25 +312,31 @@ def test_text_iterator_streamer_streams_the_generated_text(tiny_folder):
     assert streamed.strip() == tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
 
 
-@pytest.mark.parametrize("source, cache", [("argument", "dynamic"), ("file", "dynamic"), ("stdin", "dynamic"),
-                                           ("argument", "static")])  # fmt: skip
-def test_generate_command_streams_and_reports_speed_and_cache_memory(tiny_folder, tmp_path, source, cache, capsys,
+@pytest.mark.parametrize("source, engine", [("argument", "default"), ("file", "default"), ("stdin", "default"),
+                                            ("argument", "off")])  # fmt: skip
+def test_generate_command_streams_and_reports_speed_and_cache_memory(tiny_folder, tmp_path, source, engine, capsys,
                                                                      monkeypatch):  # fmt: skip
     folder, _ = tiny_folder
     argv = ["generate", str(folder)] + (["the quick brown"] if source == "argument" else [])
-    argv += ["--max-new-tokens", "6", "--greedy", "--device", "cpu"] + (["--static-cache"] if cache == "static" else [])
+    argv += ["--max-new-tokens", "6", "--greedy", "--device", "cpu"] + (["--no-decode-engine"] if engine == "off" else [])
     if source == "file":
         (tmp_path / "prompt.txt").write_text("the quick brown")
         argv += ["--prompt-file", str(tmp_path / "prompt.txt")]
     else:
         monkeypatch.setattr(sys, "stdin", __import__("io").StringIO("the quick brown"))
-    from torch._inductor import config as inductor_config
-
-    pdl_during_generate, generate = [], SambaForCausalLM.generate
+    settings, generate = [], SambaForCausalLM.generate
     monkeypatch.setattr(SambaForCausalLM, "generate", lambda *args, **kwargs: (
-        pdl_during_generate.append(inductor_config.triton.enable_pdl), generate(*args, **kwargs))[1])  # fmt: skip
+        settings.append(kwargs["decode_engine"]), generate(*args, **kwargs))[1])  # fmt: skip
     assert samba_hf_main(argv) == 0
     err = capsys.readouterr().err
-    assert "tokens/s" in err and "MiB" in err and "6 generated" in err
-    # a static cache's compiled step launches its kernels as programmatic dependents (PDL), for this call only
-    assert pdl_during_generate == [cache == "static"] and not inductor_config.triton.enable_pdl
+    assert "tokens/s" in err and "MiB" in err and "6 generated" in err and "first token after" in err
+    assert settings == [engine == "default"]
+    assert "graph capture" not in err  # on the CPU, transformers' loop ran
+
+
+def test_generate_command_reports_the_engines_capture_cost():
+    from samba_hf.cli.generate import report
+    from samba_hf.generation import GenerateStats
+
+    line = report(4, 6, 0.0, 0.5, 1.0, GenerateStats(capture_s=0.04), cache_mib=1.0)
+    assert "first token after 0.500 s" in line and "10.0 tokens/s" in line and "graph capture 0.040 s" in line

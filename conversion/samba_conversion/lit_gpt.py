@@ -8,20 +8,23 @@ each group, q_per_kv query heads, then the group's key head, then its value head
 already rotate-half, so no row permutation is needed.
 """
 
-import os
+import json
 import re
 from functools import partial
 from pathlib import Path
 
 import torch
 
-from ..configuration_samba import PRESETS, SambaConfig
+from samba_hf.configuration_samba import PRESETS, SambaConfig
+from samba_hf.staging import OutputFile
+
 from .core import (
     ConversionError,
     Rule,
     build_model,
     heads_from_rows,
     layer_indices,
+    load_tokenizer,
     make_config,
     mamba_fields,
     open_checkpoint,
@@ -204,32 +207,41 @@ def convert_lit_gpt(
     preset or a reference name such as "Samba_421M") or the checkpoint's hparams. `sliding_window`
     None (or 0) gives full attention. `verify` compares logits with an independent forward of the
     source."""
-    output_dir = prepare_output(output_dir, force)
+    output = prepare_output(output_dir, force, checkpoint_path, dtype, tolerance)
     if preset is not None:
         resolve_preset(preset)  # an unknown name fails before any work
-    source, metadata = open_checkpoint(checkpoint_path)
-    model_name = metadata.get("hparams", {}).get("model_name")
-    config, untied = infer_config(source, num_heads, num_kv_heads, sliding_window, preset, model_name)
-    ignored = () if untied else ("lm_head.weight",)
-    model = build_model(config, source, rule_for(config), dtype, ignored)
-    save(model, output_dir, source.description, tokenizer_path, force)
-    del model
+    tokenizer = load_tokenizer(tokenizer_path)
+    with output:
+        source, metadata = open_checkpoint(checkpoint_path)
+        model_name = metadata.get("hparams", {}).get("model_name")
+        config, untied = infer_config(source, num_heads, num_kv_heads, sliding_window, preset, model_name)
+        ignored = () if untied else ("lm_head.weight",)
+        model = build_model(config, source, rule_for(config), dtype, ignored)
+        save(model, output, source.description, tokenizer)
+        del model
     if verify:
-        verify_against(output_dir, config, lit_gpt_forward, source, dtype, tolerance)
-    return output_dir
+        verify_against(output.path, config, lit_gpt_forward, source, dtype, tolerance)
+    return output.path
 
 
 def convert_to_lit_gpt(hf_dir, output_path, force: bool = False) -> Path:
     """Write a samba-hf folder as a bare state dict of the reference code (its key names, its fused
     QKV row order, and `lm_head.weight`, which its state dict holds even when tied), loadable with
     `model.load_state_dict(torch.load(output_path))`."""
-    output_path = Path(output_path)
-    if output_path.exists() and not force:
-        raise ConversionError(f"{output_path} already exists; pass force=True (--force) to replace it.")
+    output = OutputFile(output_path, force=force, sources=[hf_dir])
+    config_file = Path(hf_dir) / "config.json"
+    if not config_file.is_file():
+        raise ConversionError(f"{hf_dir} has no config.json; pass a samba-hf model folder.")
+    model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    if model_type != "samba":
+        raise ConversionError(
+            f"{hf_dir} holds a {model_type!r} model, not a samba-hf one (model_type 'samba'); to-lit-gpt writes "
+            "samba-hf folders only (`samba-hf convert transformers` turns Mistral, Llama and Mamba folders into one)."
+        )
     try:
         config = SambaConfig.from_pretrained(hf_dir)
     except (OSError, ValueError) as error:
-        message = f"cannot read a samba-hf config in {hf_dir} ({error}); pass a samba-hf folder."
+        message = f"cannot read the samba-hf config in {hf_dir} ({error}); pass a samba-hf folder."
         raise ConversionError(message) from error
     check_expressible(config)
     source, _ = open_checkpoint(hf_dir)
@@ -244,14 +256,9 @@ def convert_to_lit_gpt(hf_dir, output_path, force: bool = False) -> Path:
             state_dict[lit_gpt_key(key)] = source[key]
     # The reference model ties by sharing one tensor; torch.save keeps the sharing.
     state_dict.setdefault("lm_head.weight", state_dict["transformer.wte.weight"])
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    staging = output_path.with_name(f".{output_path.name}.partial")
-    try:
-        torch.save(state_dict, staging)
-        os.replace(staging, output_path)
-    finally:
-        staging.unlink(missing_ok=True)
-    return output_path
+    with output:
+        torch.save(state_dict, output.staging)
+        return output.commit()
 
 
 def check_expressible(config: SambaConfig) -> None:

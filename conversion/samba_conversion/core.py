@@ -4,19 +4,23 @@ verifying its logits."""
 
 import json
 import math
+import pickle
 import re
+import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from ..configuration_samba import SambaConfig
-from ..hub import check_output_dir, save_hub_folder
-from ..modeling_samba import SambaForCausalLM, SambaRotaryEmbedding
+from samba_hf.configuration_samba import SambaConfig
+from samba_hf.dtypes import parse_dtype
+from samba_hf.hub import save_hub_folder
+from samba_hf.modeling_samba import SambaForCausalLM, SambaRotaryEmbedding
+from samba_hf.staging import OutputFolder
 
 
 class ConversionError(Exception):
@@ -27,11 +31,9 @@ class VerificationError(ConversionError):
     """The converted model's logits differ from the source's by more than the tolerance."""
 
 
-DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16,
-}  # fmt: skip
+class CorruptCheckpointError(ConversionError):
+    """A checkpoint file that cannot be read: truncated, corrupt, or not the format its name says."""
+
 
 # Verification tolerance on max |Δlogits|, relative to max(1, max |logits|): fp32 conversion is exact
 # up to summation order; bf16/fp16 outputs carry the rounding of every weight.
@@ -41,12 +43,12 @@ TOLERANCES = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 FP32_SUFFIXES = ("mixer.A_log", "mixer.D")
 
 
-def parse_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ConversionError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}.")
-    return DTYPES[dtype]
+def output_dtype(dtype) -> torch.dtype | None:
+    """The dtype of the converted weights; None keeps the source's."""
+    try:
+        return parse_dtype(dtype)
+    except ValueError as error:
+        raise ConversionError(str(error)) from None
 
 
 def summarize(items, limit: int = 8) -> str:
@@ -78,7 +80,13 @@ class TensorSource(Mapping):
     def from_safetensors(cls, files: list[Path], description: str) -> "TensorSource":
         handles, shapes = {}, {}
         for file in files:
-            handle = safe_open(str(file), framework="pt")
+            try:
+                handle = safe_open(str(file), framework="pt")
+            except (SafetensorError, OSError) as error:
+                raise CorruptCheckpointError(
+                    f"{file} is not a readable safetensors file ({error}); it may be truncated or corrupt: copy "
+                    "or download it again."
+                ) from None
             for key in handle.keys():
                 handles[key] = handle
                 shapes[key] = torch.Size(handle.get_slice(key).get_shape())
@@ -102,12 +110,20 @@ class TensorSource(Mapping):
 
 
 def load_torch_file(path: Path):
-    """A torch checkpoint, memory-mapped and unpickled with weights_only (no code runs)."""
+    """A torch checkpoint unpickled with weights_only (no code runs): memory-mapped when it has the
+    zip format of torch.save; read whole when it has the legacy format, which cannot be mapped."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:  # torch raises several types for unreadable or unsafe files
-        raise ConversionError(f"cannot read {path} as a torch checkpoint ({error}); pass a .pth/.pt saved with "
-                              "torch.save, or a .safetensors file.") from error
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as error:  # weights_only refused an object: running it would run code
+        raise ConversionError(
+            f"{path} holds objects other than tensors and plain containers, which are not loaded because "
+            f"unpickling them runs code ({str(error).splitlines()[0]}); save the state dict alone."
+        ) from None
+    except Exception as error:  # torch raises several types for a file it cannot parse
+        raise CorruptCheckpointError(
+            f"cannot read {path} as a torch checkpoint ({type(error).__name__}: {str(error).splitlines()[0]}); "
+            "it may be truncated or corrupt, or not saved with torch.save."
+        ) from None
 
 
 def weight_files(folder: Path) -> tuple[str, list[Path]]:
@@ -216,7 +232,7 @@ def build_model(
     made from the source. The model is built on the meta device and each tensor is assigned as it is
     converted, so memory holds about one copy of the weights. `ignored`: source tensors not needed
     (an LM head tied to the embedding)."""
-    dtype = parse_dtype(dtype)
+    dtype = output_dtype(dtype)
     with torch.device("meta"):
         model = SambaForCausalLM(config)
     expected = {key: value.shape for key, value in model.state_dict().items()}
@@ -327,22 +343,22 @@ def load_tokenizer(path):
         raise ConversionError(f"cannot load a tokenizer from {path} ({error}); pass a tokenizer folder.") from error
 
 
-def save(model: SambaForCausalLM, output_dir, source_description: str, tokenizer_path=None, force=False) -> Path:
+def save(model: SambaForCausalLM, output: OutputFolder, source_description: str, tokenizer=None) -> Path:
     return save_hub_folder(
         model,
-        output_dir,
-        tokenizer=load_tokenizer(tokenizer_path),
-        force=force,
+        output,
+        tokenizer=tokenizer,
         training=f"Converted to samba-hf from `{Path(source_description).name}` ({source_description}).",
     )
 
 
-def prepare_output(output_dir, force: bool) -> Path:
-    """Refuse an existing output before any work is done (save_hub_folder checks again at the end)."""
-    try:
-        return check_output_dir(output_dir, force)
-    except FileExistsError as error:
-        raise ConversionError(str(error)) from error
+def prepare_output(output_dir, force: bool, source=None, dtype=None, tolerance=None) -> OutputFolder:
+    """What every converter checks before any work: its options and the output folder (refused if
+    it holds files samba-hf did not write, or the source)."""
+    output_dtype(dtype)
+    if tolerance is not None and not (math.isfinite(tolerance) and tolerance >= 0):
+        raise ConversionError(f"the tolerance must be a finite number >= 0, got {tolerance}.")
+    return OutputFolder(output_dir, force=force, sources=[source] if source is not None else [])
 
 
 def verification_prompt(vocab_size: int, sliding_window: int | None) -> torch.Tensor:
@@ -380,7 +396,7 @@ def verify_logits(output_dir, reference: Callable[[torch.Tensor], torch.Tensor],
     difference = (logits - expected).abs().max().item()
     scale = max(1.0, expected.abs().max().item())
     if tolerance is None:
-        tolerance = TOLERANCES[parse_dtype(dtype) or torch.float32] * scale
+        tolerance = TOLERANCES[output_dtype(dtype) or torch.float32] * scale
     print(f"verify: max |Δlogits| = {difference:.3e} over {input_ids.shape[1]} tokens (tolerance {tolerance:.1e})")
     if not math.isfinite(difference) or difference > tolerance:
         raise VerificationError(

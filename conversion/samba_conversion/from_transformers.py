@@ -11,12 +11,14 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from ..modeling_samba import SambaForCausalLM
+from samba_hf.modeling_samba import SambaForCausalLM
+
 from .core import (
     ConversionError,
     TensorSource,
     build_model,
     find_tokenizer,
+    load_tokenizer,
     make_config,
     mamba_fields,
     open_checkpoint,
@@ -146,12 +148,13 @@ def convert_transformers(
     """Convert a Mistral/Llama/Mamba folder (or model object) to a samba-hf folder. A folder's
     tokenizer is carried over unless `tokenizer_path` names another. `verify` compares the logits
     with transformers' own forward of the source, in float32."""
-    output_dir = prepare_output(output_dir, force)
     is_folder = not isinstance(source, PreTrainedModel)
-    model = samba_from_transformers(source, dtype)
-    description = str(source) if is_folder else type(source).__name__
-    save(model, output_dir, description, tokenizer_path or (find_tokenizer(source) if is_folder else None), force)
-    del model
+    output = prepare_output(output_dir, force, source if is_folder else None, dtype, tolerance)
+    tokenizer = load_tokenizer(tokenizer_path or (find_tokenizer(source) if is_folder else None))
+    with output:
+        model = samba_from_transformers(source, dtype)
+        save(model, output, str(source) if is_folder else type(source).__name__, tokenizer)
+        del model
     if verify:
         if is_folder:
             reference_model = AutoModelForCausalLM.from_pretrained(
@@ -165,5 +168,5 @@ def convert_transformers(
             return reference_model(input_ids, use_cache=False).logits
 
         compared_dtype = dtype if dtype is not None or is_folder else reference_model.dtype
-        verify_logits(output_dir, reference, compared_dtype, tolerance)
-    return output_dir
+        verify_logits(output.path, reference, compared_dtype, tolerance)
+    return output.path

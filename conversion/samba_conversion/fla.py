@@ -14,6 +14,7 @@ from .core import (
     find_tokenizer,
     heads_from_rows,
     layer_indices,
+    load_tokenizer,
     make_config,
     mamba_fields,
     open_checkpoint,
@@ -100,13 +101,15 @@ def convert_fla(
     single state-dict file) to a samba-hf folder. The folder's config.json gives the head counts,
     window, RoPE base and epsilon; the flags stand in where it is absent. A folder's tokenizer is
     carried over unless `tokenizer_path` names another."""
-    output_dir = prepare_output(output_dir, force)
-    source, metadata = open_checkpoint(source_path)
-    config, untied = infer_config(source, metadata.get("config", {}), num_heads, num_kv_heads, sliding_window)
-    ignored = () if untied else ("lm_head.weight",)
-    model = build_model(config, source, lambda key: rename(fla_key(key)), dtype, ignored)
-    save(model, output_dir, source.description, tokenizer_path or find_tokenizer(source_path), force)
-    del model
+    output = prepare_output(output_dir, force, source_path, dtype, tolerance)
+    tokenizer = load_tokenizer(tokenizer_path or find_tokenizer(source_path))
+    with output:
+        source, metadata = open_checkpoint(source_path)
+        config, untied = infer_config(source, metadata.get("config", {}), num_heads, num_kv_heads, sliding_window)
+        ignored = () if untied else ("lm_head.weight",)
+        model = build_model(config, source, lambda key: rename(fla_key(key)), dtype, ignored)
+        save(model, output, source.description, tokenizer)
+        del model
     if verify:
-        verify_against(output_dir, config, fla_forward, source, dtype, tolerance)
-    return output_dir
+        verify_against(output.path, config, fla_forward, source, dtype, tolerance)
+    return output.path
