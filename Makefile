@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # pip resolves torch to a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: demo test
+.PHONY: demo test lint dist
 
 $(BIN)/samba-hf: pyproject.toml
 	python3 -m venv $(VENV)
@@ -19,3 +19,23 @@ demo: $(BIN)/samba-hf
 
 test: $(BIN)/samba-hf
 	$(BIN)/python -m pytest -q $(ARGS)
+
+RUFF := ruff==0.17.6
+lint: $(BIN)/samba-hf
+	$(BIN)/python -m pip install --quiet $(RUFF)
+	$(BIN)/python -m ruff check .
+	$(BIN)/python -m ruff format --check .
+
+# The release check: an sdist and a wheel that twine accepts, the wheel installed with its
+# dependencies in a fresh environment (torch pinned as above; pip's cache serves the rest; no
+# bytecode compilation, which would cost more than the smoke test saves) and smoke-tested from
+# outside the repository.
+SMOKE := build/smoke-venv
+dist: $(BIN)/samba-hf
+	$(BIN)/python -m pip install --quiet build twine
+	rm -rf dist $(SMOKE)
+	$(BIN)/python -m build --outdir dist .
+	$(BIN)/python -m twine check --strict dist/*
+	python3 -m venv --without-pip $(SMOKE)
+	$(BIN)/python -m pip --python $(SMOKE)/bin/python install --quiet --no-compile $(TORCH) dist/*.whl
+	cd $(SMOKE) && bin/python $(CURDIR)/.ci/smoke_install.py

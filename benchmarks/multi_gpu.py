@@ -1,10 +1,9 @@
-"""Multi-GPU check of examples/finetune.py: one GPU, two with DDP, two with FSDP2, and an FSDP2 resume
-from a checkpoint, all with the same global batch, seed, data and steps; the loss curves must agree.
+"""multi_gpu: examples/finetune.py on one GPU, on two with DDP and with FSDP2, and an FSDP2 resume from a
+checkpoint, all with the same global batch, seed, data and steps: the loss curves must agree. And a short QLoRA
+run of examples/lora.py.
 
-    export PYTHONPATH=/tmp/site:src:kernels:benchmarks
-    python benchmarks/multi_gpu.py --out benchmarks            # two GPUs: 4-5 minutes on two H200s
-    python benchmarks/multi_gpu.py --qlora --out benchmarks    # and then a short QLoRA run of examples/lora.py
-    python benchmarks/multi_gpu.py --cpu --out /tmp/multi_gpu  # CPU check: gloo, a tiny model, 8 steps
+    python -m benchmarks.run multi_gpu                # two GPUs: 4-5 minutes on two H200s
+    python -m benchmarks.run multi_gpu --smoke        # the CPU check: gloo processes, a tiny model, 8 steps
 
 It writes a Samba model folder (random weights, a BPE tokenizer) and text files from Python's standard
 library (nothing is downloaded), then runs finetune.py four times:
@@ -14,14 +13,12 @@ library (nothing is downloaded), then runs finetune.py four times:
           it checkpoints (sharded) half-way
   resume  the fsdp2 command, resuming from fsdp2's half-way checkpoint into a new folder
 and compares each step's training loss (trainer_state.json) of ddp and fsdp2 with 1gpu, and of resume
-with fsdp2. multi_gpu.json (everything, with the commands) and multi_gpu_results.md (the table) go to
---out, the runs' logs to --out/multi_gpu_logs. The exit status is 1 if a check fails.
+with fsdp2. A case fails when a run fails or a comparison is past its tolerance.
 
 On the CPU, accelerate enables FSDP only for GPU processes (an FSDP config there silently trains with
-DDP), so --cpu skips fsdp2 and resumes the ddp run instead.
+DDP), so the smoke run skips fsdp2 and resumes the ddp run instead.
 """
 
-import argparse
 import json
 import math
 import os
@@ -37,6 +34,19 @@ from pathlib import Path
 
 import torch
 
+from .harness import registry
+
+TITLE = "Multi-GPU training: DDP, FSDP2, and resuming under FSDP2"
+INTRO = """
+The same model trained on the same data four ways, each with the same global batch, seed and number of steps
+(`examples/finetune.py`); the per-step training losses (`trainer_state.json`) are compared. The model is a
+33M-parameter Samba (8 layers, width 512, Mamba and sliding-window attention alternating), random weights, a BPE
+tokenizer trained on the text, which is Python's standard library (docstrings and source); nothing is downloaded.
+A check passes when the mean relative loss difference is at most 1% and the largest at most 3%: bf16 rounding with
+a different batch shape, all-reduce order, and under FSDP2 bf16 parameters, gradient reduction and a bf16 loss,
+drift the curves by tenths of a percent, while errors in the effective batch, learning rate, data order or the
+resumed state move them by several percent. The final model that fsdp2 saves (gathered from the shards) must load.
+"""
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
@@ -70,20 +80,6 @@ CPU_FSDP_SKIP = "accelerate enables FSDP only on GPUs (on the CPU it would train
 
 def log(message: str) -> None:
     print(f"[multi_gpu {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.environ.get("OUT", "out"), help="results folder (default: $OUT or ./out)")
-    parser.add_argument("--work", help="model, data and checkpoints (default: a temporary folder, removed at the end)")
-    parser.add_argument("--cpu", action="store_true", help="check on the CPU: gloo processes, tiny model, no FSDP2")
-    parser.add_argument("--steps", type=int, help="training steps of each run (default: 60 on GPUs, 8 on the CPU)")
-    parser.add_argument("--qlora", action="store_true",
-                        help="then train a QLoRA adapter with examples/lora.py on one GPU, if bitsandbytes "
-                             "imports (with --cpu: plain LoRA, to check the plumbing)")  # fmt: skip
-    parser.add_argument("--budget-s", type=float, default=420,
-                        help="no run starts, or goes on, past this many seconds from the start")  # fmt: skip
-    return parser.parse_args(argv)
 
 
 def machine_description(cpu: bool) -> dict:
@@ -129,8 +125,10 @@ def build_inputs(work: Path, cpu: bool, settings: dict) -> tuple[Path, Path, Pat
     torch.manual_seed(0)
     model = SambaForCausalLM(tiny_config(tokenizer, **settings["model"]))
     model_dir = save_hub_folder(model, work / "model", tokenizer=tokenizer, force=True)
-    log(f"model: {model.num_parameters() / 1e6:.1f}M parameters, layers {model.config.layer_types}; "
-        f"train text {train_file.stat().st_size / 1e6:.2f} MB")  # fmt: skip
+    log(
+        f"model: {model.num_parameters() / 1e6:.1f}M parameters, layers {model.config.layer_types}; "
+        f"train text {train_file.stat().st_size / 1e6:.2f} MB"
+    )
     return model_dir, train_file, eval_file, model.num_parameters()
 
 
@@ -154,8 +152,9 @@ def run_logged(cmd: list[str], env: dict, log_file: Path, timeout: float) -> dic
     (accelerate launch's workers too)."""
     started = time.perf_counter()
     with open(log_file, "w") as output:
-        process = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=output, stderr=subprocess.STDOUT,
-                                   cwd=ROOT, start_new_session=True)  # fmt: skip
+        process = subprocess.Popen(
+            cmd, env={**os.environ, **env}, stdout=output, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
+        )
         try:
             returncode = process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -216,8 +215,11 @@ def check_final_model(output_dir: Path) -> dict:
         model = AutoModelForCausalLM.from_pretrained(output_dir, trust_remote_code=True)
     except Exception as error:  # reported, not raised: the other results still get written
         return {"passed": False, "error": f"{type(error).__name__}: {error}"}
-    return {"passed": True, "class": f"{type(model).__module__.split('.')[-1]}.{type(model).__name__}",
-            "parameters": model.num_parameters()}  # fmt: skip
+    return {
+        "passed": True,
+        "class": f"{type(model).__module__.split('.')[-1]}.{type(model).__name__}",
+        "parameters": model.num_parameters(),
+    }
 
 
 def run_lora(model_dir: Path, train_file: Path, work: Path, logs: Path, cpu: bool, timeout: float, env: dict) -> dict:
@@ -228,10 +230,27 @@ def run_lora(model_dir: Path, train_file: Path, work: Path, logs: Path, cpu: boo
 
         if importlib.util.find_spec("bitsandbytes") is None:
             return {"skipped": "bitsandbytes is not importable"}
-    cmd = [sys.executable, str(EXAMPLES / "lora.py"), "--model", str(model_dir), "--train-file", str(train_file),
-           "--output-dir", str(work / "lora"), "--block-size", "512" if not cpu else "64", "--batch-size", "8",
-           "--max-steps", "30" if not cpu else "4", "--logging-steps", "5" if not cpu else "1", "--learning-rate", "1e-3",
-           *([] if cpu else ["--qlora"])]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(EXAMPLES / "lora.py"),
+        "--model",
+        str(model_dir),
+        "--train-file",
+        str(train_file),
+        "--output-dir",
+        str(work / "lora"),
+        "--block-size",
+        "512" if not cpu else "64",
+        "--batch-size",
+        "8",
+        "--max-steps",
+        "30" if not cpu else "4",
+        "--logging-steps",
+        "5" if not cpu else "1",
+        "--learning-rate",
+        "1e-3",
+        *([] if cpu else ["--qlora"]),
+    ]
     result = run_logged(cmd, {**env, "CUDA_VISIBLE_DEVICES": "0"} if not cpu else env, logs / "lora.log", timeout)
     text = Path(result["log"]).read_text(errors="replace")
     trainable = re.search(r"trainable params: ([\d,]+) \|\| all params: ([\d,]+)", text)
@@ -247,7 +266,12 @@ def run_lora(model_dir: Path, train_file: Path, work: Path, logs: Path, cpu: boo
     }
 
 
-def markdown(report: dict) -> str:
+def render_case(name: str, entry: dict) -> list[str]:
+    report = entry.get("report")
+    if report is None:
+        return []
+    if name == "qlora":
+        return [adapter_line(report)]
     settings, machine = report["settings"], report["machine"]
     lines = [
         f"Machine: {', '.join(machine.get('gpus', ['CPU']))}; torch {machine['torch']}, transformers "
@@ -260,117 +284,186 @@ def markdown(report: dict) -> str:
         "| compared with | max abs diff | mean rel diff | max rel diff | check |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, run in report["runs"].items():
+    for run_name, run in report["runs"].items():
         if "skipped" in run:
-            lines.append(f"| {name} | | | | | | | | | | | | skipped: {run['skipped']} |")
+            lines.append(f"| {run_name} | | | | | | | | | | | | skipped: {run['skipped']} |")
             continue
-        comparison = report["comparisons"].get(name, {})
+        comparison = report["comparisons"].get(run_name, {})
         losses = run.get("losses") or {}
         cells = [
-            name, run["processes"], run["batch_per_process"], run["wall_s"], _fmt(run.get("train_runtime_s"), ".1f"),
-            _fmt(run.get("tokens_per_s"), ",.0f"), _fmt(losses[max(losses)] if losses else None, ".4f"),
-            _fmt(run.get("eval_loss"), ".4f"), comparison.get("reference", ""),
-            _fmt(comparison.get("max_abs"), ".2e"), _fmt(comparison.get("mean_rel"), ".2e"),
+            run_name,
+            run["processes"],
+            run["batch_per_process"],
+            run["wall_s"],
+            _fmt(run.get("train_runtime_s"), ".1f"),
+            _fmt(run.get("tokens_per_s"), ",.0f"),
+            _fmt(losses[max(losses)] if losses else None, ".4f"),
+            _fmt(run.get("eval_loss"), ".4f"),
+            comparison.get("reference", ""),
+            _fmt(comparison.get("max_abs"), ".2e"),
+            _fmt(comparison.get("mean_rel"), ".2e"),
             _fmt(comparison.get("max_rel"), ".2e"),
             "pass" if comparison.get("passed") else comparison.get("error", "FAIL") if comparison else "",
-        ]  # fmt: skip
+        ]
         if run["returncode"] != 0:
-            cells[-1] = f"run failed ({run['returncode']}), see {Path(run['log']).name}"
+            cells[-1] = f"run failed ({run['returncode']}), see its log"
         lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
     if "final_model" in report:
         final = report["final_model"]
-        lines += ["", f"Final model saved by {final['run']} (gathered from the shards): "
-                  + (f"loads as {final['class']}" if final["passed"] else f"**fails**: {final['error']}")]  # fmt: skip
-    if "lora" in report:
-        lora = report["lora"]
-        lines += ["", "Adapter training (examples/lora.py): " + (
-            f"skipped: {lora['skipped']}" if "skipped" in lora else
-            f"{lora['mode']}, {lora['trainable_params']:,} of {lora['all_params']:,} parameters trainable, "
-            f"loss {lora['first_loss']} -> {lora['last_loss']}, {lora['wall_s']} s: "
-            f"{'pass' if lora['passed'] else 'FAIL'}"
-        )]  # fmt: skip
+        lines += [
+            "",
+            f"Final model saved by {final['run']} (gathered from the shards): "
+            + (f"loads as {final['class']}" if final["passed"] else f"**fails**: {final['error']}"),
+        ]
     lines += ["", "Commands:", "", "```"] + [run["command"] for run in report["runs"].values() if "command" in run]
-    lines += [report["lora"]["command"]] if "command" in report.get("lora", {}) else []
     lines += ["```", "", f"Overall: {'pass' if report['passed'] else 'FAIL'} ({report['total_wall_s']:.0f} s)."]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def adapter_line(lora: dict) -> str:
+    if "skipped" in lora:
+        return f"Adapter training (examples/lora.py): skipped: {lora['skipped']}."
+    return (
+        f"Adapter training (examples/lora.py): {lora['mode']}, {lora['trainable_params']:,} of "
+        f"{lora['all_params']:,} parameters trainable, loss {lora['first_loss']} -> {lora['last_loss']}, "
+        f"{lora['wall_s']} s: {'pass' if lora['passed'] else 'FAIL'}."
+    )
 
 
 def _fmt(value, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    started = time.perf_counter()
-    mode = "cpu" if args.cpu else "gpu"
-    settings = SETTINGS[mode]
-    steps = args.steps or settings["steps"]
-    if steps % 2:
-        raise SystemExit("--steps must be even: the resume run starts from the half-way checkpoint")
-    if not args.cpu and torch.cuda.device_count() < 2:
-        raise SystemExit(f"needs 2 GPUs, found {torch.cuda.device_count()}; use --cpu for the CPU check")
-    out = Path(args.out)
-    logs = out / "multi_gpu_logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    scratch = None if args.work else tempfile.TemporaryDirectory(prefix="samba-multi-gpu-")
-    work = Path(args.work or scratch.name)
-    work.mkdir(parents=True, exist_ok=True)
-    tolerance = TOLERANCES[mode]
+class Session:
+    """A case's shared setting: CPU or GPU mode, its settings, a scratch folder, the time left, the runs' env."""
 
-    def time_left() -> float:
+    def __init__(self, ctx, work: Path):
+        self.cpu = ctx.smoke
+        if not self.cpu and torch.cuda.device_count() < 2:
+            raise RuntimeError(f"needs 2 GPUs, found {torch.cuda.device_count()}; --smoke runs the CPU check")
+        self.mode = "cpu" if self.cpu else "gpu"
+        self.settings, self.budget, self.work = SETTINGS[self.mode], ctx.budget, work
+        self.logs = work / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        # Offline, with the datasets cache in the work folder, and this checkout's samba_hf first on every path.
+        python_path = [str(ROOT / "src"), str(ROOT / "kernels"), *filter(None, [os.environ.get("PYTHONPATH")])]
+        self.env = {
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "HF_DATASETS_CACHE": str(work / "datasets-cache"),
+            "PYTHONPATH": os.pathsep.join(python_path),
+        }
+
+    def time_left(self) -> float:
         """Seconds a run may take: its timeout, cut to what is left of the budget (0 if under 30 s)."""
-        left = args.budget_s - (time.perf_counter() - started)
-        return min(settings["timeout_s"], left) if left >= 30 else 0
+        left = self.budget.left()
+        return min(self.settings["timeout_s"], left) if left >= 30 else 0
 
-    machine = machine_description(args.cpu)
+
+CASES, case = registry()
+
+
+@case("losses", "1 GPU, DDP and FSDP2 on 2 GPUs, FSDP2 resumed: the per-step losses agree")
+def losses(ctx):
+    with tempfile.TemporaryDirectory(prefix="samba-multi-gpu-") as scratch:
+        session = Session(ctx, Path(scratch))
+        ctx.entry["report"] = report = compare_runs(session)
+    ctx.save()
+    if not report["passed"]:
+        raise AssertionError("a run failed or its losses disagree: see the table")
+
+
+@case("qlora", "a short QLoRA run of examples/lora.py on one GPU (plain LoRA in the CPU check)")
+def qlora(ctx):
+    with tempfile.TemporaryDirectory(prefix="samba-qlora-") as scratch:
+        session = Session(ctx, Path(scratch))
+        model_dir, train_file, _, _ = build_inputs(session.work, session.cpu, session.settings)
+        timeout = session.time_left()
+        ctx.entry["report"] = report = (
+            run_lora(model_dir, train_file, session.work, session.logs, session.cpu, timeout, session.env)
+            if timeout
+            else {"skipped": "out of the run's budget"}
+        )
+    ctx.save()
+    if not report.get("passed", True):  # skipped (no bitsandbytes, no time) is not a failure
+        raise AssertionError(adapter_line(report))
+
+
+def compare_runs(session: Session) -> dict:
+    started = time.perf_counter()
+    settings, cpu, work, logs = session.settings, session.cpu, session.work, session.logs
+    steps = settings["steps"]
+    tolerance = TOLERANCES[session.mode]
+    machine = machine_description(cpu)
     log(f"machine: {machine}")
-    model_dir, train_file, eval_file, parameters = build_inputs(work, args.cpu, settings)
+    model_dir, train_file, eval_file, parameters = build_inputs(work, cpu, settings)
     global_batch, block_size = settings["global_batch"], settings["block_size"]
-    if not args.cpu:
+    if not cpu:
         log("compiling the Triton kernels (cached on disk for the runs)")
         warm_up_kernels(model_dir, block_size, (global_batch, global_batch // 2))
-
-    # Every run the same but for the launcher and the per-process batch. Offline, with the datasets cache
-    # in the work folder, and this checkout's samba_hf first on the path of every process.
-    python_path = [str(ROOT / "src"), str(ROOT / "kernels"), *filter(None, [os.environ.get("PYTHONPATH")])]
-    env = {
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "HF_DATASETS_CACHE": str(work / "datasets-cache"),
-        "PYTHONPATH": os.pathsep.join(python_path),
-    }
-    finetune = [str(EXAMPLES / "finetune.py"), "--model", str(model_dir), "--train-file", str(train_file),
-                "--eval-file", str(eval_file), "--block-size", str(block_size), "--max-steps", str(steps),
-                "--save-steps", str(steps // 2), "--logging-steps", "1", "--learning-rate", "1e-3",
-                "--warmup-steps", str(max(1, steps // 10)), "--seed", "0"]  # fmt: skip
-    if args.cpu:
+    finetune = [
+        str(EXAMPLES / "finetune.py"),
+        "--model",
+        str(model_dir),
+        "--train-file",
+        str(train_file),
+        "--eval-file",
+        str(eval_file),
+        "--block-size",
+        str(block_size),
+        "--max-steps",
+        str(steps),
+        "--save-steps",
+        str(steps // 2),
+        "--logging-steps",
+        "1",
+        "--learning-rate",
+        "1e-3",
+        "--warmup-steps",
+        str(max(1, steps // 10)),
+        "--seed",
+        "0",
+    ]
+    if cpu:
         # accelerate's own --cpu flag needs mpirun; this starts gloo processes through torchrun instead.
         two_process_env, precision = {"ACCELERATE_USE_CPU": "true"}, ["--mixed_precision", "no"]
     else:
         two_process_env, precision = {"CUDA_VISIBLE_DEVICES": "0,1"}, []
 
     def launch(config: str, port: int) -> list[str]:
-        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(EXAMPLES / config),
-                "--num_processes", "2", "--main_process_port", str(port), *precision]  # fmt: skip
+        return [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(EXAMPLES / config),
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            str(port),
+            *precision,
+        ]
 
-    resume_base = "ddp" if args.cpu else "fsdp2"
+    resume_base = "ddp" if cpu else "fsdp2"
     plans = {
-        "1gpu": ([sys.executable], {} if args.cpu else {"CUDA_VISIBLE_DEVICES": "0"}, 1, []),
+        "1gpu": ([sys.executable], {} if cpu else {"CUDA_VISIBLE_DEVICES": "0"}, 1, []),
         "ddp": (launch("accelerate_ddp.yaml", 29501), two_process_env, 2, []),
         "fsdp2": (launch("accelerate_fsdp2.yaml", 29502), two_process_env, 2, []),
         "resume": (
-            launch(f"accelerate_{resume_base}.yaml", 29503), two_process_env, 2,
+            launch(f"accelerate_{resume_base}.yaml", 29503),
+            two_process_env,
+            2,
             ["--resume-from-checkpoint", str(work / resume_base / f"checkpoint-{steps // 2}")],
         ),
-    }  # fmt: skip
+    }
     runs = {}
     for name, (launcher, launch_env, processes, extra) in plans.items():
-        if args.cpu and name == "fsdp2":
+        if cpu and name == "fsdp2":
             skipped = CPU_FSDP_SKIP
         elif extra and not Path(extra[-1]).is_dir():
             skipped = f"{resume_base} left no checkpoint to resume from"
-        elif not time_left():
-            skipped = f"out of the {args.budget_s:.0f} s budget"
+        elif not session.time_left():
+            skipped = "out of the run's budget"
         else:
             skipped = None
         if skipped:
@@ -380,21 +473,30 @@ def main(argv=None) -> int:
         batch = global_batch // processes
         cmd = [*launcher, *finetune, "--batch-size", str(batch), "--output-dir", str(work / name), *extra]
         log(f"{name}: starting ({processes} process(es), batch {batch} each)")
-        result = run_logged(cmd, {**env, **launch_env}, logs / f"{name}.log", time_left())
+        result = run_logged(cmd, {**session.env, **launch_env}, logs / f"{name}.log", session.time_left())
         run = {**result, "processes": processes, "batch_per_process": batch, **read_run(work / name)}
         trained_steps = steps // 2 if name == "resume" else steps
         if run.get("train_runtime_s"):
             run["tokens_per_s"] = trained_steps * global_batch * block_size / run["train_runtime_s"]
         runs[name] = run
         losses = run.get("losses") or {}
-        log(f"{name}: exit {run['returncode']} after {run['wall_s']} s; "
-            + (f"loss {losses[min(losses)]:.4f} -> {losses[max(losses)]:.4f}" if losses else f"no losses, see {run['log']}"))  # fmt: skip
+        log(
+            f"{name}: exit {run['returncode']} after {run['wall_s']} s; "
+            + (
+                f"loss {losses[min(losses)]:.4f} -> {losses[max(losses)]:.4f}"
+                if losses
+                else f"no losses, see {run['log']}"
+            )
+        )
         if run["returncode"] != 0:
             print(Path(run["log"]).read_text(errors="replace")[-3000:], flush=True)
 
     all_steps = list(range(1, steps + 1))
-    pairs = {"ddp": ("1gpu", all_steps), "fsdp2": ("1gpu", all_steps),
-             "resume": (resume_base, all_steps[steps // 2 :])}  # fmt: skip
+    pairs = {
+        "ddp": ("1gpu", all_steps),
+        "fsdp2": ("1gpu", all_steps),
+        "resume": (resume_base, all_steps[steps // 2 :]),
+    }
     comparisons = {}
     for name, (reference, compared_steps) in pairs.items():
         if "losses" in runs[name] and "losses" in runs[reference]:
@@ -413,31 +515,20 @@ def main(argv=None) -> int:
     expected = [name for name, run in runs.items() if run.get("skipped") != CPU_FSDP_SKIP]
     checks = [runs[name].get("returncode") == 0 for name in expected]
     checks += [comparisons.get(name, {}).get("passed", False) for name in pairs if name in expected]
-    if not args.cpu and runs["fsdp2"].get("returncode") == 0:
+    if not cpu and runs["fsdp2"].get("returncode") == 0:
         report["final_model"] = {"run": "fsdp2", **check_final_model(work / "fsdp2")}
         checks.append(report["final_model"]["passed"])
-    if args.qlora:
-        log("lora: starting")
-        timeout = time_left()
-        base = work / "1gpu" if (work / "1gpu" / "config.json").is_file() else model_dir  # trained, if it ran
-        report["lora"] = (
-            run_lora(base, train_file, work, logs, args.cpu, timeout, env)
-            if timeout
-            else {"skipped": f"out of the {args.budget_s:.0f} s budget"}
-        )
-        log(f"lora: {report['lora']}")
-        checks.append(report["lora"].get("passed", True))  # skipped (no bitsandbytes, no time) is not a failure
     report["passed"] = all(checks)
     report["total_wall_s"] = time.perf_counter() - started
-
-    (out / "multi_gpu.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "multi_gpu_results.md").write_text(markdown(report))
-    print(markdown(report), flush=True)
-    log(f"{'PASS' if report['passed'] else 'FAIL'}; results in {out}/multi_gpu.json and multi_gpu_results.md")
-    if scratch is not None:
-        scratch.cleanup()
-    return 0 if report["passed"] else 1
+    return report
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def summary(result: dict) -> list[str]:
+    lines = []
+    for name, entry in result.get("cases", {}).items():
+        report = entry.get("report")
+        if report and name == "losses":
+            lines.append(f"losses: {'pass' if report['passed'] else 'FAIL'} ({', '.join(report['runs'])})")
+        elif report:
+            lines.append(adapter_line(report))
+    return lines

@@ -1,44 +1,54 @@
-"""Training throughput: samba-hf against same-size transformers models, in one run.
-
-tokens/s, peak memory and MFU at sequence 4096, bf16 autocast, AdamW, for Samba (Triton kernels
-on CUDA), a same-size Llama (transformers, sdpa) and a same-size all-Mamba model. The Mamba
-baseline is samba-hf's own all-"linear_attention" pattern on the same Triton kernels:
-transformers' MambaForCausalLM has no kernel path without mamba-ssm (not installable here).
-
-    PYTHONPATH=src:kernels python benchmarks/train.py --out benchmarks            # H200
-    PYTHONPATH=src:kernels python benchmarks/train.py --out DIR --modes eager,compiled  # also torch.compile (fullgraph)
-    PYTHONPATH=src:kernels python benchmarks/train.py --smoke --out /tmp/train     # CPU check
-"""
-
-import argparse
-import itertools
-import json
-import time
-from pathlib import Path
+"""train: training tokens/s and peak memory, samba-421m against the paper's 438M Llama in one process, eager and
+under torch.compile, from 8 x 4K tokens to one 64K-token sequence."""
 
 import torch
-from generate import llama_like, sync  # the sibling script (benchmarks/ on the path)
 
-from samba_hf import SambaConfig, SambaForCausalLM
+from . import models
+from .harness import columns, free_memory, peak_gib, registry, rows_of, synchronize, wall_seconds
 
+TITLE = "Training: tokens/s and peak memory, samba-421m against the paper's 438M Llama"
+# (batch, length) per case, in the order of priority: the long single sequences first.
+SHAPES = {"b1-64k": (1, 65536), "b2-32k": (2, 32768), "b1-16k": (1, 16384), "b8-4k": (8, 4096)}
+SMOKE_SHAPES = {"b1-64k": (1, 96), "b2-32k": (2, 64), "b1-16k": (1, 48), "b8-4k": (2, 32)}
+SMOKE_CHECKPOINTED = "b1-64k"  # a smoke run checkpoints this shape's activations, so that the path runs
+MODES = ("eager", "compiled")
+WARMUP_STEPS, STEPS = 2, 5
+INTRO = f"""
+AdamW steps (fused on CUDA, learning rate 1e-4, gradient clipping 1.0) on random tokens with labels = inputs:
+fp32 weights under bf16 autocast, {WARMUP_STEPS} warm-up steps, then the mean of {STEPS}. samba-421m against
+transformers' `LlamaForCausalLM` of the paper's 438M shape (12 layers, hidden 1536, 12 heads, MLP 4096, tied
+embeddings, sdpa), in one process. `compiled`: the forward under `torch.compile(model, fullgraph=True)`
+(inductor); its first step pays the compilation (`first step s`). Activation checkpointing
+(`model.activation_checkpointing_enable()`, every layer) is used where the peak predicted from this run's rows
+(or a prior guess) would not fit the GPU, and after an out-of-memory error. MFU counts 6 N per token for the
+non-embedding weights plus the attention scores (sliding layers: the window's keys per query), over the measured
+bf16 matmul rate.
+"""
+# Planning guesses (earlier rows of benchmarks/results/train.json), corrected by each run's rows: tokens/s at
+# 8 x 4K, the Llama's slowdown as its attention grows with the length, the compilation's seconds, peak bytes
+# per token without checkpointing, and checkpointing's extra time.
+TOKENS_PER_S = {
+    ("samba", "eager"): 1.0e5,
+    ("llama", "eager"): 1.0e5,
+    ("samba", "compiled"): 1.4e5,
+    ("llama", "compiled"): 1.15e5,
+}
+LLAMA_ATTENTION_LENGTH = 32768  # its time per token doubles about every this many tokens of length
+COMPILE_S = 90.0
+PEAK_BYTES_PER_TOKEN = {
+    ("samba", "eager"): 1.6e6,
+    ("llama", "eager"): 1.7e6,
+    ("samba", "compiled"): 1.3e6,
+    ("llama", "compiled"): 1.3e6,
+}
+CHECKPOINTING_SLOWDOWN = 1.35
 
-def matmul_rate(device) -> float:
-    """Measured bf16 matmul FLOP/s (the MFU denominator)."""
-    if device.type != "cuda":
-        return float("nan")
-    a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    sync()
-    start = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    sync()
-    return 2 * 8192**3 * 10 / (time.perf_counter() - start)
+CASES, case = registry()
+_measured: dict[tuple[str, str], dict] = {}  # (model, mode) -> {"step_scale", "bytes_per_token"} from this run
 
 
 def model_flops_per_token(model, length: int) -> float:
-    """6 N per token for the weights, plus attention scores: 12 · layers · d · (keys seen per query)."""
+    """6 N per token for the non-embedding weights, plus attention scores: 12 . heads . head_dim . keys per query."""
     n = model.num_parameters() - model.get_input_embeddings().weight.numel()
     config = model.config
     attention = 0.0
@@ -50,89 +60,165 @@ def model_flops_per_token(model, length: int) -> float:
     return 6 * n + attention
 
 
-def size_matched_mamba_layers(samba: SambaForCausalLM) -> int:
-    """Mamba blocks without MLP (as transformers' MambaForCausalLM) with about Samba's parameters."""
-    with torch.device("meta"):
-        one = SambaForCausalLM(SambaConfig(**{**samba.config.to_dict(), "num_hidden_layers": 1,
-                                              "layer_types": ["linear_attention"], "use_mlp": False})).num_parameters()
-    embedding = samba.get_input_embeddings().weight.numel()
-    return max(1, round((samba.num_parameters() - embedding) / (one - embedding)))
+def guessed_step_s(name: str, mode: str, batch: int, length: int, checkpointing: bool) -> float:
+    rate = TOKENS_PER_S[(name, mode)]
+    if name == "llama":
+        rate /= 1 + length / LLAMA_ATTENTION_LENGTH
+    seconds = batch * length / rate * _measured.get((name, mode), {}).get("step_scale", 1.0)
+    return seconds * (CHECKPOINTING_SLOWDOWN if checkpointing else 1.0)
 
 
-def throughput(model, batch, length, steps, device, compiled=False):
-    """(tokens/s, peak GiB, last loss) of AdamW steps; `compiled`: the forward under torch.compile
-    (fullgraph, inductor), so the steps include no compilation (it happens in the warm-up)."""
+def predicted_peak(name: str, mode: str, batch: int, length: int) -> float:
+    per_token = _measured.get((name, mode), {}).get("bytes_per_token", PEAK_BYTES_PER_TOKEN[(name, mode)])
+    return batch * length * per_token
+
+
+def train_steps(model, batch: int, length: int, device: torch.device, compiled: bool, smoke: bool) -> dict:
+    """tokens/s, step seconds, peak GiB, the last loss and the first step's seconds of AdamW steps."""
     model.train()
-    forward = torch.compile(model, fullgraph=True) if compiled else model
+    if compiled:  # smoke runs trace with dynamo only: inductor's CPU compile takes minutes
+        forward = torch.compile(model, fullgraph=True, **({"backend": "eager"} if smoke else {}))
+    else:
+        forward = model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    ids = torch.randint(0, model.config.vocab_size, (batch, length), device=device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (batch, length), device=device, generator=generator)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def step():
         with autocast:
-            loss = forward(input_ids=ids, labels=ids).loss
+            loss = forward(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss
 
-    for _ in range(2):
+    warmup, steps = (1, 1) if smoke else (WARMUP_STEPS, STEPS)
+    first_s, _ = wall_seconds(step, device)
+    for _ in range(warmup - 1):
         step()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    sync()
-    seconds = (time.perf_counter() - start) / steps
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return batch * length / seconds, peak, loss.item()
+    free_memory()  # resets the peak: the timed steps' own
+    seconds, loss = wall_seconds(lambda: [step() for _ in range(steps)][-1], device)
+    synchronize(device)
+    loss = loss.item()
+    if loss != loss or loss in (float("inf"), float("-inf")):
+        raise FloatingPointError(f"the training loss is {loss}")
+    return dict(
+        tokens_per_s=batch * length * steps / seconds,
+        step_s=seconds / steps,
+        peak_gib=peak_gib(),
+        loss=loss,
+        first_step_s=first_s,
+    )
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="benchmarks")
-    parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--presets", default="samba-421m,samba-1.3b")
-    parser.add_argument("--modes", default="eager", help="eager and/or compiled (each model in each mode)")
-    args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    presets = ["tiny"] if args.smoke else args.presets.split(",")
-    batch, length, steps = (2, 128, 2) if args.smoke else (8, 4096, 5)
-    peak_rate = matmul_rate(device)
-    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-               "batch": batch, "length": length, "bf16_matmul_TFLOPs": peak_rate / 1e12, "rows": []}  # fmt: skip
-    for preset in presets:
-        torch.manual_seed(0)
-        samba = SambaForCausalLM(SambaConfig.from_preset(preset))
-        mamba_layers = size_matched_mamba_layers(samba)
-        candidates = {
-            f"{preset} Samba": lambda: samba,
-            f"{preset}-size Llama (sdpa)": lambda: llama_like(samba, kv_heads=samba.config.num_key_value_heads),
-            f"{preset}-size Mamba (samba-hf, Triton)": lambda: SambaForCausalLM(SambaConfig.from_preset(
-                preset, num_hidden_layers=mamba_layers, layer_types=["linear_attention"] * mamba_layers, use_mlp=False)),
-        }  # fmt: skip
-        for (name, build), mode in itertools.product(candidates.items(), args.modes.split(",")):
-            model = build().to(device)
-            torch._dynamo.reset()
-            try:
-                tokens_per_s, peak, loss = throughput(model, batch, length, steps, device, mode == "compiled")
-                flops = model_flops_per_token(model, length) * tokens_per_s
-                row = {"model": name, "mode": mode, "params": model.num_parameters(), "tokens_per_s": tokens_per_s,
-                       "peak_GiB": peak, "MFU": flops / peak_rate, "loss": loss}  # fmt: skip
-            except torch.OutOfMemoryError:
-                row = {"model": name, "mode": mode, "error": "out of memory"}
-            results["rows"].append(row)
-            print(json.dumps(row), flush=True)
+def measure(ctx, name: str, mode: str, batch: int, length: int, checkpointing: bool = False) -> None:
+    cell = dict(model=name, mode=mode, batch=batch, length=length)
+    if not checkpointing and ctx.memory_refusal(predicted_peak(name, mode, batch, length)):
+        checkpointing, note = True, "activation checkpointing: predicted not to fit without"
+    else:
+        note = "activation checkpointing (smoke run: to run that path)" if checkpointing else None
+    for attempt in range(2):
+        predicted_s = (WARMUP_STEPS + STEPS) * guessed_step_s(name, mode, batch, length, checkpointing)
+        predicted_s += COMPILE_S if mode == "compiled" else 0.0
+        refusal = ctx.budget.refuses(predicted_s)
+        if refusal:
+            return ctx.skip(refusal, **cell, checkpointing=checkpointing)
+        torch._dynamo.reset()
+        free_memory()
+        model, out_of_memory = models.build(name, ctx.device, torch.float32, ctx.smoke), None
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        try:
+            row = train_steps(model, batch, length, ctx.device, mode == "compiled", ctx.smoke)
+        except torch.OutOfMemoryError as error:  # retried once with checkpointing, else recorded
+            out_of_memory = f"out of memory ({str(error).splitlines()[0][:160]})"
+        finally:
+            params = model.num_parameters()
+            flops_per_token = model_flops_per_token(model, length)
             del model
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train.json").write_text(json.dumps(results, indent=2))
+            torch._dynamo.reset()
+            free_memory()
+        if out_of_memory is None:
+            break
+        if checkpointing or attempt:
+            return ctx.skip(out_of_memory, **cell, checkpointing=checkpointing)
+        checkpointing, note = True, f"activation checkpointing after {out_of_memory}"
+    learned = _measured.setdefault((name, mode), {})
+    learned["step_scale"] = (
+        row["step_s"] / guessed_step_s(name, mode, batch, length, checkpointing) * learned.get("step_scale", 1.0)
+    )
+    if not checkpointing and row["peak_gib"]:
+        learned["bytes_per_token"] = row["peak_gib"] * 2**30 / (batch * length)
+    mfu = flops_per_token * row["tokens_per_s"] / ctx.ceilings()["bf16_flops_per_s"]
+    ctx.add(**cell, checkpointing=checkpointing, params=params, **row, mfu=mfu, note=note)
 
 
-if __name__ == "__main__":
-    main()
+def shape_case(key: str):
+    def run(ctx):
+        batch, length = SMOKE_SHAPES[key] if ctx.smoke else SHAPES[key]
+        for mode in MODES:
+            for name in models.MODELS:
+                measure(ctx, name, mode, batch, length, checkpointing=ctx.smoke and key == SMOKE_CHECKPOINTED)
+
+    return run
+
+
+for _key, (_batch, _length) in SHAPES.items():
+    case(_key, f"training steps at batch {_batch} x {_length // 1024}K tokens, both models, eager and compiled")(
+        shape_case(_key)
+    )
+
+
+def pairs(result: dict) -> list[tuple[str, str, dict | None, dict | None]]:
+    """(shape, mode, samba's row, llama's row) of every shape and mode with a measured row."""
+    found = []
+    for key in SHAPES:
+        rows = {
+            (models.family(row["model"]), row["mode"]): row for row in rows_of(result, key) if "tokens_per_s" in row
+        }
+        for mode in MODES:
+            samba, llama = rows.get(("samba", mode)), rows.get(("llama", mode))
+            if samba or llama:
+                found.append((key, mode, samba, llama))
+    return found
+
+
+def render_overview(result: dict) -> list[str]:
+    rows = [
+        dict(
+            shape=key,
+            mode=mode,
+            samba=samba and samba["tokens_per_s"],
+            llama=llama and llama["tokens_per_s"],
+            ratio=models.ratio(samba and samba["tokens_per_s"], llama and llama["tokens_per_s"]),
+        )
+        for key, mode, samba, llama in pairs(result)
+    ]
+    if not rows:
+        return []
+    spec = [("shape", "shape"), ("mode", "mode"), ("samba tokens/s", "samba", ",.0f"),
+            ("llama tokens/s", "llama", ",.0f"), ("samba / llama", "ratio", ".2f")]  # fmt: skip
+    return ["## Overview", ""] + columns(rows, spec) + [""]
+
+
+COLUMNS = [
+    ("model", "model"), ("mode", "mode"), ("batch", "batch"), ("length", "length"), ("checkpointing", "checkpointing"),
+    ("tokens/s", "tokens_per_s", ",.0f"), ("step s", "step_s", ".3f"), ("peak GiB", "peak_gib", ".1f"),
+    ("MFU", "mfu", ".0%"), ("loss", "loss", ".3f"), ("first step s", "first_step_s", ".1f"),
+    ("note", lambda row: row.get("skipped") or row.get("note")),
+]  # fmt: skip
+
+
+def render_case(name: str, entry: dict) -> list[str]:
+    return columns(entry["rows"], COLUMNS)
+
+
+def summary(result: dict) -> list[str]:
+    return [
+        f"{key} {mode}: samba {samba['tokens_per_s']:,.0f} tok/s, llama {llama['tokens_per_s']:,.0f} tok/s "
+        f"({samba['tokens_per_s'] / llama['tokens_per_s']:.2f}x)"
+        for key, mode, samba, llama in pairs(result)
+        if samba and llama
+    ]

@@ -2,6 +2,10 @@
 
     python examples/finetune.py --model samba-tiny --train-file notes.txt --output-dir samba-ft
 
+Every option of transformers' TrainingArguments works (--per-device-train-batch-size, --optim,
+--save-steps, --report-to wandb, --push-to-hub, --gradient-checkpointing, ...), beside this script's
+own data options; `--resume-from-checkpoint last` continues from the newest checkpoint in --output-dir.
+
 Every parameter is trained: bf16 mixed precision on a GPU, float32 on the CPU. The text files are read
 with `datasets` (one document per paragraph by default). Without `--packed`, documents are joined
 with EOS and cut into blocks of `--block-size` tokens; with `--packed`, each document stays whole
@@ -12,6 +16,7 @@ attention nor the Mamba state crosses from one document into the next.
 
 import argparse
 import math
+from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 
@@ -21,6 +26,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     DataCollatorWithFlattening,
+    HfArgumentParser,
     Trainer,
     TrainingArguments,
     default_data_collator,
@@ -28,36 +34,51 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 import samba_hf  # noqa: F401  (registers Samba with the Auto classes)
+from samba_hf.hub import folder_card
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="model folder (with its tokenizer) or Hub id")
-    parser.add_argument("--train-file", nargs="+", required=True, help="text files to train on")
-    parser.add_argument("--eval-file", nargs="+", help="text files to evaluate on (default: hold out --eval-fraction)")
-    parser.add_argument("--eval-fraction", type=float, default=0.05, help="documents held out without --eval-file")
-    parser.add_argument("--sample-by", choices=["line", "paragraph", "document"], default="paragraph",
-                        help="what one document of a text file is (datasets' text loader)")  # fmt: skip
-    parser.add_argument("--output-dir", required=True, help="checkpoints and the final model go here")
-    parser.add_argument("--block-size", type=int, default=1024,
-                        help="tokens per training row (per document with --packed)")  # fmt: skip
-    parser.add_argument("--packed", action="store_true",
-                        help="padding-free batches of whole documents (DataCollatorWithFlattening)")  # fmt: skip
-    parser.add_argument("--activation-checkpointing", action="store_true",
-                        help="recompute each layer's activations in the backward (less memory, ~30%% more compute)")  # fmt: skip
-    parser.add_argument("--batch-size", type=int, default=8, help="rows (documents with --packed) per device and step")
-    parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    parser.add_argument("--learning-rate", type=float, default=1e-4)
-    parser.add_argument("--weight-decay", type=float, default=0.1)
-    parser.add_argument("--warmup-steps", type=int, default=0)
-    parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (overrides --epochs)")
-    parser.add_argument("--save-steps", type=int, default=500, help="checkpoint every this many steps")
-    parser.add_argument("--logging-steps", type=int, default=10)
-    parser.add_argument("--resume-from-checkpoint", nargs="?", const="last", metavar="PATH",
-                        help="continue from this checkpoint folder; alone, from the last in --output-dir")  # fmt: skip
-    parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+@dataclass
+class ScriptArguments:
+    """The data and the model; everything about training is transformers' TrainingArguments."""
+
+    model: str = field(metadata={"help": "model folder (with its tokenizer) or Hub id"})
+    train_file: list[str] = field(metadata={"help": "text files to train on"})
+    eval_file: list[str] | None = field(
+        default=None, metadata={"help": "text files to evaluate on (default: hold out --eval-fraction)"}
+    )
+    eval_fraction: float = field(default=0.05, metadata={"help": "documents held out without --eval-file"})
+    sample_by: str = field(
+        default="paragraph",
+        metadata={"help": "what one document of a text file is", "choices": ["line", "paragraph", "document"]},
+    )
+    block_size: int = field(default=1024, metadata={"help": "tokens per training row (per document with --packed)"})
+    packed: bool = field(
+        default=False, metadata={"help": "padding-free batches of whole documents (DataCollatorWithFlattening)"}
+    )
+
+
+# This script's choices where they differ from TrainingArguments' defaults (the Samba paper's AdamW
+# settings, a cosine schedule, evaluation at each logging step); any of them can be overridden.
+TRAINING_DEFAULTS = dict(
+    output_dir="samba-finetuned",
+    learning_rate=1e-4,
+    weight_decay=0.1,
+    adam_beta2=0.95,
+    max_grad_norm=1.0,
+    lr_scheduler_type="cosine",
+    num_train_epochs=1.0,
+    logging_steps=10,
+    eval_strategy="steps",
+    seed=0,
+)
+
+
+def parse_args(argv=None) -> tuple[ScriptArguments, TrainingArguments]:
+    parser = HfArgumentParser((ScriptArguments, TrainingArguments), description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    on_gpu = torch.cuda.is_available()
+    parser.set_defaults(**TRAINING_DEFAULTS, bf16=on_gpu and torch.cuda.is_bf16_supported(), dataloader_pin_memory=on_gpu)
+    return parser.parse_args_into_dataclasses(args=argv)
 
 
 def tokenize_documents(dataset, tokenizer, block_size: int, packed: bool):
@@ -77,11 +98,11 @@ def tokenize_documents(dataset, tokenizer, block_size: int, packed: bool):
     return dataset.map(tokenize, batched=True, remove_columns=dataset.column_names, desc="tokenizing")
 
 
-def load_splits(args, tokenizer):
+def load_splits(args: ScriptArguments, seed: int, tokenizer):
     data_files = {"train": args.train_file, **({"eval": args.eval_file} if args.eval_file else {})}
     raw = load_dataset("text", data_files=data_files, sample_by=args.sample_by)
     if "eval" not in raw:
-        held_out = raw["train"].train_test_split(test_size=args.eval_fraction, seed=args.seed)
+        held_out = raw["train"].train_test_split(test_size=args.eval_fraction, seed=seed)
         raw = {"train": held_out["train"], "eval": held_out["test"]}
     splits = {name: tokenize_documents(split, tokenizer, args.block_size, args.packed) for name, split in raw.items()}
     for name, split in splits.items():
@@ -92,12 +113,14 @@ def load_splits(args, tokenizer):
     return splits["train"], splits["eval"]
 
 
-def resolve_checkpoint(args) -> str | None:
-    if args.resume_from_checkpoint != "last":
-        return args.resume_from_checkpoint
-    last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+def resolve_checkpoint(training_args: TrainingArguments) -> str | None:
+    """--resume-from-checkpoint PATH, or "last" for the newest checkpoint-* in --output-dir."""
+    requested = training_args.resume_from_checkpoint
+    if requested != "last":
+        return requested
+    last = get_last_checkpoint(training_args.output_dir) if Path(training_args.output_dir).is_dir() else None
     if last is None:
-        raise FileNotFoundError(f"--resume-from-checkpoint: no checkpoint-* folder in {args.output_dir}")
+        raise FileNotFoundError(f"--resume-from-checkpoint last: no checkpoint-* folder in {training_args.output_dir}")
     return last
 
 
@@ -118,42 +141,33 @@ def save_model(trainer: Trainer, output_dir: str) -> None:
         trainer.processing_class.save_pretrained(output_dir)
 
 
+def write_card(training_args: TrainingArguments, args: ScriptArguments, metrics: dict, steps: int) -> None:
+    """The model card of the saved folder, naming its base (`samba-hf push` uploads it as it is)."""
+    world = training_args.world_size * training_args.gradient_accumulation_steps
+    training = (
+        f"Full fine-tuning of `{args.model}` with transformers' Trainer (`examples/finetune.py`): {steps} steps of "
+        f"{training_args.per_device_train_batch_size * world} {'documents' if args.packed else 'blocks'} of up to "
+        f"{args.block_size} tokens from {', '.join(Path(f).name for f in args.train_file)}, learning rate "
+        f"{training_args.learning_rate:g} ({training_args.lr_scheduler_type.value} schedule)."
+    )
+    evaluation = f"Held-out loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_perplexity']:.2f}."
+    card = folder_card(training_args.output_dir, Path(training_args.output_dir).name, base_model=args.model,
+                       training=training, evaluation=evaluation)  # fmt: skip
+    (Path(training_args.output_dir) / "README.md").write_text(card, encoding="utf-8")
+
+
 def main(argv=None) -> dict:
     """Train, evaluate and save; returns the metrics (eval_loss, eval_perplexity, train_loss, ...)."""
-    args = parse_args(argv)
-    checkpoint = resolve_checkpoint(args)  # fail before loading anything
+    args, training_args = parse_args(argv)
+    checkpoint = resolve_checkpoint(training_args)  # fail before loading anything
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     # float32 master weights in both cases: on a GPU, bf16 autocast does the arithmetic.
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     model.config.use_cache = False  # the cache serves generation; training would build one per step for nothing
 
-    training_args = TrainingArguments(
-        output_dir=args.output_dir,
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        learning_rate=args.learning_rate,
-        weight_decay=args.weight_decay,
-        adam_beta2=0.95,
-        max_grad_norm=1.0,
-        lr_scheduler_type="cosine",
-        warmup_steps=args.warmup_steps,
-        num_train_epochs=args.epochs,
-        max_steps=args.max_steps,
-        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
-        dataloader_pin_memory=torch.cuda.is_available(),
-        activation_checkpointing=args.activation_checkpointing,
-        eval_strategy="steps",
-        eval_steps=args.save_steps,
-        save_strategy="steps",
-        save_steps=args.save_steps,
-        logging_steps=args.logging_steps,
-        report_to=[],
-        seed=args.seed,
-    )
     # Under `accelerate launch`, the main process tokenizes first and the others read its cache.
     with training_args.main_process_first(desc="tokenizing"):
-        train_dataset, eval_dataset = load_splits(args, tokenizer)
+        train_dataset, eval_dataset = load_splits(args, training_args.seed, tokenizer)
     trainer = Trainer(
         model=model,
         args=training_args,
@@ -168,12 +182,16 @@ def main(argv=None) -> dict:
     metrics["resumed_from"] = checkpoint
 
     model.config.use_cache = True  # the saved model is for generation
-    save_model(trainer, args.output_dir)
+    save_model(trainer, training_args.output_dir)
     trainer.save_state()
     trainer.save_metrics("all", metrics)  # all_results.json
     if trainer.is_world_process_zero():  # once, not once per process under accelerate launch
+        write_card(training_args, args, metrics, trainer.state.global_step)
+    if training_args.push_to_hub:  # the Hub repository gets the final model and transformers' training card
+        trainer.push_to_hub(finetuned_from=args.model)
+    if trainer.is_world_process_zero():
         print(f"eval loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_perplexity']:.2f}; "
-              f"model saved to {args.output_dir}")  # fmt: skip
+              f"model saved to {training_args.output_dir}")  # fmt: skip
     return metrics
 
 

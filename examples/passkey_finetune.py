@@ -7,24 +7,29 @@ line at a random depth, then the question) followed by the answer; the loss is o
 The learning rate, schedule and batch size are this script's choices, not the paper's.
 
     # the paper's recipe, on a converted checkpoint and a GPU
-    python examples/passkey_finetune.py MODEL_DIR --length 4096 --steps 500 --bf16 --gradient-checkpointing \\
-        --eval-lengths 4k,16k,64k,128k,256k --depths 11 --trials 5 --output-dir samba-passkey
+    python examples/passkey_finetune.py --model MODEL_DIR --length 4096 --max-steps 500 --bf16 \\
+        --activation-checkpointing --eval-lengths 4k,16k,64k,128k,256k --depths 11 --trials 5 \\
+        --output-dir samba-passkey
 
     # a smoke run on the CPU: a tiny random Samba with a tokenizer trained on stdlib docstrings
-    python examples/passkey_finetune.py --steps 5 --length 256
+    python examples/passkey_finetune.py --max-steps 5 --length 256
+
+Every option of transformers' TrainingArguments works (--learning-rate, --optim, --save-steps,
+--report-to, --push-to-hub, ...), beside this script's own.
 """
 
 import argparse
 import random
 import sys
-import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
 
 from samba_hf import SambaForCausalLM
-from samba_hf.demo import stdlib_corpus, tiny_config, train_tokenizer
+from samba_hf.data import stdlib_corpus, train_tokenizer
+from samba_hf.demo import tiny_config
 from samba_hf.evaluation import (
     build_passkey_prompt,
     evaluate_passkey,
@@ -66,65 +71,67 @@ def tiny_samba():
     return SambaForCausalLM(tiny_config(tokenizer)), tokenizer
 
 
+@dataclass
+class ScriptArguments:
+    model: str | None = field(default=None, metadata={"help": "model folder or Hub id (default: a tiny random Samba)"})
+    length: int = field(default=4096, metadata={"help": "training sequence length (paper: 4096)"})
+    eval_lengths: str | None = field(
+        default=None, metadata={"help": "passkey lengths after training (default: 1x, 4x and 16x --length)"}
+    )
+    depths: int = field(default=5, metadata={"help": "evenly spaced pass key depths"})
+    trials: int = field(default=2, metadata={"help": "random keys per (length, depth) cell"})
+
+
+# The paper's 500 steps; the rest are this script's choices where they differ from TrainingArguments'.
+TRAINING_DEFAULTS = dict(
+    output_dir="samba-passkey",
+    max_steps=500,
+    per_device_train_batch_size=4,
+    learning_rate=2e-5,
+    lr_scheduler_type="cosine",
+    warmup_steps=0.05,
+    max_grad_norm=1.0,
+    logging_steps=50,
+    save_strategy="no",
+    seed=0,
+)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", nargs="?", help="model folder or Hub id (default: a tiny random Samba)")
-    parser.add_argument("--length", type=int, default=4096, help="training sequence length (paper: 4096)")
-    parser.add_argument("--steps", type=int, default=500, help="training steps (paper: 500)")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=2e-5)
-    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
-    parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--eval-lengths", help="passkey lengths after training (default: 1x, 4x and 16x --length)")
-    parser.add_argument("--depths", type=int, default=5, help="evenly spaced pass key depths (default 5)")
-    parser.add_argument("--trials", type=int, default=2, help="random keys per (length, depth) cell (default 2)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", default="samba-passkey", help="fine-tuned model, passkey.csv and passkey.png")
-    args = parser.parse_args(argv)
+    parser = HfArgumentParser((ScriptArguments, TrainingArguments), description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.set_defaults(**TRAINING_DEFAULTS, dataloader_pin_memory=torch.cuda.is_available())
+    args, training_args = parser.parse_args_into_dataclasses(args=argv)
     eval_lengths = parse_lengths(args.eval_lengths) if args.eval_lengths else [n * args.length for n in (1, 4, 16)]
-    torch.manual_seed(args.seed)
+    torch.manual_seed(training_args.seed)
 
     if args.model:
         model, tokenizer = AutoModelForCausalLM.from_pretrained(args.model), AutoTokenizer.from_pretrained(args.model)
     else:
         model, tokenizer = tiny_samba()
-    dataset = PasskeySamples(tokenizer, args.length, size=args.steps * args.batch_size, seed=args.seed)
+    size = training_args.max_steps * training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+    dataset = PasskeySamples(tokenizer, args.length, size=size, seed=training_args.seed)
 
     model.config.use_cache = False  # no cache while training; the evaluation asks for it explicitly
-    with tempfile.TemporaryDirectory(prefix="passkey-finetune-") as trainer_dir:
-        training_args = TrainingArguments(
-            output_dir=trainer_dir,
-            max_steps=args.steps,
-            per_device_train_batch_size=args.batch_size,
-            learning_rate=args.lr,
-            lr_scheduler_type="cosine",
-            warmup_steps=max(1, args.steps // 20),
-            max_grad_norm=1.0,
-            bf16=args.bf16,
-            activation_checkpointing=args.gradient_checkpointing,
-            logging_steps=max(1, args.steps // 10),
-            save_strategy="no",
-            report_to=[],
-            use_cpu=args.device == "cpu",
-            dataloader_num_workers=0,
-            seed=args.seed,
-        )
-        Trainer(model=model, args=training_args, train_dataset=dataset).train()
+    trainer = Trainer(model=model, args=training_args, train_dataset=dataset)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     model.config.use_cache = True
 
-    output_dir = Path(args.output_dir)
-    model.save_pretrained(output_dir)
+    output_dir = Path(training_args.output_dir)
+    trainer.save_model(output_dir)
     tokenizer.save_pretrained(output_dir)
     depths = [i / (args.depths - 1) for i in range(args.depths)] if args.depths > 1 else [0.5]
     rows = evaluate_passkey(
-        model.to(args.device).eval(), tokenizer, eval_lengths, depths, args.trials, chunk_size=args.length,
-        seed=args.seed + 1, model_name=output_dir.name,  # other keys than in training
+        model.eval(), tokenizer, eval_lengths, depths, args.trials, chunk_size=args.length,
+        seed=training_args.seed + 1, model_name=output_dir.name,  # other keys than in training
     )  # fmt: skip
     write_csv(rows, output_dir / "passkey.csv")
-    plot_passkey(rows, output_dir / "passkey.png")
+    try:
+        plot_passkey(rows, output_dir / "passkey.png")
+    except ImportError as error:
+        print(f"no plot: {error}")
     print(format_table(rows, ["length", "depth", "accuracy", "trials"]))
-    print(f"saved the fine-tuned model, passkey.csv and passkey.png to {output_dir}/")
+    print(f"saved the fine-tuned model and passkey.csv to {output_dir}/")
     return 0
 
 

@@ -8,7 +8,7 @@ Samba) or absent (Mamba) do not, and Samba is best.
 All six architectures are samba-hf configurations (layer patterns), trained on the same data with
 the same recipe; their layer counts are chosen to match Samba's non-embedding parameters. The data
 ship with Python, the last 10% of documents held out: `--corpus docstrings` (default) takes the
-standard library's docstrings (samba_hf.demo, about 100K tokens: enough for T = 64), `--corpus
+standard library's docstrings (samba_hf.data, about 100K tokens: enough for T = 64), `--corpus
 source` its .py files (tests and codec tables left out, about 3M tokens: enough held-out text for
 windows of 16 x 512 tokens); `--data` reads .txt files instead.
 
@@ -20,7 +20,7 @@ interrupted run keeps the models done so far.
 
     python examples/reproduce_extrapolation.py                        # CPU, a few minutes
     python examples/reproduce_extrapolation.py --size small --corpus source --seq-len 512 --steps 1000 \\
-        --batch-size 16 --lr 2e-3 --num-samples 32 --device cuda --out DIR     # one H200, 4-5 minutes
+        --batch-size 16 --lr 2e-3 --num-samples 32 --device cuda --output-dir DIR     # one GPU (benchmarks/extrapolation.md)
 """
 
 import argparse
@@ -38,16 +38,8 @@ import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from samba_hf import SambaConfig, SambaForCausalLM
-from samba_hf.demo import TokenBlocks, stdlib_corpus, train_tokenizer
-from samba_hf.evaluation import (
-    evaluate_perplexity,
-    format_length,
-    format_table,
-    plot_perplexity,
-    read_documents,
-    token_stream,
-    write_csv,
-)
+from samba_hf.data import TokenBlocks, read_documents, stdlib_corpus, token_stream, train_tokenizer
+from samba_hf.evaluation import evaluate_perplexity, format_length, format_table, plot_perplexity, write_csv
 
 # Each architecture repeats a cycle of (mixer, followed by an MLP?) layers.
 SAMBA_CYCLE = [("linear_attention", True), ("sliding_attention", True)]
@@ -129,7 +121,7 @@ def load_documents(args) -> tuple[list[str], str]:
         return read_documents(args.data), f"the .txt files of {args.data}"
     if args.corpus == "source":
         return stdlib_source(), "the standard library's .py files (tests and codec tables left out), one document each"
-    return stdlib_corpus(), "the standard library's docstrings (samba_hf.demo)"
+    return stdlib_corpus(), "the standard library's docstrings (samba_hf.data)"
 
 
 # ---------------------------------------------------------------- training
@@ -238,7 +230,7 @@ def main(argv=None) -> int:
         help="sliding-window layers on CUDA use samba_kernels' compiled FlexAttention, not sdpa",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="benchmarks", help="folder for extrapolation.{md,csv,png}")
+    parser.add_argument("--output-dir", default="benchmarks", help="folder for extrapolation.{md,csv,png}")
     args = parser.parse_args(argv)
     seq_len, window = args.seq_len, args.window or args.seq_len // 2
     lengths = [seq_len, 4 * seq_len, 16 * seq_len]
@@ -263,7 +255,7 @@ def main(argv=None) -> int:
 
     configs = matched_configs(args.size, window, tokenizer)
     samba_parameters = non_embedding_parameters(configs["Samba"])
-    out = Path(args.out)
+    out = Path(args.output_dir)
     parameter_rows, rows = [], []
     for architecture, config in configs.items():
         count = non_embedding_parameters(config)

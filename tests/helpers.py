@@ -1,6 +1,7 @@
 """Small random Samba models for the tests."""
 
 import torch
+import torch.nn.functional as F
 
 from samba_hf import SambaConfig, SambaForCausalLM
 
@@ -14,9 +15,9 @@ def small_config(**overrides) -> SambaConfig:
     return SambaConfig(**{**fields, **overrides})
 
 
-def small_model(seed: int = 0, **overrides) -> SambaForCausalLM:
+def small_model(seed: int = 0, model_class=SambaForCausalLM, **overrides):
     torch.manual_seed(seed)
-    model = SambaForCausalLM(small_config(**overrides)).eval()
+    model = model_class(small_config(**overrides)).eval()
     # The reference initialisation makes dt tiny and the residual writers small; randomise
     # everything so that the tests exercise every term at a visible scale.
     with torch.no_grad():
@@ -30,3 +31,34 @@ def small_model(seed: int = 0, **overrides) -> SambaForCausalLM:
             else:
                 parameter.copy_(torch.randn_like(parameter) * 0.3)
     return model
+
+
+def random_ids(batch: int = 2, length: int = 19, seed: int = 0, vocab_size: int = 97) -> torch.Tensor:
+    """Token ids that avoid 0, the pad token of the tests that pad."""
+    return torch.randint(1, vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of different lengths as one left-padded batch (pad 0) and its attention mask."""
+    width = max(len(row) for row in rows)
+    ids = torch.stack([F.pad(row, (width - len(row), 0), value=0) for row in rows])
+    mask = torch.stack([F.pad(torch.ones_like(row), (width - len(row), 0)) for row in rows])
+    return ids, mask
+
+
+def main_output(model, **inputs) -> torch.Tensor:
+    """The first output of a forward without gradients: hidden states, LM logits or class logits."""
+    with torch.no_grad():
+        return model(**inputs)[0]
+
+
+def fp32_rule_breaks(model, half: torch.dtype) -> dict:
+    """Floating tensors whose dtype breaks the half-precision rule: float32 for the parameters named in
+    `_keep_in_fp32_modules_strict`, `half` for the others."""
+    strict = model._keep_in_fp32_modules_strict
+    wrong = {}
+    for name, tensor in model.state_dict().items():
+        expected = torch.float32 if any(name.endswith("." + pattern) for pattern in strict) else half
+        if tensor.is_floating_point() and tensor.dtype != expected:
+            wrong[name] = tensor.dtype
+    return wrong

@@ -1,10 +1,38 @@
+"""The `samba-hf` command and what it writes: the demo, safe output folders (--force, staging,
+interruptions, permissions), the exit-code rule, generate's options, and the environment report."""
+
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from importlib.metadata import version
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import samba_hf
+from samba_hf import SambaConfig, SambaForCausalLM
 from samba_hf.cli import main as samba_hf_main
+from samba_hf.data import train_tokenizer
+from samba_hf.hub import save_hub_folder
+from samba_hf.staging import MANIFEST, OutputPathError, read_manifest
+
+
+def exit_code(argv) -> int:
+    """main's return value, or argparse's exit code for what it refuses itself."""
+    try:
+        return samba_hf_main(argv)
+    except SystemExit as exit:
+        return exit.code
+
+
+def umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_demo_trains_publishes_reloads_and_generates(tmp_path, capsys):
@@ -13,12 +41,14 @@ def test_demo_trains_publishes_reloads_and_generates(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "trained 4 steps" in printed and "reloaded SambaForCausalLM" in printed
     files = {p.name for p in output.iterdir()}
-    assert {"config.json", "model.safetensors", "modeling_samba.py", "configuration_samba.py", "kernel_dispatch.py",
-            "mamba_reference.py", "tokenizer.json", "README.md"} <= files  # fmt: skip
+    assert {"config.json", "model.safetensors", "modeling_samba.py", "configuration_samba.py", "tokenizer.json",
+            "README.md", MANIFEST} <= files  # fmt: skip
+    assert set(read_manifest(output)) == files - {MANIFEST}
+    assert output.stat().st_mode & 0o777 == 0o777 & ~umask(), "the folder has save_pretrained's permissions"
     assert json.loads((output / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"].startswith("modeling_samba")
     card = (output / "README.md").read_text()
     for section in ("## Architecture", "## Training data and recipe", "## Intended use", "## Evaluation",
-                    "## Limitations", "## Citation", "4 steps of AdamW"):  # fmt: skip
+                    "## Limitations", "## Citation", "4 steps of AdamW", "language:\n- en"):  # fmt: skip
         assert section in card
     tokenizer = AutoTokenizer.from_pretrained(output)
     model = AutoModelForCausalLM.from_pretrained(output)
@@ -27,20 +57,249 @@ def test_demo_trains_publishes_reloads_and_generates(tmp_path, capsys):
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir()), "no staging folders left behind"
 
 
-def test_demo_refuses_to_overwrite_an_existing_folder(tmp_path, capsys):
+def test_demo_refuses_a_folder_it_did_not_write_even_with_force(tmp_path, capsys):
     (tmp_path / "demo").mkdir()
     (tmp_path / "demo" / "keep.txt").write_text("mine")
-    assert samba_hf_main(["demo", "--steps", "1", "--output-dir", str(tmp_path / "demo")]) == 2
-    assert "--force" in capsys.readouterr().err
+    for force in ([], ["--force"]):
+        assert samba_hf_main(["demo", "--steps", "1", "--output-dir", str(tmp_path / "demo"), *force]) == 2
+        err = capsys.readouterr().err
+        assert "did not write" in err and err.count("\n") == 1
     assert (tmp_path / "demo" / "keep.txt").read_text() == "mine"
+    assert [p.name for p in (tmp_path / "demo").iterdir()] == ["keep.txt"]
+
+
+def test_version_has_one_source():
+    assert samba_hf.__version__ == version("samba-hf")
+    assert "version = { attr = \"samba_hf.__version__\" }" in (
+        __import__("pathlib").Path(__file__).parents[1] / "pyproject.toml").read_text()  # fmt: skip
+
+
+def test_version_option(capsys):
+    assert exit_code(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"samba-hf {samba_hf.__version__}"
+
+
+def test_help_shows_the_defaults(capsys):
+    assert exit_code(["demo", "--help"]) == 0
+    assert "(default: 300)" in capsys.readouterr().out
+    assert exit_code(["generate", "--help"]) == 0
+    assert "(default: 100)" in capsys.readouterr().out.replace("\n", " ").replace("  ", " ")
+
+
+# ------------------------------------------------------------------------------- safe output folders
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A random tiny Samba and its tokenizer."""
+    tokenizer = train_tokenizer(["the quick brown fox jumps over the lazy dog", "a stitch in time saves nine"] * 20, 300)
+    torch.manual_seed(0)
+    config = SambaConfig.from_preset("tiny", vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                                     pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    return SambaForCausalLM(config).eval(), tokenizer
+
+
+def test_force_replaces_only_what_samba_hf_wrote(tiny, tmp_path):
+    model, tokenizer = tiny
+    folder = save_hub_folder(model, tmp_path / "out", tokenizer=tokenizer)
+    (folder / "notes.md").write_text("the user's notes")
+    (folder / "results").mkdir()
+    (folder / "results" / "eval.json").write_text("{}")
+    with pytest.raises(OutputPathError, match="--force"):
+        save_hub_folder(model, folder)
+
+    save_hub_folder(model, folder, force=True)  # no tokenizer this time: its files go, they were ours
+    assert (folder / "notes.md").read_text() == "the user's notes" and (folder / "results" / "eval.json").is_file()
+    assert not (folder / "tokenizer.json").exists()
+    assert set(read_manifest(folder)) == {"README.md", "config.json", "generation_config.json", "model.safetensors"} | {
+        p.name for p in folder.glob("*.py")}  # fmt: skip
+
+    (folder / "README.md").write_text("my own card")  # edited since samba-hf wrote it: no longer only ours
+    with pytest.raises(OutputPathError, match="README.md in .* changed since samba-hf wrote"):
+        save_hub_folder(model, folder, force=True)
+    assert (folder / "README.md").read_text() == "my own card"
+
+
+def test_force_never_replaces_a_file_it_did_not_write(tiny, tmp_path):
+    model, tokenizer = tiny
+    folder = save_hub_folder(model, tmp_path / "out")  # no tokenizer
+    (folder / "tokenizer.json").write_text("the user's")
+    with pytest.raises(OutputPathError, match="tokenizer.json, which samba-hf did not write"):
+        save_hub_folder(model, folder, tokenizer=tokenizer, force=True)
+    assert (folder / "tokenizer.json").read_text() == "the user's"
+    assert not any(p.name.startswith(".out") for p in tmp_path.iterdir()), "the staging folder is removed"
+
+
+def test_an_output_that_would_hold_the_source_or_the_current_directory_is_refused(tmp_path, monkeypatch, capsys):
+    """`convert lit-gpt lit.pth . --force` and an output folder around the checkpoint: refused in one
+    line, the checkpoint and the other files untouched."""
+    checkpoint = tmp_path / "run" / "lit.pth"
+    checkpoint.parent.mkdir()
+    torch.save({"transformer.wte.weight": torch.zeros(2, 2)}, checkpoint)
+    (tmp_path / "run" / "notes.txt").write_text("keep")
+    monkeypatch.chdir(tmp_path / "run")
+    for output in (".", str(tmp_path / "run"), str(tmp_path)):
+        assert samba_hf_main(["convert", "lit-gpt", str(checkpoint), output, "--num-heads", "1", "--force"]) == 2
+        err = capsys.readouterr().err
+        assert ("the current directory" in err or "the source" in err) and err.count("\n") == 1
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["lit.pth", "notes.txt"]
+    assert torch.load(checkpoint)["transformer.wte.weight"].shape == (2, 2)
+
+
+def test_bad_output_paths_fail_in_one_line_before_any_work(tmp_path, capsys):
+    """The output is checked before the checkpoint is read: a checkpoint that does not exist is not
+    what the error names."""
+    (tmp_path / "a-file").write_text("x")
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    if os.access(read_only, os.W_OK):  # root ignores permissions; sysfs refuses new folders even to root
+        read_only = "/sys" if os.path.isdir("/sys") and not os.access("/sys", os.W_OK) or os.geteuid() == 0 else None
+    cases = {
+        str(tmp_path / "a-file"): "is a file",
+        str(tmp_path / "missing" / "out"): "is not an existing folder",
+        str(tmp_path / "a-file" / "out"): "is not an existing folder",
+    }
+    if read_only is not None:
+        cases[os.path.join(read_only, "samba-out")] = "cannot write in"
+    for output, message in cases.items():
+        code = samba_hf_main(["convert", "lit-gpt", str(tmp_path / "no-such.pth"), output, "--num-heads", "1"])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.count("\n") == 1, (output, err)
+
+
+def test_a_hub_folder_holds_every_module_its_remote_code_imports(tiny, tmp_path):
+    """transformers copies the modeling file's relative imports (recursively, by a regular expression
+    over `from .x import`); every relative import, in any form Python allows, must find its file in
+    the folder, or trust_remote_code fails where samba-hf is not installed."""
+    import ast
+
+    model, _ = tiny
+    folder = save_hub_folder(model, tmp_path / "out")
+    code_files = {path.stem: path for path in folder.glob("*.py")}
+    assert {"modeling_samba", "configuration_samba"} <= set(code_files)
+    for path in code_files.values():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level > 0:
+                names = [node.module] if node.module else [alias.name for alias in node.names]
+                missing = [name for name in names if name.split(".")[0] not in code_files]
+                assert not missing, f"{path.name} imports .{missing}, which the folder lacks"
+
+
+def test_stale_staging_of_a_dead_process_is_removed(tiny, tmp_path):
+    model, _ = tiny
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(finished.stdout)
+    stale = tmp_path / f".out.samba-hf-staging-{dead}-x1"
+    live = tmp_path / f".out.samba-hf-staging-{os.getpid()}-x2"  # a run still going: left alone
+    for staging in (stale, live):
+        staging.mkdir()
+        (staging / "model.safetensors").write_text("partial")
+    save_hub_folder(model, tmp_path / "out")
+    assert not stale.exists() and live.exists()
+
+
+DEMO_UNTIL_SIGNALLED = [sys.executable, "-m", "samba_hf.cli", "demo", "--steps", "100000", "--output-dir", "out"]
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_run_removes_its_staging_folder(tmp_path, signum, code):
+    process = subprocess.Popen(DEMO_UNTIL_SIGNALLED, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.samba-hf-staging-*")) and time.monotonic() < deadline:
+        assert process.poll() is None, process.stderr.read()
+        time.sleep(0.2)
+    assert list(tmp_path.glob(".out.samba-hf-staging-*")), "the demo never opened its output"
+    time.sleep(1.0)
+    process.send_signal(signum)
+    stderr = process.communicate(timeout=60)[1]
+    assert process.returncode == code, stderr
+    assert "Traceback" not in stderr and ("interrupted" if signum == signal.SIGINT else "terminated") in stderr
+    assert list(tmp_path.iterdir()) == [], "neither the output nor its staging folder is left"
+
+
+# ------------------------------------------------------------------------------------- generate
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tiny, tmp_path_factory):
+    model, tokenizer = tiny
+    return save_hub_folder(model, tmp_path_factory.mktemp("tiny") / "model", tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "no/such/folder", "hi"], "no/such/folder is not a model folder"),
+    (["generate", "./missing", "hi"], "./missing is not a model folder"),
+    (["generate", "MODEL", ""], "the prompt is empty"),
+    (["generate", "MODEL", "hi", "--device", "cuda"], "CUDA is not available"),
+    (["generate", "MODEL", "hi", "--greedy", "--temperature", "0.5"], "--greedy cannot be combined"),
+])  # fmt: skip
+def test_generate_user_errors_exit_2_in_one_line(tiny_folder, capsys, argv, message):
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    argv = [str(tiny_folder) if part == "MODEL" else part for part in argv]
+    assert exit_code(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "huggingface.co" not in err
+
+
+def test_generate_refuses_invalid_utf8_on_stdin(tiny_folder, capsys, monkeypatch):
+    class BinaryStdin:
+        buffer = __import__("io").BytesIO(b"caf\xe9")
+
+    monkeypatch.setattr(sys, "stdin", BinaryStdin())
+    assert samba_hf_main(["generate", str(tiny_folder)]) == 2
+    assert "standard input is not valid UTF-8 (byte 0xe9 at offset 3)" in capsys.readouterr().err
+
+
+def test_generate_follows_the_generation_config_and_skips_special_tokens(tiny, tiny_folder, tmp_path, capsys):
+    """Without decoding options the folder's generation_config decides (here greedy without a repeated
+    token); the printed text is the tokens' text without special tokens."""
+    import shutil
+
+    model, tokenizer = tiny
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_folder, folder)
+    settings = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**settings, "no_repeat_ngram_size": 1}))
+    ids = tokenizer("the quick", return_tensors="pt")["input_ids"]
+    greedy = dict(max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    expected = model.generate(ids, no_repeat_ngram_size=1, **greedy)[0, ids.shape[1] :]
+    assert not torch.equal(expected, model.generate(ids, **greedy)[0, ids.shape[1] :]), "the setting matters here"
+    assert samba_hf_main(["generate", str(folder), "the quick", "--max-new-tokens", "12", "--device", "cpu"]) == 0
+    printed = capsys.readouterr()
+    assert printed.out.strip() == tokenizer.decode(expected, skip_special_tokens=True).strip()
+    assert "first token after" in printed.err and "tokens/s" in printed.err
+
+
+def test_generate_seed_makes_sampling_reproducible(tiny_folder, capsys):
+    outputs = []
+    for seed in ("1", "1", "2"):
+        argv = ["generate", str(tiny_folder), "the quick", "--do-sample", "--max-new-tokens", "12", "--seed", seed]
+        assert samba_hf_main([*argv, "--device", "cpu"]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] != outputs[2]
+
+
+def test_corrupt_weights_exit_3_in_one_line(tiny_folder, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_folder, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert samba_hf_main(["generate", str(broken), "hi", "--device", "cpu"]) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_env_reports_versions_and_each_op_implementation(capsys):
     assert samba_hf_main(["env"]) == 0
     printed = capsys.readouterr().out
     assert "transformers" in printed and "cpu    tensors -> torch" in printed
-    assert "sliding-window attention" in printed and "cpu    tensors -> the attention interface" in printed
-    assert "one-row projections" in printed and "cpu    tensors -> F.linear" in printed
+    assert "sliding-window attention" in printed and "cpu    tensors -> sdpa over blocks" in printed
+    assert "generate() decoding" in printed and "cpu    tensors -> transformers' decoding loop" in printed
 
 
 def test_env_honours_the_samba_kernels_override(capsys, monkeypatch):
@@ -65,24 +324,44 @@ def test_auto_takes_the_pytorch_decode_ops_under_compilation(monkeypatch):
     assert mamba_ops("triton", torch.device("cpu"), decoding=True) is TRITON_OPS
 
 
-def test_the_one_row_kernels_are_chosen_only_where_they_apply(monkeypatch):
-    """samba_kernels' one-row kernels take one row inside torch.compile, without gradients, in the
-    weights' dtype, outside autocast, on CUDA ("auto") or anywhere with "triton"; everything else, and
-    every eager call, stays with nn.Linear's F.linear."""
-    import samba_kernels
-    from samba_hf.kernel_dispatch import one_row_kernels
+# ---------------------------------------------------------------------------------------- serve
 
-    row, rows, weight = torch.zeros(1, 1, 4), torch.zeros(1, 2, 4), torch.zeros(3, 4)
-    with torch.no_grad():
-        assert one_row_kernels("triton", row, weight) is None  # eager
-        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-        assert one_row_kernels("triton", row, weight, weight) is samba_kernels
-        assert one_row_kernels("auto", row, weight) is None  # a CPU tensor
-        assert one_row_kernels("torch", row, weight) is None
-        assert one_row_kernels("triton", rows, weight) is None
-        assert one_row_kernels("triton", row, weight, weight.double()) is None
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert one_row_kernels("triton", row, weight) is None
-        assert one_row_kernels("auto", row.to("meta"), weight.to("meta")) is None
-        assert one_row_kernels("triton", row.to("meta"), weight.to("meta")) is samba_kernels  # F.linear inside
-    assert one_row_kernels("triton", row, weight, weight.requires_grad_()) is None  # gradients: F.linear's backward
+
+def test_samba_hf_serve_lets_transformers_serve_load_a_samba_folder(tiny, tiny_folder):
+    """`transformers serve` loads models through its ModelManager, which looks the architecture up by
+    name in the transformers namespace: a Samba folder fails there alone, and loads once `samba-hf
+    serve` has exposed the classes; the loaded model generates what the original does."""
+    import transformers
+    from transformers.cli.serving.model_manager import ModelManager
+
+    from samba_hf.cli.serve import expose_to_transformers
+
+    model, tokenizer = tiny
+    manager = ModelManager(device="cpu", model_timeout=-1)
+    name = manager.process_model_name(str(tiny_folder))
+    with pytest.raises(AttributeError, match="no attribute SambaForCausalLM"):
+        manager.load_model_and_processor(name)
+    added = expose_to_transformers()
+    try:
+        served, processor = manager.load_model_and_processor(name)
+    finally:
+        for attribute in added:
+            delattr(transformers, attribute)
+    assert type(served) is SambaForCausalLM
+    ids = processor("the quick", return_tensors="pt")["input_ids"]
+    greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert torch.equal(served.generate(ids, **greedy), model.generate(ids, **greedy))
+
+
+def test_samba_hf_serve_passes_its_options_to_transformers_serve(monkeypatch):
+    from transformers.cli import transformers as transformers_cli
+    from transformers.utils import import_utils
+
+    import samba_hf.cli.serve as serve
+
+    calls = []
+    monkeypatch.setattr(import_utils, "is_serve_available", lambda: True)
+    monkeypatch.setattr(transformers_cli, "app", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(serve, "expose_to_transformers", lambda: calls.append("exposed") or [])
+    assert samba_hf_main(["serve", "samba-demo", "--port", "8001"]) == 0
+    assert calls == ["exposed", {"args": ["serve", "samba-demo", "--port", "8001"], "prog_name": "samba-hf"}]

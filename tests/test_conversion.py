@@ -3,9 +3,10 @@ reference code, github.com/microsoft/Samba; flash-linear-attention's Samba; tran
 never with samba-hf's own exporter, and the converted models are checked against independent
 forwards of those layouts."""
 
-import argparse
 import json
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,18 +26,20 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from samba_hf import SambaForCausalLM
-from samba_hf.conversion import (
+from samba_conversion import (
     ConversionError,
+    CorruptCheckpointError,
     convert_fla,
     convert_lit_gpt,
     convert_to_lit_gpt,
     convert_transformers,
     samba_from_transformers,
 )
-from samba_hf.conversion import lit_gpt as lit_gpt_module
-from samba_hf.conversion.cli import add_convert_parser
-from samba_hf.conversion.reference_forward import fla_forward, lit_gpt_forward
+from samba_conversion import lit_gpt as lit_gpt_module
+from samba_conversion.reference_forward import fla_forward, lit_gpt_forward
+from samba_hf import SambaForCausalLM
+from samba_hf.cli import main as samba_hf_main
+from samba_hf.staging import OutputPathError
 
 HIDDEN, VOCAB, INTER, WINDOW = 32, 64, 48, 8
 LENGTH = 2 * WINDOW + 5  # longer than the window
@@ -142,11 +145,12 @@ def save_training_checkpoint(path, state_dict, **hparams):
     return path
 
 
-def cli(*argv):
-    parser = argparse.ArgumentParser(prog="samba-hf")
-    add_convert_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["convert", *argv])
-    return args.func(args)
+def cli(*argv) -> int:
+    """`samba-hf convert ...`'s exit code (argparse's own, for what it refuses itself)."""
+    try:
+        return samba_hf_main(["convert", *argv])
+    except SystemExit as exit:
+        return exit.code
 
 
 # ---------------------------------------------------------------- lit-gpt (reference code)
@@ -278,13 +282,21 @@ def test_lit_gpt_user_errors(tmp_path):
         convert_lit_gpt(checkpoint, tmp_path / "b", preset="samba-9b")
     with pytest.raises(ConversionError, match="do not fit"):
         convert_lit_gpt(checkpoint, tmp_path / "c", num_heads=3)
+    with pytest.raises(ConversionError, match="tolerance must be a finite number >= 0"):
+        convert_lit_gpt(checkpoint, tmp_path / "d", num_heads=4, verify=True, tolerance=float("nan"))
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("user data")
-    with pytest.raises(ConversionError, match="--force"):
-        convert_lit_gpt(checkpoint, tmp_path / "taken", num_heads=4)
-    assert (tmp_path / "taken" / "keep.txt").read_text() == "user data"
-    convert_lit_gpt(checkpoint, tmp_path / "taken", num_heads=4, force=True)
-    assert not (tmp_path / "taken" / "keep.txt").exists()
+    for force in (False, True):  # a folder samba-hf did not write is never replaced
+        with pytest.raises(OutputPathError, match="did not write"):
+            convert_lit_gpt(checkpoint, tmp_path / "taken", num_heads=4, force=force)
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"]
+    out = convert_lit_gpt(checkpoint, tmp_path / "ours", num_heads=4)
+    (out / "keep.txt").write_text("user data")
+    with pytest.raises(OutputPathError, match="--force"):
+        convert_lit_gpt(checkpoint, out, num_heads=4)
+    convert_lit_gpt(checkpoint, out, num_heads=2, force=True)  # replaces its own files, keeps the user's
+    assert (out / "keep.txt").read_text() == "user data"
+    assert json.loads((out / "config.json").read_text())["num_attention_heads"] == 2
 
 
 # ---------------------------------------------------------------- CLI
@@ -314,7 +326,53 @@ def test_cli_user_errors_exit_2_with_one_line(tmp_path, capsys):
     ):
         assert cli(*argv) == 2
         err = capsys.readouterr().err
-        assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+        assert err.startswith(f"samba-hf convert {argv[0]}: error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("tolerance", ["nan", "-1", "inf"])
+def test_cli_refuses_a_tolerance_that_passes_anything(tmp_path, capsys, tolerance):
+    checkpoint = str(save_training_checkpoint(tmp_path / "c.pth", lit_gpt_state_dict(4, 2)))
+    assert cli("lit-gpt", checkpoint, str(tmp_path / "out"), "--num-heads", "4", "--verify", "--tolerance", tolerance) == 2
+    assert "--tolerance: must be a finite number >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "pth"])
+def test_a_truncated_checkpoint_exits_3_in_one_line(tmp_path, capsys, kind):
+    sd = lit_gpt_state_dict(4, 2)
+    sd["lm_head.weight"] = sd["lm_head.weight"].clone()
+    path = tmp_path / f"c.{kind}"
+    save_file(sd, path) if kind == "safetensors" else torch.save(sd, path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CorruptCheckpointError, match="truncated or corrupt"):
+        convert_lit_gpt(path, tmp_path / "out", num_heads=4)
+    assert cli("lit-gpt", str(path), str(tmp_path / "out"), "--num-heads", "4") == 3
+    err = capsys.readouterr().err
+    assert str(path) in err and err.count("\n") == 1 and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def test_a_legacy_torch_file_is_read_safely(tmp_path):
+    """torch.save's pre-zip format cannot be memory-mapped; it is read whole, still with weights_only."""
+    sd = lit_gpt_state_dict(4, 2)
+    torch.save(sd, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    out = convert_lit_gpt(tmp_path / "legacy.pth", tmp_path / "out", num_heads=4, sliding_window=WINDOW)
+    ids = prompt()
+    assert_logits_close(samba_logits(out, ids), lit_gpt_forward(sd, ids, 4, 2, WINDOW))
+
+
+def test_a_torch_file_with_code_objects_is_refused(tmp_path, capsys):
+    torch.save({"model": lit_gpt_state_dict(4, 2), "callback": Path}, tmp_path / "c.pth")
+    assert cli("lit-gpt", str(tmp_path / "c.pth"), str(tmp_path / "out"), "--num-heads", "4") == 2
+    assert "unpickling them runs code" in capsys.readouterr().err
+
+
+def test_converted_folders_have_the_usual_permissions(tmp_path):
+    out = convert_lit_gpt(save_training_checkpoint(tmp_path / "c.pth", lit_gpt_state_dict(4, 2)), tmp_path / "out",
+                          num_heads=4)  # fmt: skip
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask
 
 
 def test_cli_round_trip(tmp_path):
@@ -325,6 +383,15 @@ def test_cli_round_trip(tmp_path):
     assert cli("to-lit-gpt", str(tmp_path / "hf"), str(tmp_path / "back.pth")) == 2  # exists, no --force
     back = torch.load(tmp_path / "back.pth", weights_only=True)
     assert all(torch.equal(back[key], value) for key, value in sd.items()) and len(back) == len(sd)
+    assert cli("to-lit-gpt", str(tmp_path / "hf"), str(tmp_path / "hf" / "back.pth")) == 2  # inside the source
+    assert not (tmp_path / "hf" / "back.pth").exists()
+
+
+def test_to_lit_gpt_of_another_model_names_the_problem(tmp_path, capsys):
+    TRANSFORMERS_SOURCES["llama"]().save_pretrained(tmp_path / "llama")
+    assert cli("to-lit-gpt", str(tmp_path / "llama"), str(tmp_path / "out.pth")) == 2
+    err = capsys.readouterr().err
+    assert "holds a 'llama' model, not a samba-hf one" in err and "convert transformers" in err
 
 
 # ---------------------------------------------------------------- flash-linear-attention

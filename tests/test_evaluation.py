@@ -1,4 +1,4 @@
-import argparse
+import builtins
 import csv
 import math
 
@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from samba_hf.demo import train_tokenizer
+from samba_hf.cli import main as samba_hf_main
+from samba_hf.data import train_tokenizer
 from samba_hf.evaluation import (
     PASSKEY_FILLER,
     PASSKEY_QUESTION,
     PASSKEY_TASK,
-    add_eval_parser,
     build_passkey_prompt,
     chunking_error,
     evaluate_perplexity,
@@ -61,10 +61,7 @@ def model_dir(tmp_path_factory, tokenizer):
 
 
 def cli(*argv) -> int:
-    parser = argparse.ArgumentParser(prog="samba-hf")
-    add_eval_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["eval", *argv])
-    return args.func(args)
+    return samba_hf_main(["eval", *argv])
 
 
 def read_csv(path) -> list[dict]:
@@ -75,7 +72,7 @@ def read_csv(path) -> list[dict]:
 def test_parse_lengths():
     assert parse_lengths("4k,16K,1m,512") == [4096, 16384, 1048576, 512]
     assert parse_lengths(" 8k , 2K ") == [8192, 2048]
-    for bad in ("4x", "0", "k", "1.5k", "-4k"):
+    for bad in ("4x", "0", "k", "1.5k", "-4k", "", " , "):
         with pytest.raises(ValueError):
             parse_lengths(bad)
     assert [format_length(n) for n in (4096, 1048576, 1000)] == ["4K", "1M", "1000"]
@@ -153,7 +150,7 @@ def test_cli_ppl_writes_csv_and_plot(tmp_path, model_dir):
     data.write_text((PASSKEY_TASK + PASSKEY_FILLER * 5) * 10)
     out = tmp_path / "ppl"
     argv = [str(model_dir), "--data", str(data), "--lengths", "32,64", "--chunk-size", "16", "--num-samples", "2",
-            "--device", "cpu", "--out", str(out)]  # fmt: skip
+            "--device", "cpu", "--output-dir", str(out)]  # fmt: skip
     assert cli("ppl", *argv) == 0
     rows = read_csv(out / "perplexity.csv")
     assert [int(row["length"]) for row in rows] == [32, 64]
@@ -161,10 +158,77 @@ def test_cli_ppl_writes_csv_and_plot(tmp_path, model_dir):
     assert (out / "perplexity.png").stat().st_size > 1000
 
 
+def test_cli_ppl_reports_each_length_as_it_finishes_and_keeps_it_when_interrupted(tmp_path, model_dir, capsys,
+                                                                                    monkeypatch):  # fmt: skip
+    """Each length prints its line and lands in the CSV before the next one starts: a run stopped
+    during the second length keeps the first."""
+    import samba_hf.evaluation as evaluation
+
+    data = tmp_path / "data.txt"
+    data.write_text((PASSKEY_TASK + PASSKEY_FILLER * 5) * 10)
+    out = tmp_path / "ppl"
+    calls, token_nll = [], evaluation.token_nll
+
+    def interrupted_at_the_second_length(model, windows, chunk_size):
+        calls.append(windows.shape[1])
+        if windows.shape[1] == 65:  # length 64: the second
+            raise KeyboardInterrupt
+        return token_nll(model, windows, chunk_size)
+
+    monkeypatch.setattr(evaluation, "token_nll", interrupted_at_the_second_length)
+    argv = [str(model_dir), "--data", str(data), "--lengths", "32,64", "--chunk-size", "16", "--num-samples", "2",
+            "--device", "cpu", "--output-dir", str(out)]  # fmt: skip
+    assert cli("ppl", *argv) == 130
+    printed = capsys.readouterr()
+    assert "32: perplexity" in printed.out and "interrupted" in printed.err and "Traceback" not in printed.err
+    assert [int(row["length"]) for row in read_csv(out / "perplexity.csv")] == [32]
+
+
+def test_cli_ppl_without_matplotlib_prints_the_table_and_how_to_plot(tmp_path, model_dir, capsys, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    data = tmp_path / "data.txt"
+    data.write_text((PASSKEY_TASK + PASSKEY_FILLER * 5) * 10)
+    argv = [str(model_dir), "--data", str(data), "--lengths", "32", "--chunk-size", "16", "--num-samples", "1",
+            "--device", "cpu", "--output-dir", str(tmp_path / "ppl")]  # fmt: skip
+    assert cli("ppl", *argv) == 0
+    printed = capsys.readouterr().out
+    assert "| length |" in printed and "pip install matplotlib" in printed
+    assert (tmp_path / "ppl" / "perplexity.csv").is_file() and not (tmp_path / "ppl" / "perplexity.png").exists()
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--lengths", ""], "--lengths"),
+    (["--lengths", "4k,x"], "Cannot read 'x'"),
+    (["--chunk-size", "0"], "--chunk-size: must be at least 1"),
+    (["--trials", "0"], "--trials: must be at least 1"),
+    (["--depths", "0"], "--depths: must be at least 1"),
+    (["--device", "cuda:7"], "--device"),
+    (["--dtype", "float8"], "unknown dtype"),
+])  # fmt: skip
+def test_cli_eval_user_errors_exit_2_with_one_line(tmp_path, model_dir, capsys, options, message):
+    if options[0] == "--device" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    try:
+        code = cli("passkey", str(model_dir), "--device", "cpu", *options)
+    except SystemExit as exit:  # argparse's own refusals
+        code = exit.code
+    err = capsys.readouterr().err
+    last_line = err.strip().splitlines()[-1]  # argparse prints its usage above its error line
+    assert code == 2 and "Traceback" not in err
+    assert last_line.startswith("samba-hf eval passkey: error:") and message in last_line
+
+
 def test_cli_passkey_end_to_end(tmp_path, model_dir):
     out = tmp_path / "passkey"
     argv = [str(model_dir), "--lengths", "128,256", "--depths", "3", "--trials", "2", "--chunk-size", "64",
-            "--device", "cpu", "--out", str(out)]  # fmt: skip
+            "--device", "cpu", "--output-dir", str(out)]  # fmt: skip
     assert cli("passkey", *argv) == 0
     rows = read_csv(out / "passkey.csv")
     assert [(int(r["length"]), float(r["depth"])) for r in rows] == [(n, d) for n in (128, 256) for d in (0, 0.5, 1)]

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import torch
 
-from samba_hf.demo import TokenBlocks, stdlib_corpus, train_tokenizer
-from samba_hf.evaluation import token_stream
+from samba_hf.data import TokenBlocks, stdlib_corpus, token_stream, train_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # the examples are scripts
 
@@ -41,7 +40,7 @@ def test_script_writes_reports(tmp_path):
         (data / f"{i}.txt").write_text("\n\n".join(documents[20 * i : 20 * (i + 1)]), encoding="utf-8")
     out = tmp_path / "out"
     argv = ["--data", str(data), "--seq-len", "16", "--steps", "2", "--batch-size", "2", "--vocab-size", "300",
-            "--num-samples", "2", "--out", str(out)]  # fmt: skip
+            "--num-samples", "2", "--output-dir", str(out)]  # fmt: skip
     assert reproduce_extrapolation.main(argv) == 0
     assert sorted(path.name for path in out.iterdir()) == [f"extrapolation.{ext}" for ext in ("csv", "md", "png")]
     with (out / "extrapolation.csv").open() as file:

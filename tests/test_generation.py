@@ -1,4 +1,3 @@
-import logging
 import subprocess
 import sys
 import textwrap
@@ -12,7 +11,7 @@ from transformers.generation import CompileConfig
 from samba_hf import SambaConfig, SambaForCausalLM, SambaStaticCache
 from samba_hf.cli import main as samba_hf_main
 from samba_hf.demo import train_tokenizer
-from samba_hf.generation import cache_nbytes
+from samba_hf.generation import cache_nbytes, chunked_forward
 from samba_hf.hub import save_hub_folder
 
 from .helpers import small_model
@@ -154,17 +153,6 @@ def test_a_ring_buffer_cache_refuses_an_attention_without_masks():
             model(prompt[:, -1:], cache=cache, use_cache=True)
 
 
-def test_transformers_static_cache_gets_a_warning_that_names_the_ring_buffer_cache(caplog):
-    model = small_model()
-    prompt = torch.randint(3, 97, (1, WINDOW + 2))
-    logging.Logger.warning_once.cache_clear()  # transformers warns once per process
-    with torch.no_grad(), caplog.at_level("WARNING"):
-        model(prompt, cache=SambaStaticCache(config=model.config, max_cache_len=32), use_cache=True)
-        assert "SambaStaticCache" not in caplog.text
-        model(prompt, cache=StaticCache(config=model.config, max_cache_len=32), use_cache=True)
-    assert "samba_hf.SambaStaticCache" in caplog.text
-
-
 def test_decode_step_compiles_as_one_graph_with_a_static_cache():
     model = small_model()
     prompt = torch.randint(3, 97, (2, WINDOW + 1))
@@ -235,57 +223,83 @@ def test_assisted_decoding_is_refused_with_a_clear_error():
 
 @pytest.mark.parametrize("chunk_size", [2, 5, WINDOW, WINDOW + 1])
 def test_chunked_prefill_is_exact_with_left_padding(chunk_size):
+    """generate's prefill in chunks through the cache: the last position's logits of one forward, and the
+    tokens of an unchunked prefill."""
     model = small_model()
     ids = torch.randint(3, 97, (2, 4 * WINDOW + 3))
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    inputs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=1, use_cache=True)
     with torch.no_grad():
-        whole = model(ids, attention_mask=mask, prefill_chunk_size=None).logits
-        chunked = model(ids, attention_mask=mask, prefill_chunk_size=chunk_size).logits
-        last = model(ids, attention_mask=mask, prefill_chunk_size=chunk_size, logits_to_keep=1).logits
+        whole = model(**inputs).logits
+        chunked = chunked_forward(model, dict(inputs, cache=DynamicCache(config=model.config)), chunk_size).logits
     torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=5e-5)
-    torch.testing.assert_close(last, whole[:, -1:], rtol=1e-4, atol=5e-5)
-    generated = model.generate(ids, attention_mask=mask, max_new_tokens=WINDOW, prefill_chunk_size=chunk_size, **GREEDY)
-    assert torch.equal(generated, model.generate(ids, attention_mask=mask, max_new_tokens=WINDOW,
-                                                 prefill_chunk_size=None, **GREEDY))  # fmt: skip
+    kwargs = dict(attention_mask=mask, max_new_tokens=WINDOW, decode_engine=False, **GREEDY)
+    assert torch.equal(model.generate(ids, prefill_chunk_size=chunk_size, **kwargs),
+                       model.generate(ids, prefill_chunk_size=ids.shape[1], **kwargs))  # fmt: skip
 
 
 PEAK_MEMORY_PROBE = textwrap.dedent(
     """
     import resource, sys, torch
-    from samba_hf import SambaConfig, SambaForCausalLM, SambaStaticCache
-    length, chunk, how = int(sys.argv[1]), (int(sys.argv[2]) or None), sys.argv[3]
+    from samba_hf import SambaConfig, SambaForCausalLM
+    length, chunk, how = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     torch.manual_seed(0)
-    config = SambaConfig.from_preset("tiny", vocab_size=256, prefill_chunk_size=chunk, eos_token_id=None)
+    # use_cache=False, as Trainer saves it: generate's cache and chunked prefill do not depend on it
+    config = SambaConfig.from_preset("tiny", vocab_size=256, prefill_chunk_size=chunk, eos_token_id=None,
+                                     use_cache=False)
     model = SambaForCausalLM(config).eval()
     ids = torch.randint(0, 256, (1, length))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with torch.no_grad():
         if how == "forward":
-            out = model(ids, logits_to_keep=1)
-            assert out.cache is not None and torch.isfinite(out.logits).all()
-        else:  # generate, with the static cache that compiled decoding uses
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False,
-                                 pad_token_id=0, cache_implementation="static")
+            assert torch.isfinite(model(ids, logits_to_keep=1).logits).all()
+        else:
+            out = model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0,
+                                 cache_implementation="static" if how == "static-cache generate" else None)
             assert out.shape == (1, length + 2)
     print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)  # MiB above the baseline
     """
 )
 
 
-def peak_extra_mib(length: int, chunk_size: int, how: str = "forward") -> int:
+def peak_extra_mib(length: int, chunk_size: int, how: str) -> int:
     result = subprocess.run([sys.executable, "-c", PEAK_MEMORY_PROBE, str(length), str(chunk_size), how],
                             check=True, capture_output=True, text=True)  # fmt: skip
     return int(result.stdout.split()[-1])
 
 
-@pytest.mark.parametrize("how", ["forward", "static-cache generate"])
-def test_a_64k_token_prompt_prefills_in_memory_of_one_chunk(how):
-    chunked_64k = peak_extra_mib(65536, 2048, how)
-    chunked_8k = peak_extra_mib(8192, 2048, how)
-    # One 64K forward would hold (1, 128, 16, 65536) float32 decay factors alone: 512 MiB; a sliding-window
-    # mask prepared for the whole prompt, 64K x 64K booleans: 4 GiB.
-    assert chunked_64k < chunked_8k + 64, (chunked_64k, chunked_8k)
+@pytest.mark.parametrize("how", ["generate", "static-cache generate"])
+def test_a_32k_token_prompt_prefills_in_memory_of_one_chunk(how):
+    chunked_32k = peak_extra_mib(32768, 1024, how)
+    chunked_4k = peak_extra_mib(4096, 1024, how)
+    # One 32K forward would hold (1, 128, 32K) float32 activations per layer: 16 MiB each, and more at once.
+    assert chunked_32k < chunked_4k + 48, (chunked_32k, chunked_4k)
+
+
+def test_a_long_forward_holds_no_tensor_that_grows_faster_than_its_length():
+    """A plain forward does not chunk, but none of its tensors grows faster than the input: no (queries x keys)
+    window mask, no (length x channels x d_state) scan factors. Every tensor an op creates is recorded."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class LargestTensor(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            sizes = [t.numel() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+            self.largest = max([self.largest, *sizes])
+            return out
+
+    config = SambaConfig.from_preset("tiny", vocab_size=256, eos_token_id=None, use_cache=False)
+    model = SambaForCausalLM(config).eval()
+    length = 16384
+    with torch.no_grad(), LargestTensor() as recorder:
+        model(torch.randint(0, 256, (1, length)), logits_to_keep=1)
+    # in_proj's output is the largest legitimate tensor: length x 2 x expand x hidden = length x 256.
+    assert recorder.largest <= 4 * length * config.hidden_size, recorder.largest
 
 
 @pytest.fixture(scope="module")
@@ -314,25 +328,31 @@ def test_text_iterator_streamer_streams_the_generated_text(tiny_folder):
     assert streamed.strip() == tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
 
 
-@pytest.mark.parametrize("source, cache", [("argument", "dynamic"), ("file", "dynamic"), ("stdin", "dynamic"),
-                                           ("argument", "static")])  # fmt: skip
-def test_generate_command_streams_and_reports_speed_and_cache_memory(tiny_folder, tmp_path, source, cache, capsys,
+@pytest.mark.parametrize("source, engine", [("argument", "default"), ("file", "default"), ("stdin", "default"),
+                                            ("argument", "off")])  # fmt: skip
+def test_generate_command_streams_and_reports_speed_and_cache_memory(tiny_folder, tmp_path, source, engine, capsys,
                                                                      monkeypatch):  # fmt: skip
     folder, _ = tiny_folder
     argv = ["generate", str(folder)] + (["the quick brown"] if source == "argument" else [])
-    argv += ["--max-new-tokens", "6", "--greedy", "--device", "cpu"] + (["--static-cache"] if cache == "static" else [])
+    argv += ["--max-new-tokens", "6", "--greedy", "--device", "cpu"] + (["--no-decode-engine"] if engine == "off" else [])
     if source == "file":
         (tmp_path / "prompt.txt").write_text("the quick brown")
         argv += ["--prompt-file", str(tmp_path / "prompt.txt")]
     else:
         monkeypatch.setattr(sys, "stdin", __import__("io").StringIO("the quick brown"))
-    from torch._inductor import config as inductor_config
-
-    pdl_during_generate, generate = [], SambaForCausalLM.generate
+    settings, generate = [], SambaForCausalLM.generate
     monkeypatch.setattr(SambaForCausalLM, "generate", lambda *args, **kwargs: (
-        pdl_during_generate.append(inductor_config.triton.enable_pdl), generate(*args, **kwargs))[1])  # fmt: skip
+        settings.append(kwargs["decode_engine"]), generate(*args, **kwargs))[1])  # fmt: skip
     assert samba_hf_main(argv) == 0
     err = capsys.readouterr().err
-    assert "tokens/s" in err and "MiB" in err and "6 generated" in err
-    # a static cache's compiled step launches its kernels as programmatic dependents (PDL), for this call only
-    assert pdl_during_generate == [cache == "static"] and not inductor_config.triton.enable_pdl
+    assert "tokens/s" in err and "MiB" in err and "6 generated" in err and "first token after" in err
+    assert settings == [engine == "default"]
+    assert "graph capture" not in err  # on the CPU, transformers' loop ran
+
+
+def test_generate_command_reports_the_engines_capture_cost():
+    from samba_hf.cli.generate import report
+    from samba_hf.generation import GenerateStats
+
+    line = report(4, 6, 0.0, 0.5, 1.0, GenerateStats(capture_s=0.04), cache_mib=1.0)
+    assert "first token after 0.500 s" in line and "10.0 tokens/s" in line and "graph capture 0.040 s" in line

@@ -12,11 +12,8 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from samba_hf import (
     SambaForCausalLM,
     SambaForSequenceClassification,
-    SambaStaticCache,
-    kernel_dispatch,
-    modeling_samba,
 )
-from samba_hf.modeling_samba import SambaAttention, SambaLinear, SambaMambaMixer, SambaMLP
+from samba_hf.modeling_samba import SambaAttention, SambaMambaMixer
 
 from .helpers import small_config, small_model
 
@@ -241,14 +238,6 @@ def test_left_padded_batch_equals_each_row_alone():
             assert torch.equal(batched[row, width:], alone[0, len(r) :])
 
 
-def test_right_padding_with_a_cache_is_refused_with_a_clear_error():
-    model = small_model()
-    ids = torch.randint(3, 97, (2, 6))
-    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
-    with pytest.raises(ValueError, match="left padding"):
-        model.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0)
-
-
 def test_packed_documents_equal_the_documents_run_separately():
     model = small_model()
     lengths = [5, WINDOW + 4, 3]
@@ -272,110 +261,3 @@ def test_sequence_classification_head_pools_the_last_token():
     torch.testing.assert_close(logits, model.score(hidden[:, -1]))
 
 
-@pytest.mark.parametrize("enabled", [True, False])
-def test_windowed_attention_kernel_switch(monkeypatch, enabled):
-    """`config.windowed_attention_kernel` decides whether a sliding-window layer asks for the fused
-    kernel (CUDA-only, so the dispatch is replaced by a marker here) or stays on the attention interface."""
-    import samba_hf.modeling_samba as modeling
-
-    marker = object()
-    monkeypatch.setattr(modeling, "windowed_attention_kernel", lambda implementation, device: marker)
-    model = small_model(windowed_attention_kernel=enabled)
-    attention = next(m for m in model.modules() if isinstance(m, modeling.SambaAttention))
-    query, key = torch.zeros(1, 4, 128, 8), torch.zeros(1, 2, 128 + model.config.sliding_window, 8)
-    assert attention.windowed_kernel(query, key, padding_free=True) is (marker if enabled else None)
-    assert attention.windowed_kernel(query, key, padding_free=False) is None
-
-
-def test_padding_free_check_reads_no_mask_values_while_compiling(monkeypatch):
-    # The fused window kernel runs only for padding-free CUDA inputs. Compiled, a missing mask still
-    # counts as padding-free (the kernel is traced into the graph), but a passed mask is not read.
-    from samba_hf import modeling_samba
-
-    class CudaLike:  # the check asks only for the length and the device kind
-        shape, is_cuda = (1, 300, 8), True
-
-    ones, padded = torch.ones(1, 300, dtype=torch.long), torch.ones(1, 300, dtype=torch.long)
-    padded[0, 0] = 0
-    assert modeling_samba.is_padding_free(None, CudaLike())
-    assert modeling_samba.is_padding_free(ones, CudaLike()) and not modeling_samba.is_padding_free(padded, CudaLike())
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert modeling_samba.is_padding_free(None, CudaLike())
-    assert not modeling_samba.is_padding_free(ones, CudaLike())
-
-
-@pytest.mark.parametrize("decode_ops", ["triton", "torch"])
-def test_compiled_decode_step_runs_q_k_v_and_gate_up_each_as_one_kernel(monkeypatch, decode_ops):
-    """A compiled one-token decode step (forced "triton": Triton's interpreter on the CPU) computes each
-    layer's q/k/v in one stacked_matvec, each SwiGLU's gate/up in one gated_matvec and each Mamba mixer's
-    token in one mamba_decode_step, and gives the eager PyTorch step's logits. A hook on one projection
-    keeps its group module by module, and the hook runs: on a Mamba mixer's x_proj, the mixer then takes
-    its decode ops (the Triton kernels, or the PyTorch ops, which hand x_proj a strided row)."""
-    import samba_kernels
-
-    if not samba_kernels.use_triton(torch.empty(0)):
-        pytest.skip("TRITON_INTERPRET is off and there is no GPU")
-    if decode_ops == "torch":
-        monkeypatch.setattr(modeling_samba, "mamba_ops", lambda *args, **kwargs: kernel_dispatch.TORCH_OPS)
-    launched = []
-    for name in ("matvec", "stacked_matvec", "gated_matvec", "mamba_decode_step"):
-        kernel = getattr(samba_kernels, name)
-        monkeypatch.setattr(samba_kernels, name, lambda *a, _n=name, _k=kernel, **kw: launched.append(_n) or _k(*a, **kw))
-    prompt, token, position = torch.randint(0, 97, (1, WINDOW + 2)), torch.tensor([[5]]), torch.tensor([[WINDOW + 2]])
-
-    def decode_step(model, step):
-        cache = SambaStaticCache(config=model.config, max_cache_len=4 * WINDOW)
-        model(prompt, cache=cache, use_cache=True)
-        return step(input_ids=token, cache=cache, use_cache=True, position_ids=position).logits
-
-    with torch.no_grad():
-        expected = decode_step(small_model(kernel_implementation="torch"), small_model().forward)
-        assert not launched
-        model = small_model(kernel_implementation="triton")
-        attention_layers = [m for m in model.modules() if isinstance(m, SambaAttention)]
-        mamba_mixers = [m for m in model.modules() if isinstance(m, SambaMambaMixer)]
-        mlps = sum(isinstance(m, SambaMLP) for m in model.modules())
-        # Unhooked, no mixer takes its decode ops, so that step runs once (the interpreter's kernels are slow);
-        # hooked, the hooked mixer takes the ops of `decode_ops`.
-        if decode_ops == "torch":
-            torch._dynamo.reset()
-            logits = decode_step(model, torch.compile(model.forward, backend="aot_eager", fullgraph=True))
-            assert launched.count("stacked_matvec") == len(attention_layers) > 0
-            assert launched.count("gated_matvec") == mlps > 0
-            assert launched.count("mamba_decode_step") == len(mamba_mixers) > 0
-            torch.testing.assert_close(logits, expected, **FP32)
-        hooked = []
-        attention_layers[0].k_proj.register_forward_hook(lambda *args: hooked.append("k_proj"))
-        mamba_mixers[0].x_proj.register_forward_hook(lambda *args: hooked.append("x_proj"))
-        launched.clear()
-        torch._dynamo.reset()
-        logits = decode_step(model, torch.compile(model.forward, backend="aot_eager", fullgraph=True))
-    assert set(hooked) == {"k_proj", "x_proj"} and launched.count("stacked_matvec") == len(attention_layers) - 1
-    assert launched.count("mamba_decode_step") == len(mamba_mixers) - 1
-    torch.testing.assert_close(logits, expected, **FP32)
-
-
-def test_one_launch_groups_only_plain_projections(monkeypatch):
-    """Products that share an input run as one launch only where each projection is a plain SambaLinear:
-    a bias, a torch hook, an accelerate hook or a PEFT wrapper keeps the group module by module."""
-    import peft
-    from accelerate.hooks import ModelHook, add_hook_to_module
-
-    import samba_kernels
-
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    attention = small_model(kernel_implementation="triton").model.layers[1].mixer
-    assert isinstance(attention, SambaAttention)
-    row = torch.zeros(1, 1, attention.q_proj.in_features)
-    group = (attention.q_proj, attention.k_proj, attention.v_proj)
-    with torch.no_grad():
-        assert modeling_samba.one_launch_kernels(row, *group) is samba_kernels
-        biased = SambaLinear(attention.q_proj.in_features, attention.q_proj.out_features, True, attention.config)
-        assert modeling_samba.one_launch_kernels(row, biased, *group[1:]) is None
-        handle = attention.k_proj.register_forward_pre_hook(lambda *args: None)
-        assert modeling_samba.one_launch_kernels(row, *group) is None
-        handle.remove()
-        add_hook_to_module(attention.v_proj, ModelHook())
-        assert modeling_samba.one_launch_kernels(row, *group) is None
-        wrapped = peft.tuners.lora.Linear(attention.q_proj, "default", peft.LoraConfig(r=2), r=2)
-        assert modeling_samba.one_launch_kernels(row, wrapped, *group[1:]) is None

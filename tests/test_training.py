@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from transformers import DataCollatorWithFlattening
 
 from samba_hf import SambaForCausalLM
-from samba_hf.demo import stdlib_corpus, tiny_config, train_tokenizer
+from samba_hf.data import stdlib_corpus, train_tokenizer
+from samba_hf.demo import tiny_config
 from samba_hf.hub import save_hub_folder
 from samba_hf.peft_integration import SAMBA_LORA_TARGET_MODULES, register_peft_defaults
 
@@ -64,32 +65,6 @@ def test_lora_on_each_projection_changes_the_logits(module):
     torch.testing.assert_close(logits_of(model), base, rtol=0, atol=0)  # B = 0: exactly the base model
     randomise_lora_b(model)
     assert (logits_of(model) - base).abs().max() > 1e-3, f"LoRA on {module} has no effect"
-
-
-def test_lora_adds_its_term_on_the_one_row_kernel(monkeypatch):
-    """A compiled one-token forward without gradients runs the projections through samba_kernels.matvec
-    (forced with "triton"; Triton's interpreter without a GPU); LoRA wraps those modules and still adds
-    its term: the logits equal the eager PyTorch path's with the same adapters."""
-    import samba_kernels
-
-    if not samba_kernels.use_triton(torch.empty(0)):
-        pytest.skip("TRITON_INTERPRET is off and there is no GPU")
-    calls = []
-    kernel = samba_kernels.matvec
-    monkeypatch.setattr(samba_kernels, "matvec", lambda *args: calls.append(args[1].shape) or kernel(*args))
-    models = {}
-    for implementation in ("torch", "triton"):
-        model = lora_model(["q_proj", "in_proj", "down_proj"])
-        randomise_lora_b(model)
-        model.base_model.model.config.kernel_implementation = implementation
-        models[implementation] = model
-    with torch.no_grad():
-        expected = models["torch"](INPUT_IDS[:1, :1]).logits
-        assert not calls
-        torch._dynamo.reset()
-        logits = torch.compile(models["triton"], backend="aot_eager")(INPUT_IDS[:1, :1]).logits
-    assert len(calls) >= len(SAMBA_LORA_TARGET_MODULES)  # the ungrouped projections (q/k/v too: q is wrapped), the LM head
-    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_default_lora_targets_cover_every_projection():
@@ -205,8 +180,8 @@ def test_finetune_checkpoints_resumes_and_reports_perplexity(tiny_model_dir, tex
     train_file, eval_file = text_files
     output_dir = tmp_path / "finetuned"
     common = ["--model", str(tiny_model_dir), "--train-file", str(train_file), "--eval-file", str(eval_file),
-              "--output-dir", str(output_dir), "--block-size", "32", "--batch-size", "2",
-              "--save-steps", "2"]  # fmt: skip
+              "--output-dir", str(output_dir), "--block-size", "32", "--per-device-train-batch-size", "2",
+              "--per-device-eval-batch-size", "2", "--save-steps", "2"]  # fmt: skip
 
     first = finetune.main([*common, "--max-steps", "2"])
     assert (output_dir / "checkpoint-2" / "model.safetensors").is_file()
@@ -220,12 +195,15 @@ def test_finetune_checkpoints_resumes_and_reports_perplexity(tiny_model_dir, tex
     state["log_history"].append({"step": 2, "marker": "checkpoint-2"})
     state_file.write_text(json.dumps(state))
 
-    resumed = finetune.main([*common, "--max-steps", "4", "--resume-from-checkpoint", "--activation-checkpointing"])
+    resumed = finetune.main([*common, "--max-steps", "4", "--resume-from-checkpoint", "last",
+                             "--activation-checkpointing"])  # fmt: skip
     assert Path(resumed["resumed_from"]).name == "checkpoint-2"
     state = json.loads((output_dir / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4 and {"step": 2, "marker": "checkpoint-2"} in state["log_history"]
     assert resumed["eval_perplexity"] == pytest.approx(math.exp(resumed["eval_loss"]))
     assert (output_dir / "model.safetensors").is_file() and (output_dir / "tokenizer.json").is_file()
+    card = (output_dir / "README.md").read_text()  # the card names the base and the result
+    assert f"Full fine-tuning of `{tiny_model_dir}`" in card and f"perplexity {resumed['eval_perplexity']:.2f}" in card
 
 
 def test_finetune_packed(tiny_model_dir, text_files, tmp_path):
@@ -233,18 +211,30 @@ def test_finetune_packed(tiny_model_dir, text_files, tmp_path):
 
     train_file, eval_file = text_files
     metrics = finetune.main(["--model", str(tiny_model_dir), "--train-file", str(train_file), "--eval-file",
-                             str(eval_file), "--output-dir", str(tmp_path), "--block-size", "48", "--batch-size",
-                             "3", "--max-steps", "1", "--save-steps", "100", "--packed"])  # fmt: skip
+                             str(eval_file), "--output-dir", str(tmp_path), "--block-size", "48",
+                             "--per-device-train-batch-size", "3", "--max-steps", "1", "--save-steps", "100",
+                             "--packed"])  # fmt: skip
     assert math.isfinite(metrics["eval_perplexity"])
 
 
-def test_lora_example_trains_saves_and_merges(tiny_model_dir, text_files, tmp_path):
+def test_lora_example_trains_checkpoints_resumes_and_merges(tiny_model_dir, text_files, tmp_path):
     import lora
     from transformers import AutoModelForCausalLM
 
-    result = lora.main(["--model", str(tiny_model_dir), "--train-file", str(text_files[0]), "--output-dir",
-                        str(tmp_path / "lora"), "--rank", "4", "--block-size", "32", "--batch-size", "2",
-                        "--max-steps", "2", "--merge"])  # fmt: skip
+    output_dir = tmp_path / "lora"
+    common = ["--model", str(tiny_model_dir), "--train-file", str(text_files[0]), "--output-dir", str(output_dir),
+              "--rank", "4", "--max-length", "32", "--per-device-train-batch-size", "2", "--save-steps", "2"]  # fmt: skip
+    first = lora.main([*common, "--max-steps", "2"])
+    assert (output_dir / "checkpoint-2" / "adapter_model.safetensors").is_file() and first["resumed_from"] is None
+    state_file = output_dir / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["log_history"].append({"step": 2, "marker": "checkpoint-2"})  # a resumed run carries it on
+    state_file.write_text(json.dumps(state))
+
+    result = lora.main([*common, "--max-steps", "4", "--resume-from-checkpoint", "last", "--merge"])
+    assert Path(result["resumed_from"]).name == "checkpoint-2"
+    state = json.loads((output_dir / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4 and {"step": 2, "marker": "checkpoint-2"} in state["log_history"]
     adapter_config = json.loads((result["adapter_dir"] / "adapter_config.json").read_text())
     assert set(adapter_config["target_modules"]) == set(SAMBA_LORA_TARGET_MODULES)
     assert (result["adapter_dir"] / "adapter_model.safetensors").is_file()
@@ -258,6 +248,39 @@ def test_lora_example_trains_saves_and_merges(tiny_model_dir, text_files, tmp_pa
     assert "LoRA (r=4" in (result["merged_dir"] / "README.md").read_text()
 
 
+def test_lora_example_trains_on_conversations_with_a_built_in_chat_template(tiny_model_dir, tmp_path):
+    import lora
+    from transformers import AutoTokenizer
+
+    conversation = [{"role": "user", "content": "Return a new list."},
+                    {"role": "assistant", "content": "Use list(items)."}]  # fmt: skip
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("\n".join(json.dumps({"messages": conversation}) for _ in range(8)))
+    common = ["--model", str(tiny_model_dir), "--train-file", str(chats), "--output-dir", str(tmp_path / "chat"),
+              "--rank", "2", "--max-length", "64", "--per-device-train-batch-size", "2", "--max-steps", "1"]  # fmt: skip
+    with pytest.raises(SystemExit, match="--chat-template"):
+        lora.main(common)  # conversations, and a tokenizer without a chat template
+
+    lora.main([*common, "--chat-template", "zephyr", "--assistant-only-loss"])
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "chat")  # saved with the adapter
+    eos = tokenizer.eos_token
+    expected = f"<|user|>\nReturn a new list.{eos}\n<|assistant|>\nUse list(items).{eos}\n<|assistant|>\n"
+    assert tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True) == expected
+
+
+def test_passkey_finetune_example_trains_saves_and_evaluates(tmp_path):
+    import passkey_finetune
+
+    output_dir = tmp_path / "passkey"
+    argv = ["--max-steps", "2", "--length", "128", "--per-device-train-batch-size", "2", "--eval-lengths", "128",
+            "--depths", "2", "--trials", "1", "--output-dir", str(output_dir), "--report-to", "none"]  # fmt: skip
+    assert passkey_finetune.main(argv) == 0
+    with (output_dir / "passkey.csv").open() as file:
+        rows = list(__import__("csv").DictReader(file))
+    assert [(row["length"], row["depth"]) for row in rows] == [("128", "0.0"), ("128", "1.0")]
+    assert (output_dir / "model.safetensors").is_file() and (output_dir / "tokenizer.json").is_file()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
 def test_qlora_without_cuda_fails_clearly(tiny_model_dir, tmp_path):
     import lora
@@ -268,79 +291,140 @@ def test_qlora_without_cuda_fails_clearly(tiny_model_dir, tmp_path):
 
 # ------------------------------------------------------------------------------------- push
 
-REQUIRED_HUB_FILES = {
-    "config.json", "model.safetensors", "modeling_samba.py", "configuration_samba.py", "kernel_dispatch.py",
-    "mamba_reference.py", "tokenizer.json", "tokenizer_config.json", "README.md",
-}  # fmt: skip
-CARD_SECTIONS = ("Architecture", "Training data and recipe", "Intended use", "Evaluation", "Limitations", "Citation")
-
 
 def run_push(argv) -> int:
-    """`samba-hf push ...` through the parser that add_push_parser registers."""
-    import argparse
+    from samba_hf.cli import main
 
-    from samba_hf.publish import add_push_parser
-
-    parser = argparse.ArgumentParser(prog="samba-hf")
-    add_push_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["push", *argv])
-    return args.func(args)
+    return main(["push", *argv])
 
 
 @pytest.fixture
-def hub_api_calls(monkeypatch):
-    """Replaces huggingface_hub.HfApi: records calls, and snapshots the uploaded folder's files."""
+def hub(monkeypatch):
+    """Replaces huggingface_hub.HfApi: records what would reach the Hub, reaches nothing."""
     import huggingface_hub
-
-    calls = []
+    from huggingface_hub.utils import filter_repo_objects
 
     class RecordingApi:
+        calls = []
+        remote_files = set()  # what the repository holds already
+
+        def __init__(self, token=None):
+            pass
+
         def create_repo(self, repo_id, **kwargs):
-            calls.append(("create_repo", repo_id, kwargs))
-            return f"https://huggingface.co/{repo_id}"
+            self.calls.append(("create_repo", repo_id, kwargs))
+            return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
 
-        def upload_folder(self, repo_id, folder_path, **kwargs):
-            files = {path.name for path in Path(folder_path).iterdir()}
-            calls.append(("upload_folder", repo_id, files))
+        def file_exists(self, repo_id, filename, **kwargs):
+            return filename in self.remote_files
 
+        def upload_folder(self, repo_id, folder_path, ignore_patterns=None, **kwargs):
+            names = [p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*") if p.is_file()]
+            uploaded = set(filter_repo_objects(names, ignore_patterns=ignore_patterns))
+            contents = {name: (Path(folder_path) / name).read_bytes() for name in uploaded}
+            self.calls.append(("upload_folder", repo_id, contents))
+
+        def upload_file(self, path_or_fileobj, path_in_repo, repo_id, **kwargs):
+            self.calls.append(("upload_file", repo_id, {path_in_repo: path_or_fileobj}))
+
+        def uploaded(self) -> dict[str, bytes]:
+            files = {}
+            for call in self.calls:
+                if call[0].startswith("upload"):
+                    files.update(call[2])
+            return files
+
+    RecordingApi.calls, RecordingApi.remote_files = [], set()
     monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return calls
+    return RecordingApi
 
 
-def test_push_dry_run_lists_the_hub_folder_and_uploads_nothing(tiny_model_dir, tmp_path, capsys, hub_api_calls):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def test_push_uploads_the_folder_as_it_is_with_its_own_card(tiny_model_dir, tmp_path, hub, capsys):
+    """The card and every extra file go up unchanged; nothing is re-rendered or re-saved."""
+    import shutil
 
-    card_options = ["--card-training", "Two steps on **docstrings**.", "--card-evaluation", "Perplexity 12.3."]
-    code = run_push([str(tiny_model_dir), "someone/samba-tiny", "--dry-run", *card_options])
-    assert code == 0 and hub_api_calls == []
-    output = capsys.readouterr().out
-    listing, card = output.split("----- README.md (model card) -----")
-    listed = {line.split()[0] for line in listing.splitlines() if line.startswith("  ")}
+    folder = tmp_path / "finetuned"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "README.md").write_text("# My model\n\nTrained on my notes.\n")
+    (folder / "training_args.json").write_text('{"learning_rate": 0.001}')
+    (folder / "results").mkdir()
+    (folder / "results" / "eval.csv").write_text("length,ppl\n4096,12.3\n")
 
-    hub_folder = save_hub_folder(
-        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-        tmp_path / "hub",
-        tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir),
-    )
-    assert listed == {path.name for path in hub_folder.iterdir()}
-    assert REQUIRED_HUB_FILES <= listed
-    auto_map = json.loads((hub_folder / "config.json").read_text())["auto_map"]
-    assert auto_map["AutoModelForCausalLM"] == "modeling_samba.SambaForCausalLM"
-
-    for section in CARD_SECTIONS:
-        assert f"## {section}\n" in card, section
-    assert "Two steps on **docstrings**." in card and "Perplexity 12.3." in card
-    assert 'from_pretrained("someone/samba-tiny")' in card
-
-
-def test_push_uploads_the_hub_folder(tiny_model_dir, hub_api_calls, capsys):
-    assert run_push([str(tiny_model_dir), "someone/samba-tiny", "--private"]) == 0
-    (create, repo_id, kwargs), (upload, upload_repo_id, files) = hub_api_calls
-    assert (create, repo_id, kwargs["private"]) == ("create_repo", "someone/samba-tiny", True)
-    assert (upload, upload_repo_id) == ("upload_folder", "someone/samba-tiny")
-    assert REQUIRED_HUB_FILES <= files
+    assert run_push([str(folder), "someone/samba-tiny", "--private"]) == 0
+    create = hub.calls[0]
+    assert create[:2] == ("create_repo", "someone/samba-tiny") and create[2]["private"] is True
+    uploaded = hub().uploaded()
+    expected = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    del expected[".samba-hf-manifest.json"]
+    assert uploaded == expected
+    assert {"modeling_samba.py", "configuration_samba.py", "config.json", "model.safetensors"} <= set(uploaded)
     assert "uploaded to https://huggingface.co/someone/samba-tiny" in capsys.readouterr().out
+
+
+def test_push_fills_the_repository_id_into_the_card_samba_hf_wrote(tiny_model_dir, hub, capsys):
+    code = run_push([str(tiny_model_dir), "someone/samba-tiny", "--dry-run"])
+    assert code == 0 and hub.calls == []
+    listing, card = capsys.readouterr().out.split("----- README.md (model card) -----")
+    listed = {line.split()[0] for line in listing.splitlines() if line.startswith("  ")}
+    assert listed == {p.name for p in tiny_model_dir.iterdir()} - {".samba-hf-manifest.json"}
+    assert 'from_pretrained("someone/samba-tiny"' in card and "path/to/this/folder" not in card
+
+    assert run_push([str(tiny_model_dir), "someone/samba-tiny"]) == 0
+    assert hub().uploaded()["README.md"].decode() == card.strip() + "\n"
+
+
+def test_push_renders_a_card_only_where_there_is_none(tmp_path, hub, capsys):
+    """A save_pretrained folder gets a card with the metadata given; a repository that has a card
+    keeps it; model.push_to_hub renders the same card as the command."""
+    from huggingface_hub import ModelCard
+
+    model = small_model()
+    model.save_pretrained(tmp_path / "plain")
+    options = ["--base-model", "someone/samba-base", "--dataset", "someone/notes", "--language", "en",
+               "--card-training", "Two steps on **docstrings**."]  # fmt: skip
+    assert run_push([str(tmp_path / "plain"), "someone/samba-small", *options]) == 0
+    card = hub().uploaded()["README.md"].decode()
+    data = ModelCard(card).data
+    assert (data.base_model, data.datasets, data.language) == ("someone/samba-base", ["someone/notes"], ["en"])
+    assert "Two steps on **docstrings**." in card and 'from_pretrained("someone/samba-small"' in card
+    assert f"{model.num_parameters() / 1e6:,.2f}M" in card
+
+    hub.calls.clear()
+    model.push_to_hub("someone/samba-small", base_model="someone/samba-base", datasets="someone/notes", language="en",
+                      training="Two steps on **docstrings**.")  # fmt: skip
+    assert hub().uploaded()["README.md"].decode() == card
+
+    hub.calls.clear()
+    hub.remote_files.add("README.md")  # the repository has a card of its own
+    assert run_push([str(tmp_path / "plain"), "someone/samba-small"]) == 0
+    assert "README.md" not in hub().uploaded()
+
+
+def test_push_a_lora_adapter_folder(tmp_path, hub):
+    model = lora_model()
+    model.save_pretrained(tmp_path / "adapter")
+    (tmp_path / "adapter" / "README.md").unlink()  # PEFT writes a card; test the one push renders
+    config_file = tmp_path / "adapter" / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "base_model_name_or_path": "someone/base"}))
+    assert run_push([str(tmp_path / "adapter"), "someone/samba-lora"]) == 0
+    uploaded = hub().uploaded()
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(uploaded)
+    card = uploaded["README.md"].decode()
+    assert "base_model: someone/base" in card and "library_name: peft" in card
+    assert 'PeftModel.from_pretrained(base, "someone/samba-lora")' in card
+
+
+def test_the_card_names_the_lora_targets_for_remote_code_users(tiny_model_dir):
+    """Through remote code PEFT has no default targets for Samba: the card lists them, and they are
+    every linear projection of the layers (all nn.Linear but the tied LM head)."""
+    import re
+
+    card = (tiny_model_dir / "README.md").read_text()
+    listed = json.loads(re.search(r"target_modules=(\[.*?\])", card).group(1))
+    linear = {name.rsplit(".", 1)[-1] for name, module in small_model().named_modules()
+              if isinstance(module, torch.nn.Linear) and name != "lm_head"}  # fmt: skip
+    assert set(listed) == linear
 
 
 # ------------------------------------------------------------------- TRL and lm-eval smoke tests

@@ -9,8 +9,10 @@ Imports torch and triton only, never transformers. Every op is a folder with the
     selective_scan       selective_scan_fn, selective_state_update      (Mamba-1's scan and its decode step)
     causal_conv1d        causal_conv1d_fn, causal_conv1d_update         (Mamba's depthwise convolution)
     windowed_attention   windowed_attention, window_mask                (causal sliding-window attention)
-    matvec               matvec, stacked_matvec, gated_matvec           (one-row products of batch-1 decoding)
+    matvec               matvec, stacked_matvec, gated_matvec,          (one-row products of batch-1 decoding)
+                         matvec_add_
     mamba_decode         mamba_decode_step                              (a Mamba mixer's decode token)
+    decode_attention     ring_decode_attention                          (a token's attention over a ring buffer)
 
 and each reference is the op's name with `_ref`. The public ops run their Triton kernels on CUDA tensors, and on
 CPU tensors under TRITON_INTERPRET=1 (see `use_triton`); elsewhere they run the references. The kernels are
@@ -22,10 +24,20 @@ added to a pointer in `_off`, masks in `_mask`; loaded blocks have plain names (
 block is still in its stored dtype; index vectors are named after what they index (`d`, `t`, `rows`).
 """
 
-from ._common import use_triton
+from ._common import programmatic_dependent_launch, use_triton
 from .causal_conv1d import causal_conv1d_fn, causal_conv1d_ref, causal_conv1d_update, causal_conv1d_update_ref
+from .decode_attention import ring_decode_attention, ring_decode_attention_ref
 from .mamba_decode import mamba_decode_step, mamba_decode_step_ref
-from .matvec import gated_matvec, gated_matvec_ref, matvec, matvec_ref, stacked_matvec, stacked_matvec_ref
+from .matvec import (
+    gated_matvec,
+    gated_matvec_ref,
+    matvec,
+    matvec_add_,
+    matvec_add_ref,
+    matvec_ref,
+    stacked_matvec,
+    stacked_matvec_ref,
+)
 from .selective_scan import selective_scan_fn, selective_scan_ref, selective_state_update, selective_state_update_ref
 from .windowed_attention import window_mask, windowed_attention, windowed_attention_ref
 
@@ -39,7 +51,12 @@ __all__ = [
     "mamba_decode_step",
     "mamba_decode_step_ref",
     "matvec",
+    "matvec_add_",
+    "matvec_add_ref",
     "matvec_ref",
+    "programmatic_dependent_launch",
+    "ring_decode_attention",
+    "ring_decode_attention_ref",
     "selective_scan_fn",
     "selective_scan_ref",
     "selective_state_update",

@@ -1,5 +1,7 @@
 """What the Triton ops share: the kernel-or-reference decision and small device functions."""
 
+import contextlib
+import contextvars
 import os
 
 import torch
@@ -23,6 +25,23 @@ def use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda or (x.device.type == "cpu" and interpreter_enabled())
 
 
+# Set by `programmatic_dependent_launch`: whether the decode kernels launch as programmatic dependents, in place
+# of torch.compile's switch.
+_dependent_launch: contextvars.ContextVar = contextvars.ContextVar("samba_kernels_dependent_launch", default=None)
+
+
+@contextlib.contextmanager
+def programmatic_dependent_launch(enabled: bool):
+    """Within this context, the decode kernels launch as programmatic dependents (where the device and
+    Triton can) if `enabled`, and never if not, whatever torch.compile's switch says: for a caller that
+    launches or captures a chain of them itself (the decode engine)."""
+    token = _dependent_launch.set(enabled)
+    try:
+        yield
+    finally:
+        _dependent_launch.reset(token)
+
+
 def dependent_launch(x: torch.Tensor) -> dict:
     """The launch arguments of a decode kernel with a `PDL` constexpr on x's device: {"PDL": True,
     "launch_pdl": True} where it launches as a programmatic dependent (PDL, sm90 and later), else
@@ -32,10 +51,12 @@ def dependent_launch(x: torch.Tensor) -> dict:
 
     It follows torch.compile's own switch, `torch._inductor.config.triton.enable_pdl` (or
     TORCHINDUCTOR_ENABLE_PDL=1): PDL pays only when the kernels around take part too, and a dependent
-    launch after an ordinary kernel costs time (benchmarks/generate.md). Off in Triton's interpreter and
+    launch after an ordinary kernel costs time (docs/performance-notes.md, Decoding). Off in Triton's interpreter and
     before Triton 3.4 (which knows neither `gdc_wait` nor `launch_pdl`)."""
     if gdc_wait is None or not x.is_cuda or interpreter_enabled() or torch.cuda.get_device_capability(x.device)[0] < 9:
         return {"PDL": False}
+    if _dependent_launch.get() is not None:
+        return {"PDL": True, "launch_pdl": True} if _dependent_launch.get() else {"PDL": False}
     from torch._inductor import config  # here, not at import: it takes seconds, and only decoding on CUDA asks
 
     return {"PDL": True, "launch_pdl": True} if getattr(config.triton, "enable_pdl", False) else {"PDL": False}

@@ -4,19 +4,15 @@ Importing the package registers the model with transformers' Auto classes (and P
 LoRA targets, when PEFT is installed).
 """
 
+__version__ = "0.1.0"  # the one place the version is written: pyproject.toml reads it from here
+
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from .cache_samba import SambaStaticCache
 from .configuration_samba import PRESETS, SambaConfig
-from .modeling_samba import (
-    SambaForCausalLM,
-    SambaForSequenceClassification,
-    SambaModel,
-    SambaPreTrainedModel,
-    SambaStaticCache,
-)
+from .hub import push_to_hub
+from .modeling_samba import SambaForCausalLM, SambaForSequenceClassification, SambaModel, SambaPreTrainedModel
 from .peft_integration import register_peft_defaults
-
-__version__ = "0.1.0"
 
 AutoConfig.register("samba", SambaConfig, exist_ok=True)
 AutoModel.register(SambaConfig, SambaModel, exist_ok=True)
@@ -31,6 +27,9 @@ SambaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 SambaForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
 
 register_peft_defaults()
+
+# model.push_to_hub(...) uploads the card `samba-hf push` renders, not transformers' generic one.
+SambaPreTrainedModel.push_to_hub = push_to_hub
 
 __all__ = [
     "PRESETS",

@@ -4,6 +4,7 @@ import math
 
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 # One mixer per layer. "linear_attention" is a Mamba mixer, "mlp" a SwiGLU of width
 # expand * hidden_size standing where a Mamba mixer would (the MLP2-SWA-MLP ablation); transformers'
@@ -66,7 +67,11 @@ class SambaConfig(PreTrainedConfig):
         sliding_window (`int`, defaults to 2048): Keys a query of a sliding-window layer sees, itself
             included (flash-attn's `window_size=(sliding_window - 1, 0)`).
         rope_parameters (`dict`, *optional*): transformers' RoPE parameters; defaults to
-            `{"rope_type": "default", "rope_theta": 10000.0}` (`rope_theta=` is accepted as well).
+            `{"rope_type": "default", "rope_theta": 10000.0}` (`rope_theta=` is accepted as well). Every
+            `rope_type` of transformers' RoPE utilities works ("linear", "dynamic", "yarn", "longrope", "llama3", ...)
+            with the fields it needs; Samba extrapolates without any.
+        max_position_embeddings (`int`, defaults to 4096): The length the model was trained at. Only the RoPE
+            scaling types read it (Samba itself has no maximum length).
         rms_norm_eps (`float`): Epsilon of the RMSNorms.
         state_size, conv_kernel, expand (`int`): Mamba's d_state, d_conv and expansion factor.
         time_step_rank (`int` or `"auto"`): Mamba's dt_rank; `"auto"` is `ceil(hidden_size / 16)`.
@@ -120,6 +125,7 @@ class SambaConfig(PreTrainedConfig):
     use_rope: bool = True
     sliding_window: int | None = 2048
     rope_parameters: dict | None = None
+    max_position_embeddings: int = 4096
     rms_norm_eps: float = 1e-5
     state_size: int = 16
     conv_kernel: int = 4
@@ -162,6 +168,7 @@ class SambaConfig(PreTrainedConfig):
         if self.rope_parameters is None and "rope_theta" not in kwargs:
             self.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
         # Checked here rather than in @strict validators so that users get a plain ValueError.
+        self._check_types()
         self._check_layer_types()
         self._check_sizes()
         super().__post_init__(**kwargs)
@@ -172,6 +179,20 @@ class SambaConfig(PreTrainedConfig):
 
     def validate_layer_type(self):
         """Replaces transformers' check, which does not know the "mlp" mixer type (see _check_layer_types)."""
+
+    def _check_types(self):
+        """Fields that arithmetic would accept silently with the wrong type (a float rank, a string eps)."""
+        integers = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "state_size", "conv_kernel", "expand", "time_step_rank", "max_position_embeddings")  # fmt: skip
+        for name in integers:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                hint = ' (or "auto" for ceil(hidden_size / 16))' if name == "time_step_rank" else ""
+                raise ValueError(f"{name} must be an integer{hint}, got {value!r} of type {type(value).__name__}.")
+        for name in ("rms_norm_eps", "initializer_range", "time_step_min", "time_step_max", "time_step_floor"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}.")
 
     def _check_layer_types(self):
         unknown = sorted(set(self.layer_types) - set(MIXER_TYPES))
@@ -197,6 +218,10 @@ class SambaConfig(PreTrainedConfig):
             raise ValueError(f"intermediate_size must be positive when layers have an MLP, got {self.intermediate_size}.")
         if any(layer_type in ATTENTION_TYPES for layer_type in self.layer_types):
             self._validate_attention()
+        if self.rms_norm_eps <= 0:
+            raise ValueError(f"rms_norm_eps must be positive (it keeps the norm finite at zero input), got {self.rms_norm_eps}.")
+        if self.initializer_range < 0:
+            raise ValueError(f"initializer_range is a standard deviation and must be >= 0, got {self.initializer_range}.")
         if self.prefill_chunk_size is not None and self.prefill_chunk_size < 2:
             raise ValueError(f"prefill_chunk_size must be None or at least 2, got {self.prefill_chunk_size}.")
         if not 0 < self.time_step_min <= self.time_step_max:
@@ -223,6 +248,12 @@ class SambaConfig(PreTrainedConfig):
             )
         if self.head_dim is None or self.head_dim < 1 or self.head_dim % 2 != 0:
             raise ValueError(f"head_dim must be a positive even number (RoPE rotates pairs), got {self.head_dim}.")
+        rope_type = (self.rope_parameters or {}).get("rope_type", "default")
+        if self.use_rope and rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
+            raise ValueError(
+                f"rope_parameters['rope_type'] {rope_type!r} is unknown; choose 'default' or one of "
+                f"{sorted(ROPE_INIT_FUNCTIONS)}."
+            )
         if "sliding_attention" in self.layer_types and (self.sliding_window is None or self.sliding_window < 1):
             raise ValueError(
                 f"sliding_window must be an integer >= 1 when layer_types has sliding_attention layers, "

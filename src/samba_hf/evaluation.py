@@ -10,8 +10,8 @@ model continues a multi-token forward from its cache exactly; `samba-hf eval ppl
 the data and warns otherwise (transformers' Mamba restarts its SSM state at every chunk: give it
 `--chunk-size` at least the longest length).
 
-    samba-hf eval ppl MODEL --data PATH --lengths 4k,8k,16k [--chunk-size 4096] [--out DIR]
-    samba-hf eval passkey MODEL --lengths 4k,16k,64k,256k --depths 11 --trials 5 [--out DIR]
+    samba-hf eval ppl MODEL --data PATH --lengths 4k,8k,16k [--chunk-size 4096] [--output-dir DIR]
+    samba-hf eval passkey MODEL --lengths 4k,16k,64k,256k --depths 11 --trials 5 [--output-dir DIR]
 
 Zero-shot suite of the paper (1.3B: ARC-Easy, HellaSwag, WinoGrande, PIQA, LAMBADA) with
 lm-evaluation-harness, on a converted checkpoint folder:
@@ -25,23 +25,21 @@ lm-evaluation-harness, on a converted checkpoint folder:
 where samba-hf is not installed.)
 """
 
-import argparse
 import csv
 import math
 import random
 import re
-import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from .demo import TokenBlocks
 from .generation import cache_nbytes
 
-DTYPES = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LENGTH_UNITS = {"": 1, "k": 1024, "m": 1024**2}
 
 
@@ -57,7 +55,11 @@ def parse_length(text: str) -> int:
 
 
 def parse_lengths(text: str) -> list[int]:
-    return [parse_length(part) for part in text.split(",") if part.strip()]
+    """'4k,16k' -> [4096, 16384]; at least one length."""
+    lengths = [parse_length(part) for part in text.split(",") if part.strip()]
+    if not lengths:
+        raise ValueError(f"Cannot read {text!r} as lengths: write one or more, separated by commas (4k,16k).")
+    return lengths
 
 
 def format_length(length: int) -> str:
@@ -66,22 +68,6 @@ def format_length(length: int) -> str:
         if length % unit == 0:
             return f"{length // unit}{suffix}"
     return str(length)
-
-
-def read_documents(path) -> list[str]:
-    """A text file is one document; a folder gives one document per .txt file below it."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist.")
-    files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
-    if not files:
-        raise FileNotFoundError(f"{path} holds no .txt files.")
-    return [file.read_text(encoding="utf-8") for file in files]
-
-
-def token_stream(documents: list[str], tokenizer) -> torch.Tensor:
-    """All documents tokenized and concatenated, each ended by EOS (TokenBlocks with blocks of one token)."""
-    return TokenBlocks(documents, tokenizer, block_size=1).blocks.flatten()
 
 
 # ---------------------------------------------------------------- running through the cache
@@ -132,15 +118,18 @@ def sample_windows(stream: torch.Tensor, length: int, num_samples: int) -> torch
 
 def evaluate_perplexity(
     model, stream: torch.Tensor, lengths: list[int], chunk_size: int, num_samples: int, batch_size: int = 1,
-    model_name: str = "",
+    model_name: str = "", on_row: Callable[[dict], None] | None = None,
 ) -> list[dict]:  # fmt: skip
     """One row per length: mean NLL and perplexity over all positions of the windows, and over the
-    last `chunk_size` positions (the tokens farthest from the start, where extrapolation shows)."""
+    last `chunk_size` positions (the tokens farthest from the start, where extrapolation shows).
+    `on_row` receives each row as soon as its length is done; a progress bar counts the windows."""
     rows = []
     for length in lengths:
         started = time.perf_counter()
         windows = sample_windows(stream, length, num_samples)
-        results = [token_nll(model, windows[i : i + batch_size], chunk_size) for i in range(0, len(windows), batch_size)]
+        batches = range(0, len(windows), batch_size)
+        progress = tqdm(batches, desc=f"perplexity at {format_length(length)}", unit="batch", leave=False)
+        results = [token_nll(model, windows[i : i + batch_size], chunk_size) for i in progress]
         nll = torch.cat([batch_nll for batch_nll, _ in results])
         all_nll, last_nll = nll.mean().item(), nll[:, -chunk_size:].mean().item()
         rows.append({
@@ -155,6 +144,8 @@ def evaluate_perplexity(
             "cache_mib": round(max(nbytes for _, nbytes in results) / 2**20, 3),
             "seconds": round(time.perf_counter() - started, 2),
         })  # fmt: skip
+        if on_row is not None:
+            on_row(rows[-1])
     return rows
 
 
@@ -233,15 +224,17 @@ def greedy_continuation(model, input_ids: list[int], chunk_size: int, max_new_to
 
 def evaluate_passkey(
     model, tokenizer, lengths: list[int], depths: list[float], trials: int, chunk_size: int,
-    max_new_tokens: int = 10, seed: int = 0, model_name: str = "",
+    max_new_tokens: int = 10, seed: int = 0, model_name: str = "", on_row: Callable[[dict], None] | None = None,
 ) -> list[dict]:  # fmt: skip
-    """One row per (length, depth): the fraction of `trials` random 5-digit keys retrieved exactly."""
+    """One row per (length, depth): the fraction of `trials` random 5-digit keys retrieved exactly.
+    `on_row` receives each row as soon as it is done; a progress bar counts the trials."""
     rng = random.Random(seed)
     rows = []
     for length in lengths:
         for depth in depths:
             correct, prompt_tokens = 0, 0
-            for _ in range(trials):
+            label = f"passkey at {format_length(length)}, depth {depth:.0%}"
+            for _ in tqdm(range(trials), desc=label, unit="trial", leave=False):
                 key = str(rng.randint(10000, 99999))
                 prompt = build_passkey_prompt(tokenizer, length, depth, key)
                 answer = greedy_continuation(model, prompt.input_ids, chunk_size, max_new_tokens, tokenizer.eos_token_id)
@@ -255,6 +248,8 @@ def evaluate_passkey(
                 "trials": trials,
                 "mean_prompt_tokens": round(prompt_tokens / trials, 1),
             })  # fmt: skip
+            if on_row is not None:
+                on_row(rows[-1])
     return rows
 
 
@@ -285,7 +280,7 @@ def pyplot():
     try:
         import matplotlib
     except ImportError as error:
-        raise ImportError("The plots need matplotlib: pip install matplotlib") from error
+        raise ImportError("the plots need matplotlib: pip install matplotlib") from error
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
@@ -337,109 +332,7 @@ def plot_passkey(rows: list[dict], path) -> Path:
     return Path(path)
 
 
-# ---------------------------------------------------------------- command line
-
-
-def load_model_and_tokenizer(args):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import samba_hf  # noqa: F401  (registers samba with the Auto classes)
-
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model, dtype=DTYPES[args.dtype], trust_remote_code=args.trust_remote_code
-    )
-    return model.to(args.device).eval(), tokenizer
-
-
-def model_label(model_path: str) -> str:
-    return Path(model_path).name or model_path
-
-
-def cmd_ppl(args) -> int:
-    lengths = parse_lengths(args.lengths)
-    model, tokenizer = load_model_and_tokenizer(args)
-    stream = token_stream(read_documents(args.data), tokenizer)
-    print(f"data: {len(stream):,} tokens from {args.data}")
-
-    # A few hundred tokens across one chunk boundary show whether the model continues from its cache exactly.
-    probe = min(len(stream), 2 * min(args.chunk_size, 128))
-    error = chunking_error(model, stream[None, :probe].to(model.device), chunk_size=probe // 2)
-    tolerance = 1e-3 if model.dtype == torch.float32 else 5e-2
-    if error > tolerance:
-        print(f"warning: a chunked forward differs from a single forward by {error:.2e} in the logits: this model "
-              "does not continue exactly from its cache, so set --chunk-size to at least the longest length.",
-              file=sys.stderr)  # fmt: skip
-
-    rows = evaluate_perplexity(
-        model, stream, lengths, args.chunk_size, args.num_samples, args.batch_size, model_label(args.model)
-    )
-    out = Path(args.out)
-    write_csv(rows, out / "perplexity.csv")
-    plot_perplexity(rows, out / "perplexity.png")
-    columns = ["length", "windows", "ppl", "last_chunk_ppl", "cache_mib", "seconds"]
-    print(format_table(rows, columns))
-    print(f"wrote {out / 'perplexity.csv'} and {out / 'perplexity.png'}")
-    return 0
-
-
-def cmd_passkey(args) -> int:
-    lengths = parse_lengths(args.lengths)
-    depths = [i / (args.depths - 1) for i in range(args.depths)] if args.depths > 1 else [0.5]
-    model, tokenizer = load_model_and_tokenizer(args)
-    rows = evaluate_passkey(
-        model, tokenizer, lengths, depths, args.trials, args.chunk_size, args.max_new_tokens, args.seed,
-        model_label(args.model),
-    )  # fmt: skip
-    out = Path(args.out)
-    write_csv(rows, out / "passkey.csv")
-    plot_passkey(rows, out / "passkey.png")
-    summary = [
-        {"length": length, "accuracy": round(sum(r["accuracy"] for r in cells) / len(cells), 3)}
-        for length in lengths
-        for cells in [[r for r in rows if r["length"] == length]]
-    ]
-    print(format_table(summary, ["length", "accuracy"]))
-    print(f"wrote {out / 'passkey.csv'} and {out / 'passkey.png'}")
-    return 0
-
-
-def add_common_options(parser: argparse.ArgumentParser, lengths: str, out: str):
-    parser.add_argument("model", help="a model folder or Hub id (any AutoModelForCausalLM)")
-    parser.add_argument("--lengths", default=lengths, help=f"comma-separated context lengths (default {lengths})")
-    parser.add_argument("--chunk-size", type=int, default=4096, help="tokens per forward through the cache")
-    parser.add_argument("--tokenizer", help="tokenizer folder or Hub id (default: the model's)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="auto")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow modeling code shipped with the model")
-    parser.add_argument("--out", default=out, help=f"folder for the CSV and PNG (default {out})")
-
-
-def add_eval_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `eval` with its sub-commands `ppl` and `passkey` on an argparse subparsers object."""
-    evaluate = subparsers.add_parser("eval", help="long-context evaluation: perplexity vs length, passkey retrieval")
-    evaluate.set_defaults(func=lambda args: evaluate.print_help() or 2)
-    commands = evaluate.add_subparsers(dest="eval_command", metavar="{ppl,passkey}")
-
-    ppl = commands.add_parser("ppl", help="perplexity against context length, through the cache in chunks")
-    add_common_options(ppl, lengths="4k,8k,16k", out="eval-ppl")
-    ppl.add_argument("--data", required=True, help="a text file, or a folder of .txt files")
-    ppl.add_argument("--num-samples", type=int, default=16, help="windows per length (default 16)")
-    ppl.add_argument("--batch-size", type=int, default=1, help="windows per forward (default 1)")
-    ppl.set_defaults(func=cmd_ppl)
-
-    passkey = commands.add_parser("passkey", help="passkey retrieval grid over context lengths and depths")
-    add_common_options(passkey, lengths="4k,8k,16k,32k,64k,128k,256k", out="eval-passkey")
-    passkey.add_argument("--depths", type=int, default=11, help="evenly spaced depths from 0%% to 100%% (default 11)")
-    passkey.add_argument("--trials", type=int, default=5, help="random keys per cell (default 5)")
-    passkey.add_argument("--max-new-tokens", type=int, default=10, help="greedy tokens to read the key from")
-    passkey.add_argument("--seed", type=int, default=0)
-    passkey.set_defaults(func=cmd_passkey)
-    return evaluate
-
-
 __all__ = [
-    "add_eval_parser",
     "build_passkey_prompt",
     "chunked_forward",
     "evaluate_passkey",
@@ -447,6 +340,4 @@ __all__ = [
     "parse_length",
     "parse_lengths",
     "passkey_answer_correct",
-    "read_documents",
-    "token_stream",
 ]

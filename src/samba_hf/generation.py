@@ -1,7 +1,82 @@
-"""Generation helpers: the memory a cache holds."""
+"""Generation for Samba: chunked prefill, and the decode engine behind `generate()`.
+
+`SambaGenerationMixin` is transformers' `GenerationMixin` with two of its hooks replaced:
+
+- `_prefill` runs a long prompt through the cache `prefill_chunk_size` tokens at a time (the config's
+  unless `generate(prefill_chunk_size=...)` says otherwise), eagerly: activation memory O(chunk + window)
+  whatever the prompt's length, exact (each chunk continues from the state the last one left).
+- `_sample` (greedy search and sampling) hands the decoding loop to a `DecodeEngine` on CUDA. The engine
+  replays each decode step (every layer, the logits and the token choice) as one captured CUDA graph over
+  static buffers: the Mamba conv and SSM states and the sliding-window keys in ring buffers
+  (`SambaStaticCache`). transformers' loop spends most of a small model's step on the host (launching
+  hundreds of kernels, its logits processors, a synchronisation per token); a graph replay is one launch.
+
+The engine covers greedy search and sampling with temperature, top-k, top-p, min-p, repetition penalty
+and minimum lengths, `num_return_sequences`, end-of-sequence and maximum-length stopping, time limits and
+streamers. Everything else (beam search and other decoding modes, custom logits processors or stopping
+criteria, per-step scores, attentions or hidden states in the output, dynamic or longrope RoPE, full
+attention layers, quantized models, several devices, the CPU) runs transformers' own loop; which path ran
+is logged once per reason (logger "samba_hf.generation", level INFO). Both are exact.
+
+Switch: `generate(..., decode_engine=False)` (or `model.generation_config.decode_engine = False`) always
+runs transformers' loop; `decode_engine="eager"` runs the engine's step without capturing it, on any
+device (for debugging, and for the tests on the CPU).
+
+Memory: a captured graph keeps its buffers (the window's keys and values and the Mamba states of its batch
+size: about 75 MB per sequence for samba-421m in bf16) and a private pool for the step's activations. An
+engine keeps at most `MAX_GRAPHS` graphs, one per (batch size, dtype, token choice), dropping the least
+recently used; `release_decode_graphs(model)` frees them all. Graphs are reused only while every parameter
+keeps its address and the model holds only plain modules; a model with adapter or quantized layers gets a
+graph captured for each call (a few tens of ms), since their switches (an adapter turned off, say) would
+not show in a replayed graph.
+"""
+
+import collections
+import contextlib
+import math
+import time
+from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache
+from torch import nn
+from transformers.cache_utils import Cache, DynamicSlidingWindowLayer, LinearAttentionCacheLayerMixin
+from transformers.generation import GenerationMixin
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    MinLengthLogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.generation.stopping_criteria import (
+    EosTokenCriteria,
+    MaxLengthCriteria,
+    MaxTimeCriteria,
+    StoppingCriteriaList,
+)
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+from transformers.utils import logging
+
+from .cache_samba import SambaStaticCache, SlidingWindowRingLayer
+from .kernel_dispatch import requested_implementation
+
+logger = logging.get_logger(__name__)
+
+MAX_GRAPHS = 4
+# How often, in steps, the host asks the device whether every row has finished, where nothing needs the tokens
+# on the host at every step (a streamer) or the state exactly at the end (a cache returned to the caller).
+# Asking waits for the device; the steps run past the end are dropped.
+STOP_CHECK_INTERVAL = 16
+# Logits processors whose work depends only on the scores: they run in the captured step as they are.
+SCORE_ONLY_PROCESSORS = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper)
+# Whether the fused step's kernels launch as programmatic dependents (Hopper and later): each starts while the
+# one before it finishes and loads its weights meanwhile (docs/performance-notes.md has the measurement).
+DEPENDENT_LAUNCH = True
+# Modules whose forward a replayed graph reproduces for every call (their behaviour has no switches).
+PLAIN_MODULE_TYPES = (nn.Linear, nn.Conv1d, nn.Embedding, nn.ModuleList, nn.Identity)
 
 
 def cache_tensors(cache: Cache) -> list[torch.Tensor]:
@@ -19,3 +94,574 @@ def cache_tensors(cache: Cache) -> list[torch.Tensor]:
 
 def cache_nbytes(cache: Cache) -> int:
     return sum(t.numel() * t.element_size() for t in cache_tensors(cache))
+
+
+class SambaGenerationMixin(GenerationMixin):
+    """transformers' GenerationMixin with Samba's chunked prefill and decode engine (see the module docstring)."""
+
+    def _prepare_generation_config(self, generation_config, **kwargs):
+        decode_engine = kwargs.pop("decode_engine", None)
+        if decode_engine not in (None, True, False, "eager"):
+            raise ValueError(f"decode_engine must be True, False or 'eager', got {decode_engine!r}.")
+        cache_asked = generation_config is not None or "use_cache" in kwargs
+        generation_config, model_kwargs = super()._prepare_generation_config(generation_config, **kwargs)
+        if not cache_asked:
+            # The model's default generation config copies config.use_cache, which Trainer saves as False. That
+            # is a training setting: without a cache, each new token would run the whole sequence again.
+            generation_config.use_cache = True
+        if decode_engine is not None:
+            generation_config.decode_engine = decode_engine
+        return generation_config, model_kwargs
+
+    def _prefill(self, input_ids, generation_config, model_kwargs, is_first_iteration: bool = True):
+        """The prompt's forward; where the prompt is longer than `prefill_chunk_size`, in chunks through the
+        cache (`chunked_forward`), eagerly (transformers' own chunked prefill compiles each chunk when the
+        cache is static)."""
+        chunk_size = generation_config.prefill_chunk_size or self.config.prefill_chunk_size
+        per_step_outputs = generation_config.return_dict_in_generate and (
+            generation_config.output_hidden_states or generation_config.output_attentions
+        )
+        cache = model_kwargs.get("cache")
+        if cache is None or per_step_outputs or chunk_size is None or input_ids.shape[1] <= chunk_size:
+            unchunked = generation_config.prefill_chunk_size
+            generation_config.prefill_chunk_size = None
+            try:
+                return super()._prefill(input_ids, generation_config, model_kwargs, is_first_iteration)
+            finally:
+                generation_config.prefill_chunk_size = unchunked
+        model_inputs = self.prepare_inputs_for_generation(
+            input_ids,
+            next_sequence_length=uncached_length(input_ids, generation_config, model_kwargs, is_first_iteration),
+            is_first_iteration=is_first_iteration,
+            **model_kwargs,
+        )
+        return chunked_forward(self, model_inputs, chunk_size)
+
+    def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
+                streamer=None, **model_kwargs):  # fmt: skip
+        reason = engine_unavailable(self, input_ids, logits_processor, stopping_criteria, generation_config,
+                                    synced_gpus, model_kwargs)  # fmt: skip
+        log_path_once("transformers' decoding loop" if reason else "the decode engine", reason)
+        if reason:
+            return super()._sample(input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus,
+                                   streamer, **model_kwargs)  # fmt: skip
+        return decode_engine(self).generate(input_ids, logits_processor, stopping_criteria, generation_config,
+                                            streamer, model_kwargs)  # fmt: skip
+
+
+def uncached_length(input_ids, generation_config, model_kwargs, is_first_iteration: bool) -> int | None:
+    """How many of the prompt's tokens the cache has not seen yet, counted as transformers' `_prefill` counts
+    them (None: all of `input_ids`; a cache of Mamba layers alone does not count tokens)."""
+    cache, inputs_embeds = model_kwargs["cache"], model_kwargs.get("inputs_embeds")
+    if all(cache.is_linear):
+        return None
+    past = cache.get_seq_length()
+    if inputs_embeds is not None and is_first_iteration:
+        return inputs_embeds.shape[1] - past
+    mask = model_kwargs.get("attention_mask")
+    mask_length = mask.shape[1] if mask is not None else getattr(generation_config, "_mask_length", -1)
+    return input_ids.shape[1] - past if mask_length == input_ids.shape[1] else None
+
+
+def chunked_forward(model, model_inputs: dict, chunk_size: int):
+    """`model(**model_inputs)` run `chunk_size` tokens at a time through `model_inputs["cache"]`, each chunk
+    continuing from the state the one before left: the output of the last chunk. The 2D attention mask
+    (past and new tokens) is cut at each chunk's end, counted from the mask's end."""
+    tokens = model_inputs.get("input_ids")
+    tokens = model_inputs["inputs_embeds"] if tokens is None else tokens
+    length, mask = tokens.shape[1], model_inputs.get("attention_mask")
+    outputs = None
+    for start in range(0, length, chunk_size):
+        end = min(start + chunk_size, length)
+        chunk = dict(model_inputs)
+        for name in ("input_ids", "inputs_embeds"):
+            if chunk.get(name) is not None:
+                chunk[name] = chunk[name][:, start:end]
+        if chunk.get("position_ids") is not None:
+            chunk["position_ids"] = chunk["position_ids"][..., start:end]
+        if isinstance(mask, torch.Tensor):
+            chunk["attention_mask"] = mask[:, : mask.shape[1] - (length - end)]
+        outputs = model(**chunk, return_dict=True)
+    return outputs
+
+
+_logged_paths = set()
+
+
+def log_path_once(path: str, reason: str | None) -> None:
+    if (path, reason) not in _logged_paths:
+        _logged_paths.add((path, reason))
+        logger.info("samba: generate() decodes with %s%s", path, f" ({reason})" if reason else "")
+
+
+def engine_unavailable(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus,
+                       model_kwargs) -> str | None:  # fmt: skip
+    """Why this call's decoding cannot run on the decode engine, or None where it can."""
+    config = model.config
+    setting = getattr(generation_config, "decode_engine", True)
+    if setting is False:
+        return "decode_engine=False"
+    if setting is not True and setting != "eager":
+        return f"decode_engine={setting!r}"
+    if setting is True and input_ids.device.type != "cuda":
+        return f"the engine captures CUDA graphs; the model is on {input_ids.device.type}"
+    if synced_gpus or len({p.device for p in model.parameters()}) > 1:
+        return "the model spans several devices"
+    if getattr(model, "hf_quantizer", None) is not None:
+        return "quantized weights"
+    if generation_config.return_dict_in_generate and (
+        generation_config.output_scores or generation_config.output_logits
+        or generation_config.output_attentions or generation_config.output_hidden_states
+    ):  # fmt: skip
+        return "per-step scores, logits, attentions or hidden states were asked for"
+    if "full_attention" in config.layer_types:
+        return "full attention layers"
+    if config._attn_implementation not in ("samba_sdpa", "sdpa"):
+        return f"attention implementation {config._attn_implementation!r} (the engine masks ring buffers for sdpa)"
+    if config.use_rope and config.rope_parameters.get("rope_type") in ("dynamic", "longrope"):
+        return "a RoPE type that rescales with the sequence length"
+    unsupported = [type(p).__name__ for p in logits_processor if TokenChooser.step_for(p) is None]
+    unsupported += [type(c).__name__ for c in stopping_criteria
+                    if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria, MaxTimeCriteria))]  # fmt: skip
+    if unsupported:
+        return f"logits processors or stopping criteria outside the engine: {sorted(set(unsupported))}"
+    cache = model_kwargs.get("cache")
+    if cache is not None and not isinstance(cache, (SambaStaticCache,)) and type(cache).__name__ != "DynamicCache":
+        return f"a {type(cache).__name__}"
+    return None
+
+
+def decode_engine(model) -> "DecodeEngine":
+    """The model's decode engine, created on first use (kept outside the module tree: no parameters)."""
+    engine = model.__dict__.get("_decode_engine")
+    if engine is None:
+        engine = model.__dict__["_decode_engine"] = DecodeEngine(model)
+    return engine
+
+
+def release_decode_graphs(model) -> None:
+    """Free the captured decode graphs of `model` and their memory."""
+    engine = model.__dict__.get("_decode_engine")
+    if engine is not None:
+        engine.graphs.clear()
+
+
+@dataclass
+class GenerateStats:
+    """Timings of the last `generate` call that ran on the decode engine (seconds)."""
+
+    prefill_s: float = 0.0  # the prompt's forward, to the first token's logits
+    capture_s: float = 0.0  # capturing the step's graph (0 when a kept graph was replayed)
+    decode_s: float = 0.0  # the decoding steps after the first token
+    new_tokens: int = 0  # tokens generated per row
+    graph_replayed: bool = False
+
+
+class DecodeEngine:
+    """Decoding steps of one model, each a replayed CUDA graph (see the module docstring)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.graphs: collections.OrderedDict = collections.OrderedDict()
+        self.stats = GenerateStats()
+
+    def generate(self, input_ids, logits_processor, stopping_criteria, generation_config, streamer, model_kwargs):
+        model, device = self.model, input_ids.device
+        started = time.perf_counter()
+        outputs = model._prefill(input_ids, generation_config, model_kwargs)
+        model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs)
+        cache = model_kwargs["cache"]
+        chooser = TokenChooser(logits_processor, stopping_criteria, generation_config, input_ids, model.config)
+        first = chooser(outputs.logits[:, -1].to(dtype=torch.float32, device=device))
+        del outputs
+        synchronize(device)
+        self.stats = GenerateStats(prefill_s=time.perf_counter() - started, new_tokens=1)
+        if streamer is not None:
+            streamer.put(first.cpu())
+
+        max_new = stopping_criteria.max_length - input_ids.shape[1]
+        cache_is_returned = generation_config.return_dict_in_generate or getattr(cache, "_is_user_defined", False)
+        tokens = [first]
+        if max_new > 1 and bool(chooser.unfinished.any()):
+            step = self.step_for(chooser, input_ids.shape[0], generation_config)
+            step.load(cache, model_kwargs.get("attention_mask"), model_kwargs.get("position_ids"), input_ids, first)
+            tokens += self.decode(step, max_new - 1, stopping_criteria, streamer, every_step=cache_is_returned)
+            if cache_is_returned:
+                step.store(cache)
+        sequences = torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1)
+        self.stats.new_tokens = len(tokens)
+        if streamer is not None:
+            streamer.end()
+        if generation_config.return_dict_in_generate:
+            return GenerateDecoderOnlyOutput(sequences=sequences, cache=cache)
+        return sequences
+
+    def decode(self, step: "DecodeStep", steps: int, stopping_criteria, streamer, every_step: bool) -> list:
+        """Up to `steps` more tokens (each a (batch,) tensor), until every row has finished or time is up.
+        Stops are checked every step where the tokens or the state are needed exactly; otherwise every
+        STOP_CHECK_INTERVAL steps, and the tokens past the end are dropped."""
+        max_time = next((c for c in stopping_criteria if isinstance(c, MaxTimeCriteria)), None)
+        interval = 1 if every_step or streamer is not None else STOP_CHECK_INTERVAL
+        tokens, alive = [], []
+        started = time.perf_counter()
+        for index in range(steps):
+            tokens.append(step.run())
+            alive.append(step.chooser.unfinished.any())
+            if streamer is not None:
+                streamer.put(tokens[-1].cpu())
+            if max_time is not None and time.time() - max_time.initial_timestamp > max_time.max_time:
+                break
+            if (index + 1) % interval == 0 or index + 1 == steps:
+                flags = torch.stack(alive).tolist()
+                if not all(flags):
+                    del tokens[len(tokens) - len(flags) + flags.index(False) + 1 :]
+                    break
+                alive = []
+        synchronize(step.device)
+        self.stats.decode_s = time.perf_counter() - started
+        return tokens
+
+    def step_for(self, chooser: "TokenChooser", batch: int, generation_config) -> "DecodeStep":
+        model = self.model
+        use_graph = getattr(generation_config, "decode_engine", True) is True
+        reusable = plain_modules(model, type(model).__module__)
+        key = (use_graph, batch, model.dtype, chooser.key, tuple(p.data_ptr() for p in model.parameters()))
+        step = self.graphs.get(key) if reusable else None
+        if step is not None:
+            self.graphs.move_to_end(key)
+            step.chooser.adopt(chooser)
+            self.stats.graph_replayed = True
+            return step
+        started = time.perf_counter()
+        step = DecodeStep(model, batch, chooser, use_graph)
+        self.stats.capture_s = time.perf_counter() - started
+        if reusable:
+            self.graphs[key] = step
+            while len(self.graphs) > MAX_GRAPHS:
+                self.graphs.popitem(last=False)
+        return step
+
+
+def kernel_launches():
+    """The context in which the engine launches samba_kernels' decode kernels: as programmatic dependents or
+    not (DEPENDENT_LAUNCH), whatever torch.compile's switch says."""
+    try:
+        import samba_kernels
+    except ImportError:
+        return contextlib.nullcontext()
+    return samba_kernels.programmatic_dependent_launch(DEPENDENT_LAUNCH)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def processor_key(processor) -> tuple:
+    """A hashable description of what a logits processor contributes to a captured step. Settings that
+    change from call to call (a prompt's length, its padding) live in the chooser's state instead."""
+    if isinstance(processor, RepetitionPenaltyLogitsProcessor):
+        return (type(processor).__name__, processor.penalty)
+    if isinstance(processor, (MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor)):
+        return (type(processor).__name__,)
+
+    def plain(value):
+        return tuple(value.flatten().tolist()) if isinstance(value, torch.Tensor) else value
+
+    return (type(processor).__name__, *sorted((name, plain(value)) for name, value in vars(processor).items()))
+
+
+class TokenChooser:
+    """The token choice of transformers' `_sample` for one step, as tensor operations that never wait for the
+    device, so that a CUDA graph can hold them: the logits processors in their order, greedy search or
+    sampling, and the end-of-sequence rule (a finished row takes the pad token). Its state (which rows have
+    finished, the tokens seen so far for a repetition penalty, the sequence length, the length from which
+    end-of-sequence is allowed) is kept in tensors that it updates in place."""
+
+    def __init__(self, logits_processor: LogitsProcessorList, stopping_criteria: StoppingCriteriaList,
+                 generation_config, input_ids: torch.Tensor, config):  # fmt: skip
+        batch, length = input_ids.shape
+        device = input_ids.device
+        self.do_sample = generation_config.do_sample
+        self.steps = [self.step_for(processor) for processor in logits_processor]
+        eos = next((c.eos_token_id for c in stopping_criteria if isinstance(c, EosTokenCriteria)), None)
+        self.eos = None if eos is None else eos.to(device)
+        self.pad = generation_config._pad_token_tensor
+        self.pad = None if self.pad is None else self.pad.to(device)
+        self.unfinished = torch.ones(batch, dtype=torch.long, device=device)
+        self.length = torch.tensor(length, device=device)
+        vocab = torch.arange(config.vocab_size, device=device)
+        eos_ids = self.eos
+        for processor in logits_processor:  # the processors' own end-of-sequence ids where they have them
+            if isinstance(processor, (MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor)):
+                eos_ids = processor.eos_token_id.to(device)
+        self.eos_mask = None if eos_ids is None else torch.isin(vocab, eos_ids)
+        minimum = [p.min_length for p in logits_processor if isinstance(p, MinLengthLogitsProcessor)]
+        minimum += [p.prompt_length_to_skip + p.min_new_tokens for p in logits_processor
+                    if isinstance(p, MinNewTokensLengthLogitsProcessor)]  # fmt: skip
+        self.eos_allowed_from = torch.tensor(max(minimum, default=0), device=device)
+        self.seen = None
+        penalty = next((p for p in logits_processor if isinstance(p, RepetitionPenaltyLogitsProcessor)), None)
+        if penalty is not None:  # as transformers counts them: the prompt's tokens, less those it says to ignore
+            ignored = penalty.prompt_ignore_length
+            ignored = torch.as_tensor(0 if ignored is None else ignored, device=device).reshape(-1, 1)
+            counted = torch.arange(length, device=device)[None, :] >= ignored
+            seen = torch.zeros(batch, config.vocab_size + 1, dtype=torch.bool, device=device)
+            self.seen = seen.scatter_(1, torch.where(counted, input_ids, config.vocab_size), True)[:, :-1]
+        self.key = (self.do_sample, tuple(processor_key(p) for p in logits_processor),
+                    None if eos is None else tuple(eos.tolist()), None if self.pad is None else int(self.pad))  # fmt: skip
+
+    @staticmethod
+    def step_for(processor):
+        """`processor` as a function (chooser, scores) -> scores without host synchronisation, or None."""
+        if type(processor) in SCORE_ONLY_PROCESSORS:
+            return lambda chooser, scores: processor(None, scores)
+        if type(processor) is RepetitionPenaltyLogitsProcessor:
+            penalty = processor.penalty  # as transformers': scores of seen tokens divided (x penalty where < 0)
+            return lambda chooser, scores: torch.where(
+                chooser.seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores
+            )
+        if type(processor) in (MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor):
+            return lambda chooser, scores: torch.where(
+                (chooser.length < chooser.eos_allowed_from) & chooser.eos_mask, -math.inf, scores
+            )
+        return None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """The next token of each row from the last position's logits (float32), updating the state."""
+        scores = logits
+        for step in self.steps:
+            scores = step(self, scores)
+        if self.do_sample:  # an exponential race: the argmax of p / Exp(1) is distributed as p (no host sync)
+            probs = scores.softmax(dim=-1)
+            tokens = (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
+        else:
+            tokens = scores.argmax(dim=-1)
+        if self.eos is not None:
+            tokens = tokens * self.unfinished + self.pad * (1 - self.unfinished)
+            self.unfinished.mul_(~torch.isin(tokens, self.eos))
+        if self.seen is not None:
+            self.seen.scatter_(1, tokens[:, None], True)
+        self.length.add_(1)
+        return tokens
+
+    def adopt(self, other: "TokenChooser") -> None:
+        """Take the state of `other`, a chooser of the same settings (a kept graph's chooser starts a new call)."""
+        for name in ("unfinished", "length", "eos_allowed_from", "seen"):
+            if getattr(self, name) is not None:
+                getattr(self, name).copy_(getattr(other, name))
+
+
+class DecodeStep:
+    """One decode step of `model` at a fixed batch size, over static buffers: the model's forward on the last
+    token (a `SambaStaticCache` with rings of `sliding_window` slots), then the token choice. Captured as a
+    CUDA graph and replayed where `use_graph`, else run as it is."""
+
+    def __init__(self, model, batch: int, chooser: TokenChooser, use_graph: bool):
+        config, self.device = model.config, model.device
+        self.model, self.chooser = model, chooser
+        window = config.sliding_window if "sliding_attention" in config.layer_types else 1
+        self.cache = SambaStaticCache(config=config, max_cache_len=window)
+        self.rings = [layer for layer in self.cache.layers if isinstance(layer, SlidingWindowRingLayer)]
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        self.readable = torch.zeros(batch, window, dtype=torch.bool, device=self.device)
+        self.allocate(config, batch, model.dtype)
+        self.fused = FusedStep(model, self) if FusedStep.applies(model, batch) else None
+        self.graph = None
+        if use_graph:
+            self.capture()
+
+    def allocate(self, config, batch: int, dtype: torch.dtype) -> None:
+        """The cache's buffers, zeroed: the engine's state lives at these addresses for the graph's life."""
+        kv = torch.zeros(batch, config.num_key_value_heads, 1, config.head_dim or 1, dtype=dtype, device=self.device)
+        for layer, layer_type in zip(self.cache.layers, config.layer_types):
+            if layer_type == "sliding_attention":
+                layer.lazy_initialization(kv, kv)
+            elif layer_type == "linear_attention":
+                channels = config.mamba_intermediate_size
+                conv = torch.zeros(batch, channels, config.conv_kernel - 1, dtype=dtype, device=self.device)
+                ssm = torch.zeros(batch, channels, config.state_size, dtype=torch.float32, device=self.device)
+                layer.lazy_initialization(conv_states=conv, recurrent_states=ssm)
+                layer.has_previous_state[0] = True
+
+    def forward(self) -> None:
+        masks = {"linear_attention": None}
+        if self.rings:  # the new token's slot becomes readable; its key is written there by the forward
+            slot = self.rings[0].cumulative_length % self.rings[0].max_cache_len
+            self.readable.index_fill_(1, slot.view(1), True)
+            masks["sliding_attention"] = self.readable[:, None, None, :]
+        if self.fused is not None:
+            logits = self.fused(masks)
+        else:
+            logits = self.model(input_ids=self.tokens, position_ids=self.positions, cache=self.cache,
+                                attention_mask=masks, use_cache=True, logits_to_keep=1).logits[:, -1]  # fmt: skip
+        self.tokens.copy_(self.chooser(logits.float())[:, None])
+        self.positions.add_(1)
+
+    def capture(self) -> None:
+        # Warm-up runs on a side stream (kernels compiled, library workspaces allocated) before the capture;
+        # they change the buffers, which `load` sets before every call.
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream), kernel_launches():
+            for _ in range(2):
+                self.forward()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), kernel_launches():
+            self.forward()
+
+    def run(self) -> torch.Tensor:
+        """One step: the next token of each row (batch,)."""
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            with kernel_launches():
+                self.forward()
+        return self.tokens[:, 0].clone()
+
+    def load(self, cache: Cache, attention_mask, position_ids, input_ids, first_token) -> None:
+        """Set the buffers to the state after the prompt (`cache`, filled by the prefill), with `first_token`
+        (batch,) the next input. attention_mask / position_ids: generate's, the first token's included."""
+        seen = input_ids.shape[1]
+        for source, target in zip(cache.layers, self.cache.layers):
+            if isinstance(target, LinearAttentionCacheLayerMixin):
+                target.conv_states[0].copy_(source.conv_states[0][..., -target.conv_states[0].shape[-1] :])
+                target.recurrent_states[0].copy_(source.recurrent_states[0])
+            elif isinstance(target, SlidingWindowRingLayer):
+                keys, values = ordered_window(source, seen)
+                slots = target.ordered_slots(seen)[-keys.shape[2] :]
+                target.keys.index_copy_(2, slots, keys)
+                target.values.index_copy_(2, slots, values)
+                target.cumulative_length.fill_(seen)
+        if self.rings:
+            slots = self.readable.shape[1]
+            index = torch.arange(slots, device=self.device)
+            positions = (seen - 1) - ((seen - 1) - index) % slots  # the token each slot holds
+            readable = (positions >= 0).expand_as(self.readable)
+            if attention_mask is not None:
+                readable = readable & attention_mask[:, positions.clamp(min=0)].bool()
+            self.readable.copy_(readable)
+        self.tokens.copy_(first_token[:, None])
+        self.positions.copy_(position_ids[:, -1:] if position_ids is not None else seen)
+
+    def store(self, cache: Cache) -> None:
+        """Write the buffers' state back into `cache` (the caller's: it continues from there)."""
+        for target, source in zip(cache.layers, self.cache.layers):
+            if isinstance(source, LinearAttentionCacheLayerMixin):
+                target.conv_states[0].copy_(source.conv_states[0][..., -target.conv_states[0].shape[-1] :])
+                target.recurrent_states[0].copy_(source.recurrent_states[0])
+            elif isinstance(source, SlidingWindowRingLayer):
+                seen = int(source.cumulative_length)
+                order = source.ordered_slots(seen)
+                if isinstance(target, DynamicSlidingWindowLayer):  # it keeps the last window - 1 keys, in order
+                    order = order[-(target.sliding_window - 1) :]
+                    target.keys, target.values = source.keys[:, :, order].clone(), source.values[:, :, order].clone()
+                    target.cumulative_length = seen
+                else:
+                    target.keys.index_copy_(2, target.ordered_slots(seen)[-order.numel() :], source.keys[:, :, order])
+                    target.values.index_copy_(2, target.ordered_slots(seen)[-order.numel() :], source.values[:, :, order])
+                    target.cumulative_length.fill_(seen)
+
+
+def ordered_window(layer, seen: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values a sliding-window cache layer holds after `seen` tokens, oldest first."""
+    if isinstance(layer, SlidingWindowRingLayer):
+        order = layer.ordered_slots(seen)
+        return layer.keys[:, :, order], layer.values[:, :, order]
+    return layer.keys, layer.values  # DynamicSlidingWindowLayer keeps them in order
+
+
+def plain_modules(module: nn.Module, model_module: str) -> bool:
+    """Whether every module inside `module` is the model's own (defined in `model_module`) or a plain torch
+    layer, none of them hooked: then a fused kernel may read their weights, and a replayed graph reproduces
+    their forward. Adapters (LoRA), quantized layers and accelerate's offloading hooks keep their own forward."""
+    return all(
+        (type(part) in PLAIN_MODULE_TYPES or type(part).__module__ == model_module)
+        and not (part._forward_hooks or part._forward_pre_hooks or hasattr(part, "_hf_hook"))
+        for part in module.modules()
+    )
+
+
+class FusedStep:
+    """A batch-1 decode step on samba_kernels' one-row kernels: each norm folded into the product that reads
+    it, each residual update into the product that writes it, a Mamba mixer's token in two launches
+    (`mamba_decode_step`) and an attention layer's token, with its RoPE and ring update, in two
+    (`ring_decode_attention`): six or seven launches a layer, where the modules launch dozens. A layer whose
+    modules are not plain (`plain_modules`) runs its own forward over the same buffers. The step computes the
+    model's function with float32 intermediates (the modules round some to bf16): tokens agree with the
+    modules' up to ties within rounding."""
+
+    @staticmethod
+    def applies(model, batch: int) -> bool:
+        try:
+            import samba_kernels  # installed with samba-hf; a remote-code install may lack it
+        except ImportError:
+            return False
+        probe = next(model.parameters())
+        return (
+            batch == 1
+            and samba_kernels.use_triton(probe)
+            and requested_implementation(model.config.kernel_implementation) in ("auto", "triton")
+        )
+
+    def __init__(self, model, step: DecodeStep):
+        import samba_kernels
+
+        self.kernels, self.step, self.model = samba_kernels, step, model
+        config, base = model.config, model.model
+        own = type(model).__module__
+        self.layers = [(layer, cache_layer, plain_modules(layer, own)) for layer, cache_layer in zip(base.layers, step.cache.layers)]
+        self.ring_counts = [cache_layer.cumulative_length for _, cache_layer, plain in self.layers
+                            if plain and isinstance(cache_layer, SlidingWindowRingLayer)]  # fmt: skip
+        self.residual = torch.zeros(1, config.hidden_size, device=step.device,
+                                    dtype=torch.float32 if config.residual_in_fp32 else model.dtype)  # fmt: skip
+        rotary = base.rotary_emb
+        half = (config.head_dim or 2) // 2
+        self.inv_freq = rotary.inv_freq if rotary is not None else torch.zeros(half, device=step.device)
+        self.rope_scale = rotary.attention_scaling if rotary is not None else 1.0
+
+    def __call__(self, masks: dict) -> torch.Tensor:
+        kernels, step, base, residual = self.kernels, self.step, self.model.model, self.residual
+        residual.copy_(base.embed_tokens.weight.index_select(0, step.tokens[0]))
+        position_embeddings = None
+        for layer, cache_layer, plain in self.layers:
+            if not plain:  # the layer's own forward, on the same buffers
+                if position_embeddings is None and base.rotary_emb is not None:
+                    position_embeddings = base.rotary_emb(residual, step.positions)
+                out = layer(residual[:, None], attention_mask=masks.get(layer.mixer_type),
+                            position_embeddings=position_embeddings, cache=step.cache)  # fmt: skip
+                residual.copy_(out[:, 0])
+                continue
+            norm, mixer = layer.mixer_norm, layer.mixer
+            if layer.mixer_type == "linear_attention":
+                xz = kernels.matvec(residual, mixer.in_proj.weight, mixer.in_proj.bias, norm_weight=norm.weight,
+                                    eps=norm.variance_epsilon)  # fmt: skip
+                x, z = xz.chunk(2, dim=-1)
+                y = kernels.mamba_decode_step(
+                    x, z, cache_layer.conv_states[0], cache_layer.recurrent_states[0], mixer.conv1d.weight[:, 0],
+                    mixer.conv1d.bias, mixer.x_proj.weight, mixer.dt_proj.weight, mixer.dt_proj.bias, mixer.A_log,
+                    mixer.D,
+                )  # fmt: skip
+                kernels.matvec_add_(residual, y, mixer.out_proj.weight, mixer.out_proj.bias)
+            elif layer.mixer_type == "mlp":
+                self.swiglu(norm, mixer)
+            else:
+                q, k, v = kernels.stacked_matvec(residual, [mixer.q_proj.weight, mixer.k_proj.weight, mixer.v_proj.weight],
+                                                 norm_weight=norm.weight, eps=norm.variance_epsilon)  # fmt: skip
+                out = kernels.ring_decode_attention(q, k, v, cache_layer.keys, cache_layer.values, step.readable,
+                                                    cache_layer.cumulative_length, step.positions, self.inv_freq,
+                                                    self.rope_scale, mixer.scaling)  # fmt: skip
+                kernels.matvec_add_(residual, out, mixer.o_proj.weight)
+            if layer.mlp is not None:
+                self.swiglu(layer.mlp_norm, layer.mlp)
+        if self.ring_counts:  # a layer's own forward counts its ring's tokens itself
+            torch._foreach_add_(self.ring_counts, 1)
+        norm, head = base.norm, self.model.lm_head
+        return kernels.matvec(residual, head.weight, head.bias, norm_weight=norm.weight, eps=norm.variance_epsilon)
+
+    def swiglu(self, norm, mlp) -> None:
+        hidden = self.kernels.gated_matvec(self.residual, mlp.gate_proj.weight, mlp.up_proj.weight,
+                                           norm_weight=norm.weight, eps=norm.variance_epsilon)  # fmt: skip
+        self.kernels.matvec_add_(self.residual, hidden, mlp.down_proj.weight)

@@ -1,6 +1,7 @@
-"""The one place where the Mamba ops of a Samba model are chosen.
+"""The one place where the ops of a Samba model are chosen: its Mamba ops, and its attention
+implementation "samba_sdpa" (the default), registered with transformers' attention interface.
 
-`"auto"`: samba_kernels' Triton kernels for CUDA tensors, the PyTorch references elsewhere.
+Mamba ops, `"auto"`: samba_kernels' Triton kernels for CUDA tensors, the PyTorch references elsewhere.
 `"triton"` / `"torch"` / `"mamba_ssm"` force one implementation (`config.kernel_implementation`,
 overridden by the environment variable SAMBA_KERNELS). A forced implementation that is not
 installed, or an error inside a kernel, is raised: no silent fallback to a slower path.
@@ -14,6 +15,10 @@ import os
 from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .mamba_reference import (
     causal_conv1d_ref,
@@ -117,68 +122,88 @@ def mamba_ops(config_choice: str, device: torch.device, decoding: bool = False) 
     return ops
 
 
-def windowed_attention_kernel(config_choice: str, device: torch.device):
-    """samba_kernels' sliding-window attention (its own Triton forward without gradients, compiled
-    FlexAttention with a cached block mask for training) for CUDA tensors, or None where the attention
-    interface's own path should run."""
-    if device.type != "cuda" or samba_kernels is None or requested_implementation(config_choice) == "torch":
+# ---------------------------------------------------------------------------------------- attention
+
+SAMBA_SDPA = "samba_sdpa"
+# Compiled FlexAttention (samba_kernels' training path) has no kernel for fewer queries than this.
+MIN_KERNEL_QUERIES = 128
+
+
+def samba_sdpa_mask(*, attention_mask=None, local_size=None, allow_is_causal_skip=True, **kwargs):
+    """transformers' sdpa mask, except for a sliding window over an input without padding or packed
+    documents: no mask (None), since `samba_sdpa_attention` applies the window itself. sdpa would need a
+    (queries x keys) mask there, which grows with the square of the input."""
+    if local_size is not None and attention_mask is None and allow_is_causal_skip:
         return None
-    if not torch.compiler.is_compiling() and ("windowed_attention", device.type) not in _logged:
-        _logged.add(("windowed_attention", device.type))
-        logger.info("samba: sliding-window attention on %s tensors uses samba_kernels.windowed_attention", device.type)
-    return samba_kernels.windowed_attention
+    return sdpa_mask(attention_mask=attention_mask, local_size=local_size, allow_is_causal_skip=allow_is_causal_skip,
+                     **kwargs)  # fmt: skip
 
 
-def _matvec_on(config_choice: str, device_type: str) -> bool:
-    """Whether a compiled step's one-row products on `device_type` take samba_kernels.matvec: on CUDA,
-    or anywhere with "triton" forced. "mamba_ssm" concerns the Mamba ops only; the products follow "auto"."""
-    choice = requested_implementation(config_choice)
-    return samba_kernels is not None and choice != "torch" and (choice == "triton" or device_type == "cuda")
+def samba_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
+                         **kwargs):  # fmt: skip
+    """sdpa, except for sliding-window layers that `samba_sdpa_mask` left without a mask: those run
+    `windowed_attention` (samba_kernels' on CUDA, `windowed_sdpa` elsewhere), queries aligned to the end
+    of the keys (a continuation of cached keys, or a whole sequence)."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if attention_mask is not None or sliding_window is None or q_len == 1 or q_len == kv_len <= sliding_window:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      sliding_window=sliding_window, **kwargs)  # fmt: skip
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if fused_window_kernel(module.config, query):
+        return samba_kernels.windowed_attention(query, key, value, sliding_window, scale).transpose(1, 2), None
+    return windowed_sdpa(query, key, value, sliding_window, scale).transpose(1, 2), None
 
 
-def one_row_kernels(config_choice: str, x: torch.Tensor, *weights: torch.Tensor):
-    """samba_kernels (its `matvec`, `stacked_matvec` and `gated_matvec`) for one-row products of x with
-    `weights` inside torch.compile, without gradients, in the weights' dtype, outside autocast, where
-    `_matvec_on`; None elsewhere (the modules' own F.linear).
-    Eager steps keep cuBLAS: they are bound by host time, and on the H200 a Triton launch took 59 µs of
-    it against F.linear's 26 (an eager samba-421m decode step: 27.7 against 22.0 ms). In a compiled
-    step's CUDA graph the host time is gone and the kernel's GPU time counts."""
-    if not torch.compiler.is_compiling() or x.shape[:-1].numel() != 1 or any(w.dtype != x.dtype for w in weights):
-        return None
-    if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
-        return None
-    if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
-        return None
-    return samba_kernels if _matvec_on(config_choice, x.device.type) else None
+def fused_window_kernel(config, query: torch.Tensor) -> bool:
+    """Whether sliding-window attention on `query` runs samba_kernels.windowed_attention: CUDA tensors, unless
+    config.windowed_attention_kernel is off (it compiles FlexAttention for training, which short sequences of
+    many shapes pay for at every new shape) or kernel implementation "torch" is forced."""
+    if not query.is_cuda or samba_kernels is None or requested_implementation(config.kernel_implementation) == "torch":
+        return False
+    return config.windowed_attention_kernel and query.shape[2] >= MIN_KERNEL_QUERIES
 
 
-def mamba_decode_kernel(config_choice: str, x: torch.Tensor, *weights: torch.Tensor):
-    """samba_kernels.mamba_decode_step (a Mamba mixer's token from in_proj's output to out_proj's input, in
-    two launches) where `one_row_kernels` would run, except with "mamba_ssm" forced (whose decode ops
-    then run); None elsewhere."""
-    if requested_implementation(config_choice) == "mamba_ssm" or one_row_kernels(config_choice, x, *weights) is None:
-        return None
-    return samba_kernels.mamba_decode_step
+def windowed_sdpa(query, key, value, window: int, scale: float, block: int = 1024) -> torch.Tensor:
+    """Causal sliding-window attention, query i at position len_kv - len_q + i seeing keys p - window + 1 .. p,
+    computed by sdpa in blocks of `block` queries against the keys their window reaches: memory
+    O(block x (block + window)) rather than O(len_q x len_kv). (batch, heads, len_q, head_dim) in and out;
+    key/value heads may divide the query heads (grouped-query attention)."""
+    offset, outputs = key.shape[2] - query.shape[2], []
+    for start in range(0, query.shape[2], block):
+        end = min(start + block, query.shape[2])
+        first_key, last_key = max(0, offset + start - window + 1), offset + end
+        q_pos = torch.arange(offset + start, offset + end, device=query.device)[:, None]
+        k_pos = torch.arange(first_key, last_key, device=query.device)[None, :]
+        outputs.append(F.scaled_dot_product_attention(
+            query[:, :, start:end], key[:, :, first_key:last_key], value[:, :, first_key:last_key],
+            attn_mask=(k_pos <= q_pos) & (k_pos > q_pos - window), scale=scale,
+            enable_gqa=query.shape[1] != key.shape[1],
+        ))  # fmt: skip
+    return torch.cat(outputs, dim=2)
+
+
+AttentionInterface.register(SAMBA_SDPA, samba_sdpa_attention)
+AttentionMaskInterface.register(SAMBA_SDPA, samba_sdpa_mask)
 
 
 def describe(config_choice: str = "auto") -> dict:
     """{op: {device: the implementation it would use here}}, for `samba-hf env`: the Mamba ops, the
-    sliding-window layers' attention (for padding-free inputs past the window) and the one-row
-    products of batch-1 decoding."""
+    sliding-window layers' attention under the default "samba_sdpa" (inputs without padding that reach
+    past the window) and generate()'s decoding loop."""
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    report = {"Mamba ops": {}, "sliding-window attention": {}, "one-row projections (batch-1 decoding)": {}}
+    report = {"Mamba ops": {}, "sliding-window attention": {}, "generate() decoding": {}}
     for device in devices:
         try:
             report["Mamba ops"][device] = mamba_ops(config_choice, torch.device(device)).name
         except (RuntimeError, ValueError) as error:
             report["Mamba ops"][device] = f"unavailable: {error}"
-        fused = windowed_attention_kernel(config_choice, torch.device(device)) is not None
+        fused = device == "cuda" and samba_kernels is not None and requested_implementation(config_choice) != "torch"
         report["sliding-window attention"][device] = (
-            "samba_kernels (Triton forward without gradients, compiled FlexAttention with them)" if fused
-            else "the attention interface with a window mask"
+            "samba_kernels.windowed_attention (Triton forward without gradients, compiled FlexAttention with them)"
+            if fused
+            else "sdpa over blocks of queries against the keys their window reaches"
         )
-        report["one-row projections (batch-1 decoding)"][device] = (
-            "samba_kernels' one-row kernels (and its Mamba decode step) in compiled steps, F.linear in eager ones"
-            if _matvec_on(config_choice, device)
-            else "F.linear")
+        report["generate() decoding"][device] = (
+            "the decode engine (CUDA graphs)" if device == "cuda" else "transformers' decoding loop"
+        )
     return report

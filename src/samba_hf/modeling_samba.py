@@ -3,7 +3,9 @@
 Samba (Ren et al., 2024, arXiv 2406.07522) interleaves Mamba-1 selective state-space layers with
 sliding-window attention, so it runs in linear time and extrapolates to unlimited context. The
 cache is transformers' own hybrid cache: `DynamicCache(config=config)` holds conv + SSM states for
-Mamba layers and at most `sliding_window - 1` keys for sliding-window layers.
+Mamba layers and at most `sliding_window - 1` keys for sliding-window layers. Kernels are chosen in
+`kernel_dispatch` (Mamba ops, and the default attention implementation "samba_sdpa"); fast decoding
+lives in `generation` (a CUDA-graph decode engine behind `generate`).
 """
 
 import math
@@ -13,11 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache, StaticCache, StaticLayer, StaticSlidingWindowLayer
-from transformers.generation import GenerationMixin
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.integrations.accelerate import force_accelerate_hooks
 from transformers.masking_utils import (
-    ALL_MASK_ATTENTION_FUNCTIONS,
     create_causal_mask,
     create_recurrent_attention_mask,
     create_sliding_window_causal_mask,
@@ -25,17 +25,23 @@ from transformers.masking_utils import (
 )
 from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple, logging
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
+from .cache_samba import SlidingWindowRingLayer, ring_window_mask, use_ring_buffers
 from .configuration_samba import ATTENTION_TYPES, SambaConfig
-from .kernel_dispatch import mamba_decode_kernel, mamba_ops, one_row_kernels, windowed_attention_kernel
+from .generation import SambaGenerationMixin
+from .kernel_dispatch import SAMBA_SDPA, mamba_ops
 
 logger = logging.get_logger(__name__)
+
+# A time step that softplus maps to exactly 0 in float32: the SSM step is then the identity (decay 1, no input).
+SKIPPED_TIME_STEP = -1e4
 
 
 class SambaRMSNorm(nn.Module):
@@ -46,8 +52,7 @@ class SambaRMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # Normalise in float32; return the weight's dtype, since the residual stream may be float32
-        # while the layers that read the output are bf16. F.rms_norm is one fused kernel on CUDA, where
-        # the written-out formula is five (a tenth of an eager long-prompt prefill's time).
+        # while the layers that read the output are bf16. F.rms_norm is one fused kernel on CUDA.
         normalized = F.rms_norm(hidden_states.float(), self.weight.shape, self.weight.float(), self.variance_epsilon)
         return normalized.to(self.weight.dtype)
 
@@ -55,57 +60,16 @@ class SambaRMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
 
 
-class SambaLinear(nn.Linear):
-    """nn.Linear whose one-row products without gradients inside torch.compile (a compiled batch-1 decode
-    step) run samba_kernels' matvec on CUDA, where cuBLAS runs them as general matrix products
-    (benchmarks/matvec.md; `kernel_dispatch.one_row_kernels` says when). It is a subclass, not a fused
-    path: adapters that wrap an nn.Linear (PEFT's LoRA) wrap it and add their own term, and quantizers
-    that replace nn.Linear modules replace it."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool, config: SambaConfig):
-        super().__init__(in_features, out_features, bias=bias)
-        self.config = config
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernels = one_row_kernels(self.config.kernel_implementation, x, self.weight)
-        return super().forward(x) if kernels is None else kernels.matvec(x, self.weight, self.bias)
-
-
-def plain_projection(projection: nn.Module) -> bool:
-    """Whether a fused kernel may read this projection's weight itself: a plain SambaLinear, not wrapped by
-    an adapter (PEFT's LoRA wraps it and adds its term), replaced by a quantizer, or hooked (a hook may
-    move or change the weight)."""
-    return (
-        type(projection) is SambaLinear
-        and not hasattr(projection, "_hf_hook")
-        and not projection._forward_hooks
-        and not projection._forward_pre_hooks
-    )
-
-
-def one_launch_kernels(x: torch.Tensor, *projections: nn.Module):
-    """samba_kernels where a compiled one-row step may compute `projections`, which share the input x, in
-    one kernel launch (`stacked_matvec`, `gated_matvec`); None where each must run as its own module (one
-    is not a `plain_projection` without bias)."""
-    if not all(plain_projection(projection) and projection.bias is None for projection in projections):
-        return None
-    config = projections[0].config
-    return one_row_kernels(config.kernel_implementation, x, *(projection.weight for projection in projections))
-
-
 class SambaMLP(nn.Module):
     """SwiGLU without bias: down(silu(gate(x)) * up(x))."""
 
     def __init__(self, config: SambaConfig, intermediate_size: int):
         super().__init__()
-        self.gate_proj = SambaLinear(config.hidden_size, intermediate_size, False, config)
-        self.up_proj = SambaLinear(config.hidden_size, intermediate_size, False, config)
-        self.down_proj = SambaLinear(intermediate_size, config.hidden_size, False, config)
+        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        kernels = one_launch_kernels(hidden_states, self.gate_proj, self.up_proj)
-        if kernels is not None:  # a compiled one-row step: both halves and their product in one kernel
-            return self.down_proj(kernels.gated_matvec(hidden_states, self.gate_proj.weight, self.up_proj.weight))
         return self.down_proj(F.silu(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
 
 
@@ -113,6 +77,7 @@ class SambaRotaryEmbedding(nn.Module):
     def __init__(self, config: SambaConfig):
         super().__init__()
         self.config = config
+        self.max_seq_len_cached = self.original_max_seq_len = config.max_position_embeddings
         self.rope_type = config.rope_parameters["rope_type"]
         rope_init_fn: Callable = self.compute_default_rope_parameters
         if self.rope_type != "default":
@@ -127,6 +92,7 @@ class SambaRotaryEmbedding(nn.Module):
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
         return inv_freq, 1.0
 
+    @dynamic_rope_update  # the "dynamic" and "longrope" types rescale with the sequence length
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -166,8 +132,8 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
 class SambaAttention(nn.Module):
     """Multi-head (grouped-query) attention with RoPE, full or over a sliding window.
 
-    The window reaches eager/sdpa through the 4D mask, the flash kernels through the
-    `sliding_window` argument and flex through its block mask: both are passed."""
+    The window reaches eager/sdpa through the 4D mask, the flash kernels through the `sliding_window`
+    argument, flex through its block mask, and "samba_sdpa" through either: all are passed."""
 
     def __init__(self, config: SambaConfig, layer_idx: int):
         super().__init__()
@@ -178,40 +144,29 @@ class SambaAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.is_causal = True
         self.sliding_window = config.sliding_window if config.layer_types[layer_idx] == "sliding_attention" else None
-        self.q_proj = SambaLinear(config.hidden_size, config.num_attention_heads * self.head_dim, False, config)
-        self.k_proj = SambaLinear(config.hidden_size, config.num_key_value_heads * self.head_dim, False, config)
-        self.v_proj = SambaLinear(config.hidden_size, config.num_key_value_heads * self.head_dim, False, config)
-        self.o_proj = SambaLinear(config.num_attention_heads * self.head_dim, config.hidden_size, False, config)
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
         attention_mask: torch.Tensor | None,
         cache: Cache | None = None,
-        padding_free: bool = False,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        kernels = one_launch_kernels(hidden_states, self.q_proj, self.k_proj, self.v_proj)
-        if kernels is not None:  # a compiled one-row step: the three products in one kernel
-            weights = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
-            query, key, value = kernels.stacked_matvec(hidden_states, weights)
-        else:
-            query, key, value = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
-        query = query.view(hidden_shape).transpose(1, 2)
-        key = key.view(hidden_shape).transpose(1, 2)
-        value = value.view(hidden_shape).transpose(1, 2)
+        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         if position_embeddings is not None:
             query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
-
-        windowed_kernel = self.windowed_kernel(query, key, padding_free)
-        if windowed_kernel is not None:  # the sdpa/eager paths would materialise a window mask
-            attn_output = windowed_kernel(query, key, value, self.sliding_window, self.scaling).transpose(1, 2)
-            return self.o_proj(attn_output.reshape(*input_shape, -1).contiguous()), None
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -230,39 +185,20 @@ class SambaAttention(nn.Module):
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         return self.o_proj(attn_output), attn_weights
 
-    def windowed_kernel(self, query: torch.Tensor, key: torch.Tensor, padding_free: bool):
-        """The fused sliding-window kernel, for inputs without padding or packing that reach past the
-        window (shorter ones run sdpa's causal path, no mask needed) when the chosen implementation is
-        sdpa or eager (flash and flex get the window themselves). Compiled FlexAttention has no kernel
-        for fewer than 128 queries, hence the minimum."""
-        if (
-            self.sliding_window is None
-            or not self.config.windowed_attention_kernel
-            or not padding_free
-            or query.shape[2] < 128
-            or key.shape[2] <= self.sliding_window
-            or self.config._attn_implementation not in ("sdpa", "eager")
-            or self.config.output_attentions  # the kernel returns no attention weights
-        ):
-            return None
-        return windowed_attention_kernel(self.config.kernel_implementation, query.device)
 
-
-def zero_padding(hidden_states: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
-    """Zero (batch, channels, length) states at padded positions, so that left padding never enters
-    the convolution or SSM state (a zero input leaves a zero state at zero)."""
-    if padding_mask is None:
-        return hidden_states
-    return hidden_states * padding_mask[:, None, :].to(hidden_states.dtype)
+def mamba_A_log(channels: int, state_size: int) -> torch.Tensor:
+    """Mamba's S4D-real initialisation: A = -(1, 2, ..., state_size) for every channel, stored as log(-A)."""
+    return torch.log(torch.arange(1, state_size + 1, dtype=torch.float32)).expand(channels, -1).contiguous()
 
 
 class SambaMambaMixer(nn.Module):
     """Mamba-1 selective SSM mixer.
 
-    Unlike transformers' MambaMixer it continues from the cached conv and SSM states for
-    multi-token inputs too (chunked prefill, multi-turn chat), resets them at packed-document
-    boundaries, and calls every `nn.Linear` as a module so that adapters (LoRA) on any of them
-    take effect. The ops come from `kernel_dispatch`: Triton kernels on CUDA, PyTorch elsewhere."""
+    Unlike transformers' MambaMixer it continues from the cached conv and SSM states for multi-token
+    inputs too (chunked prefill, multi-turn chat), resets them at packed-document boundaries, skips
+    padding wherever it stands (a padded position changes neither state), and calls every `nn.Linear`
+    as a module so that adapters (LoRA) and quantizers on any of them take effect. The ops come from
+    `kernel_dispatch`: Triton kernels on CUDA, PyTorch elsewhere."""
 
     def __init__(self, config: SambaConfig, layer_idx: int):
         super().__init__()
@@ -271,7 +207,7 @@ class SambaMambaMixer(nn.Module):
         self.intermediate_size = config.mamba_intermediate_size
         self.state_size = config.state_size
         self.time_step_rank = config.time_step_rank
-        self.in_proj = SambaLinear(config.hidden_size, 2 * self.intermediate_size, config.use_bias, config)
+        self.in_proj = nn.Linear(config.hidden_size, 2 * self.intermediate_size, bias=config.use_bias)
         self.conv1d = nn.Conv1d(
             self.intermediate_size,
             self.intermediate_size,
@@ -280,14 +216,15 @@ class SambaMambaMixer(nn.Module):
             padding=config.conv_kernel - 1,
             bias=config.use_conv_bias,
         )
-        self.x_proj = SambaLinear(self.intermediate_size, self.time_step_rank + 2 * self.state_size, False, config)
-        self.dt_proj = SambaLinear(self.time_step_rank, self.intermediate_size, True, config)
-        A = torch.arange(1, self.state_size + 1, dtype=torch.float32).expand(self.intermediate_size, -1)
-        self.A_log = nn.Parameter(torch.log(A).contiguous())
-        self.D = nn.Parameter(torch.ones(self.intermediate_size))
-        self.out_proj = SambaLinear(self.intermediate_size, config.hidden_size, config.use_bias, config)
+        self.x_proj = nn.Linear(self.intermediate_size, self.time_step_rank + 2 * self.state_size, bias=False)
+        self.dt_proj = nn.Linear(self.time_step_rank, self.intermediate_size, bias=True)
+        # float32 whatever the model's dtype (`_keep_in_fp32_modules_strict`)
+        self.A_log = nn.Parameter(mamba_A_log(self.intermediate_size, self.state_size))
+        self.D = nn.Parameter(torch.ones(self.intermediate_size, dtype=torch.float32))
+        self.out_proj = nn.Linear(self.intermediate_size, config.hidden_size, bias=config.use_bias)
 
     @force_accelerate_hooks("conv1d")  # the conv weight is handed to the op directly
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -299,62 +236,61 @@ class SambaMambaMixer(nn.Module):
         conv_state = cache.get_conv_state(self.layer_idx) if cache is not None else None
         ssm_state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
         x, gate = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)
-        x = zero_padding(x, padding_mask)
         decoding = conv_state is not None and x.shape[-1] == 1
-        decode_kernel = self.decode_kernel(x[..., 0], conv_weight) if decoding else None
-        if decode_kernel is not None:  # a compiled one-row step: conv to state update in two launches
-            y = decode_kernel(x[..., 0], gate[..., 0], conv_state, ssm_state, conv_weight, conv_bias, self.x_proj.weight,
-                              self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D)  # fmt: skip
-            return self.out_proj(y.unsqueeze(1))
-        A = -torch.exp(self.A_log.float())
         ops = mamba_ops(self.config.kernel_implementation, hidden_states.device, decoding)
-        if decoding:  # one token: update the cached states in place (static addresses for CUDA graphs)
-            x = ops.causal_conv1d_update(x.squeeze(-1), conv_state, conv_weight, conv_bias, "silu").unsqueeze(-1)
+        if decoding:  # one token: the cached states are updated in place (static addresses for CUDA graphs)
+            x = ops.causal_conv1d_update(x[..., 0], conv_state, conv_weight, conv_bias, "silu")[..., None]
         else:
-            # The cache overwrites its states in place below: hand the ops copies, which autograd may keep.
-            conv_state = conv_state.clone() if conv_state is not None else None
-            ssm_state = ssm_state.clone() if ssm_state is not None else None
-            x, new_conv_state = ops.causal_conv1d(
-                x,
-                conv_weight,
-                conv_bias,
-                seq_idx=seq_idx,
-                initial_states=conv_state,
-                return_final_states=True,
-                activation="silu",
-            )
-            x = zero_padding(x, padding_mask)
+            x, new_conv_state = self.convolve(ops, x, conv_state, padding_mask, seq_idx)
 
         time_step, B, C = self.x_proj(x.transpose(1, 2)).split(
             [self.time_step_rank, self.state_size, self.state_size], dim=-1
         )
         # dt_proj is called as a module (bias included) so that LoRA on it takes effect.
         delta = self.dt_proj(time_step).transpose(1, 2)
+        if padding_mask is not None:  # a zero time step leaves the SSM state as it was
+            delta = delta.masked_fill(~padding_mask.bool()[:, None, :], SKIPPED_TIME_STEP)
         B, C = B.transpose(1, 2), C.transpose(1, 2)
+        A = -torch.exp(self.A_log.float())
 
         if decoding:
             y = ops.selective_state_update(
-                ssm_state, x.squeeze(-1), delta.squeeze(-1), A, B.squeeze(-1), C.squeeze(-1),
-                D=self.D.float(), z=gate.squeeze(-1), dt_softplus=True,
-            ).unsqueeze(-1)  # fmt: skip
+                ssm_state, x[..., 0], delta[..., 0], A, B[..., 0], C[..., 0], D=self.D.float(), z=gate[..., 0],
+                dt_softplus=True,
+            )[..., None]  # fmt: skip
         else:
+            # The cache overwrites its state in place below: the op gets a copy, which autograd may keep.
             y, last_ssm_state = ops.selective_scan(
                 x, delta, A, B, C, D=self.D.float(), z=gate, delta_softplus=True, return_last_state=True,
-                initial_state=ssm_state, seq_idx=seq_idx,
+                initial_state=ssm_state.clone() if ssm_state is not None else None, seq_idx=seq_idx,
             )  # fmt: skip
             if cache is not None:
                 cache.update_conv_state(new_conv_state, self.layer_idx, conv_kernel_size=self.config.conv_kernel - 1)
                 cache.update_recurrent_state(last_ssm_state, self.layer_idx)
         return self.out_proj(y.transpose(1, 2))
 
-    def decode_kernel(self, x_row: torch.Tensor, conv_weight: torch.Tensor):
-        """samba_kernels.mamba_decode_step for the token of a compiled batch-1 step (`mamba_decode_kernel`)
-        whose x_proj and dt_proj are `plain_projection`s (an adapter or a hook on either keeps the modules,
-        so that it takes effect); None elsewhere."""
-        if not (plain_projection(self.x_proj) and plain_projection(self.dt_proj)) or self.x_proj.bias is not None:
-            return None
-        weights = (self.x_proj.weight, self.dt_proj.weight, conv_weight)
-        return mamba_decode_kernel(self.config.kernel_implementation, x_row, *weights)
+    def convolve(self, ops, x, conv_state, padding_mask, seq_idx) -> tuple[torch.Tensor, torch.Tensor]:
+        """silu(causal depthwise convolution) of x (batch, channels, length) continuing from `conv_state`
+        (the last inputs before x, or none), and the convolution's state after x. Padded positions are
+        skipped: each real token's window holds the real tokens (or cached inputs) before it."""
+        weight, bias = self.conv1d.weight.squeeze(1), self.conv1d.bias
+        if padding_mask is None:
+            # The cache overwrites its state in place: the op gets a copy, which autograd may keep.
+            initial = conv_state.clone() if conv_state is not None else None
+            return ops.causal_conv1d(x, weight, bias, seq_idx=seq_idx, initial_states=initial,
+                                     return_final_states=True, activation="silu")  # fmt: skip
+        # A stable sort on the mask moves every pad ahead of the cached inputs and keeps the rest in order:
+        # [pads, cached inputs, real tokens]. One convolution of that, from a zero state, gives each real
+        # token the window it would have without the pads, and ends in the state it would end in.
+        batch, channels, _ = x.shape
+        width = weight.shape[-1]
+        if conv_state is None:
+            conv_state = x.new_zeros(batch, channels, width - 1)
+        kept = torch.cat([padding_mask.new_ones(batch, width - 1), padding_mask], dim=1).bool()
+        order = torch.sort(kept.to(torch.int8), dim=1, stable=True).indices[:, None, :].expand(-1, channels, -1)
+        ordered = torch.cat([conv_state.to(x.dtype), x], dim=-1).gather(2, order)
+        out, final_state = ops.causal_conv1d(ordered, weight, bias, return_final_states=True, activation="silu")
+        return torch.empty_like(out).scatter_(2, order, out)[..., width - 1 :], final_state
 
 
 class SambaDecoderLayer(GradientCheckpointingLayer):
@@ -382,6 +318,7 @@ class SambaDecoderLayer(GradientCheckpointingLayer):
             return residual.float() + update
         return residual + update
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -389,7 +326,6 @@ class SambaDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: Cache | None = None,
         seq_idx: torch.Tensor | None = None,
-        padding_free: bool = False,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         mixer_input = self.mixer_norm(hidden_states)
@@ -398,124 +334,218 @@ class SambaDecoderLayer(GradientCheckpointingLayer):
         elif self.mixer_type == "mlp":
             update = self.mixer(mixer_input)
         else:
-            update, _ = self.mixer(
-                mixer_input, position_embeddings, attention_mask, cache=cache, padding_free=padding_free, **kwargs
-            )
+            update, _ = self.mixer(mixer_input, position_embeddings, attention_mask, cache=cache, **kwargs)
         hidden_states = self.add_residual(hidden_states, update)
         if self.mlp is not None:
             hidden_states = self.add_residual(hidden_states, self.mlp(self.mlp_norm(hidden_states)))
         return hidden_states
 
 
-class SlidingWindowRingLayer(StaticLayer):
-    """Static cache of a sliding-window attention layer: the last `sliding_window` keys and values in
-    a ring buffer.
+class SambaPreTrainedModel(PreTrainedModel):
+    config: SambaConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["SambaDecoderLayer"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+    _is_stateful = True
+    _keep_in_fp32_modules_strict = ["mixer.A_log", "mixer.D"]
+    _can_record_outputs = {"hidden_states": SambaDecoderLayer, "attentions": SambaAttention}
 
-    transformers' `StaticSlidingWindowLayer` keeps its keys in order by rolling the buffer, and counts
-    tokens in a Python int that it branches on; compiled, that int is an input of the graph and CUDA
-    graphs record a new graph at every step (huggingface/transformers#44609). Here a one-token step
-    writes its key at slot `tokens_seen % sliding_window`, a tensor index, so every step runs the same
-    graph; `ring_window_mask` says which slots hold tokens of the window. Attention does not depend on
-    the order of the keys: their positions are already rotated into them."""
+    def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
+        """"samba_sdpa" unless another implementation is asked for: sdpa, with sliding windows computed
+        without a (queries x keys) mask (`kernel_dispatch.samba_sdpa_attention`)."""
+        return super().get_correct_attn_implementation(requested_attention or SAMBA_SDPA, is_init_check)
 
-    is_sliding = True
+    def _init_weights(self, module):
+        """The reference initialisation: PyTorch's default for linear layers with zero biases, N(0, 0.02)
+        embeddings, Mamba's S4D-real A and inverse-softplus time-step bias, and the projections that
+        write to the residual stream scaled by 1/sqrt(2 * num_hidden_layers)."""
+        config = self.config
+        if isinstance(module, nn.Linear):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv1d):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                bound = 1 / math.sqrt(module.weight.shape[1] * module.weight.shape[2])
+                init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=config.initializer_range)
+        elif isinstance(module, SambaRMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, SambaRotaryEmbedding):
+            rope_init = module.compute_default_rope_parameters
+            if module.rope_type != "default":
+                rope_init = ROPE_INIT_FUNCTIONS[module.rope_type]
+            inv_freq, _ = rope_init(module.config)
+            init.copy_(module.inv_freq, inv_freq)
+            init.copy_(module.original_inv_freq, inv_freq)
+        if isinstance(module, SambaMambaMixer):
+            self._init_mamba(module)
+        for name in ("out_proj", "o_proj", "down_proj"):  # residual-stream writers
+            if isinstance(module, (SambaMambaMixer, SambaAttention, SambaMLP)) and hasattr(module, name):
+                weight = getattr(module, name).weight
+                bound = 1 / math.sqrt(weight.shape[1]) / math.sqrt(2 * config.num_hidden_layers)
+                init.uniform_(weight, -bound, bound)
 
-    def __init__(self, sliding_window: int):
-        super().__init__(max_cache_len=sliding_window)
-
-    @property
-    def is_croppable(self) -> bool:
-        return False  # once the ring has wrapped, the overwritten keys cannot come back
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        window, new_tokens = self.max_cache_len, key_states.shape[-2]
-        if new_tokens == 1:  # a decode step: in place, at a tensor index
-            slot = (self.cumulative_length % window).view(1)
-            self.keys.index_copy_(2, slot, key_states)
-            self.values.index_copy_(2, slot, value_states)
-            self.cumulative_length.add_(1)
-            return self.keys, self.values
-        # Several tokens (a prompt, a prefill chunk, a continuation): they attend to the kept keys in
-        # order followed by themselves, as `get_mask_sizes` describes; the last `window` are kept.
-        seen = int(self.cumulative_length)
-        kept_slots = torch.arange(seen - min(seen, window), seen, device=self.device) % window
-        keys = torch.cat([self.keys[:, :, kept_slots], key_states], dim=2)
-        values = torch.cat([self.values[:, :, kept_slots], value_states], dim=2)
-        total = seen + new_tokens
-        last_slots = torch.arange(total - min(total, window), total, device=self.device) % window
-        self.keys.index_copy_(2, last_slots, keys[:, :, -last_slots.numel() :])
-        self.values.index_copy_(2, last_slots, values[:, :, -last_slots.numel() :])
-        self.cumulative_length.add_(new_tokens)
-        return keys, values
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        """Length and first position of the keys a multi-token `update` returns (one-token steps are
-        masked by `ring_window_mask`)."""
-        seen = int(self.cumulative_length)
-        kept = min(seen, self.max_cache_len)
-        return kept + query_length, seen - kept
-
-
-def use_ring_buffers(cache: StaticCache, config: SambaConfig) -> StaticCache:
-    """Replace the static sliding-window layers of `cache` by `SlidingWindowRingLayer`s, for the
-    attention implementations whose masks can say which slots to read (sdpa and eager; flash
-    attention takes a window, not a mask, and keeps transformers' layers)."""
-    if config._attn_implementation in ("sdpa", "eager"):
-        cache.layers = [
-            SlidingWindowRingLayer(config.sliding_window) if type(layer) is StaticSlidingWindowLayer else layer
-            for layer in cache.layers
-        ]
-    return cache
-
-
-class SambaStaticCache(StaticCache):
-    """transformers' `StaticCache` with ring-buffer sliding-window layers (`SlidingWindowRingLayer`),
-    so that a compiled decode step is one CUDA graph, replayed at every length. Its memory does not
-    grow with `max_cache_len`: Samba's layers keep a window of keys and a fixed-size state.
-    `generate(cache_implementation="static")` builds one."""
-
-    def __init__(self, config: SambaConfig, max_cache_len: int, **kwargs):
-        super().__init__(config=config, max_cache_len=max_cache_len, **kwargs)
-        use_ring_buffers(self, config)
+    def _init_mamba(self, mixer: SambaMambaMixer):
+        config = self.config
+        init.copy_(mixer.A_log, mamba_A_log(mixer.intermediate_size, mixer.state_size))
+        init.ones_(mixer.D)
+        init.uniform_(mixer.dt_proj.weight, -(mixer.time_step_rank**-0.5), mixer.time_step_rank**-0.5)
+        log_min, log_max = math.log(config.time_step_min), math.log(config.time_step_max)
+        dt = torch.exp(torch.rand(mixer.intermediate_size) * (log_max - log_min) + log_min)
+        dt = dt.clamp(min=config.time_step_floor)
+        init.copy_(mixer.dt_proj.bias, dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
 
 
-def ring_window_mask(config: SambaConfig, inputs_embeds: torch.Tensor, attention_mask, ring: SlidingWindowRingLayer):
-    """The sliding-window mask of a one-token step that reads a ring buffer: slot s holds the latest
-    position p = s (mod window) up to the new token's, and is read when p >= 0 (written) and the 2D
-    `attention_mask`, if any, does not mark p as padding. Built from the ring's tensor count only, so
-    it is the same graph at every step."""
-    if config._attn_implementation not in ("sdpa", "eager"):
+# What a forward takes besides its named arguments: transformers' keywords (`TransformersKwargs`) and
+# `return_dict`. Anything else is refused rather than ignored: a misspelt cache argument would otherwise
+# run the input without its cache.
+ACCEPTED_KEYWORDS = frozenset(TransformersKwargs.__annotations__) | {"return_dict"}
+# Keywords of transformers' causal-LM loss that the causal-LM forward hands to it rather than to the model.
+LOSS_KEYWORDS = ("shift_labels", "ignore_index")
+
+
+class SambaModel(SambaPreTrainedModel):
+    def __init__(self, config: SambaConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([SambaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = SambaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.has_attention = any(t in ATTENTION_TYPES for t in config.layer_types)
+        self.rotary_emb = SambaRotaryEmbedding(config) if config.use_rope and self.has_attention else None
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPast:
+        """
+        attention_mask (`torch.Tensor` of shape `(batch, past + length)`, *optional*):
+            1 for real tokens, 0 for padding, anywhere in the row. Padded positions change neither Mamba
+            state and are hidden from attention; windows count positions in the padded row (as
+            transformers' sliding-window masks do), so with left padding each row gets its own result.
+        position_ids (`torch.LongTensor` of shape `(batch, length)`, *optional*):
+            Restarting at 0 inside a row marks packed documents (transformers'
+            `DataCollatorWithFlattening`): attention does not cross them and Mamba states reset.
+        seq_idx (`torch.IntTensor` of shape `(batch, length)`, *optional*):
+            The document of each token of packed rows (`DataCollatorWithFlattening(return_seq_idx=True)`);
+            it must agree with `position_ids`, and stands in for them when they are not given.
+        """
+        unknown = sorted(set(kwargs) - ACCEPTED_KEYWORDS)
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__}.forward() got unexpected keyword argument(s) {unknown}; it takes "
+                f"input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache and transformers' "
+                f"keywords {sorted(ACCEPTED_KEYWORDS)}."
+            )
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if inputs_embeds.shape[1] == 0:
+            raise ValueError(
+                f"The input has no tokens (shape {tuple(inputs_embeds.shape[:2])}): pass at least one token per row."
+            )
+        seq_idx, position_ids = packed_documents(kwargs.pop("seq_idx", None), position_ids, attention_mask, cache)
+        if use_cache and cache is None and seq_idx is None:
+            cache = DynamicCache(config=self.config)
+
+        if position_ids is None:
+            past_seen_tokens = cache.get_seq_length() if cache is not None and self.has_attention else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+
+        if isinstance(attention_mask, dict):  # masks prepared by `generate` (compiled steps) or the decode engine
+            masks = attention_mask
+        else:
+            masks = create_layer_masks(self.config, inputs_embeds, attention_mask, cache, position_ids)
+
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids) if self.rotary_emb is not None else None
+        hidden_states = inputs_embeds
+        for layer, layer_type in zip(self.layers, self.config.layer_types):
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=masks.get(layer_type),
+                position_embeddings=position_embeddings,
+                cache=cache,
+                seq_idx=seq_idx,
+                **kwargs,
+            )
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
+
+
+def packed_documents(seq_idx, position_ids, attention_mask, cache) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(seq_idx, position_ids) for the Mamba ops and the masks: the document index (int32) of each token of
+    packed rows, or None where every row holds one document.
+
+    As in transformers' masks, packing shows in position ids that do not step by one, read only where no
+    padding mask is given (padding repeats positions). A `seq_idx` from a collator must agree with the
+    position ids, and stands in for them where they are missing. Packed rows cannot continue a cache: the
+    cached state belongs to one document. Compiled, position ids cannot be read (that would break the graph):
+    rows without a cache always take the index (all zeros for one document), as transformers' masks do."""
+    if seq_idx is not None and position_ids is None:
+        position_ids = document_positions(seq_idx)
+    if position_ids is None or position_ids.shape[1] == 1 or attention_mask is not None:
+        if seq_idx is not None:
+            raise ValueError("seq_idx marks packed documents, which cannot carry a padding mask: drop attention_mask.")
+        return None, position_ids
+    if torch.compiler.is_compiling():
+        index = None if cache is not None else find_packed_sequence_indices(position_ids).to(torch.int32)
+        return index, position_ids
+    packed = find_packed_sequence_indices(position_ids)
+    if seq_idx is not None:
+        documents = packed if packed is not None else torch.zeros_like(position_ids)
+        if not torch.equal(documents.to(seq_idx.device), document_numbers(seq_idx)):
+            raise ValueError("seq_idx and position_ids disagree on where documents start: pass one of them, or "
+                             "both from the same collator.")  # fmt: skip
+    if packed is None:
+        return None, position_ids
+    if cache is not None:
         raise ValueError(
-            f"A ring-buffer static cache needs attention implementation 'sdpa' or 'eager', not "
-            f"{config._attn_implementation!r}: build the cache after choosing the implementation."
+            "position_ids restart inside a row (packed documents), which cannot continue a cache: run packed rows "
+            "without one (use_cache=False), or unpack them."
         )
-    window, device = ring.max_cache_len, inputs_embeds.device
-    query_position = ring.cumulative_length.to(device)
-    slots = torch.arange(window, device=device)
-    positions = query_position - (query_position - slots) % window
-    readable = positions >= 0
-    if attention_mask is not None:
-        readable = readable & attention_mask[:, positions.clamp(min=0)].bool()
+    return packed.to(torch.int32).contiguous(), position_ids
 
-    def slot_mask(batch_idx, head_idx, q_idx, kv_idx):
-        return readable.expand(inputs_embeds.shape[0], window)[batch_idx, kv_idx]
 
-    return ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation](
-        batch_size=inputs_embeds.shape[0],
-        q_length=1,
-        kv_length=window,
-        mask_function=slot_mask,
-        allow_is_causal_skip=False,
-        dtype=inputs_embeds.dtype,
-        device=device,
-    )
+def document_positions(seq_idx: torch.Tensor) -> torch.Tensor:
+    """The position of each token in its document, from the document index of each token."""
+    token_index = torch.arange(seq_idx.shape[1], device=seq_idx.device).expand_as(seq_idx)
+    starts = torch.ones_like(seq_idx, dtype=torch.bool)
+    starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    return token_index - torch.cummax(torch.where(starts, token_index, 0), dim=1).values
+
+
+def document_numbers(seq_idx: torch.Tensor) -> torch.Tensor:
+    """seq_idx renumbered 0, 1, 2, ... from each row's start (as `find_packed_sequence_indices` numbers them)."""
+    starts = torch.zeros_like(seq_idx, dtype=torch.long)
+    starts[:, 1:] = (seq_idx[:, 1:] != seq_idx[:, :-1]).long()
+    return starts.cumsum(dim=1)
 
 
 def create_layer_masks(config: SambaConfig, inputs_embeds, attention_mask, cache, position_ids) -> dict:
     """The attention mask of each layer type (transformers' mask functions; `ring_window_mask` for a
-    one-token step over a ring-buffer cache)."""
+    one-token step over a ring-buffer static cache)."""
     mask_kwargs = {
         "config": config,
         "inputs_embeds": inputs_embeds,
@@ -540,183 +570,7 @@ def create_layer_masks(config: SambaConfig, inputs_embeds, attention_mask, cache
     return masks
 
 
-class SambaPreTrainedModel(PreTrainedModel):
-    config: SambaConfig
-    base_model_prefix = "model"
-    supports_gradient_checkpointing = True
-    _no_split_modules = ["SambaDecoderLayer"]
-    _supports_flash_attn = True
-    _supports_sdpa = True
-    _supports_flex_attn = True
-    _supports_attention_backend = True
-    _can_compile_fullgraph = True
-    _is_stateful = True
-    _keep_in_fp32_modules_strict = ["mixer.A_log", "mixer.D"]
-    _can_record_outputs = {"hidden_states": SambaDecoderLayer, "attentions": SambaAttention}
-
-    def _init_weights(self, module):
-        """The reference initialisation: PyTorch's default for linear layers with zero biases, N(0, 0.02)
-        embeddings, Mamba's S4D-real A and inverse-softplus time-step bias, and the projections that
-        write to the residual stream scaled by 1/sqrt(2 * num_hidden_layers)."""
-        config = self.config
-        if isinstance(module, nn.Linear):
-            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
-            if module.bias is not None:
-                init.zeros_(module.bias)
-        elif isinstance(module, nn.Conv1d):
-            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
-            if module.bias is not None:
-                bound = 1 / math.sqrt(module.weight.shape[1] * module.weight.shape[2])
-                init.uniform_(module.bias, -bound, bound)
-        elif isinstance(module, nn.Embedding):
-            init.normal_(module.weight, mean=0.0, std=config.initializer_range)
-        elif isinstance(module, SambaRMSNorm):
-            init.ones_(module.weight)
-        elif isinstance(module, SambaRotaryEmbedding):
-            inv_freq, _ = module.compute_default_rope_parameters(module.config)
-            init.copy_(module.inv_freq, inv_freq)
-            init.copy_(module.original_inv_freq, inv_freq)
-        if isinstance(module, SambaMambaMixer):
-            self._init_mamba(module)
-        for name in ("out_proj", "o_proj", "down_proj"):  # residual-stream writers
-            if isinstance(module, (SambaMambaMixer, SambaAttention, SambaMLP)) and hasattr(module, name):
-                weight = getattr(module, name).weight
-                bound = 1 / math.sqrt(weight.shape[1]) / math.sqrt(2 * config.num_hidden_layers)
-                init.uniform_(weight, -bound, bound)
-
-    def _init_mamba(self, mixer: SambaMambaMixer):
-        config = self.config
-        A = torch.arange(1, mixer.state_size + 1, dtype=torch.float32).expand(mixer.intermediate_size, -1)
-        init.copy_(mixer.A_log, torch.log(A))
-        init.ones_(mixer.D)
-        init.uniform_(mixer.dt_proj.weight, -(mixer.time_step_rank**-0.5), mixer.time_step_rank**-0.5)
-        log_min, log_max = math.log(config.time_step_min), math.log(config.time_step_max)
-        dt = torch.exp(torch.rand(mixer.intermediate_size) * (log_max - log_min) + log_min)
-        dt = dt.clamp(min=config.time_step_floor)
-        init.copy_(mixer.dt_proj.bias, dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
-
-
-class SambaModel(SambaPreTrainedModel):
-    def __init__(self, config: SambaConfig):
-        super().__init__(config)
-        self.padding_idx = config.pad_token_id
-        self.vocab_size = config.vocab_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList([SambaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = SambaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.has_attention = any(t in ATTENTION_TYPES for t in config.layer_types)
-        self.rotary_emb = SambaRotaryEmbedding(config) if config.use_rope and self.has_attention else None
-        self.gradient_checkpointing = False
-        self.post_init()
-
-    @merge_with_config_defaults
-    @capture_outputs
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        cache: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        use_cache: bool | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> BaseModelOutputWithPast:
-        """
-        attention_mask (`torch.Tensor` of shape `(batch, length)`, *optional*):
-            1 for real tokens, 0 for padding. Padding must be on the left (as `generate` pads for
-            decoder-only models): padded positions are zeroed before every Mamba convolution and
-            scan, so they leave no trace in the recurrent state.
-        position_ids (`torch.LongTensor` of shape `(batch, length)`, *optional*):
-            Restarting at 0 inside a row marks packed documents (transformers'
-            `DataCollatorWithFlattening`): attention does not cross them and Mamba states reset.
-        """
-        if (input_ids is None) ^ (inputs_embeds is not None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-        if cache is not None and inputs_embeds.shape[1] > 1 and isinstance(attention_mask, torch.Tensor):
-            check_left_padding(attention_mask)  # the caller will continue from this cache (not per decode step)
-        # Packed documents, as transformers' masks detect them: position_ids restarting, no padding
-        # mask and no cache. Mamba states then reset where the attention mask separates documents.
-        seq_idx = None
-        if position_ids is not None and attention_mask is None and cache is None:
-            seq_idx = packed_document_index(position_ids)
-        if (  # asked of prompts, where such a cache is filled, not of every decode step
-            inputs_embeds.shape[1] > 1
-            and not torch.compiler.is_compiling()
-            and self.config._attn_implementation in ("sdpa", "eager")
-            and any(type(layer) is StaticSlidingWindowLayer for layer in getattr(cache, "layers", ()))
-        ):
-            logger.warning_once(
-                "This static cache keeps sliding-window keys in transformers' StaticSlidingWindowLayer, which "
-                "counts tokens in a Python int: a compiled decode step re-records its CUDA graph at every token. "
-                "Build `samba_hf.SambaStaticCache(config=..., max_cache_len=...)` instead (what "
-                "`generate(cache_implementation='static')` uses)."
-            )
-        if use_cache and cache is None and seq_idx is None:
-            cache = DynamicCache(config=self.config)
-
-        if position_ids is None:
-            past_seen_tokens = cache.get_seq_length() if cache is not None and self.has_attention else 0
-            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
-            position_ids = position_ids.unsqueeze(0)
-
-        if isinstance(attention_mask, dict):  # masks prepared by `generate` for compiled decoding
-            masks = attention_mask
-        else:
-            masks = create_layer_masks(self.config, inputs_embeds, attention_mask, cache, position_ids)
-
-        padding_free = seq_idx is None and is_padding_free(attention_mask, inputs_embeds)
-        position_embeddings = self.rotary_emb(inputs_embeds, position_ids) if self.rotary_emb is not None else None
-        hidden_states = inputs_embeds
-        for layer, layer_type in zip(self.layers, self.config.layer_types):
-            hidden_states = layer(
-                hidden_states,
-                attention_mask=masks.get(layer_type),
-                position_embeddings=position_embeddings,
-                cache=cache,
-                seq_idx=seq_idx,
-                padding_free=padding_free,
-                **kwargs,
-            )
-        hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
-
-
-def is_padding_free(attention_mask, inputs_embeds: torch.Tensor) -> bool:
-    """No padding in a multi-token CUDA input (asked only where the fused window kernel could run).
-    Under torch.compile only a missing mask counts: reading a mask's values would break the graph."""
-    if inputs_embeds.shape[1] == 1 or not inputs_embeds.is_cuda:
-        return False
-    if attention_mask is None:
-        return True
-    if torch.compiler.is_compiling():
-        return False
-    return isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2 and bool(attention_mask.all())
-
-
-def check_left_padding(attention_mask: torch.Tensor) -> None:
-    """Right padding would leave pad tokens in the cached states, ahead of the tokens that follow."""
-    if torch.compiler.is_compiling() or attention_mask.ndim != 2:
-        return
-    if (attention_mask[:, 1:] < attention_mask[:, :-1]).any():
-        raise ValueError(
-            "Samba needs left padding: a padding token after a real token would enter the Mamba state. "
-            "Set `tokenizer.padding_side = 'left'`, or run rows of different lengths separately."
-        )
-
-
-def packed_document_index(position_ids: torch.Tensor) -> torch.Tensor | None:
-    """Document index of each token (int32) for packed rows, where positions restart; else None.
-    Compiled, always the index (one document: all zeros): whether positions restart depends on their
-    values, and transformers' masks separate the documents of a compiled step whenever they do."""
-    if position_ids.shape[1] == 1:
-        return None
-    seq_idx = find_packed_sequence_indices(position_ids)
-    return None if seq_idx is None else seq_idx.to(torch.int32).contiguous()
-
-
-class SambaForCausalLM(SambaPreTrainedModel, GenerationMixin):
+class SambaForCausalLM(SambaPreTrainedModel, SambaGenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 
@@ -724,15 +578,10 @@ class SambaForCausalLM(SambaPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = SambaModel(config)
         self.vocab_size = config.vocab_size
-        self.lm_head = SambaLinear(config.hidden_size, config.vocab_size, False, config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-        # generate() copies `prefill_chunk_size` from the config into its own option, which chunks the
-        # prompt itself and, with a static cache on a GPU, compiles each chunk. The forward already
-        # chunks long inputs (eagerly, as prefill should run), so generate passes the prompt whole unless
-        # asked for `generate(prefill_chunk_size=...)`.
-        if self.generation_config is not None:
-            self.generation_config.prefill_chunk_size = None
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
     def forward(
         self,
@@ -761,23 +610,7 @@ class SambaForCausalLM(SambaPreTrainedModel, GenerationMixin):
         >>> out = model.generate(input_ids, max_new_tokens=32)
         ```
         """
-        chunk_size = kwargs.pop("prefill_chunk_size", self.config.prefill_chunk_size)
-        length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-        fills_cache = use_cache if use_cache is not None else self.config.use_cache
-        if (
-            chunk_size is not None
-            and length > chunk_size
-            and fills_cache
-            and labels is None
-            and not self.training
-            and isinstance(logits_to_keep, int)
-            and not isinstance(attention_mask, dict)
-            and not kwargs.get("output_hidden_states")
-            and not kwargs.get("output_attentions")
-        ):
-            return self.chunked_prefill(
-                input_ids, attention_mask, position_ids, cache, inputs_embeds, logits_to_keep, chunk_size, **kwargs
-            )
+        loss_kwargs = {name: kwargs.pop(name) for name in LOSS_KEYWORDS if name in kwargs}
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -791,7 +624,8 @@ class SambaForCausalLM(SambaPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states)
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs,
+                                      **kwargs)  # fmt: skip
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -803,58 +637,19 @@ class SambaForCausalLM(SambaPreTrainedModel, GenerationMixin):
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, cache, position_ids=None, **kwargs):
         """The masks of a decode step, which `generate` prepares outside the compiled step when the cache
         is static (as the model builds them). A prompt gets its 2D mask back, as transformers' own
-        function does for models it has no masks for: the forward then prefills it in chunks, with the
-        fused window kernel, instead of taking a (prompt x prompt) mask prepared for it whole."""
+        function does for models it has no masks for: the forward builds its masks itself."""
         if inputs_embeds.shape[1] > 1:
             return attention_mask
         return create_layer_masks(config, inputs_embeds, attention_mask, cache, position_ids)
 
-    def _prepare_static_cache(self, *args, **kwargs) -> StaticCache:
-        """`cache_implementation="static"` builds transformers' StaticCache; its sliding-window layers
-        become ring buffers (see `SambaStaticCache`)."""
-        return use_ring_buffers(super()._prepare_static_cache(*args, **kwargs), self.config)
-
-    def chunked_prefill(
-        self, input_ids, attention_mask, position_ids, cache, inputs_embeds, logits_to_keep, chunk_size, **kwargs
-    ) -> CausalLMOutputWithPast:
-        """Run a long input through the model `chunk_size` tokens at a time, each chunk continuing from
-        the cache the previous one filled: exact, with activations of one chunk alive at a time. Only
-        the hidden states of the last `logits_to_keep` positions (all when 0) are kept."""
-        if chunk_size < 2:
-            # A one-token chunk takes the decode path, which assumes its token is not padding.
-            raise ValueError(f"prefill_chunk_size must be None or at least 2, got {chunk_size}.")
-        if cache is None:
-            cache = DynamicCache(config=self.config)
-        past_length = cache.get_seq_length() if self.model.has_attention else 0
-        length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-        first_kept = length - logits_to_keep if logits_to_keep > 0 else 0
-        kept = []
-        for start in range(0, length, chunk_size):
-            end = min(start + chunk_size, length)
-            outputs = self.model(
-                input_ids=input_ids[:, start:end] if input_ids is not None else None,
-                inputs_embeds=inputs_embeds[:, start:end] if inputs_embeds is not None else None,
-                attention_mask=attention_mask[:, : past_length + end] if attention_mask is not None else None,
-                position_ids=position_ids[:, start:end] if position_ids is not None else None,
-                cache=cache,
-                use_cache=True,
-                **kwargs,
-            )
-            if end > first_kept:
-                kept.append(outputs.last_hidden_state[:, max(first_kept - start, 0) :])
-        logits = self.lm_head(torch.cat(kept, dim=1))
-        return CausalLMOutputWithPast(logits=logits, cache=cache)
+    def _prepare_static_cache(self, cache_implementation: str, batch_size: int, max_cache_len: int, *args, **kwargs):
+        """`cache_implementation="static"` builds `SambaStaticCache` (ring-buffer window layers)."""
+        cache = super()._prepare_static_cache(cache_implementation, batch_size, max_cache_len, *args, **kwargs)
+        return use_ring_buffers(cache, self.config, self._previous_max_cache_length)
 
 
 class SambaForSequenceClassification(GenericForSequenceClassification, SambaPreTrainedModel):
     pass
 
 
-__all__ = [
-    "SambaForCausalLM",
-    "SambaForSequenceClassification",
-    "SambaModel",
-    "SambaPreTrainedModel",
-    "SambaStaticCache",
-    "SlidingWindowRingLayer",
-]
+__all__ = ["SambaForCausalLM", "SambaForSequenceClassification", "SambaModel", "SambaPreTrainedModel"]

@@ -84,17 +84,20 @@ def _grouped(BC):
 
 
 @pytest.mark.parametrize("sms", [132, 78])
-def test_selective_scan_splits_long_sequences_of_small_batches(sms):
+def test_selective_scan_splits_long_sequences_of_small_batches(sms, monkeypatch):
     """The GPU launch plan on a device of `sms` SMs (shapes only, no launch): batch-1 and batch-2 sequences of
-    16K steps split in the forward and the backward, a batch of 8 x 4K does not; at batch 1 the forward's chunks
-    give every SM sub-partition a warp and the backward's give each SM PROGRAMS_PER_SM programs."""
+    16K steps split in the forward, a batch of 8 x 4K does not; the backward splits only where SPLIT_BACKWARD is
+    on. At batch 1 the forward's chunks give every SM sub-partition a warp and the backward's give each SM
+    PROGRAMS_PER_SM programs."""
     def plan(batch, length, dim=3072):
         return scan_kernel._plan(batch, dim, length, 1, 16, True, gpu=True, sms=sms)
 
     for batch in (1, 2):
-        assert plan(batch, 16384).forward.chunks > 1 and plan(batch, 16384).backward.chunks > 1
+        assert plan(batch, 16384).forward.chunks > 1 and plan(batch, 16384).backward.chunks == 1
     unsplit = plan(8, 4096)
     assert unsplit.forward.lanes and unsplit.forward.chunks == 1 and unsplit.backward.chunks == 1
+    monkeypatch.setattr(scan_kernel, "SPLIT_BACKWARD", True)
+    assert plan(1, 16384).backward.chunks > 1
     forward, backward = plan(1, 65536).forward, plan(1, 65536).backward
     assert forward.lanes and forward.chunk % forward.meta["T"] == 0 and backward.chunk % backward.meta["T"] == 0
     assert forward.chunks * triton.cdiv(3072, forward.meta["BLOCK_D"]) >= scan_kernel.SUB_PARTITIONS_PER_SM * sms
@@ -139,6 +142,20 @@ def test_selective_scan_backward_refuses_checkpoints_of_other_tiles():
     with pytest.raises(RuntimeError, match="launch plan changed"):
         scan_kernel._scan_bwd_op(t["u"], None, t["u"], t["delta"], t["A"], *grouped, None, None, None, None, ckpt,
                                  False, False)
+
+
+def test_selective_scan_bf16():
+    g = gen(1)
+    t = _scan_inputs(g, 1, 5, 3, 9, D=True, z=True, bias=True)
+    t = {k: v.detach().to(torch.bfloat16).requires_grad_() for k, v in t.items()}
+    y = samba_kernels.selective_scan_fn(**t, delta_softplus=True)
+    y_ref = samba_kernels.selective_scan_ref(**t, delta_softplus=True)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2)
+    dy = randn(g, *y.shape).to(torch.bfloat16)
+    for gr, gr_ref in zip(torch.autograd.grad(y, list(t.values()), dy), torch.autograd.grad(y_ref, list(t.values()), dy)):
+        assert gr.dtype == torch.bfloat16
+        torch.testing.assert_close(gr.float(), gr_ref.float(), rtol=5e-2, atol=5e-2)
 
 
 @triton.jit

@@ -141,7 +141,7 @@ def _state_kernel(x_ptr, z_ptr, conv_state_ptr, conv_weight_ptr, conv_bias_ptr, 
              mask=channel_mask[:, None] & (slots[None, :] < S))
 
 
-# Tiles: the fastest of a sweep at samba-421m's mixer (benchmarks/mamba_decode.md). x_proj's
+# Tiles: the fastest of a sweep at samba-421m's mixer (docs/performance-notes.md, Decoding). x_proj's
 # rows take one K step where the mixer is at most 4096 channels wide, so that every load issues right
 # after the wait (each program recomputes the convolution of every channel); the state update takes
 # 32 channels per program (3072 channels: 96 programs).

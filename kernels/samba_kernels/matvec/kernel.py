@@ -10,14 +10,16 @@ token.
 A kernel launch has a fixed cost of a few µs at these sizes (ramp-up, tail), so products that share
 their input also run as one launch: `stacked_matvec` (the rows of several weights, as for q/k/v) and
 `gated_matvec` (SwiGLU's silu(x @ gate.T) * (x @ up.T), with the product taken in the kernel). A token's
-products of samba-421m, so grouped, take fewer launches and less time than cuBLAS's (benchmarks/matvec.md).
+products of samba-421m, so grouped, take fewer launches and less time than cuBLAS's (benchmarks/results/kernels.md,
+the matvec case).
 
 Where torch.compile's kernels launch as programmatic dependents (`torch._inductor.config.triton.enable_pdl`
 on sm90 and later; see `dependent_launch`), these do too: a product loads its first weight tile while
-the kernel before it finishes, and reads x only after `gdc_wait()`, which shortens a compiled samba-421m step
-(benchmarks/generate.md).
+the kernel before it finishes, and reads x only after `gdc_wait()`, which shortens a decode step
+(docs/performance-notes.md, Decoding).
 
-The references (`naive.py`: F.linear) are the path on CPU tensors without Triton's interpreter.
+The references (`naive.py`: F.linear, after F.rms_norm where a norm is fused) are the path on CPU tensors
+without Triton's interpreter.
 """
 
 from collections.abc import Sequence
@@ -27,18 +29,21 @@ import triton
 import triton.language as tl
 
 from .._common import dependent_launch, gdc_launch_dependents, gdc_wait, use_triton
-from .naive import gated_matvec_ref, matvec_ref, stacked_matvec_ref
+from .naive import gated_matvec_ref, matvec_add_ref, matvec_ref, stacked_matvec_ref
 
 
 @triton.jit
-def _matvec_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, bias_ptr, out_ptr, N0, N1, N2, K, stride_x, stride0, stride1,
-                   stride2,
-                   WEIGHTS: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _matvec_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, bias_ptr, norm_weight_ptr, out_ptr, N0, N1, N2, K, stride_x,
+                   stride0, stride1, stride2, eps,
+                   WEIGHTS: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
+                   RESIDUAL: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out = x @ [w0; w1; w2].T (+ bias): the rows of the first WEIGHTS weights stacked, N0 + N1 + N2
     outputs (the unused weights have 0 rows). GATED: out = silu(x @ w0.T) * (x @ w1.T), N0 outputs,
-    each program reading the same rows of both weights. PDL: launched as a programmatic dependent; the
-    first weight tile loads before the wait for the kernel that writes x."""
+    each program reading the same rows of both weights. NORM: x is first RMS-normalised (float32) and
+    scaled by norm_weight; its sum of squares accumulates with the products, and the products are scaled
+    by 1 / rms at the end. RESIDUAL: out += the products (out is the float32 residual stream, updated in
+    place). PDL: launched as a programmatic dependent; the first weight tile loads before the wait for the
+    kernel that writes x."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N0 + N1 + N2
     row_idx = rows.to(tl.int64)  # int64: vocabulary x hidden may pass 2**31
@@ -57,6 +62,9 @@ def _matvec_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, bias_ptr, out_ptr, N0, N1, N2,
         gdc_launch_dependents()
         gdc_wait()
     x_k = tl.load(x_ptr + cols * stride_x, mask=cols < K, other=0.0).to(tl.float32)[None, :]
+    squares = x_k * x_k  # NORM only
+    if NORM:
+        x_k *= tl.load(norm_weight_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
     acc = w.to(tl.float32) * x_k
     if GATED:
         acc_up = up.to(tl.float32) * x_k
@@ -64,6 +72,9 @@ def _matvec_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, bias_ptr, out_ptr, N0, N1, N2,
         cols = k0 + tl.arange(0, BLOCK_K)
         tile_mask = row_mask[:, None] & (cols < K)[None, :]
         x_k = tl.load(x_ptr + cols * stride_x, mask=cols < K, other=0.0).to(tl.float32)[None, :]
+        if NORM:
+            squares += x_k * x_k
+            x_k *= tl.load(norm_weight_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
         w = tl.load(w_rows_ptr[:, None] + cols[None, :], mask=tile_mask, other=0.0, eviction_policy="evict_first")
         acc += w.to(tl.float32) * x_k
         if GATED:
@@ -72,15 +83,24 @@ def _matvec_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, bias_ptr, out_ptr, N0, N1, N2,
             acc_up += up.to(tl.float32) * x_k
     y = tl.sum(acc, axis=1)
     if GATED:
-        y = y * tl.sigmoid(y) * tl.sum(acc_up, axis=1)
+        y_up = tl.sum(acc_up, axis=1)
+    if NORM:
+        inv_rms = 1.0 / tl.sqrt(tl.sum(squares) / K + eps)
+        y *= inv_rms
+        if GATED:
+            y_up *= inv_rms
+    if GATED:
+        y = y * tl.sigmoid(y) * y_up
     if HAS_BIAS:
         y += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+    if RESIDUAL:
+        y += tl.load(out_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
 def _tile(N: int, K: int) -> dict:
     """(BLOCK_N, BLOCK_K, warps), from a sweep of samba-421m's decode products with a cold L2
-    (benchmarks/matvec.md): two rows per program where that gives thousands of programs; otherwise wide
+    (docs/performance-notes.md, Decoding): two rows per program where that gives thousands of programs; otherwise wide
     K steps and eight warps, so that fewer programs still keep enough loads in flight."""
     if N >= 4096:
         return dict(BLOCK_N=2, BLOCK_K=512, num_warps=2)
@@ -90,12 +110,14 @@ def _tile(N: int, K: int) -> dict:
 
 
 def _new_output(x: torch.Tensor, weights: list[torch.Tensor], gated: bool) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], weights[0].shape[0] if gated else sum(w.shape[0] for w in weights))
+    n = weights[0].shape[0] if gated else sum(w.shape[0] for w in weights)
+    return x.new_empty(*x.shape[:-1], n, dtype=weights[0].dtype)
 
 
-def _launch_matvec(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None,
-                   gated: bool) -> torch.Tensor:
-    out = _new_output(x, weights, gated)
+def _launch_matvec(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None, gated: bool,
+                   norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+                   residual: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    out = _new_output(x, weights, gated) if residual is None else residual
     x_row = x.reshape(-1)  # one row, as a view: its elements may be strided (a slice of a wider tensor)
     weights = [w if w.stride(-1) == 1 else w.contiguous() for w in weights]
     bias = None if bias is None else bias.contiguous()
@@ -104,15 +126,20 @@ def _launch_matvec(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Ten
     rows = [weights[0].shape[0]] + [w.shape[0] for w in stacked] + [0] * (2 - len(stacked))
     tile = _tile(out.shape[-1] * (2 if gated else 1), x_row.shape[0])
     _matvec_kernel[(triton.cdiv(out.shape[-1], tile["BLOCK_N"]),)](
-        x_row, *padded, padded[0] if bias is None else bias, out, *rows, x_row.shape[0], x_row.stride(0),
-        *(w.stride(0) for w in padded), WEIGHTS=1 + len(stacked), GATED=gated, HAS_BIAS=bias is not None,
-        **dependent_launch(x), **tile)
+        x_row, *padded, padded[0] if bias is None else bias, padded[0] if norm_weight is None else norm_weight, out,
+        *rows, x_row.shape[0], x_row.stride(0), *(w.stride(0) for w in padded), eps, WEIGHTS=1 + len(stacked),
+        GATED=gated, HAS_BIAS=bias is not None, NORM=norm_weight is not None, RESIDUAL=residual is not None,
+        **dependent_launch(x), **tile)  # fmt: skip
     return out
+
+
+def _matvec_op(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None, gated: bool) -> torch.Tensor:
+    return _launch_matvec(x, weights, bias, gated)
 
 
 # A custom op for torch.compile; eager calls launch directly, as the op's dispatch costs host time
 # that a one-token step, bound by host time, would pay for each of its products.
-_matvec = torch.library.custom_op("samba_kernels::matvec", _launch_matvec, mutates_args=())
+_matvec = torch.library.custom_op("samba_kernels::matvec", _matvec_op, mutates_args=())
 
 
 @_matvec.register_fake
@@ -120,50 +147,89 @@ def _(x, weights, bias, gated):
     return _new_output(x, weights, gated)
 
 
-def _check(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: torch.Tensor | None, name: str) -> bool:
+def _check(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: torch.Tensor | None, name: str,
+           norm_weight: torch.Tensor | None = None) -> bool:  # fmt: skip
     """Raises on what the kernel cannot do; True where `use_triton(x)` (the kernel), False where the
     caller's F.linear reference runs."""
     if x.shape[:-1].numel() != 1:
         raise ValueError(f"{name} takes one row of x, got shape {tuple(x.shape)}: use F.linear for more rows")
     for weight in weights:
-        if weight.dim() != 2 or x.shape[-1] != weight.shape[1] or x.dtype != weight.dtype:
+        # x may be float32 where it is normalised first (the residual stream of a bf16 model)
+        dtype_ok = x.dtype == weight.dtype or (norm_weight is not None and x.dtype == torch.float32)
+        if weight.dim() != 2 or x.shape[-1] != weight.shape[1] or not dtype_ok:
             raise ValueError(f"{name}: x {tuple(x.shape)} {x.dtype} does not match weight {tuple(weight.shape)} "
                              f"{weight.dtype} (x's last dimension is the weight's second, in the same dtype)")
+    if norm_weight is not None and norm_weight.shape != (x.shape[-1],):
+        raise ValueError(f"{name}: norm_weight {tuple(norm_weight.shape)} must have x's last dimension {x.shape[-1]}")
     if not use_triton(x):
         return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *weights, bias)):
         raise ValueError(f"{name} has no backward: call it without gradients (torch.no_grad) or use F.linear")
+    if norm_weight is not None and torch.compiler.is_compiling():
+        raise NotImplementedError(f"{name} with norm_weight runs eagerly only (the decode engine's step)")
     return True
 
 
-def _run(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None, gated: bool) -> torch.Tensor:
-    return (_matvec if torch.compiler.is_compiling() else _launch_matvec)(x, weights, bias, gated)
+def _run(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None, gated: bool,
+         norm_weight: torch.Tensor | None, eps: float) -> torch.Tensor:  # fmt: skip
+    if torch.compiler.is_compiling():
+        return _matvec(x, weights, bias, gated)
+    return _launch_matvec(x, weights, bias, gated, norm_weight, eps)
 
 
-def matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias) for an x holding one row, without gradients: the Triton kernel where
-    `use_triton(x)`, `matvec_ref` (F.linear) elsewhere.
+def matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+           norm_weight: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:  # fmt: skip
+    """F.linear(x, weight, bias) for an x holding one row, without gradients (semantics: `matvec_ref`): the
+    Triton kernel where `use_triton(x)`, the reference elsewhere.
 
     Args:
         x (torch.Tensor): one row, shape `[..., K]` whose leading dimensions multiply to 1; its elements may be
-            strided (a slice of a wider tensor); the weight's dtype.
+            strided (a slice of a wider tensor); the weight's dtype, or float32 where `norm_weight` is given.
         weight (torch.Tensor): shape `[N, K]`, float32, bfloat16 or float16.
         bias (torch.Tensor | None): shape `[N]`.
+        norm_weight (torch.Tensor | None): shape `[K]`: x is first RMS-normalised with `eps` and scaled by it, in
+            the same kernel (eager calls only): F.linear(rms_norm(x) * norm_weight, weight, bias).
+        eps (float): the norm's epsilon.
 
     Returns:
-        shape `[..., N]` in x's dtype (accumulated in float32).
+        shape `[..., N]` in the weight's dtype (accumulated in float32).
     """
-    if not _check(x, [weight], bias, "matvec"):
-        return matvec_ref(x, weight, bias)
-    return _run(x, [weight], bias, gated=False)
+    if not _check(x, [weight], bias, "matvec", norm_weight):
+        return matvec_ref(x, weight, bias, norm_weight=norm_weight, eps=eps)
+    return _run(x, [weight], bias, False, norm_weight, eps)
 
 
-def stacked_matvec(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """(F.linear(x, w) for w in weights) in one launch, without concatenating the weights (as `matvec`).
+def matvec_add_(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """residual += F.linear(x, weight, bias), in place, for one row (semantics: `matvec_add_ref`): a residual
+    stream updated by a projection in one launch, without gradients.
 
     Args:
-        x (torch.Tensor): one row, shape `[..., K]` (as for `matvec`).
-        weights (Sequence[torch.Tensor]): one to three weights of shapes `[N_i, K]` in x's dtype.
+        residual (torch.Tensor): one contiguous row `[..., N]`, float32 or x's dtype; updated in place.
+        x (torch.Tensor): one row `[..., K]` in the weight's dtype.
+        weight (torch.Tensor): shape `[N, K]`; bias (torch.Tensor | None): shape `[N]`.
+
+    Returns:
+        residual.
+    """
+    if residual.shape[:-1].numel() != 1 or residual.shape[-1] != weight.shape[0]:
+        raise ValueError(f"matvec_add_: residual {tuple(residual.shape)} must be one row of {weight.shape[0]}")
+    if not _check(x, [weight], bias, "matvec_add_"):
+        return matvec_add_ref(residual, x, weight, bias)
+    if not residual.is_contiguous():
+        raise ValueError("matvec_add_ updates a contiguous residual row in place")
+    return _launch_matvec(x, [weight], bias, False, residual=residual)
+
+
+def stacked_matvec(x: torch.Tensor, weights: Sequence[torch.Tensor], *, norm_weight: torch.Tensor | None = None,
+                   eps: float = 1e-5) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """(F.linear(x, w) for w in weights) in one launch, without concatenating the weights (as `matvec`;
+    semantics: `stacked_matvec_ref`).
+
+    Args:
+        x (torch.Tensor): one row `[..., K]` (as for `matvec`).
+        weights (Sequence[torch.Tensor]): one to three weights of shapes `[N_i, K]`.
+        norm_weight, eps: as for `matvec`.
 
     Returns:
         a tuple of shapes `[..., N_i]`.
@@ -171,25 +237,27 @@ def stacked_matvec(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> tuple[to
     weights = list(weights)
     if not 1 <= len(weights) <= 3:
         raise ValueError(f"stacked_matvec takes one to three weights, got {len(weights)}: split the list")
-    if not _check(x, weights, None, "stacked_matvec"):
-        return stacked_matvec_ref(x, weights)
-    return _run(x, weights, None, gated=False).split([w.shape[0] for w in weights], dim=-1)
+    if not _check(x, weights, None, "stacked_matvec", norm_weight):
+        return stacked_matvec_ref(x, weights, norm_weight=norm_weight, eps=eps)
+    return _run(x, weights, None, False, norm_weight, eps).split([w.shape[0] for w in weights], dim=-1)
 
 
-def gated_matvec(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor) -> torch.Tensor:
-    """F.silu(F.linear(x, gate_weight)) * F.linear(x, up_weight) for a one-row x in one launch (as `matvec`):
-    SwiGLU's first half, with the product of its two halves taken in the kernel.
+def gated_matvec(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor, *,
+                 norm_weight: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:  # fmt: skip
+    """F.silu(F.linear(x, gate_weight)) * F.linear(x, up_weight) for a one-row x in one launch (as `matvec`;
+    semantics: `gated_matvec_ref`): SwiGLU's first half, with the product of its two halves taken in the kernel.
 
     Args:
-        x (torch.Tensor): one row, shape `[..., K]` (as for `matvec`).
-        gate_weight, up_weight (torch.Tensor): shape `[N, K]` each, in x's dtype.
+        x (torch.Tensor): one row `[..., K]` (as for `matvec`).
+        gate_weight, up_weight (torch.Tensor): shape `[N, K]` each.
+        norm_weight, eps: as for `matvec`.
 
     Returns:
-        shape `[..., N]` in x's dtype.
+        shape `[..., N]` in the weights' dtype.
     """
     if gate_weight.shape != up_weight.shape:
         raise ValueError(f"gated_matvec: gate {tuple(gate_weight.shape)} and up {tuple(up_weight.shape)} weights "
                          "must have the same shape")
-    if not _check(x, [gate_weight, up_weight], None, "gated_matvec"):
-        return gated_matvec_ref(x, gate_weight, up_weight)
-    return _run(x, [gate_weight, up_weight], None, gated=True)
+    if not _check(x, [gate_weight, up_weight], None, "gated_matvec", norm_weight):
+        return gated_matvec_ref(x, gate_weight, up_weight, norm_weight=norm_weight, eps=eps)
+    return _run(x, [gate_weight, up_weight], None, True, norm_weight, eps)

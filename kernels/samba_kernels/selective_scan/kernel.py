@@ -48,7 +48,7 @@ CHUNK = 8  # the time tile under Triton's interpreter (CPU tensors), where a sca
 # Tile shapes on a GPU: (BLOCK_D channels, spread over the lanes of num_warps warps) x (T steps).
 # The training forward and the backward share T (the checkpoint spacing). BLOCK_D is halved (down to
 # MIN_BLOCK_D) while fewer than PROGRAMS_PER_SM programs per SM fill the GPU. Defaults: the fastest of sweeps at
-# batch 8, length 4096 (benchmarks/kernels.md).
+# batch 8, length 4096 (docs/performance-notes.md, Selective scan).
 # NU: states per iteration of the loop over d_state (unrolled; more independent work, more registers).
 # maxnreg: a register cap. The forwards' NU 8 fits 128 registers without spilling (offline sm_90
 # compile), so 16 one-warp programs share an SM; NU 16 took 167 (12 per SM): 3% faster at samba-421m's
@@ -63,14 +63,14 @@ MIN_BLOCK_D, PROGRAMS_PER_SM = 1, 8
 # runs a second, mostly idle wave. Its register cap is the largest of BWD_REGISTER_CAPS under which every warp
 # is resident at once (168: 12 warps per SM, 128: 16), else the first. Where BLOCK_D is halved (small batches),
 # a channel's steps spread over more lanes and NU 4 spills: NU is BWD_SMALL_BLOCK_NU there. At each shape of
-# benchmarks/scan_bwd_occupancy.json the rule picks the fastest of six (NU, cap) pairs.
+# docs/performance-notes.md the rule picks the fastest of six (NU, cap) pairs.
 BWD_REGISTER_CAPS = (168, 128)
 BWD_SMALL_BLOCK_NU = 1
 # Where there are enough channels, the forward runs _scan_fwd_lanes_kernel: one warp on BLOCK_D channels, a
 # thread's steps in tiles of T 8 (16-byte loads); for training it saves a checkpoint every T_backward / T tiles.
 # With BLOCK_D 32 a lane holds one channel's states; with 16 or 8, two or four lanes split them and the channel's
 # per-step work, so a warp takes more than a half or a quarter of the time. LANE_COST: a warp's time per step at
-# each BLOCK_D relative to 32 (bf16, benchmarks/scan_lanes.json). Each SM sub-partition runs its warps in
+# each BLOCK_D relative to 32 (bf16, docs/performance-notes.md). Each SM sub-partition runs its warps in
 # turn, so the forward takes about LANE_COST x ceil(warps / sub-partitions) per step; of the BLOCK_D that give
 # every sub-partition a warp, the one with the least of that is used. Fewer channels (batch-1 prefill) keep
 # _scan_fwd_kernel, whose lanes share the steps of fewer channels, or split the sequence (below).
@@ -78,7 +78,7 @@ LANES = dict(T=8, num_warps=1)
 LANE_COST = {32: 1.0, 16: 0.56, 8: 0.48}
 # y's sum over the states, per BLOCK_D: the partial sums it takes (chains of multiply-adds between them). BLOCK_D 32,
 # bound by issue and the MUFU pipe together, takes two chains; 16 and 8, which wait on latency, a tree of adds
-# (more instructions, shorter dependences): benchmarks/scan_ab_yparts.json.
+# (more instructions, shorter dependences): docs/performance-notes.md.
 LANE_Y_PARTS = {32: 2, 16: 16, 8: 16}
 # The split scan's cost model, in LANE_COST's unit (a BLOCK_D-32 warp's time per step):
 # - STEPS_COST: _scan_fwd_kernel's time per step where it runs (batches too small for the lanes forward);
@@ -88,16 +88,22 @@ LANE_Y_PARTS = {32: 2, 16: 16, 8: 16}
 #   the composition, whose work grows with the square of the number of chunks.
 # The forward takes the cheapest of: the unsplit forward (lanes where it fills the GPU, else steps) and every
 # split into n chunks that fills it. The backward splits where its tile backward would otherwise shrink BLOCK_D:
-# into as many chunks as make PROGRAMS_PER_SM programs per SM. STEPS_COST is estimated from the batch-1 rows of
-# benchmarks/scan_lanes.json and benchmarks/kernels.md, the others from instruction counts;
-# benchmarks/scan_split_calibration.py measures every layout and prints the values to put here.
+# into as many chunks as make PROGRAMS_PER_SM programs per SM. The values are the first estimates, whose picks
+# the kernels benchmark measured (benchmarks/results/kernels.md; the fitted ones: docs/performance-notes.md);
+# benchmarks/scan_split_calibration.py measures every layout and prints fitted values.
 STEPS_COST = 0.6
 SUMMARY_COST = {32: 0.8, 16: 0.45, 8: 0.4}
 SPLIT_OVERHEAD = 64
 MIN_CHUNK, BWD_MIN_CHUNK, MAX_CHUNKS = 256, 512, 64
+# The split backward is off unless forced, until measured again: on the GPU its gradients differed from the
+# unsplit backward's at the timed shapes while agreeing in Triton's interpreter (docs/performance-notes.md).
+# That run forced its layouts with forced_layout, which a backward on autograd's device thread does not see: it
+# could then plan other tiles than the forward's checkpoints. The layout is now carried to the backward, and a
+# mismatch raises.
+SPLIT_BACKWARD = False
 SUB_PARTITIONS_PER_SM = 4  # warp schedulers per SM (every NVIDIA architecture since Volta)
 # CPU tensors (the interpreter) plan their launches as the GPU the constants were measured on would
-# (benchmarks/kernels.md): 132 SMs.
+# (benchmarks/results/kernels.md): 132 SMs.
 INTERPRETER_SMS = 132
 
 
@@ -232,6 +238,8 @@ def _backward_chunk(n_rows, dpg, L, cap, sms):
     forced = _FORCED.get()
     if forced is not None and forced.backward_chunk_length is not None:
         return forced.backward_chunk_length
+    if not SPLIT_BACKWARD:
+        return L
     wanted = triton.cdiv(PROGRAMS_PER_SM * sms, n_rows * triton.cdiv(dpg, cap))
     n = min(wanted, L // BWD_MIN_CHUNK, MAX_CHUNKS)
     return L if n < 2 else triton.cdiv(L, n)

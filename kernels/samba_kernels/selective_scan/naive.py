@@ -14,6 +14,8 @@ Shapes follow mamba-ssm:
 import torch
 import torch.nn.functional as F
 
+TIME_BLOCK = 256  # steps of the selective scan whose per-state factors are materialised at once
+
 
 def _expand_groups(BC: torch.Tensor, dim: int) -> torch.Tensor:
     """(batch, d_state, length) or (batch, groups, d_state, length) -> (batch, dim, d_state, length)."""
@@ -57,19 +59,23 @@ def selective_scan_ref(
         delta = delta + delta_bias.float()[None, :, None]
     if delta_softplus:
         delta = F.softplus(delta)
-    B = _expand_groups(B.float(), dim)
-    C = _expand_groups(C.float(), dim)
     state = u.new_zeros(batch, dim, A.shape[1]) if initial_state is None else initial_state.float().clone()
-    keep = None if seq_idx is None else (~document_starts(seq_idx)).float().unbind(-1)
-    # Unbinding once, rather than indexing [..., t], keeps the backward linear in the length.
-    decays = torch.exp(delta[:, :, None, :] * A[None, :, :, None]).unbind(-1)
-    inputs = ((delta * u)[:, :, None, :] * B).unbind(-1)
+    keep = None if seq_idx is None else (~document_starts(seq_idx)).float()
     ys = []
-    for t, (decay, write, C_t) in enumerate(zip(decays, inputs, C.unbind(-1))):
-        if keep is not None:
-            state = state * keep[t][:, None, None]
-        state = decay * state + write
-        ys.append((state * C_t).sum(-1))
+    # Time in blocks, so that the (batch, dim, d_state) factors of only one block exist at a time: memory
+    # O(length x dim), not O(length x dim x d_state). Unbinding each block once, rather than indexing
+    # [..., t], keeps the backward linear in the length.
+    for start in range(0, length, TIME_BLOCK):
+        block = slice(start, start + TIME_BLOCK)
+        decays = torch.exp(delta[:, :, None, block] * A[None, :, :, None]).unbind(-1)
+        inputs = ((delta[..., block] * u[..., block])[:, :, None, :] * _expand_groups(B[..., block].float(), dim))
+        C_block = _expand_groups(C[..., block].float(), dim).unbind(-1)
+        keep_block = None if keep is None else keep[:, block].unbind(-1)
+        for t, (decay, write, C_t) in enumerate(zip(decays, inputs.unbind(-1), C_block)):
+            if keep_block is not None:
+                state = state * keep_block[t][:, None, None]
+            state = decay * state + write
+            ys.append((state * C_t).sum(-1))
     y = torch.stack(ys, dim=-1)
     if D is not None:
         y = y + D.float()[None, :, None] * u

@@ -15,14 +15,14 @@ Where no gradient is needed (prefill, evaluation; head_dim a power of two from 1
 under TRITON_INTERPRET=1 like the other ops. Each tile of queries walks the keys it may see in three
 ranges, the bulk of the window unmasked and only the window's two edges masked, with no block-index
 lookups; it is faster than flex compiled for the exact shape, in the same run, at 16K tokens and at batch
-8 x 4K (benchmarks/kernels.md).
+8 x 4K (benchmarks/results/kernels.md).
 
 For training on CUDA the op calls a compiled flex_attention (forward and backward; created on first
 use and reused) with a BlockMask built once per (len_q, len_kv, window, device) and cached, so
 fully-masked key blocks are skipped. It compiles for the first shape and once more with symbolic
 lengths at the second (automatic dynamic shapes), so inputs of every length share it: compiled per
 shape, the ninth length would hit dynamo's recompile limit and fall back to flex's unfused path, which
-materialises the whole score matrix (benchmarks/generate.md: a 64K-token prefill chunk). Called inside
+materialises the whole score matrix (docs/performance-notes.md: a 64K-token prefill chunk). Called inside
 a torch.compile'd model, it is traced into the model's graph (flex_attention and the block mask,
 without the caches). CPU (and any other device) tensors that need gradients take the eager reference
 with an explicit boolean mask, computed in float32 (flex has no CPU backward).
@@ -123,7 +123,7 @@ def _window_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, qk_scale, len_q, len_kv, wi
 
 def _tile(head_dim: int) -> dict:
     """(BLOCK_M, BLOCK_N, warps, stages): the best of a sweep at head_dim 128
-    (benchmarks/kernels.md); smaller tiles at 256 keep the accumulator in registers."""
+    (docs/performance-notes.md, Sliding-window attention); smaller tiles at 256 keep the accumulator in registers."""
     if head_dim <= 128:
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
     return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
@@ -161,7 +161,7 @@ def _(query, key, value, window, scale):
 
 def _offsets_fit_int32(x: torch.Tensor) -> bool:
     """Whether every element of one batch entry of x lies within int32 of its start: the kernel
-    computes those offsets in int32 (int64 ones made it slower, benchmarks/kernels.md; only the batch offset is
+    computes those offsets in int32 (int64 ones made it slower, docs/performance-notes.md; only the batch offset is
     int64). A tensor whose head_dim is strided reaches the kernel as a contiguous copy."""
     if x.stride(-1) != 1:
         return math.prod(x.shape[1:]) <= 2**31

@@ -1,0 +1,163 @@
+"""prefill: long prompts through the public `generate()` call (time to the first token), samba-421m against the
+paper's 438M Llama in one process, with peak memory and Samba's linearity from 128K to 1M tokens."""
+
+import statistics
+
+import torch
+
+from . import models
+from .generate import dtype_for, random_prompt
+from .harness import columns, free_memory, peak_gib, registry, rows_of, wall_seconds
+
+TITLE = "Prefill: 128K and 1M-token prompts, samba-421m against the paper's 438M Llama"
+LENGTHS = {"128k": 131072, "1m": 1048576}
+SMOKE_LENGTHS = {"128k": 96, "1m": 768}
+WARMUP_TOKENS, SMOKE_WARMUP_TOKENS = 4096, 32
+REPEATS = 3
+INTRO = f"""
+Batch 1: `model.generate(prompt, attention_mask=ones, max_new_tokens=1, do_sample=False)` on a prompt of random
+tokens, wall-clock: the prefill and one token, as a user's call runs it (Samba: through its chunked prefill; the
+Llama: one sdpa forward). Same models, weights and dtype as the generate suite (bf16, random weights, one
+process). Per model: one warm-up call on a {WARMUP_TOKENS}-token prompt, then {REPEATS} calls per length, median
+reported (the first call at a new length may compile kernel variants; all runs are listed). Peak memory: torch's
+max allocated over the calls at that length. A Llama cell predicted past the memory or the time budget is skipped
+with the prediction (its attention is quadratic: at 1M tokens, about 64 times its 128K time per call).
+"""
+
+CASES, case = registry()
+# Measured over guessed prefill seconds per model, from this process's rows: the 128K rows correct the 1M guesses.
+_measured_scale: dict[str, float] = {}
+
+
+@torch.no_grad()
+def prefill_row(ctx, name: str, model, length: int, repeats: int) -> dict:
+    prompt = random_prompt(model.config.vocab_size, 1, length, ctx.device)
+    mask = torch.ones_like(prompt)
+    free_memory()
+    runs = []
+    for _ in range(repeats):
+        seconds, out = wall_seconds(
+            lambda: model.generate(
+                prompt, attention_mask=mask, max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=0
+            ),
+            ctx.device,
+        )
+        if tuple(out.shape) != (1, length + 1):
+            raise RuntimeError(
+                f"generate() returned {tuple(out.shape)} tokens for a {length}-token prompt and one new token"
+            )
+        runs.append(seconds)
+    return dict(
+        model=name,
+        length=length,
+        seconds=statistics.median(runs),
+        runs_s=runs,
+        peak_gib=peak_gib(),
+        tokens_per_s=length / statistics.median(runs),
+    )
+
+
+def prefill_case(length_key: str):
+    def run(ctx):
+        length = SMOKE_LENGTHS[length_key] if ctx.smoke else LENGTHS[length_key]
+        dtype = dtype_for(ctx.device)
+        for name in models.MODELS:
+            cell = dict(model=name, length=length)
+            peak = models.predicted_peak_bytes(name, ctx.device, dtype, ctx.smoke, 1, length)
+            repeats = REPEATS
+            predicted = REPEATS * models.prefill_seconds(name, 1, length) * _measured_scale.get(name, 1.0)
+            if name == "llama" and ctx.budget.refuses(predicted) and not ctx.budget.refuses(predicted / REPEATS):
+                repeats = 1  # the quadratic Llama: one call rather than none
+                predicted /= REPEATS
+            refusal = ctx.memory_refusal(peak) or ctx.budget.refuses(predicted + 10)
+            if refusal:
+                ctx.skip(refusal, **cell, predicted_peak_gib=peak / 2**30, predicted_s=predicted)
+                continue
+            torch._dynamo.reset()
+            model, out_of_memory = models.build(name, ctx.device, dtype, ctx.smoke), None
+            try:
+                warmup = prefill_row(ctx, name, model, SMOKE_WARMUP_TOKENS if ctx.smoke else WARMUP_TOKENS, 1)
+                row = prefill_row(ctx, name, model, length, repeats)
+            except torch.OutOfMemoryError as error:  # a measured outcome: the row says so
+                out_of_memory = f"out of memory ({str(error).splitlines()[0][:160]})"
+            finally:
+                del model
+                free_memory()
+            if out_of_memory:
+                ctx.skip(out_of_memory, **cell, predicted_peak_gib=peak / 2**30)
+                continue
+            _measured_scale[name] = row["seconds"] / models.prefill_seconds(name, 1, length)
+            ctx.add(**row, warmup_call_s=warmup["seconds"], predicted_peak_gib=peak / 2**30)
+
+    return run
+
+
+case("128k", "prefill of a 128K-token prompt, both models")(prefill_case("128k"))
+case("1m", "prefill of a 1M-token prompt, both models (the Llama where it fits)")(prefill_case("1m"))
+
+
+def measured(result: dict) -> dict:
+    """{(model, length key): row} of the measured rows."""
+    return {(row["model"], key): row for key in LENGTHS for row in rows_of(result, key) if "seconds" in row}
+
+
+def render_overview(result: dict) -> list[str]:
+    rows = measured(result)
+    if not rows:
+        return []
+    lines = ["## Overview", ""]
+    by_length = []
+    for key in LENGTHS:
+        samba, llama = rows.get(("samba", key)), rows.get(("llama", key))
+        by_length.append(
+            dict(
+                prompt=key,
+                samba=samba and samba["seconds"],
+                llama=llama and llama["seconds"],
+                ratio=models.ratio(llama and llama["seconds"], samba and samba["seconds"]),
+            )
+        )
+    spec = [
+        ("prompt", "prompt"),
+        ("samba s", "samba", ".3f"),
+        ("llama s", "llama", ".3f"),
+        ("llama / samba", "ratio", ".2f"),
+    ]
+    lines += columns(by_length, spec)
+    for name in models.MODELS:
+        short, long = rows.get((name, "128k")), rows.get((name, "1m"))
+        if short and long:
+            lines += [
+                "",
+                f"{name}: time(1M) / time(128K) = **{long['seconds'] / short['seconds']:.2f}** "
+                f"(linear: {long['length'] / short['length']:.0f})",
+            ]
+    return lines + [""]
+
+
+COLUMNS = [
+    ("model", "model"), ("length", "length"), ("median s", "seconds", ".3f"), ("tokens/s", "tokens_per_s", ".0f"),
+    ("runs s", lambda row: ", ".join(f"{s:.3f}" for s in row.get("runs_s", [])) or None),
+    ("peak GiB", "peak_gib", ".2f"), ("predicted peak GiB", "predicted_peak_gib", ".1f"), ("note", "skipped"),
+]  # fmt: skip
+
+
+def render_case(name: str, entry: dict) -> list[str]:
+    return columns(entry["rows"], COLUMNS)
+
+
+def summary(result: dict) -> list[str]:
+    rows = measured(result)
+    lines = []
+    for key in LENGTHS:
+        samba, llama = rows.get(("samba", key)), rows.get(("llama", key))
+        if samba:
+            lines.append(
+                f"{key}: samba {samba['seconds']:.3f} s"
+                + (f", llama {llama['seconds']:.3f} s ({llama['seconds'] / samba['seconds']:.2f}x)" if llama else "")
+            )
+    if ("samba", "128k") in rows and ("samba", "1m") in rows:
+        lines.append(
+            f"samba time(1M)/time(128K) = {rows['samba', '1m']['seconds'] / rows['samba', '128k']['seconds']:.2f}"
+        )
+    return lines

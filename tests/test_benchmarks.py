@@ -1,0 +1,183 @@
+"""The benchmarks' code paths, run on the CPU at tiny sizes (`--smoke`): one case per suite, so that a GPU run works
+the first time. Plus the pieces a smoke run cannot reach: mamba-ssm's autograd wrapper (against the reference,
+through a stand-in for its compiled extension), the wheel checks, and the committed results files' rendering."""
+
+import json
+import types
+import zipfile
+
+import pytest
+import torch
+
+import samba_kernels as sk
+from benchmarks import harness, mamba_ssm_cuda, multi_gpu, run, wheels
+
+
+def smoke(suite: str, cases: str, out) -> dict:
+    assert run.run_suite(suite, cases, smoke=True, out=out) == 0
+    result = json.loads((out / f"{suite}.json").read_text())
+    assert (out / f"{suite}.md").read_text().startswith("# ")
+    return result
+
+
+def measured(result: dict, case: str, key: str) -> list[dict]:
+    return [row for row in result["cases"][case]["rows"] if key in row]
+
+
+def test_kernels_scan_case(tmp_path):
+    result = smoke("kernels", "scan", tmp_path)
+    rows = measured(result, "scan", "samba_kernels_ms")
+    assert {row["op"] for row in rows} == {"fwd", "fwd+bwd"}
+    assert all(row["samba_kernels_ms"] > 0 and row["floor_ms"] > 0 for row in rows)
+    assert "unavailable" in result["cases"]["scan"]["mamba_ssm"]  # no CUDA here: said, not hidden
+
+
+def test_generate_case_times_every_mode(tmp_path):
+    result = smoke("generate", "b1-4k", tmp_path)
+    rows = result["cases"]["b1-4k"]["rows"]
+    assert [(row["model"], row["mode"]) for row in rows] == [
+        (mode.model, mode.name) for mode in run.suite_module("generate").MODES
+    ]
+    timed = [row for row in rows if "tokens_per_s" in row]
+    assert {(row["model"], row["mode"]) for row in timed} >= {
+        ("samba", "eager"),
+        ("samba", "static"),
+        ("llama", "eager"),
+        ("llama", "static"),
+    }
+    for row in timed:
+        assert row["tokens_per_s"] > 0 and row["ttft_s"] > 0 and 0 < row["of_roofline"]
+    for row in rows:
+        if "tokens_per_s" not in row:
+            assert row["skipped"]
+
+
+def test_prefill_case(tmp_path):
+    result = smoke("prefill", "128k", tmp_path)
+    assert {row["model"] for row in measured(result, "128k", "seconds")} == {"samba", "llama"}
+
+
+def test_train_case_with_activation_checkpointing(tmp_path):
+    result = smoke("train", "b1-64k", tmp_path)  # the smoke run checkpoints this shape, eager and compiled
+    rows = measured(result, "b1-64k", "tokens_per_s")
+    assert {(row["model"], row["mode"]) for row in rows} == {
+        (m, mode) for m in ("samba", "llama") for mode in ("eager", "compiled")
+    }
+    assert all(row["checkpointing"] for row in rows)
+
+
+def test_memory_cases_merge_into_one_results_file(tmp_path):
+    smoke("memory", "samba", tmp_path)
+    result = smoke("memory", "llama", tmp_path)  # a second run keeps the first case's entry
+    assert set(result["cases"]) == {"samba", "llama"}
+    samba = [row["cache_mib"] for row in measured(result, "samba", "cache_mib") if row["generated"] >= row["window"]]
+    llama = [row["cache_mib"] for row in measured(result, "llama", "cache_mib")]
+    assert len(set(samba)) == 1 and llama == sorted(llama) and llama[-1] > llama[0]
+    assert "## samba" in (tmp_path / "memory.md").read_text()
+
+
+def test_the_budget_skips_cells_it_predicts_past(tmp_path):
+    assert run.run_suite("memory", "samba", smoke=True, budget_s=2.0, out=tmp_path) == 0
+    rows = json.loads((tmp_path / "memory.json").read_text())["cases"]["samba"]["rows"]
+    assert rows and all("budget" in row["skipped"] for row in rows)
+
+
+class ReferenceExtension(types.SimpleNamespace):
+    """Stands in for mamba-ssm's compiled `selective_scan_cuda`, with its calling convention (B and C with a group
+    dimension, [out, states, out * silu(z)] from fwd; du, ddelta, dA, dB, dC, dD, ddelta_bias, dz from bwd), computed
+    by samba_kernels' reference."""
+
+    @staticmethod
+    def fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        assert B.dim() == C.dim() == 4 and B.is_contiguous() and u.is_contiguous()
+        with torch.no_grad():
+            out = sk.selective_scan_ref(u, delta, A, B, C, D, None, delta_bias, delta_softplus)
+            out_z = sk.selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        return [out, torch.zeros(1), out_z]
+
+    @staticmethod
+    def bwd(u, delta, A, B, C, D, z, delta_bias, dout, states, out, dz, delta_softplus, recompute_out_z):
+        assert dz is None and not recompute_out_z and states.shape == (1,)
+        inputs = [t.detach().requires_grad_() for t in (u, delta, A, B, C, D, z, delta_bias)]
+        with torch.enable_grad():
+            y = sk.selective_scan_ref(*inputs, delta_softplus=delta_softplus)
+        du, ddelta, dA, dB, dC, dD, dz, ddelta_bias = torch.autograd.grad(y, inputs, dout)
+        return [du, ddelta, dA, dB, dC, dD, ddelta_bias, dz]
+
+
+def test_mamba_ssm_wrapper_gives_the_reference_outputs_and_gradients():
+    torch.manual_seed(0)
+    batch, dim, length, d_state = 2, 6, 11, 4
+    inputs = dict(
+        u=torch.randn(batch, dim, length),
+        delta=torch.randn(batch, dim, length) - 1,
+        A=-torch.rand(dim, d_state) - 0.5,
+        B=torch.randn(batch, d_state, length),
+        C=torch.randn(batch, d_state, length),
+        D=torch.randn(dim),
+        z=torch.randn(batch, dim, length),
+        delta_bias=torch.randn(dim) * 0.5,
+    )
+    inputs = {name: tensor.requires_grad_() for name, tensor in inputs.items()}
+    dy = torch.randn(batch, dim, length)
+    y = mamba_ssm_cuda.selective_scan(ReferenceExtension(), **inputs)
+    grads = torch.autograd.grad(y, list(inputs.values()), dy)
+    y_ref = sk.selective_scan_ref(**inputs, delta_softplus=True)
+    grads_ref = torch.autograd.grad(y_ref, list(inputs.values()), dy)
+    torch.testing.assert_close(y, y_ref)
+    for name, grad, grad_ref in zip(inputs, grads, grads_ref):
+        assert grad.shape == inputs[name].shape, name
+        torch.testing.assert_close(grad, grad_ref, msg=name)
+
+
+def test_mamba_ssm_sources_missing_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.delenv(mamba_ssm_cuda.ENV_SOURCES, raising=False)
+    with pytest.raises(mamba_ssm_cuda.Unavailable, match="fetch_mamba_ssm.sh"):
+        mamba_ssm_cuda.source_dir()
+    monkeypatch.setenv(mamba_ssm_cuda.ENV_SOURCES, str(tmp_path))
+    with pytest.raises(mamba_ssm_cuda.Unavailable, match="selective_scan.cpp"):
+        mamba_ssm_cuda.source_dir()
+
+
+def fake_distribution(site, name: str, requirement: str) -> None:
+    info = site / f"{name}-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\nRequires-Dist: {requirement}\n"
+    )
+
+
+def test_wheel_verification_names_unmet_requirements(tmp_path, capsys):
+    fake_distribution(tmp_path / "ok", "needs-torch", "torch>=2.0")
+    assert wheels.verify(tmp_path / "ok") == 0
+    fake_distribution(tmp_path / "unmet", "needs-more", "torch>=99")
+    assert wheels.verify(tmp_path / "unmet") == 1
+    assert "needs-more needs torch>=99" in capsys.readouterr().out
+
+
+def test_wheel_requirements_are_read_for_the_image_python(tmp_path):
+    wheel = tmp_path / "demo-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(
+            "demo-1.0.dist-info/METADATA",
+            "Name: demo\nRequires-Dist: tomli; python_version < '3.11'\n"
+            "Requires-Dist: regex>=2025\nRequires-Dist: pytest; extra == 'test'\n",
+        )
+    name, requirements = wheels.wheel_requirements(wheel)
+    assert name == "demo" and [r.name for r in requirements] == ["regex"]
+
+
+@pytest.mark.parametrize("suite", run.SUITES)
+def test_committed_results_render(suite):
+    result = harness.load_results(harness.RESULTS / f"{suite}.json")
+    assert result["suite"] == suite and result["cases"]
+    text = harness.render(run.suite_module(suite), result)
+    for name in result["cases"]:
+        assert f"## {name}\n" in text
+
+
+def test_multi_gpu_loss_comparison_tolerances():
+    reference = {1: 6.0, 2: 5.0}
+    assert multi_gpu.compare_losses({1: 6.0, 2: 5.004}, reference, [1, 2], dict(mean=1e-3, max=1e-3))["passed"]
+    failed = multi_gpu.compare_losses({1: 6.0, 2: 5.2}, reference, [1, 2], dict(mean=1e-2, max=3e-2))
+    assert not failed["passed"] and failed["max_rel"] == pytest.approx(0.04)

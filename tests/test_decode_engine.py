@@ -1,0 +1,193 @@
+"""The decode engine behind generate(): the same tokens as transformers' own decoding loop, and sampling
+from the same distributions. On the CPU the engine runs its step without capturing a CUDA graph
+(`decode_engine="eager"`); the captured step is checked on a GPU (tests/gpu)."""
+
+import logging
+
+import pytest
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, TextStreamer
+
+from samba_hf import generation
+from samba_hf.generation import decode_engine
+
+from .helpers import small_model
+
+WINDOW = 8
+GREEDY = dict(do_sample=False, pad_token_id=0)
+
+
+def left_padded_prompt(batch: int = 3, length: int = WINDOW + 5):
+    ids = torch.randint(3, 97, (batch, length))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    if batch > 2:
+        mask[2, :length - 2] = 0  # a row of two tokens
+    return ids, mask
+
+
+def both_paths(model, ids, **kwargs):
+    """generate() through transformers' loop and through the engine."""
+    return model.generate(ids, decode_engine=False, **kwargs), model.generate(ids, decode_engine="eager", **kwargs)
+
+
+@pytest.mark.parametrize("layer_types", [None, ["linear_attention"] * 2, ["mlp", "sliding_attention"] * 2])
+def test_greedy_tokens_equal_transformers_loop_past_the_window(layer_types):
+    model = small_model(**({} if layer_types is None else dict(layer_types=layer_types,
+                                                                num_hidden_layers=len(layer_types))))  # fmt: skip
+    ids, mask = left_padded_prompt()
+    loop, engine = both_paths(model, ids, attention_mask=mask, max_new_tokens=3 * WINDOW, **GREEDY)
+    assert torch.equal(loop, engine)
+
+
+def test_rows_stop_at_their_end_of_sequence_and_the_output_ends_with_the_last_row():
+    model = small_model()
+    ids, mask = left_padded_prompt()
+    free = model.generate(ids, attention_mask=mask, max_new_tokens=40, decode_engine=False, **GREEDY)
+    eos = int(free[0, ids.shape[1] + 5])  # a token the first row generates early
+    loop, engine = both_paths(model, ids, attention_mask=mask, max_new_tokens=40, eos_token_id=eos, **GREEDY)
+    assert torch.equal(loop, engine)
+    assert (engine[:, ids.shape[1]:] == eos).any()
+
+
+def test_logits_processors_run_inside_the_step_as_transformers_runs_them():
+    model = small_model()
+    ids, mask = left_padded_prompt()
+    eos = int(model.generate(ids, attention_mask=mask, max_new_tokens=3, decode_engine=False, **GREEDY)[0, -1])
+    kwargs = dict(attention_mask=mask, max_new_tokens=2 * WINDOW, eos_token_id=eos, repetition_penalty=1.7,
+                  min_new_tokens=WINDOW, **GREEDY)  # fmt: skip
+    loop, engine = both_paths(model, ids, **kwargs)
+    assert torch.equal(loop, engine)
+    loop, engine = both_paths(model, ids, **dict(kwargs, min_length=ids.shape[1] + 4, min_new_tokens=None))
+    assert torch.equal(loop, engine)
+
+
+def test_the_returned_cache_continues_a_second_turn_exactly():
+    model = small_model()
+    first = torch.randint(3, 97, (2, 11))
+    kwargs = dict(max_new_tokens=2 * WINDOW, return_dict_in_generate=True, **GREEDY)
+    out = model.generate(first, decode_engine="eager", **kwargs)
+    second = torch.cat([out.sequences, torch.randint(3, 97, (2, 4))], dim=1)
+    continued = model.generate(second, cache=out.cache, decode_engine="eager", **kwargs).sequences
+    assert torch.equal(continued, model.generate(second, decode_engine=False, **kwargs).sequences)
+
+
+def test_num_return_sequences_and_a_kept_step_for_the_next_call():
+    model = small_model()
+    ids, mask = left_padded_prompt(batch=2)
+    # sampling from the top token alone: both paths draw it whatever their random numbers
+    kwargs = dict(attention_mask=mask, max_new_tokens=WINDOW + 3, num_return_sequences=2, do_sample=True, top_k=1,
+                  pad_token_id=0)  # fmt: skip
+    assert torch.equal(*both_paths(model, ids, **kwargs))
+    engine = decode_engine(model)
+    kept = len(engine.graphs)
+    other, other_mask = left_padded_prompt(batch=2, length=5)
+    loop, again = both_paths(model, other, **dict(kwargs, attention_mask=other_mask))
+    assert torch.equal(loop, again) and len(engine.graphs) == kept and engine.stats.graph_replayed
+
+
+def test_sampling_draws_from_the_distributions_of_transformers_processors():
+    """Sampled tokens follow the processed distribution of each step: the first from the prompt's logits, the
+    second (drawn inside the step) from the logits after each row's first token."""
+    torch.manual_seed(0)
+    model = small_model()
+    prompt = torch.randint(3, 97, (1, WINDOW + 3))
+    rows = 3000
+    settings = dict(do_sample=True, temperature=0.7, top_k=12, top_p=0.9, pad_token_id=0)
+    torch.manual_seed(1)
+    out = model.generate(prompt, max_new_tokens=2, num_return_sequences=rows, decode_engine="eager", **settings)
+    warpers = model._get_logits_processor(model.generation_config.__class__(**settings), prompt.shape[1])
+
+    def expected(inputs):
+        with torch.no_grad():
+            logits = model(inputs).logits[:, -1].float()
+        return warpers(inputs, logits).softmax(-1).mean(0)
+
+    first, second = out[:, -2], out[:, -1]
+    for step, tokens, probs in ((1, first, expected(prompt)), (2, second, expected(out[:, :-1]))):
+        observed = torch.bincount(tokens, minlength=probs.numel()).float() / rows
+        total_variation = 0.5 * (observed - probs).abs().sum()
+        assert total_variation < 0.04, (step, total_variation)
+
+
+def test_a_streamer_gets_every_token():
+    model = small_model()
+    ids = torch.randint(3, 97, (1, 6))
+    received = []
+
+    class Recorder(TextStreamer):
+        def __init__(self):
+            pass
+
+        def put(self, value):
+            received.append(value.reshape(-1).tolist())
+
+        def end(self):
+            received.append("end")
+
+    out = model.generate(ids, max_new_tokens=5, streamer=Recorder(), decode_engine="eager", **GREEDY)
+    prompt, *new, end = received  # generate() puts the prompt first
+    assert prompt == ids[0].tolist() and end == "end" and sum(new, []) == out[0, ids.shape[1] :].tolist()
+
+
+def test_what_the_engine_cannot_run_goes_to_transformers_loop_and_says_why(caplog):
+    class Shift(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            return scores.roll(1, dims=-1)
+
+    model = small_model()
+    ids = torch.randint(3, 97, (1, 6))
+    generation._logged_paths.clear()
+    with caplog.at_level(logging.INFO, logger="samba_hf.generation"):
+        custom = model.generate(ids, max_new_tokens=4, logits_processor=LogitsProcessorList([Shift()]),
+                                decode_engine="eager", **GREEDY)  # fmt: skip
+        beams = model.generate(ids, max_new_tokens=4, num_beams=2, decode_engine="eager", **GREEDY)
+    assert "Shift" in caplog.text
+    assert torch.equal(custom, model.generate(ids, max_new_tokens=4, logits_processor=LogitsProcessorList([Shift()]),
+                                              decode_engine=False, **GREEDY))  # fmt: skip
+    assert beams.shape == (1, 10)
+    with caplog.at_level(logging.INFO, logger="samba_hf.generation"):
+        model.generate(ids, max_new_tokens=2, **GREEDY)  # on the CPU, the default runs transformers' loop
+    assert "captures CUDA graphs" in caplog.text
+    with pytest.raises(ValueError, match="decode_engine"):
+        model.generate(ids, max_new_tokens=2, decode_engine="fast", **GREEDY)
+
+
+def test_batch_one_runs_the_fused_kernels_with_the_tokens_of_transformers_loop(monkeypatch):
+    """A batch-1 step on the one-row kernels (Triton's interpreter here): norms folded into the products,
+    a Mamba mixer's token in mamba_decode_step, attention over the ring in ring_decode_attention."""
+    import samba_kernels
+
+    if not samba_kernels.use_triton(torch.empty(0)):
+        pytest.skip("TRITON_INTERPRET is off and there is no GPU")
+    calls = []
+    for name in ("mamba_decode_step", "ring_decode_attention", "gated_matvec", "matvec_add_"):
+        kernel = getattr(samba_kernels, name)
+        monkeypatch.setattr(samba_kernels, name, lambda *a, _n=name, _k=kernel, **kw: calls.append(_n) or _k(*a, **kw))
+    model = small_model()
+    ids = torch.randint(3, 97, (1, WINDOW + 3))
+    loop, engine = both_paths(model, ids, max_new_tokens=WINDOW + 2, **GREEDY)  # the ring wraps
+    assert torch.equal(loop, engine)
+    steps = WINDOW + 1
+    assert calls.count("ring_decode_attention") == calls.count("mamba_decode_step") == 2 * steps
+
+
+def test_an_adapted_layer_keeps_its_modules_in_the_fused_step():
+    """LoRA on one layer's projections: that layer runs its modules (the adapter's term included), the others
+    the fused kernels, over the same buffers."""
+    import peft
+
+    import samba_kernels
+
+    if not samba_kernels.use_triton(torch.empty(0)):
+        pytest.skip("TRITON_INTERPRET is off and there is no GPU")
+    model = peft.get_peft_model(small_model(), peft.LoraConfig(r=4, target_modules=["q_proj", "in_proj"],
+                                                                layers_to_transform=[1, 2]))  # fmt: skip
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.3)
+    ids = torch.randint(3, 97, (1, WINDOW + 3))
+    with torch.no_grad():
+        loop = model.generate(input_ids=ids, max_new_tokens=WINDOW + 2, decode_engine=False, **GREEDY)
+        engine = model.generate(input_ids=ids, max_new_tokens=WINDOW + 2, decode_engine="eager", **GREEDY)
+    assert torch.equal(loop, engine)
