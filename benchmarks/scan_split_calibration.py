@@ -1,11 +1,12 @@
-"""Calibration of the selective scan's launch plan (samba_kernels.selective_scan's cost model).
+"""Calibration of the selective scan's launch plan (samba_kernels.selective_scan.kernel's cost model).
 
 Every forward layout is forced in turn with `selective_scan.forced_layout`: the steps forward, the lanes forward
 at each BLOCK_D, and the split scan at each BLOCK_D and several chunk counts; then forward+backward with the
 backward unsplit or split into several chunk counts. Each layout is first checked against the PyTorch reference
-(float32, every option, documents crossing chunk boundaries; and bf16), and at every timed shape against the
-first layout timed there. From the times the script fits the cost model's constants (LANE_COST, SUMMARY_COST,
-SPLIT_OVERHEAD, STEPS_COST), prints them as Python to paste into selective_scan.py, and prints per shape the
+(float32, every option, documents crossing chunk boundaries; and bf16; the unsplit and split backward also at
+1 x 3072 x 4096, with the tiles the grid times, recording whether each backward ran on the forward's thread and
+saw its forced layout), and at every timed shape against the first layout timed there. From the times the script fits the cost model's constants (LANE_COST, SUMMARY_COST,
+SPLIT_OVERHEAD, STEPS_COST), prints them as Python to paste into selective_scan/kernel.py, and prints per shape the
 layout the model chooses among those measured, before and after the fit, against the fastest one.
 
     python benchmarks/scan_split_calibration.py                  # a GPU; JSON to $OUT or the current folder
@@ -26,6 +27,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -36,8 +38,8 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
-from samba_kernels import selective_scan as ss  # noqa: E402
 from samba_kernels import selective_scan_fn, selective_scan_ref  # noqa: E402
+from samba_kernels.selective_scan import kernel as ss  # noqa: E402
 
 D_STATE = 16
 EXP2_RATE = 3.90e12  # exp2 per second of the H200 (benchmarks/kernels.md's measured ceiling), for "x floor"
@@ -67,6 +69,7 @@ class Setup:
             self.device, self.dtype, self.d_state, self.min_chunk = "cpu", torch.float32, 4, 8
             self.shapes = [(2, 8, 24), (1, 8, 24)]  # (batch, dim, length): the lanes forward fills it, then not
             self.check = dict(batch=1, dim=5, length=13, chunks=(4, 8), backward_chunks=(8, 16))
+            self.timed_check = dict(batch=1, dim=8, length=40, backward_chunk_counts=(3, 2))
         else:
             if not torch.cuda.is_available():
                 raise SystemExit("no GPU: run with --smoke to check the script on the CPU")
@@ -75,6 +78,7 @@ class Setup:
             self.shapes = batch_1_and_2 + [(8, 3072, 4096), (8, 4608, 4096), (4, 3072, 4096), (8, 3072, 16384),
                                            (8, 3072, 65536)]
             self.check = dict(batch=2, dim=197, length=1001, chunks=(64, 200), backward_chunks=(128, 304))
+            self.timed_check = dict(batch=1, dim=3072, length=4096, backward_chunk_counts=(6, 2))
         self.sms = ss._sm_count(torch.device(self.device))
 
     def time_ms(self, fn):
@@ -88,18 +92,18 @@ class Setup:
 def scan_inputs(batch, dim, length, d_state, device, dtype, *, extras, seed=0):
     """The model's inputs: u, delta (before softplus), z, B, C in `dtype`; A, D, delta_bias in float32; with
     `extras` an initial state and documents (seq_idx), returned as (tensors, seq_idx)."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    r = lambda *s, dt=dtype: torch.randn(*s, generator=g).to(device=device, dtype=dt)  # noqa: E731
+    g = torch.Generator(device=device).manual_seed(seed)  # on the device: 64K-token batches are large
+    r = lambda *s, dt=dtype: torch.randn(*s, generator=g, device=device).to(dt)  # noqa: E731
     t = dict(u=r(batch, dim, length), delta=r(batch, dim, length) - 2.0,
-             A=-torch.exp(torch.rand(dim, d_state, generator=g)).to(device), B=r(batch, d_state, length),
+             A=-torch.exp(torch.rand(dim, d_state, generator=g, device=device)), B=r(batch, d_state, length),
              C=r(batch, d_state, length), D=r(dim, dt=torch.float32), z=r(batch, dim, length),
              delta_bias=r(dim, dt=torch.float32) * 0.5)  # fmt: skip
     seq_idx = None
     if extras:
         t["initial_state"] = r(batch, dim, d_state, dt=torch.float32)
-        starts = torch.rand(batch, length, generator=g) < 8.0 / length
+        starts = torch.rand(batch, length, generator=g, device=device) < 8.0 / length
         starts[:, 0] = False
-        seq_idx = torch.cumsum(starts, dim=-1).to(torch.int32).to(device)
+        seq_idx = torch.cumsum(starts, dim=-1).to(torch.int32)
     return t, seq_idx
 
 
@@ -124,39 +128,78 @@ def outputs_and_grads(scan, tensors, seq_idx, cotangents):
     return [y.detach(), last.detach(), *grads]
 
 
-def check_layouts(setup):
-    """Every layout against the PyTorch reference, float32 with every option; the split also in bf16."""
-    c = setup.check
+class BackwardWitness:
+    """Records, for each backward launch, whether it ran on the thread that called the forward and whether the
+    forward's forced layout reached it (on CUDA, autograd runs backward ops on a thread of its own)."""
+
+    def __enter__(self):
+        self.seen, self.launch, caller = [], ss._bwd_launch, threading.get_ident()
+
+        def launch(*args):
+            self.seen.append(dict(on_caller_thread=threading.get_ident() == caller,
+                                  forced_layout_seen=ss._FORCED.get() is not None))
+            return self.launch(*args)
+
+        ss._bwd_launch = launch
+        return self
+
+    def __exit__(self, *exc):
+        ss._bwd_launch = self.launch
+
+
+def check_layouts(setup, c, layouts, bf16_layouts=()):
+    """`layouts` against the PyTorch reference in float32 with every option (documents at the chunks' boundaries),
+    and `bf16_layouts` in bf16, at the shape `c`."""
     tensors, seq_idx = scan_inputs(c["batch"], c["dim"], c["length"], setup.d_state, setup.device, torch.float32,
                                    extras=True, seed=1)
-    seq_idx = with_documents_at(seq_idx, [k * n for n in (*c["chunks"], *c["backward_chunks"]) for k in range(1, 9)])
+    seq_idx = with_documents_at(seq_idx, [k * n for n in c["boundaries"] for k in range(1, 9)])
     g = torch.Generator(device="cpu").manual_seed(2)
     cotangents = [torch.randn(c["batch"], c["dim"], c["length"], generator=g).to(setup.device),
                   torch.randn(c["batch"], c["dim"], setup.d_state, generator=g).to(setup.device)]
     bf16 = {k: v if k in ("A", "D", "delta_bias", "initial_state") else v.to(torch.bfloat16) for k, v in tensors.items()}
     bf16_cotangents = [cotangents[0].to(torch.bfloat16), cotangents[1]]
     # The references: float32 inputs, and the bf16 inputs (computed in float32 by the reference as well).
-    references = {torch.float32: (tensors, cotangents, outputs_and_grads(selective_scan_ref, tensors, seq_idx, cotangents)),
-                  torch.bfloat16: (bf16, bf16_cotangents, outputs_and_grads(selective_scan_ref, bf16, seq_idx, bf16_cotangents))}
+    references = {torch.float32: (tensors, cotangents, outputs_and_grads(selective_scan_ref, tensors, seq_idx, cotangents))}
+    if bf16_layouts:
+        references[torch.bfloat16] = (bf16, bf16_cotangents,
+                                      outputs_and_grads(selective_scan_ref, bf16, seq_idx, bf16_cotangents))
+    results = []
+    shape = f"{c['batch']}x{c['dim']}x{c['length']}"
+    for dtype, tolerance, dtype_layouts in ((torch.float32, 1e-4, layouts), (torch.bfloat16, 1e-2, bf16_layouts)):
+        for layout in dtype_layouts:
+            inputs, cot, reference = references[dtype]
+            entry = dict(shape=shape, layout=layout, dtype=str(dtype))
+            try:
+                with BackwardWitness() as witness, ss.forced_layout(**layout):
+                    error = relative_errors(outputs_and_grads(selective_scan_fn, inputs, seq_idx, cot), reference)
+                entry.update(relative_error=error, ok=error < tolerance, backward=witness.seen)
+            except Exception as e:  # noqa: BLE001 (recorded, the run goes on)
+                entry.update(error=f"{type(e).__name__}: {e}", ok=False)
+            results.append(entry)
+            print(f"check {shape} {layout} {dtype}: {entry.get('relative_error', entry.get('error'))} "
+                  f"{entry.get('backward')}", flush=True)
+    return results
+
+
+def check_all(setup):
+    """Every layout at a small odd shape (float32 and, for the splits, bf16); then the unsplit and split backward at
+    a timed shape, where the GPU's tiles are those the grid times."""
+    c = setup.check
     split = dict(chunk_length=c["chunks"][0], backward_chunk_length=c["backward_chunks"][0])
     layouts = [dict(), dict(forward="steps", backward_chunk_length=c["length"])]
     layouts += [dict(forward="lanes", block_d=bd, chunk_length=c["length"]) for bd in ss.LANE_COST]
     layouts += [dict(forward="lanes", block_d=bd, **split) for bd in ss.LANE_COST]
     layouts += [dict(forward="lanes", chunk_length=c["chunks"][1], backward_chunk_length=c["backward_chunks"][1])]
-    results = []
-    for layout in layouts:
-        for dtype, tolerance in ((torch.float32, 1e-4), (torch.bfloat16, 1e-2)):
-            if dtype == torch.bfloat16 and layout.get("chunk_length") != split["chunk_length"]:
-                continue  # bf16: the split layouts only
-            inputs, cot, reference = references[dtype]
-            try:
-                with ss.forced_layout(**layout):
-                    error = relative_errors(outputs_and_grads(selective_scan_fn, inputs, seq_idx, cot), reference)
-                results.append(dict(layout=layout, dtype=str(dtype), relative_error=error, ok=error < tolerance))
-            except Exception as e:  # noqa: BLE001 (recorded, the run goes on)
-                results.append(dict(layout=layout, dtype=str(dtype), error=f"{type(e).__name__}: {e}", ok=False))
-            print(f"check {layout} {dtype}: {results[-1].get('relative_error', results[-1].get('error'))}", flush=True)
-    return results
+    small = dict(c, boundaries=(*c["chunks"], *c["backward_chunks"]))
+    results = check_layouts(setup, small, layouts, [dict(forward="lanes", block_d=bd, **split) for bd in ss.LANE_COST])
+    t = setup.timed_check
+    length = t["length"]
+    timed = [dict(), dict(backward_chunk_length=length)]
+    timed += [dict(backward_chunk_length=triton.cdiv(length, n)) for n in t["backward_chunk_counts"]]
+    timed += [dict(forward="lanes", chunk_length=length, backward_chunk_length=triton.cdiv(length, n))
+              for n in t["backward_chunk_counts"][:1]]
+    boundaries = [triton.cdiv(length, n) for n in t["backward_chunk_counts"]]
+    return results + check_layouts(setup, dict(t, boundaries=boundaries), timed)
 
 
 def plan_of(setup, batch, dim, length, layout, train):
@@ -392,7 +435,7 @@ def report(setup, result):
               f"| {ms(auto_both)} ({r['auto']['backward_chunks']}) "
               f"| {ms(best_both)} ({best_both and best_both['backward_chunks']}) |")
     if fitted:
-        print("\nFitted constants (selective_scan.py; LANE_COST's unit is "
+        print("\nFitted constants (samba_kernels/selective_scan/kernel.py; LANE_COST's unit is "
               f"{fitted['unit_ms_per_step'] * 1e3:.4f} us per step of a BLOCK_D-32 warp):")
         for k in CONSTANTS:
             print(f"{k} = {fitted[k]}")
@@ -410,7 +453,7 @@ def main():
     path = Path(args.out or (Path(out_dir) if out_dir else Path.cwd()) / "scan_split_calibration.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     budget = Budget(args.budget_minutes)
-    result = dict(stamp(setup), command=" ".join(sys.argv), checks=check_layouts(setup), shapes=[])
+    result = dict(stamp(setup), command=" ".join(sys.argv), checks=check_all(setup), shapes=[])
     write(result, path)
     for batch, dim, length in setup.shapes:
         print(f"{batch} x {dim} x {length}", flush=True)

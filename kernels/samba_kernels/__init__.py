@@ -1,26 +1,44 @@
-"""samba_kernels: Triton kernels for Samba's Mamba ops and their PyTorch references.
+"""samba_kernels: Triton kernels for Samba's ops and their PyTorch references.
 
-Imports torch and triton only, never transformers. Besides the Mamba ops: sliding-window attention
-(`windowed_attention`), and for batch-1 decoding one-row products (`matvec`, `stacked_matvec`,
-`gated_matvec`) and a Mamba mixer's token between its in_proj and out_proj (`mamba_decode_step`). The
-public ops run their Triton kernels on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (see
-`use_triton`); elsewhere they run the PyTorch references of `reference.py` (F.linear and F.silu for the
-one-row products, `mamba_decode_step_ref`). The kernels are registered as torch.library custom ops
-(`torch.ops.samba_kernels.*`), so torch.compile traces models that use them as one graph.
+Imports torch and triton only, never transformers. Every op is a folder with the same shape:
+
+    <op>/kernel.py   the Triton kernels, their launches, the torch.library custom ops and the public entry points
+    <op>/naive.py    the PyTorch reference: torch only, readable, computed in float32; the CPU path and the tests'
+                     oracle (the four Mamba ones ship with the model's remote code)
+
+    selective_scan       selective_scan_fn, selective_state_update      (Mamba-1's scan and its decode step)
+    causal_conv1d        causal_conv1d_fn, causal_conv1d_update         (Mamba's depthwise convolution)
+    windowed_attention   windowed_attention, window_mask                (causal sliding-window attention)
+    matvec               matvec, stacked_matvec, gated_matvec,          (one-row products of batch-1 decoding)
+                         matvec_add_
+    mamba_decode         mamba_decode_step                              (a Mamba mixer's decode token)
+    decode_attention     ring_decode_attention                          (a token's attention over a ring buffer)
+
+and each reference is the op's name with `_ref`. The public ops run their Triton kernels on CUDA tensors, and on
+CPU tensors under TRITON_INTERPRET=1 (see `use_triton`); elsewhere they run the references. The kernels are
+registered as torch.library custom ops (`torch.ops.samba_kernels.*`), so torch.compile traces models that use
+them as one graph. Tests: tests/kernels/test_<op>.py.
+
+Kernel code names what it holds: pointers (arguments, and tensors of pointers) end in `_ptr`, offset tensors
+added to a pointer in `_off`, masks in `_mask`; loaded blocks have plain names (`u`, `dt`, `B_n`), `_raw` where a
+block is still in its stored dtype; index vectors are named after what they index (`d`, `t`, `rows`).
 """
 
 from ._common import programmatic_dependent_launch, use_triton
-from .causal_conv1d import causal_conv1d_fn, causal_conv1d_update
-from .decode_attention import ring_decode_attention
+from .causal_conv1d import causal_conv1d_fn, causal_conv1d_ref, causal_conv1d_update, causal_conv1d_update_ref
+from .decode_attention import ring_decode_attention, ring_decode_attention_ref
 from .mamba_decode import mamba_decode_step, mamba_decode_step_ref
-from .matvec import gated_matvec, matvec, matvec_add_, stacked_matvec
-from .reference import (
-    causal_conv1d_ref,
-    causal_conv1d_update_ref,
-    selective_scan_ref,
-    selective_state_update_ref,
+from .matvec import (
+    gated_matvec,
+    gated_matvec_ref,
+    matvec,
+    matvec_add_,
+    matvec_add_ref,
+    matvec_ref,
+    stacked_matvec,
+    stacked_matvec_ref,
 )
-from .selective_scan import selective_scan_fn, selective_state_update
+from .selective_scan import selective_scan_fn, selective_scan_ref, selective_state_update, selective_state_update_ref
 from .windowed_attention import window_mask, windowed_attention, windowed_attention_ref
 
 __all__ = [
@@ -29,17 +47,22 @@ __all__ = [
     "causal_conv1d_update",
     "causal_conv1d_update_ref",
     "gated_matvec",
+    "gated_matvec_ref",
     "mamba_decode_step",
     "mamba_decode_step_ref",
     "matvec",
     "matvec_add_",
+    "matvec_add_ref",
+    "matvec_ref",
     "programmatic_dependent_launch",
     "ring_decode_attention",
+    "ring_decode_attention_ref",
     "selective_scan_fn",
     "selective_scan_ref",
     "selective_state_update",
     "selective_state_update_ref",
     "stacked_matvec",
+    "stacked_matvec_ref",
     "use_triton",
     "window_mask",
     "windowed_attention",

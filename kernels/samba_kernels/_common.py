@@ -51,7 +51,7 @@ def dependent_launch(x: torch.Tensor) -> dict:
 
     It follows torch.compile's own switch, `torch._inductor.config.triton.enable_pdl` (or
     TORCHINDUCTOR_ENABLE_PDL=1): PDL pays only when the kernels around take part too, and a dependent
-    launch after an ordinary kernel costs time (benchmarks/generate.md). Off in Triton's interpreter and
+    launch after an ordinary kernel costs time (docs/performance-notes.md, Decoding). Off in Triton's interpreter and
     before Triton 3.4 (which knows neither `gdc_wait` nor `launch_pdl`)."""
     if gdc_wait is None or not x.is_cuda or interpreter_enabled() or torch.cuda.get_device_capability(x.device)[0] < 9:
         return {"PDL": False}

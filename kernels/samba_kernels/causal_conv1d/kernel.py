@@ -12,30 +12,31 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import block_size, silu_grad, use_triton
-from .reference import causal_conv1d_ref, causal_conv1d_update_ref
+from .._common import block_size, silu_grad, use_triton
+from .naive import causal_conv1d_ref, causal_conv1d_update_ref
 
 
 @triton.jit
-def _seq_at(seq_idx, b, L, p):
+def _seq_at(seq_idx_ptr, b, L, p):
     # Document of padded position p; the initial states (p < 0) belong to the first one.
-    return tl.load(seq_idx + b * L + tl.minimum(tl.maximum(p, 0), L - 1))
+    return tl.load(seq_idx_ptr + b * L + tl.minimum(tl.maximum(p, 0), L - 1))
 
 
 @triton.jit
-def _load_padded(x, init, b, d, d_mask, p, dim, L, s_ib, s_id, s_il, W: tl.constexpr, HAS_INIT: tl.constexpr):
+def _load_padded(x_ptr, init_ptr, b, d, d_mask, p, dim, L, s_ib, s_id, s_il, W: tl.constexpr,
+                 HAS_INIT: tl.constexpr):
     """x at padded positions p (BLOCK_L,) for channels d, as fp32 (BLOCK_D, BLOCK_L)."""
-    v = tl.load(x + (b * dim + d[:, None]) * L + p[None, :],
+    v = tl.load(x_ptr + (b * dim + d[:, None]) * L + p[None, :],
                 mask=d_mask[:, None] & ((p >= 0) & (p < L))[None, :], other=0.0).to(tl.float32)
     if HAS_INIT:  # the reference rounds the initial states to x's dtype
         h_mask = d_mask[:, None] & ((p < 0) & (p >= 1 - W))[None, :]
-        h = tl.load(init + b * s_ib + d[:, None] * s_id + (p + W - 1)[None, :] * s_il, mask=h_mask, other=0.0)
-        v += h.to(x.dtype.element_ty).to(tl.float32)
+        h = tl.load(init_ptr + b * s_ib + d[:, None] * s_id + (p + W - 1)[None, :] * s_il, mask=h_mask, other=0.0)
+        v += h.to(x_ptr.dtype.element_ty).to(tl.float32)
     return v
 
 
 @triton.jit
-def _conv_pre(x, init, seq_idx, weight, bias, b, d, d_mask, s, dim, L, s_ib, s_id, s_il,
+def _conv_pre(x_ptr, init_ptr, seq_idx_ptr, weight_ptr, bias_ptr, b, d, d_mask, s, dim, L, s_ib, s_id, s_il,
               W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
               HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_BIAS: tl.constexpr):
     """(pre-activation output at positions s (BLOCK_L,), fp32 (BLOCK_D, BLOCK_L); the W inputs it read,
@@ -43,36 +44,37 @@ def _conv_pre(x, init, seq_idx, weight, bias, b, d, d_mask, s, dim, L, s_ib, s_i
     acc = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
     taps = ()
     if HAS_SEQ:
-        seq_s = _seq_at(seq_idx, b, L, s)
+        seq_s = _seq_at(seq_idx_ptr, b, L, s)
     for k in tl.static_range(W):
         p = s - (W - 1) + k
-        v = _load_padded(x, init, b, d, d_mask, p, dim, L, s_ib, s_id, s_il, W, HAS_INIT)
+        v = _load_padded(x_ptr, init_ptr, b, d, d_mask, p, dim, L, s_ib, s_id, s_il, W, HAS_INIT)
         if HAS_SEQ:  # never read across a document boundary
-            v = tl.where((_seq_at(seq_idx, b, L, p) == seq_s)[None, :], v, 0.0)
-        acc += tl.load(weight + d * W + k, mask=d_mask, other=0.0).to(tl.float32)[:, None] * v
+            v = tl.where((_seq_at(seq_idx_ptr, b, L, p) == seq_s)[None, :], v, 0.0)
+        acc += tl.load(weight_ptr + d * W + k, mask=d_mask, other=0.0).to(tl.float32)[:, None] * v
         taps = taps + (v,)
     if HAS_BIAS:
-        acc += tl.load(bias + d, mask=d_mask, other=0.0).to(tl.float32)[:, None]
+        acc += tl.load(bias_ptr + d, mask=d_mask, other=0.0).to(tl.float32)[:, None]
     return acc, taps
 
 
 @triton.jit
-def _conv_fwd_kernel(x, init, seq_idx, weight, bias, out, dim, L, s_ib, s_id, s_il,
+def _conv_fwd_kernel(x_ptr, init_ptr, seq_idx_ptr, weight_ptr, bias_ptr, out_ptr, dim, L, s_ib, s_id, s_il,
                      W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, HAS_INIT: tl.constexpr,
                      HAS_SEQ: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = d < dim
     s = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)
-    acc, _ = _conv_pre(x, init, seq_idx, weight, bias, b, d, d_mask, s, dim, L, s_ib, s_id, s_il,
+    acc, _ = _conv_pre(x_ptr, init_ptr, seq_idx_ptr, weight_ptr, bias_ptr, b, d, d_mask, s, dim, L, s_ib, s_id, s_il,
                        W, BLOCK_D, BLOCK_L, HAS_INIT, HAS_SEQ, HAS_BIAS)
     if SILU:
         acc *= tl.sigmoid(acc)
-    tl.store(out + (b * dim + d[:, None]) * L + s[None, :], acc, mask=d_mask[:, None] & (s < L)[None, :])
+    tl.store(out_ptr + (b * dim + d[:, None]) * L + s[None, :], acc, mask=d_mask[:, None] & (s < L)[None, :])
 
 
 @triton.jit
-def _conv_bwd_out_kernel(x, init, seq_idx, weight, bias, dout, g_out, dweight_part, dbias_part,
+def _conv_bwd_out_kernel(x_ptr, init_ptr, seq_idx_ptr, weight_ptr, bias_ptr, dout_ptr, g_out_ptr, dweight_part_ptr,
+                         dbias_part_ptr,
                          dim, L, s_ib, s_id, s_il, W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
                          HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
     """The gradient at the pre-activation of outputs s, float32, and this program's sums over its
@@ -82,22 +84,23 @@ def _conv_bwd_out_kernel(x, init, seq_idx, weight, bias, dout, g_out, dweight_pa
     d_mask = d < dim
     s = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)
     s_mask = d_mask[:, None] & (s < L)[None, :]
-    off = (b * dim + d[:, None]) * L + s[None, :]
-    g = tl.load(dout + off, mask=s_mask, other=0.0).to(tl.float32)
-    pre, taps = _conv_pre(x, init, seq_idx, weight, bias, b, d, d_mask, s, dim, L, s_ib, s_id, s_il,
-                          W, BLOCK_D, BLOCK_L, HAS_INIT, HAS_SEQ, HAS_BIAS)
+    tile_off = (b * dim + d[:, None]) * L + s[None, :]
+    g = tl.load(dout_ptr + tile_off, mask=s_mask, other=0.0).to(tl.float32)
+    pre, taps = _conv_pre(x_ptr, init_ptr, seq_idx_ptr, weight_ptr, bias_ptr, b, d, d_mask, s, dim, L, s_ib, s_id,
+                          s_il, W, BLOCK_D, BLOCK_L, HAS_INIT, HAS_SEQ, HAS_BIAS)
     if SILU:
         g *= silu_grad(pre)
-    tl.store(g_out + off, g, mask=s_mask)
-    part = b * tl.num_programs(2) + tl.program_id(2)
+    tl.store(g_out_ptr + tile_off, g, mask=s_mask)
+    part = b * tl.num_programs(2) + tl.program_id(2)  # this program's row of the partials
     for k in tl.static_range(W):
-        tl.store(dweight_part + (part * dim + d) * W + k, tl.sum(g * taps[k], axis=1), mask=d_mask)
+        tl.store(dweight_part_ptr + (part * dim + d) * W + k, tl.sum(g * taps[k], axis=1), mask=d_mask)
     if HAS_BIAS:
-        tl.store(dbias_part + part * dim + d, tl.sum(g, axis=1), mask=d_mask)
+        tl.store(dbias_part_ptr + part * dim + d, tl.sum(g, axis=1), mask=d_mask)
 
 
 @triton.jit
-def _conv_bwd_in_kernel(x, init, seq_idx, weight, bias, g_out, dx, dinit, dim, L, s_ib, s_id, s_il,
+def _conv_bwd_in_kernel(x_ptr, init_ptr, seq_idx_ptr, weight_ptr, bias_ptr, g_out_ptr, dx_ptr, dinit_ptr,
+                        dim, L, s_ib, s_id, s_il,
                         W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, HAS_INIT: tl.constexpr,
                         HAS_SEQ: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
     """dx at padded input positions p in [1 - W, L): dx for p >= 0, dinit for p < 0, from the
@@ -106,19 +109,20 @@ def _conv_bwd_in_kernel(x, init, seq_idx, weight, bias, g_out, dx, dinit, dim, L
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = d < dim
     p = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L) - (W - 1)
-    row = (b * dim + d[:, None]) * L
+    row_off = (b * dim + d[:, None]) * L
     if HAS_SEQ:
-        seq_p = _seq_at(seq_idx, b, L, p)
+        seq_p = _seq_at(seq_idx_ptr, b, L, p)
     dxp = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
     for k in tl.static_range(W):
         s = p + (W - 1 - k)  # the output that reads input p through tap k
-        g = tl.load(g_out + row + s[None, :], mask=d_mask[:, None] & ((s >= 0) & (s < L))[None, :], other=0.0)
+        g = tl.load(g_out_ptr + row_off + s[None, :], mask=d_mask[:, None] & ((s >= 0) & (s < L))[None, :],
+                    other=0.0)
         if HAS_SEQ:
-            g = tl.where((_seq_at(seq_idx, b, L, s) == seq_p)[None, :], g, 0.0)
-        dxp += tl.load(weight + d * W + k, mask=d_mask, other=0.0).to(tl.float32)[:, None] * g
-    tl.store(dx + row + p[None, :], dxp, mask=d_mask[:, None] & ((p >= 0) & (p < L))[None, :])
+            g = tl.where((_seq_at(seq_idx_ptr, b, L, s) == seq_p)[None, :], g, 0.0)
+        dxp += tl.load(weight_ptr + d * W + k, mask=d_mask, other=0.0).to(tl.float32)[:, None] * g
+    tl.store(dx_ptr + row_off + p[None, :], dxp, mask=d_mask[:, None] & ((p >= 0) & (p < L))[None, :])
     if HAS_INIT:
-        tl.store(dinit + b * s_ib + d[:, None] * s_id + (p + W - 1)[None, :] * s_il, dxp,
+        tl.store(dinit_ptr + b * s_ib + d[:, None] * s_id + (p + W - 1)[None, :] * s_il, dxp,
                  mask=d_mask[:, None] & (p < 0)[None, :])
 
 
@@ -150,7 +154,7 @@ def _conv_forward(x, weight, bias, seq_idx, init, activation):
     return out
 
 
-# Autograd and torch.compile see the kernels as custom ops (see selective_scan.py).
+# Autograd and torch.compile see the kernels as custom ops (see selective_scan/kernel.py).
 @torch.library.custom_op("samba_kernels::causal_conv1d_fwd", mutates_args=())
 def _conv_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, seq_idx: torch.Tensor | None,
                  initial_states: torch.Tensor | None, activation: str | None) -> torch.Tensor:
@@ -211,8 +215,25 @@ _conv_fwd_op.register_autograd(_conv_backward, setup_context=_conv_setup_context
 
 def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False,
                      activation=None):
-    """Depthwise causal conv1d (semantics: `reference.causal_conv1d_ref`), differentiable in x,
-    weight, bias and initial_states. x: (batch, dim, length), weight: (dim, width)."""
+    """Depthwise causal convolution (semantics: `causal_conv1d_ref`), differentiable in x, weight, bias and
+    initial_states: the Triton kernels where `use_triton(x)`, the reference elsewhere.
+
+    Args:
+        x (torch.Tensor): inputs of shape `[batch, dim, length]`, float32, bfloat16 or float16.
+        weight (torch.Tensor): taps of shape `[dim, width]`, any float dtype; tap `width - 1` reads the current
+            position.
+        bias (torch.Tensor | None): shape `[dim]`.
+        seq_idx (torch.Tensor | None): document of each position, shape `[batch, length]`, integer; a position
+            never reads an input of another document.
+        initial_states (torch.Tensor | None): the `width - 1` inputs before position 0, shape
+            `[batch, dim, width - 1]`; they belong to the first document.
+        return_final_states (bool): also return the last `width - 1` inputs, shape `[batch, dim, width - 1]`, in
+            x's dtype (the next chunk's initial_states).
+        activation (str | None): None, or "silu" / "swish" applied to the output.
+
+    Returns:
+        out of x's shape and dtype, or (out, final_states).
+    """
     if not use_triton(x):
         return causal_conv1d_ref(x, weight, bias, seq_idx, initial_states, return_final_states, activation)
     W = weight.shape[-1]
@@ -245,8 +266,19 @@ def _(x, conv_state, weight, bias, activation):
 
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
-    """Decode step(s): x (batch, dim) or (batch, dim, length); `conv_state` (batch, dim,
-    state_len >= width - 1) holds the latest inputs and is updated in place."""
+    """Decode step(s) of the causal convolution (semantics: `causal_conv1d_update_ref`), without gradients.
+
+    Args:
+        x (torch.Tensor): the new inputs, shape `[batch, dim]` (one step) or `[batch, dim, length]`.
+        conv_state (torch.Tensor): the latest inputs, shape `[batch, dim, state_len]` with
+            `state_len >= width - 1`, oldest first; updated in place (no new tensor, so safe in CUDA graphs).
+        weight (torch.Tensor): shape `[dim, width]`.
+        bias (torch.Tensor | None): shape `[dim]`.
+        activation (str | None): None, or "silu" / "swish".
+
+    Returns:
+        out of x's shape and dtype.
+    """
     if not use_triton(x):
         return causal_conv1d_update_ref(x, conv_state, weight, bias, activation)
     W, S = weight.shape[-1], conv_state.shape[-1]

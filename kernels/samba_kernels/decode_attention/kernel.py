@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dependent_launch, gdc_launch_dependents, gdc_wait, use_triton
+from .._common import dependent_launch, gdc_launch_dependents, gdc_wait, use_triton
+from .naive import ring_decode_attention_ref
 
 # Slots per program of the first kernel, and per step of its loop. samba-421m's 2048-slot window over 12
 # key/value heads gives 192 programs.
@@ -37,17 +38,18 @@ TILE_SLOTS = 32
 @triton.jit
 def _rotated(x_ptr, heads, head_mask, cos, sin, HALF: tl.constexpr):
     """The two halves of rows `heads` of x (head_dim = 2 HALF) after rotate-half RoPE, in float32."""
-    offsets = tl.arange(0, HALF)
-    first = tl.load(x_ptr + heads[:, None] * (2 * HALF) + offsets[None, :], mask=head_mask[:, None], other=0.0)
-    second = tl.load(x_ptr + heads[:, None] * (2 * HALF) + HALF + offsets[None, :], mask=head_mask[:, None],
+    dims = tl.arange(0, HALF)
+    first = tl.load(x_ptr + heads[:, None] * (2 * HALF) + dims[None, :], mask=head_mask[:, None], other=0.0)
+    second = tl.load(x_ptr + heads[:, None] * (2 * HALF) + HALF + dims[None, :], mask=head_mask[:, None],
                      other=0.0)  # fmt: skip
     first, second = first.to(tl.float32), second.to(tl.float32)
     return first * cos[None, :] - second * sin[None, :], second * cos[None, :] + first * sin[None, :]
 
 
 @triton.jit
-def _partial_kernel(q, k, v, key_ring, value_ring, readable, tokens_seen, position, inv_freq, part_max, part_sum,
-                    part_out, rope_scale, scale, slots, stride_kh, stride_ks, stride_vh, stride_vs, GROUP: tl.constexpr,
+def _partial_kernel(q_ptr, k_ptr, v_ptr, key_ring_ptr, value_ring_ptr, readable_ptr, tokens_seen_ptr, position_ptr,
+                    inv_freq_ptr, part_max_ptr, part_sum_ptr, part_out_ptr, rope_scale, scale, slots, stride_kh,
+                    stride_ks, stride_vh, stride_vs, GROUP: tl.constexpr,
                     BLOCK_G: tl.constexpr, HALF: tl.constexpr, SPLIT: tl.constexpr, TILE: tl.constexpr,
                     PDL: tl.constexpr):  # fmt: skip
     kv_head, split = tl.program_id(0), tl.program_id(1)
@@ -59,13 +61,13 @@ def _partial_kernel(q, k, v, key_ring, value_ring, readable, tokens_seen, positi
     group_mask = group < GROUP
     heads = kv_head * GROUP + group
     half = tl.arange(0, HALF)
-    angle = tl.load(position).to(tl.float32) * tl.load(inv_freq + half)
+    angle = tl.load(position_ptr).to(tl.float32) * tl.load(inv_freq_ptr + half)
     cos, sin = tl.cos(angle) * rope_scale, tl.sin(angle) * rope_scale
-    q1, q2 = _rotated(q, heads, group_mask, cos, sin, HALF)  # (BLOCK_G, HALF) each
+    q1, q2 = _rotated(q_ptr, heads, group_mask, cos, sin, HALF)  # (BLOCK_G, HALF) each
     one = tl.full((1,), kv_head, tl.int32)
-    k1, k2 = _rotated(k, one, one == kv_head, cos, sin, HALF)  # (1, HALF): the new key, rotated
-    v_new = tl.load(v + kv_head * 2 * HALF + tl.arange(0, 2 * HALF)).to(tl.float32)
-    new_slot = (tl.load(tokens_seen) % slots).to(tl.int32)
+    k1, k2 = _rotated(k_ptr, one, one == kv_head, cos, sin, HALF)  # (1, HALF): the new key, rotated
+    v_new = tl.load(v_ptr + kv_head * 2 * HALF + tl.arange(0, 2 * HALF)).to(tl.float32)
+    new_slot = (tl.load(tokens_seen_ptr) % slots).to(tl.int32)
 
     running_max = tl.full((BLOCK_G,), float("-inf"), tl.float32)
     running_sum = tl.zeros((BLOCK_G,), tl.float32)
@@ -73,20 +75,20 @@ def _partial_kernel(q, k, v, key_ring, value_ring, readable, tokens_seen, positi
     dims = tl.arange(0, 2 * HALF)
     for start in tl.static_range(0, SPLIT, TILE):
         slot = split * SPLIT + start + tl.arange(0, TILE)
-        in_ring = slot < slots
-        is_new = slot == new_slot
-        key_rows = key_ring + kv_head * stride_kh + slot[:, None] * stride_ks
-        key1 = tl.load(key_rows + half[None, :], mask=in_ring[:, None], other=0.0).to(tl.float32)
-        key2 = tl.load(key_rows + HALF + half[None, :], mask=in_ring[:, None], other=0.0).to(tl.float32)
-        key1 = tl.where(is_new[:, None], k1, key1)
-        key2 = tl.where(is_new[:, None], k2, key2)
-        values = tl.load(value_ring + kv_head * stride_vh + slot[:, None] * stride_vs + dims[None, :],
-                         mask=in_ring[:, None], other=0.0).to(tl.float32)  # fmt: skip
-        values = tl.where(is_new[:, None], v_new[None, :], values)
+        ring_mask = slot < slots
+        new_mask = slot == new_slot
+        key_rows_ptr = key_ring_ptr + kv_head * stride_kh + slot[:, None] * stride_ks
+        key1 = tl.load(key_rows_ptr + half[None, :], mask=ring_mask[:, None], other=0.0).to(tl.float32)
+        key2 = tl.load(key_rows_ptr + HALF + half[None, :], mask=ring_mask[:, None], other=0.0).to(tl.float32)
+        key1 = tl.where(new_mask[:, None], k1, key1)
+        key2 = tl.where(new_mask[:, None], k2, key2)
+        values = tl.load(value_ring_ptr + kv_head * stride_vh + slot[:, None] * stride_vs + dims[None, :],
+                         mask=ring_mask[:, None], other=0.0).to(tl.float32)  # fmt: skip
+        values = tl.where(new_mask[:, None], v_new[None, :], values)
         # (BLOCK_G, TILE) scores, summed over the two halves of the head
         scores = tl.sum(q1[:, None, :] * key1[None, :, :], axis=2) + tl.sum(q2[:, None, :] * key2[None, :, :], axis=2)
-        visible = in_ring & ((tl.load(readable + slot, mask=in_ring, other=0) != 0) | is_new)
-        scores = tl.where(visible[None, :], scores * scale, float("-inf"))
+        visible_mask = ring_mask & ((tl.load(readable_ptr + slot, mask=ring_mask, other=0) != 0) | new_mask)
+        scores = tl.where(visible_mask[None, :], scores * scale, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, axis=1))
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # no visible slot yet: nothing to rescale
         weights = tl.exp(scores - shift[:, None])
@@ -94,21 +96,22 @@ def _partial_kernel(q, k, v, key_ring, value_ring, readable, tokens_seen, positi
         running_sum = running_sum * correction + tl.sum(weights, axis=1)
         acc = acc * correction[:, None] + tl.sum(weights[:, :, None] * values[None, :, :], axis=1)
         running_max = new_max
-    part = (kv_head * splits + split) * BLOCK_G + group
-    tl.store(part_max + part, running_max)
-    tl.store(part_sum + part, running_sum)
-    tl.store(part_out + part[:, None] * 2 * HALF + dims[None, :], acc)
+    part_off = (kv_head * splits + split) * BLOCK_G + group
+    tl.store(part_max_ptr + part_off, running_max)
+    tl.store(part_sum_ptr + part_off, running_sum)
+    tl.store(part_out_ptr + part_off[:, None] * 2 * HALF + dims[None, :], acc)
     # The program whose slots hold the new one writes it; no other program reads that slot.
     if (new_slot >= split * SPLIT) & (new_slot < split * SPLIT + SPLIT):
-        key_row = key_ring + kv_head * stride_kh + new_slot * stride_ks
-        tl.store(key_row + tl.arange(0, HALF)[None, :], k1.to(key_ring.dtype.element_ty))
-        tl.store(key_row + HALF + tl.arange(0, HALF)[None, :], k2.to(key_ring.dtype.element_ty))
-        tl.store(value_ring + kv_head * stride_vh + new_slot * stride_vs + dims,
-                 v_new.to(value_ring.dtype.element_ty))  # fmt: skip
+        key_row_ptr = key_ring_ptr + kv_head * stride_kh + new_slot * stride_ks
+        tl.store(key_row_ptr + tl.arange(0, HALF)[None, :], k1.to(key_ring_ptr.dtype.element_ty))
+        tl.store(key_row_ptr + HALF + tl.arange(0, HALF)[None, :], k2.to(key_ring_ptr.dtype.element_ty))
+        tl.store(value_ring_ptr + kv_head * stride_vh + new_slot * stride_vs + dims,
+                 v_new.to(value_ring_ptr.dtype.element_ty))  # fmt: skip
 
 
 @triton.jit
-def _combine_kernel(part_max, part_sum, part_out, out, splits, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
+def _combine_kernel(part_max_ptr, part_sum_ptr, part_out_ptr, out_ptr, splits, GROUP: tl.constexpr,
+                    BLOCK_G: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BLOCK_SPLITS: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     head = tl.program_id(0)
     if PDL:
@@ -116,45 +119,40 @@ def _combine_kernel(part_max, part_sum, part_out, out, splits, GROUP: tl.constex
         gdc_wait()
     kv_head, member = head // GROUP, head % GROUP
     split = tl.arange(0, BLOCK_SPLITS)
-    mask = split < splits
-    part = (kv_head * splits + split) * BLOCK_G + member
-    maxima = tl.load(part_max + part, mask=mask, other=float("-inf"))
+    split_mask = split < splits
+    part_off = (kv_head * splits + split) * BLOCK_G + member
+    maxima = tl.load(part_max_ptr + part_off, mask=split_mask, other=float("-inf"))
     overall = tl.max(maxima, axis=0)
-    weights = tl.where(mask, tl.exp(maxima - overall), 0.0)
-    total = tl.sum(weights * tl.load(part_sum + part, mask=mask, other=0.0), axis=0)
+    weights = tl.where(split_mask, tl.exp(maxima - overall), 0.0)
+    total = tl.sum(weights * tl.load(part_sum_ptr + part_off, mask=split_mask, other=0.0), axis=0)
     dims = tl.arange(0, HEAD_DIM)
-    outs = tl.load(part_out + part[:, None] * HEAD_DIM + dims[None, :], mask=mask[:, None], other=0.0)
+    outs = tl.load(part_out_ptr + part_off[:, None] * HEAD_DIM + dims[None, :], mask=split_mask[:, None], other=0.0)
     result = tl.sum(weights[:, None] * outs, axis=0) / total
-    tl.store(out + head * HEAD_DIM + dims, result.to(out.dtype.element_ty))
-
-
-def ring_decode_attention_ref(q, k, v, key_ring, value_ring, readable, tokens_seen, position, inv_freq, rope_scale,
-                              scale):  # fmt: skip
-    heads, kv_heads, slots, head_dim = q.shape[-1] // key_ring.shape[-1], key_ring.shape[1], key_ring.shape[2], key_ring.shape[-1]
-    angle = position.reshape(()).float() * inv_freq.float()
-    cos, sin = torch.cat([angle.cos(), angle.cos()]) * rope_scale, torch.cat([angle.sin(), angle.sin()]) * rope_scale
-
-    def rotate(x, n):
-        x = x.reshape(n, head_dim).float()
-        first, second = x.chunk(2, dim=-1)
-        return x * cos + torch.cat([-second, first], dim=-1) * sin
-
-    slot = int(tokens_seen) % slots
-    key_ring[0, :, slot] = rotate(k, kv_heads).to(key_ring.dtype)
-    value_ring[0, :, slot] = v.reshape(kv_heads, head_dim).to(value_ring.dtype)
-    visible = readable[0].bool().clone()
-    visible[slot] = True
-    keys = key_ring[0].float().repeat_interleave(heads // kv_heads, dim=0)  # (heads, slots, head_dim)
-    values = value_ring[0].float().repeat_interleave(heads // kv_heads, dim=0)
-    scores = torch.einsum("hd,hsd->hs", rotate(q, heads), keys) * scale
-    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
-    return torch.einsum("hs,hsd->hd", probs, values).reshape(1, heads * head_dim).to(q.dtype)
+    tl.store(out_ptr + head * HEAD_DIM + dims, result.to(out_ptr.dtype.element_ty))
 
 
 def ring_decode_attention(q, k, v, key_ring, value_ring, readable, tokens_seen, position, inv_freq, rope_scale,
                           scale):  # fmt: skip
-    """One token's attention over a ring buffer (see the module docstring): the Triton kernels where
-    `use_triton(q)`, the reference elsewhere."""
+    """One token's attention over a ring buffer (semantics: `ring_decode_attention_ref`; see the module docstring),
+    without gradients: the Triton kernels where `use_triton(q)`, the reference elsewhere.
+
+    Args:
+        q (torch.Tensor): the token's query projection before RoPE, one row `[1, heads * head_dim]`.
+        k, v (torch.Tensor): its key and value projections, `[1, kv_heads * head_dim]`; heads a multiple of
+            kv_heads.
+        key_ring, value_ring (torch.Tensor): `[1, kv_heads, slots, head_dim]`, contiguous along head_dim (a power
+            of two); the rotated keys and the values of the last `slots` tokens, updated in place at slot
+            `tokens_seen % slots`.
+        readable (torch.Tensor): `[1, slots]` bool, the slots the query may read besides the new one.
+        tokens_seen (torch.Tensor): 0-dim int64, the tokens before this one.
+        position (torch.Tensor): `[1, 1]` int64, the token's RoPE position.
+        inv_freq (torch.Tensor): `[head_dim / 2]` float32, RoPE's inverse frequencies; rope_scale (float): its
+            attention scaling.
+        scale (float): the scores' scale.
+
+    Returns:
+        `[1, heads * head_dim]` in q's dtype.
+    """
     batch, kv_heads, slots, head_dim = key_ring.shape
     heads = q.shape[-1] // head_dim
     if batch != 1 or q.shape[:-1].numel() != 1 or heads % kv_heads or head_dim % 2 or value_ring.shape != key_ring.shape:

@@ -9,30 +9,32 @@ token.
 
 A kernel launch has a fixed cost of a few µs at these sizes (ramp-up, tail), so products that share
 their input also run as one launch: `stacked_matvec` (the rows of several weights, as for q/k/v) and
-`gated_matvec` (SwiGLU's silu(x @ gate.T) * (x @ up.T), with the product taken in the kernel). On the
-H200, with a cold L2, one token's products of samba-421m took 365 µs in 61 launches so grouped, against
-cuBLAS's 594 in 85 (benchmarks/matvec.md).
+`gated_matvec` (SwiGLU's silu(x @ gate.T) * (x @ up.T), with the product taken in the kernel). A token's
+products of samba-421m, so grouped, take fewer launches and less time than cuBLAS's (benchmarks/results/kernels.md,
+the matvec case).
 
 Where torch.compile's kernels launch as programmatic dependents (`torch._inductor.config.triton.enable_pdl`
 on sm90 and later; see `dependent_launch`), these do too: a product loads its first weight tile while
-the kernel before it finishes, and reads x only after `gdc_wait()`. On the H200 that made a compiled
-samba-421m step take 10% less time (0.459 against 0.512 ms per token, benchmarks/generate.md).
+the kernel before it finishes, and reads x only after `gdc_wait()`, which shortens a decode step
+(docs/performance-notes.md, Decoding).
 
-F.linear is the reference (and the path on CPU tensors without Triton's interpreter).
+The references (`naive.py`: F.linear, after F.rms_norm where a norm is fused) are the path on CPU tensors
+without Triton's interpreter.
 """
 
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import dependent_launch, gdc_launch_dependents, gdc_wait, use_triton
+from .._common import dependent_launch, gdc_launch_dependents, gdc_wait, use_triton
+from .naive import gated_matvec_ref, matvec_add_ref, matvec_ref, stacked_matvec_ref
 
 
 @triton.jit
-def _matvec_kernel(x, w0, w1, w2, bias, norm_weight, out, N0, N1, N2, K, stride_x, stride0, stride1, stride2, eps,
+def _matvec_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, bias_ptr, norm_weight_ptr, out_ptr, N0, N1, N2, K, stride_x,
+                   stride0, stride1, stride2, eps,
                    WEIGHTS: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
                    RESIDUAL: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out = x @ [w0; w1; w2].T (+ bias): the rows of the first WEIGHTS weights stacked, N0 + N1 + N2
@@ -44,39 +46,40 @@ def _matvec_kernel(x, w0, w1, w2, bias, norm_weight, out, N0, N1, N2, K, stride_
     kernel that writes x."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N0 + N1 + N2
-    offsets = rows.to(tl.int64)  # int64: vocabulary x hidden may pass 2**31
-    w_rows = w0 + offsets * stride0
+    row_idx = rows.to(tl.int64)  # int64: vocabulary x hidden may pass 2**31
+    w_rows_ptr = w0_ptr + row_idx * stride0
     if WEIGHTS > 1:
-        w_rows = tl.where(rows < N0, w_rows, w1 + (offsets - N0) * stride1)
+        w_rows_ptr = tl.where(rows < N0, w_rows_ptr, w1_ptr + (row_idx - N0) * stride1)
     if WEIGHTS > 2:
-        w_rows = tl.where(rows < N0 + N1, w_rows, w2 + (offsets - N0 - N1) * stride2)
-    up_rows = w1 + offsets * stride1  # GATED only
+        w_rows_ptr = tl.where(rows < N0 + N1, w_rows_ptr, w2_ptr + (row_idx - N0 - N1) * stride2)
+    up_rows_ptr = w1_ptr + row_idx * stride1  # GATED only
     cols = tl.arange(0, BLOCK_K)
-    mask = row_mask[:, None] & (cols < K)[None, :]
-    w = tl.load(w_rows[:, None] + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+    tile_mask = row_mask[:, None] & (cols < K)[None, :]
+    w = tl.load(w_rows_ptr[:, None] + cols[None, :], mask=tile_mask, other=0.0, eviction_policy="evict_first")
     if GATED:
-        up = tl.load(up_rows[:, None] + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+        up = tl.load(up_rows_ptr[:, None] + cols[None, :], mask=tile_mask, other=0.0, eviction_policy="evict_first")
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
-    x_k = tl.load(x + cols * stride_x, mask=cols < K, other=0.0).to(tl.float32)[None, :]
+    x_k = tl.load(x_ptr + cols * stride_x, mask=cols < K, other=0.0).to(tl.float32)[None, :]
     squares = x_k * x_k  # NORM only
     if NORM:
-        x_k *= tl.load(norm_weight + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
+        x_k *= tl.load(norm_weight_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
     acc = w.to(tl.float32) * x_k
     if GATED:
         acc_up = up.to(tl.float32) * x_k
     for k0 in range(BLOCK_K, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        mask = row_mask[:, None] & (cols < K)[None, :]
-        x_k = tl.load(x + cols * stride_x, mask=cols < K, other=0.0).to(tl.float32)[None, :]
+        tile_mask = row_mask[:, None] & (cols < K)[None, :]
+        x_k = tl.load(x_ptr + cols * stride_x, mask=cols < K, other=0.0).to(tl.float32)[None, :]
         if NORM:
             squares += x_k * x_k
-            x_k *= tl.load(norm_weight + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
-        w = tl.load(w_rows[:, None] + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+            x_k *= tl.load(norm_weight_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
+        w = tl.load(w_rows_ptr[:, None] + cols[None, :], mask=tile_mask, other=0.0, eviction_policy="evict_first")
         acc += w.to(tl.float32) * x_k
         if GATED:
-            up = tl.load(up_rows[:, None] + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+            up = tl.load(up_rows_ptr[:, None] + cols[None, :], mask=tile_mask, other=0.0,
+                         eviction_policy="evict_first")
             acc_up += up.to(tl.float32) * x_k
     y = tl.sum(acc, axis=1)
     if GATED:
@@ -89,15 +92,15 @@ def _matvec_kernel(x, w0, w1, w2, bias, norm_weight, out, N0, N1, N2, K, stride_
     if GATED:
         y = y * tl.sigmoid(y) * y_up
     if HAS_BIAS:
-        y += tl.load(bias + rows, mask=row_mask, other=0.0).to(tl.float32)
+        y += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
     if RESIDUAL:
-        y += tl.load(out + rows, mask=row_mask, other=0.0).to(tl.float32)
-    tl.store(out + rows, y.to(out.dtype.element_ty), mask=row_mask)
+        y += tl.load(out_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
 def _tile(N: int, K: int) -> dict:
-    """(BLOCK_N, BLOCK_K, warps), from a sweep of samba-421m's decode products on the H200 with a cold L2
-    (benchmarks/matvec.md): two rows per program where that gives thousands of programs; otherwise wide
+    """(BLOCK_N, BLOCK_K, warps), from a sweep of samba-421m's decode products with a cold L2
+    (docs/performance-notes.md, Decoding): two rows per program where that gives thousands of programs; otherwise wide
     K steps and eight warps, so that fewer programs still keep enough loads in flight."""
     if N >= 4096:
         return dict(BLOCK_N=2, BLOCK_K=512, num_warps=2)
@@ -144,14 +147,6 @@ def _(x, weights, bias, gated):
     return _new_output(x, weights, gated)
 
 
-def rms_normalized(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float, dtype: torch.dtype) -> torch.Tensor:
-    """The reference of the kernels' NORM: x RMS-normalised in float32 and scaled by norm_weight (x itself
-    where norm_weight is None), in `dtype`."""
-    if norm_weight is None:
-        return x
-    return F.rms_norm(x.float(), norm_weight.shape, norm_weight.float(), eps).to(dtype)
-
-
 def _check(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: torch.Tensor | None, name: str,
            norm_weight: torch.Tensor | None = None) -> bool:  # fmt: skip
     """Raises on what the kernel cannot do; True where `use_triton(x)` (the kernel), False where the
@@ -184,23 +179,43 @@ def _run(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None
 
 def matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
            norm_weight: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:  # fmt: skip
-    """F.linear(x, weight, bias) for an x holding one row (its leading dimensions multiply to 1), without
-    gradients: the Triton kernel where `use_triton(x)`, F.linear elsewhere. With `norm_weight` (hidden,),
-    x (then float32 or weight's dtype) is first RMS-normalised with `eps` and scaled by it, in the same
-    kernel: F.linear(rms_norm(x) * norm_weight, weight, bias)."""
+    """F.linear(x, weight, bias) for an x holding one row, without gradients (semantics: `matvec_ref`): the
+    Triton kernel where `use_triton(x)`, the reference elsewhere.
+
+    Args:
+        x (torch.Tensor): one row, shape `[..., K]` whose leading dimensions multiply to 1; its elements may be
+            strided (a slice of a wider tensor); the weight's dtype, or float32 where `norm_weight` is given.
+        weight (torch.Tensor): shape `[N, K]`, float32, bfloat16 or float16.
+        bias (torch.Tensor | None): shape `[N]`.
+        norm_weight (torch.Tensor | None): shape `[K]`: x is first RMS-normalised with `eps` and scaled by it, in
+            the same kernel (eager calls only): F.linear(rms_norm(x) * norm_weight, weight, bias).
+        eps (float): the norm's epsilon.
+
+    Returns:
+        shape `[..., N]` in the weight's dtype (accumulated in float32).
+    """
     if not _check(x, [weight], bias, "matvec", norm_weight):
-        return F.linear(rms_normalized(x, norm_weight, eps, weight.dtype), weight, bias)
+        return matvec_ref(x, weight, bias, norm_weight=norm_weight, eps=eps)
     return _run(x, [weight], bias, False, norm_weight, eps)
 
 
 def matvec_add_(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-    """residual += F.linear(x, weight, bias), in place, for one row: a residual stream (float32, or x's dtype)
-    updated by a projection in one launch. Returns residual."""
+    """residual += F.linear(x, weight, bias), in place, for one row (semantics: `matvec_add_ref`): a residual
+    stream updated by a projection in one launch, without gradients.
+
+    Args:
+        residual (torch.Tensor): one contiguous row `[..., N]`, float32 or x's dtype; updated in place.
+        x (torch.Tensor): one row `[..., K]` in the weight's dtype.
+        weight (torch.Tensor): shape `[N, K]`; bias (torch.Tensor | None): shape `[N]`.
+
+    Returns:
+        residual.
+    """
     if residual.shape[:-1].numel() != 1 or residual.shape[-1] != weight.shape[0]:
         raise ValueError(f"matvec_add_: residual {tuple(residual.shape)} must be one row of {weight.shape[0]}")
     if not _check(x, [weight], bias, "matvec_add_"):
-        return residual.add_(F.linear(x, weight, bias).to(residual.dtype))
+        return matvec_add_ref(residual, x, weight, bias)
     if not residual.is_contiguous():
         raise ValueError("matvec_add_ updates a contiguous residual row in place")
     return _launch_matvec(x, [weight], bias, False, residual=residual)
@@ -208,25 +223,41 @@ def matvec_add_(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
 
 def stacked_matvec(x: torch.Tensor, weights: Sequence[torch.Tensor], *, norm_weight: torch.Tensor | None = None,
                    eps: float = 1e-5) -> tuple[torch.Tensor, ...]:  # fmt: skip
-    """(F.linear(x, w) for w in weights), one to three weights that share the one-row input x, in one
-    launch (as `matvec`, and without concatenating the weights; `norm_weight` as in `matvec`)."""
+    """(F.linear(x, w) for w in weights) in one launch, without concatenating the weights (as `matvec`;
+    semantics: `stacked_matvec_ref`).
+
+    Args:
+        x (torch.Tensor): one row `[..., K]` (as for `matvec`).
+        weights (Sequence[torch.Tensor]): one to three weights of shapes `[N_i, K]`.
+        norm_weight, eps: as for `matvec`.
+
+    Returns:
+        a tuple of shapes `[..., N_i]`.
+    """
     weights = list(weights)
     if not 1 <= len(weights) <= 3:
         raise ValueError(f"stacked_matvec takes one to three weights, got {len(weights)}: split the list")
     if not _check(x, weights, None, "stacked_matvec", norm_weight):
-        x = rms_normalized(x, norm_weight, eps, weights[0].dtype)
-        return tuple(F.linear(x, w) for w in weights)
+        return stacked_matvec_ref(x, weights, norm_weight=norm_weight, eps=eps)
     return _run(x, weights, None, False, norm_weight, eps).split([w.shape[0] for w in weights], dim=-1)
 
 
 def gated_matvec(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor, *,
                  norm_weight: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:  # fmt: skip
-    """F.silu(F.linear(x, gate_weight)) * F.linear(x, up_weight) for a one-row x, in one launch (as
-    `matvec`, `norm_weight` too): SwiGLU's first half, with the product of its two halves taken in the kernel."""
+    """F.silu(F.linear(x, gate_weight)) * F.linear(x, up_weight) for a one-row x in one launch (as `matvec`;
+    semantics: `gated_matvec_ref`): SwiGLU's first half, with the product of its two halves taken in the kernel.
+
+    Args:
+        x (torch.Tensor): one row `[..., K]` (as for `matvec`).
+        gate_weight, up_weight (torch.Tensor): shape `[N, K]` each.
+        norm_weight, eps: as for `matvec`.
+
+    Returns:
+        shape `[..., N]` in the weights' dtype.
+    """
     if gate_weight.shape != up_weight.shape:
         raise ValueError(f"gated_matvec: gate {tuple(gate_weight.shape)} and up {tuple(up_weight.shape)} weights "
                          "must have the same shape")
     if not _check(x, [gate_weight, up_weight], None, "gated_matvec", norm_weight):
-        x = rms_normalized(x, norm_weight, eps, gate_weight.dtype)
-        return F.silu(F.linear(x, gate_weight)) * F.linear(x, up_weight)
+        return gated_matvec_ref(x, gate_weight, up_weight, norm_weight=norm_weight, eps=eps)
     return _run(x, [gate_weight, up_weight], None, True, norm_weight, eps)

@@ -14,15 +14,15 @@ Where no gradient is needed (prefill, evaluation; head_dim a power of two from 1
 `_window_fwd_kernel` (custom op `samba_kernels::windowed_attention_fwd`): on CUDA, and on CPU tensors
 under TRITON_INTERPRET=1 like the other ops. Each tile of queries walks the keys it may see in three
 ranges, the bulk of the window unmasked and only the window's two edges masked, with no block-index
-lookups; on the H200 its forward runs 1.17x as fast as flex compiled for the exact shape, in the same
-run, at 16K tokens and at batch 8 x 4K (benchmarks/kernels.md).
+lookups; it is faster than flex compiled for the exact shape, in the same run, at 16K tokens and at batch
+8 x 4K (benchmarks/results/kernels.md).
 
 For training on CUDA the op calls a compiled flex_attention (forward and backward; created on first
 use and reused) with a BlockMask built once per (len_q, len_kv, window, device) and cached, so
 fully-masked key blocks are skipped. It compiles for the first shape and once more with symbolic
 lengths at the second (automatic dynamic shapes), so inputs of every length share it: compiled per
 shape, the ninth length would hit dynamo's recompile limit and fall back to flex's unfused path, which
-materialises the whole score matrix (198 GiB for a 64K-token prefill chunk on the H200). Called inside
+materialises the whole score matrix (docs/performance-notes.md: a 64K-token prefill chunk). Called inside
 a torch.compile'd model, it is traced into the model's graph (flex_attention and the block mask,
 without the caches). CPU (and any other device) tensors that need gradients take the eager reference
 with an explicit boolean mask, computed in float32 (flex has no CPU backward).
@@ -36,57 +36,23 @@ import triton
 import triton.language as tl
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from ._common import use_triton
-
-
-def _check(query, key, value, window):
-    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
-        raise ValueError("query, key and value must be (batch, heads, length, head_dim)")
-    if key.shape[:3] != value.shape[:3]:
-        raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} disagree")
-    if query.shape[0] != key.shape[0] or query.shape[-1] != key.shape[-1]:
-        raise ValueError(f"query {tuple(query.shape)} and key {tuple(key.shape)} disagree")
-    if query.shape[1] % key.shape[1] != 0:
-        raise ValueError(f"query heads ({query.shape[1]}) must be a multiple of key heads ({key.shape[1]})")
-    if query.shape[2] > key.shape[2]:
-        raise ValueError(f"len_q ({query.shape[2]}) must not exceed len_kv ({key.shape[2]})")
-    if int(window) < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
-
-
-def window_mask(len_q: int, len_kv: int, window: int, device=None) -> torch.Tensor:
-    """(len_q, len_kv) bool, True where a query may see a key (queries aligned to the end of the keys)."""
-    q_pos = torch.arange(len_q, device=device)[:, None] + (len_kv - len_q)
-    k_pos = torch.arange(len_kv, device=device)[None, :]
-    return (k_pos <= q_pos) & (q_pos - k_pos < window)
-
-
-def windowed_attention_ref(query, key, value, window, scale=None):
-    """Exact eager reference: explicit mask, float32 softmax, output in query's dtype."""
-    _check(query, key, value, window)
-    rep = query.shape[1] // key.shape[1]
-    k = key.float().repeat_interleave(rep, dim=1)
-    v = value.float().repeat_interleave(rep, dim=1)
-    scale = query.shape[-1] ** -0.5 if scale is None else scale
-    scores = (query.float() @ k.transpose(-1, -2)) * scale
-    mask = window_mask(query.shape[2], key.shape[2], int(window), query.device)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return (torch.softmax(scores, dim=-1) @ v).to(query.dtype)
+from .._common import use_triton
+from .naive import check_inputs, windowed_attention_ref
 
 
 @triton.jit
-def _attend_keys(acc, l_i, m_i, q, k_ptrs, v_ptrs, pos, key_lo, key_hi, len_kv, window, qk_scale,
+def _attend_keys(acc, l_i, m_i, q, k_tile_ptr, v_tile_ptr, pos, key_lo, key_hi, len_kv, window, qk_scale,
                  stride_kn, stride_vn, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
     """Online softmax over the keys [key_lo, key_hi) (multiples of BLOCK_N). MASKED blocks apply the
     window and the key count; the others are known to be wholly visible to every row."""
-    offs_n = tl.arange(0, BLOCK_N)
+    block_keys = tl.arange(0, BLOCK_N)
     for start in range(key_lo, key_hi, BLOCK_N):
         start = tl.multiple_of(start, BLOCK_N)
-        keys = start + offs_n
+        keys = start + block_keys
         if MASKED:
-            k = tl.load(k_ptrs + start * stride_kn, mask=keys[None, :] < len_kv, other=0.0)
+            k = tl.load(k_tile_ptr + start * stride_kn, mask=keys[None, :] < len_kv, other=0.0)
         else:
-            k = tl.load(k_ptrs + start * stride_kn)
+            k = tl.load(k_tile_ptr + start * stride_kn)
         scores = tl.dot(q, k, input_precision=PRECISION)
         if MASKED:
             visible = (keys[None, :] <= pos[:, None]) & (pos[:, None] - keys[None, :] < window)
@@ -102,16 +68,16 @@ def _attend_keys(acc, l_i, m_i, q, k_ptrs, v_ptrs, pos, key_lo, key_hi, len_kv, 
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         if MASKED:
-            v = tl.load(v_ptrs + start * stride_vn, mask=keys[:, None] < len_kv, other=0.0)
+            v = tl.load(v_tile_ptr + start * stride_vn, mask=keys[:, None] < len_kv, other=0.0)
         else:
-            v = tl.load(v_ptrs + start * stride_vn)
+            v = tl.load(v_tile_ptr + start * stride_vn)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.jit(do_not_specialize=["len_q", "len_kv", "window"])  # one compilation for all lengths
-def _window_fwd_kernel(Q, K, V, Out, qk_scale, len_q, len_kv, window, heads, group,
+def _window_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, qk_scale, len_q, len_kv, window, heads, group,
                        stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                        stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -124,11 +90,14 @@ def _window_fwd_kernel(Q, K, V, Out, qk_scale, len_q, len_kv, window, heads, gro
     b, h = bh // heads, bh % heads
     rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
-    offs_n = tl.arange(0, BLOCK_N)
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + rows[:, None] * stride_qm + dims[None, :],
+    block_keys = tl.arange(0, BLOCK_N)
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + rows[:, None] * stride_qm + dims[None, :],
                 mask=rows[:, None] < len_q, other=0.0)
-    k_ptrs = K + b.to(tl.int64) * stride_kb + (h // group) * stride_kh + offs_n[None, :] * stride_kn + dims[:, None]
-    v_ptrs = V + b.to(tl.int64) * stride_vb + (h // group) * stride_vh + offs_n[:, None] * stride_vn + dims[None, :]
+    kv_head = h // group  # the key and value head of query head h
+    k_tile_ptr = (k_ptr + b.to(tl.int64) * stride_kb + kv_head * stride_kh + block_keys[None, :] * stride_kn
+                  + dims[:, None])
+    v_tile_ptr = (v_ptr + b.to(tl.int64) * stride_vb + kv_head * stride_vh + block_keys[:, None] * stride_vn
+                  + dims[None, :])
     first = len_kv - len_q + block_m * BLOCK_M  # the tile's first and last query positions
     last = first + BLOCK_M - 1
     pos = first + tl.arange(0, BLOCK_M)
@@ -139,20 +108,22 @@ def _window_fwd_kernel(Q, K, V, Out, qk_scale, len_q, len_kv, window, heads, gro
     m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, k_ptrs, v_ptrs, pos, full_lo, diag_lo, len_kv, window, qk_scale,
+    acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, k_tile_ptr, v_tile_ptr, pos, full_lo, diag_lo, len_kv, window,
+                                 qk_scale,
                                  stride_kn, stride_vn, BLOCK_N, False, PRECISION)
-    acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, k_ptrs, v_ptrs, pos, edge_lo, full_lo, len_kv, window, qk_scale,
+    acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, k_tile_ptr, v_tile_ptr, pos, edge_lo, full_lo, len_kv, window,
+                                 qk_scale,
                                  stride_kn, stride_vn, BLOCK_N, True, PRECISION)
-    acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, k_ptrs, v_ptrs, pos, diag_lo, tl.minimum(last + 1, len_kv),
+    acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, k_tile_ptr, v_tile_ptr, pos, diag_lo, tl.minimum(last + 1, len_kv),
                                  len_kv, window, qk_scale, stride_kn, stride_vn, BLOCK_N, True, PRECISION)
     out = acc / l_i[:, None]
-    tl.store(Out + b.to(tl.int64) * stride_ob + h * stride_oh + rows[:, None] * stride_om + dims[None, :],
-             out.to(Out.dtype.element_ty), mask=rows[:, None] < len_q)
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + rows[:, None] * stride_om + dims[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=rows[:, None] < len_q)
 
 
 def _tile(head_dim: int) -> dict:
-    """(BLOCK_M, BLOCK_N, warps, stages): the best of a sweep on the H200 at head_dim 128
-    (benchmarks/kernels.md); smaller tiles at 256 keep the accumulator in registers."""
+    """(BLOCK_M, BLOCK_N, warps, stages): the best of a sweep at head_dim 128
+    (docs/performance-notes.md, Sliding-window attention); smaller tiles at 256 keep the accumulator in registers."""
     if head_dim <= 128:
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
     return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
@@ -190,7 +161,7 @@ def _(query, key, value, window, scale):
 
 def _offsets_fit_int32(x: torch.Tensor) -> bool:
     """Whether every element of one batch entry of x lies within int32 of its start: the kernel
-    computes those offsets in int32 (int64 cost 6% of its speed on the H200; only the batch offset is
+    computes those offsets in int32 (int64 ones made it slower, docs/performance-notes.md; only the batch offset is
     int64). A tensor whose head_dim is strided reaches the kernel as a contiguous copy."""
     if x.stride(-1) != 1:
         return math.prod(x.shape[1:]) <= 2**31
@@ -225,9 +196,23 @@ def _block_mask(len_q: int, len_kv: int, window: int, device: str):
 
 
 def windowed_attention(query, key, value, window, scale=None, kernel_options=None):
-    """Causal sliding-window attention (see the module docstring); `kernel_options` is passed to
-    flex_attention where it runs (CUDA, gradients needed; e.g. block sizes) and ignored elsewhere."""
-    _check(query, key, value, window)
+    """Causal sliding-window attention (semantics: `windowed_attention_ref`; paths: the module docstring),
+    differentiable in query, key and value.
+
+    Args:
+        query (torch.Tensor): shape `[batch, heads, len_q, head_dim]`, float32, bfloat16 or float16; any strides.
+        key, value (torch.Tensor): shape `[batch, kv_heads, len_kv, head_dim]` with `heads % kv_heads == 0`
+            (grouped-query attention) and `len_q <= len_kv`; query's dtype.
+        window (int): keys each query sees, itself included: query i, at position `len_kv - len_q + i`, sees
+            the keys at positions `p - window + 1 .. p`.
+        scale (float | None): the scores' scale, `head_dim ** -0.5` where None.
+        kernel_options (dict | None): passed to flex_attention where it runs (CUDA, gradients needed; e.g. block
+            sizes), ignored elsewhere.
+
+    Returns:
+        query's shape and dtype.
+    """
+    check_inputs(query, key, value, window)
     if _kernel_fits(query, key, value):
         return _window_fwd(query, key, value, int(window), scale)
     if not query.is_cuda:

@@ -39,16 +39,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import block_size, use_triton
-from .reference import selective_scan_ref, selective_state_update_ref
+from .._common import block_size, use_triton
+from .naive import selective_scan_ref, selective_state_update_ref
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x LOG2E)
 CHUNK = 8  # the time tile under Triton's interpreter (CPU tensors), where a scan step is a Python loop
 
 # Tile shapes on a GPU: (BLOCK_D channels, spread over the lanes of num_warps warps) x (T steps).
 # The training forward and the backward share T (the checkpoint spacing). BLOCK_D is halved (down to
-# MIN_BLOCK_D) while fewer than PROGRAMS_PER_SM programs per SM fill the GPU. Defaults: from H200 sweeps at
-# batch 8, length 4096 (benchmarks/kernels.md).
+# MIN_BLOCK_D) while fewer than PROGRAMS_PER_SM programs per SM fill the GPU. Defaults: the fastest of sweeps at
+# batch 8, length 4096 (docs/performance-notes.md, Selective scan).
 # NU: states per iteration of the loop over d_state (unrolled; more independent work, more registers).
 # maxnreg: a register cap. The forwards' NU 8 fits 128 registers without spilling (offline sm_90
 # compile), so 16 one-warp programs share an SM; NU 16 took 167 (12 per SM): 3% faster at samba-421m's
@@ -63,14 +63,14 @@ MIN_BLOCK_D, PROGRAMS_PER_SM = 1, 8
 # runs a second, mostly idle wave. Its register cap is the largest of BWD_REGISTER_CAPS under which every warp
 # is resident at once (168: 12 warps per SM, 128: 16), else the first. Where BLOCK_D is halved (small batches),
 # a channel's steps spread over more lanes and NU 4 spills: NU is BWD_SMALL_BLOCK_NU there. At each shape of
-# benchmarks/scan_bwd_occupancy.json (H200, bf16) the rule picks the fastest of six (NU, cap) pairs.
+# docs/performance-notes.md the rule picks the fastest of six (NU, cap) pairs.
 BWD_REGISTER_CAPS = (168, 128)
 BWD_SMALL_BLOCK_NU = 1
 # Where there are enough channels, the forward runs _scan_fwd_lanes_kernel: one warp on BLOCK_D channels, a
 # thread's steps in tiles of T 8 (16-byte loads); for training it saves a checkpoint every T_backward / T tiles.
 # With BLOCK_D 32 a lane holds one channel's states; with 16 or 8, two or four lanes split them and the channel's
 # per-step work, so a warp takes more than a half or a quarter of the time. LANE_COST: a warp's time per step at
-# each BLOCK_D relative to 32 (H200, bf16, benchmarks/scan_lanes.json). Each SM sub-partition runs its warps in
+# each BLOCK_D relative to 32 (bf16, docs/performance-notes.md). Each SM sub-partition runs its warps in
 # turn, so the forward takes about LANE_COST x ceil(warps / sub-partitions) per step; of the BLOCK_D that give
 # every sub-partition a warp, the one with the least of that is used. Fewer channels (batch-1 prefill) keep
 # _scan_fwd_kernel, whose lanes share the steps of fewer channels, or split the sequence (below).
@@ -78,7 +78,7 @@ LANES = dict(T=8, num_warps=1)
 LANE_COST = {32: 1.0, 16: 0.56, 8: 0.48}
 # y's sum over the states, per BLOCK_D: the partial sums it takes (chains of multiply-adds between them). BLOCK_D 32,
 # bound by issue and the MUFU pipe together, takes two chains; 16 and 8, which wait on latency, a tree of adds
-# (more instructions, shorter dependences): H200, benchmarks/scan_ab_yparts.json.
+# (more instructions, shorter dependences): docs/performance-notes.md.
 LANE_Y_PARTS = {32: 2, 16: 16, 8: 16}
 # The split scan's cost model, in LANE_COST's unit (a BLOCK_D-32 warp's time per step):
 # - STEPS_COST: _scan_fwd_kernel's time per step where it runs (batches too small for the lanes forward);
@@ -88,19 +88,23 @@ LANE_Y_PARTS = {32: 2, 16: 16, 8: 16}
 #   the composition, whose work grows with the square of the number of chunks.
 # The forward takes the cheapest of: the unsplit forward (lanes where it fills the GPU, else steps) and every
 # split into n chunks that fills it. The backward splits where its tile backward would otherwise shrink BLOCK_D:
-# into as many chunks as make PROGRAMS_PER_SM programs per SM. STEPS_COST is estimated from the batch-1 rows of
-# benchmarks/scan_lanes.json and benchmarks/kernels.md, the others from instruction counts;
-# benchmarks/scan_split_calibration.py measures every layout and prints the values to put here.
+# into as many chunks as make PROGRAMS_PER_SM programs per SM. The values are the first estimates, whose picks
+# the kernels benchmark measured (benchmarks/results/kernels.md; the fitted ones: docs/performance-notes.md);
+# benchmarks/scan_split_calibration.py measures every layout and prints fitted values.
 STEPS_COST = 0.6
 SUMMARY_COST = {32: 0.8, 16: 0.45, 8: 0.4}
 SPLIT_OVERHEAD = 64
 MIN_CHUNK, BWD_MIN_CHUNK, MAX_CHUNKS = 256, 512, 64
-# The split backward is off unless forced: on the H200 its gradients disagreed with the unsplit backward's at
-# every timed shape (relative 1.2 to 3.0, bf16, 1 x 3072 x 4K to 64K) while agreeing in Triton's interpreter
-# (docs/performance-notes.md), and it was slower past 4K steps.
+# The split backward is off unless forced, until measured again: on the GPU its gradients differed from the
+# unsplit backward's at the timed shapes while agreeing in Triton's interpreter (docs/performance-notes.md).
+# That run forced its layouts with forced_layout, which a backward on autograd's device thread does not see: it
+# could then plan other tiles than the forward's checkpoints. The layout is now carried to the backward, and a
+# mismatch raises.
 SPLIT_BACKWARD = False
 SUB_PARTITIONS_PER_SM = 4  # warp schedulers per SM (every NVIDIA architecture since Volta)
-INTERPRETER_SMS = 132  # CPU tensors (the interpreter) plan their launches as the H200 the constants come from
+# CPU tensors (the interpreter) plan their launches as the GPU the constants were measured on would
+# (benchmarks/results/kernels.md): 132 SMs.
+INTERPRETER_SMS = 132
 
 
 def _sm_count(device: torch.device) -> int:
@@ -259,6 +263,14 @@ def _coords(dim, L, N, groups, dpg, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _channel_params(delta_bias_ptr, D_ptr, d, d_mask, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr):
+    """delta_bias and D of channels d (BLOCK_D,) in float32, 0.0 where absent."""
+    bias_v = tl.load(delta_bias_ptr + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+    D_v = tl.load(D_ptr + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_D else 0.0
+    return bias_v, D_v
+
+
+@triton.jit
 def _dt(delta_raw, mask, bias_v, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """dt = softplus(delta + bias) in float32 of a loaded (BLOCK_D, T) tile of delta; 0 where masked
     (a = 1, b = 0: a no-op step)."""
@@ -292,10 +304,10 @@ def _gate(y, z):
 
 
 @triton.jit
-def _keep(seq_idx, b, L, t, valid):
+def _keep(seq_idx_ptr, b, L, t, t_mask):
     """(T,) 1.0 where step t continues the document of step t - 1, 0.0 where a new one starts."""
-    cur = tl.load(seq_idx + b * L + t, mask=valid, other=0)
-    prev = tl.load(seq_idx + b * L + tl.maximum(t - 1, 0), mask=valid, other=0)
+    cur = tl.load(seq_idx_ptr + b * L + t, mask=t_mask, other=0)
+    prev = tl.load(seq_idx_ptr + b * L + tl.maximum(t - 1, 0), mask=t_mask, other=0)
     return (cur == prev).to(tl.float32)
 
 
@@ -306,17 +318,17 @@ def _in_range(d_mask, t, L):
 
 
 @triton.jit
-def _loads(u, delta, z, seq_idx, b, L, row, d_mask, t, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr):
+def _loads(u_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, t, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr):
     """The per-channel inputs of steps t (T,) as stored: u, delta, z (BLOCK_D, T), zeros outside [0, L),
     and keep (T,). The forwards load a tile ahead and convert (`_values`) only in the next iteration: work
     on the loaded values in the same iteration would wait for the load."""
-    t_in = (t >= 0) & (t < L)
-    m2 = d_mask[:, None] & t_in[None, :]
-    off = row[:, None] + t[None, :]
-    u_raw = tl.load(u + off, mask=m2, other=0.0)
-    delta_raw = tl.load(delta + off, mask=m2, other=0.0)
-    z_raw = tl.load(z + off, mask=m2, other=0.0) if HAS_Z else u_raw
-    keep = _keep(seq_idx, b, L, t, t_in) if HAS_SEQ else t_in.to(tl.float32)
+    t_mask = (t >= 0) & (t < L)
+    tile_mask = d_mask[:, None] & t_mask[None, :]
+    tile_off = row_off[:, None] + t[None, :]
+    u_raw = tl.load(u_ptr + tile_off, mask=tile_mask, other=0.0)
+    delta_raw = tl.load(delta_ptr + tile_off, mask=tile_mask, other=0.0)
+    z_raw = tl.load(z_ptr + tile_off, mask=tile_mask, other=0.0) if HAS_Z else u_raw
+    keep = _keep(seq_idx_ptr, b, L, t, t_mask) if HAS_SEQ else t_mask.to(tl.float32)
     return u_raw, delta_raw, z_raw, keep
 
 
@@ -328,10 +340,11 @@ def _values(u_raw, delta_raw, z_raw, d_mask, t, L, bias_v, HAS_BIAS: tl.constexp
 
 
 @triton.jit
-def _tile(u, delta, z, seq_idx, b, L, row, d_mask, bias_v, t,
+def _tile(u_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, bias_v, t,
           HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr):
     """u, dt, z (BLOCK_D, T) in float32 and keep (T,) of steps t, loaded and converted at once."""
-    u_raw, delta_raw, z_raw, keep = _loads(u, delta, z, seq_idx, b, L, row, d_mask, t, HAS_Z, HAS_SEQ)
+    u_raw, delta_raw, z_raw, keep = _loads(u_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, t, HAS_Z,
+                                           HAS_SEQ)
     u_t, dt, z_t = _values(u_raw, delta_raw, z_raw, d_mask, t, L, bias_v, HAS_BIAS, SOFTPLUS)
     return u_t, dt, z_t, keep
 
@@ -361,60 +374,64 @@ def _col(x, tt, n):
 
 
 @triton.jit
-def _scan_fwd_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, init, last, ckpt, out,
+def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, seq_idx_ptr, init_ptr,
+                     last_ptr, ckpt_ptr, out_ptr,
                      dim, L, groups, dpg, n_tiles, s_hb, s_hd, s_hn,
                      N: tl.constexpr, NU: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr,
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                      SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
                      SAVE_CKPT: tl.constexpr):
-    b, d, d_mask, row, bc = _coords(dim, L, N, groups, dpg, BLOCK_D)
-    bias_v = tl.load(delta_bias + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
-    D_v = tl.load(D + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_D else 0.0
+    b, d, d_mask, row_off, bc_off = _coords(dim, L, N, groups, dpg, BLOCK_D)
+    bias_v, D_v = _channel_params(delta_bias_ptr, D_ptr, d, d_mask, HAS_BIAS, HAS_D)
     tt = tl.arange(0, T)
     # The states of each channel live in registers, state n in column n of a (BLOCK_D, T) tile (T >= N).
     st_off = b * s_hb + d[:, None] * s_hd + tt[None, :] * s_hn
     st_mask = d_mask[:, None] & (tt < N)[None, :]
     if HAS_INIT:
-        h = tl.load(init + st_off, mask=st_mask, other=0.0)
+        h = tl.load(init_ptr + st_off, mask=st_mask, other=0.0)
     else:
         h = tl.zeros([BLOCK_D, T], dtype=tl.float32)
-    ck = ckpt + (b * dim + d[:, None]) * n_tiles * N + tt[None, :]
+    ckpt_tiles_ptr = ckpt_ptr + (b * dim + d[:, None]) * n_tiles * N + tt[None, :]
     # Software prefetch: the loads of tile i + 1 are issued before tile i is computed.
-    u_raw, delta_raw, z_raw, k_n = _loads(u, delta, z, seq_idx, b, L, row, d_mask, tt, HAS_Z, HAS_SEQ)
+    u_raw, delta_raw, z_raw, k_n = _loads(u_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, tt, HAS_Z,
+                                          HAS_SEQ)
     for i in range(n_tiles):
         if SAVE_CKPT:  # the states entering each tile, for the backward
-            tl.store(ck + i * N, h, mask=st_mask)
+            tl.store(ckpt_tiles_ptr + i * N, h, mask=st_mask)
         t = i * T + tt
         t_mask = t < L
         u_t, dt, z_t = _values(u_raw, delta_raw, z_raw, d_mask, t, L, bias_v, HAS_BIAS, SOFTPLUS)
         keep = k_n
-        u_raw, delta_raw, z_raw, k_n = _loads(u, delta, z, seq_idx, b, L, row, d_mask, t + T, HAS_Z, HAS_SEQ)
+        u_raw, delta_raw, z_raw, k_n = _loads(u_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, t + T,
+                                              HAS_Z, HAS_SEQ)
         dtu = dt * u_t
         y = D_v[:, None] * u_t if HAS_D else tl.zeros([BLOCK_D, T], dtype=tl.float32)
         for n0 in range(0, N, NU):  # NU states at a time: enough independent work, not all N live at once
             for k in tl.static_range(NU):
                 n = n0 + k
-                A2_n = tl.load(A + d * N + n, mask=d_mask, other=0.0).to(tl.float32) * LOG2E
-                B_n = tl.load(B + bc + n * L + t, mask=t_mask, other=0.0).to(tl.float32)
-                C_n = tl.load(C + bc + n * L + t, mask=t_mask, other=0.0).to(tl.float32)
+                A2_n = tl.load(A_ptr + d * N + n, mask=d_mask, other=0.0).to(tl.float32) * LOG2E
+                B_n = tl.load(B_ptr + bc_off + n * L + t, mask=t_mask, other=0.0).to(tl.float32)
+                C_n = tl.load(C_ptr + bc_off + n * L + t, mask=t_mask, other=0.0).to(tl.float32)
                 hs = _trajectory(_decay(dt, A2_n, keep, HAS_SEQ), dtu * B_n[None, :], _col(h, tt, n))
                 y += hs * C_n[None, :]
                 # Padded steps (t >= L) are no-ops, so the last column is the state after step min(L, t0 + T) - 1.
                 h = tl.where((tt == n)[None, :], _col(hs, tt, T - 1)[:, None], h)
         if HAS_Z:
             y = _gate(y, z_t)
-        tl.store(out + row[:, None] + t[None, :], y, mask=d_mask[:, None] & t_mask[None, :])
+        tl.store(out_ptr + row_off[:, None] + t[None, :], y, mask=d_mask[:, None] & t_mask[None, :])
     # `last` may be `init` itself (decode): it was read above, before this write.
-    tl.store(last + st_off, h, mask=st_mask)
+    tl.store(last_ptr + st_off, h, mask=st_mask)
 
 
 @triton.jit
-def _scan_fwd_lanes_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, init, last, ckpt, out, ends, decays,
+def _scan_fwd_lanes_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, seq_idx_ptr, init_ptr,
+                           last_ptr, ckpt_ptr, out_ptr, ends_ptr, decays_ptr,
                            dim, L, groups, dpg, n_tiles, chunk_tiles, s_hb, s_hd, s_hn,
                            N: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr,
                            HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                            SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
-                           SAVE_CKPT: tl.constexpr, CKPT_EVERY: tl.constexpr, Y_PARTS: tl.constexpr):
+                           SAVE_CKPT: tl.constexpr, CKPT_EVERY: tl.constexpr, Y_PARTS: tl.constexpr,
+                           SPLIT: tl.constexpr):
     """The forward with a channel's states in one lane (BLOCK_D 32: one warp) or split over two or four (BLOCK_D 16
     or 8): a thread holds its states of the channel and the tile's steps (T), so each step is one multiply-add per
     state (the steps are unrolled; picking step s of a tile is a register pick) and y's sum over the states stays
@@ -422,47 +439,49 @@ def _scan_fwd_lanes_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, init, l
     B and C of the tile are the same for every channel; Triton's layout conversion hands them to each lane
     through shared memory. _scan_fwd_kernel's arguments and results; the backward's tiles span CKPT_EVERY
     of these, so the checkpoints are the states entering every CKPT_EVERY-th tile.
-    Program axis 2 walks chunk c of the sequence (chunk_tiles tiles); with more than one chunk, `ends` and `decays`
-    (batch, dim, chunks, d_state) hold _chunk_summary_kernel's summaries of every chunk but the last."""
-    b, d, d_mask, row, bc = _coords(dim, L, N, groups, dpg, BLOCK_D)
+    Program axis 2 walks chunk c of the sequence (chunk_tiles tiles); where SPLIT (more than one chunk), `ends` and
+    `decays` (batch, dim, chunks, d_state) hold _chunk_summary_kernel's summaries of every chunk but the last."""
+    b, d, d_mask, row_off, bc_off = _coords(dim, L, N, groups, dpg, BLOCK_D)
     c = tl.program_id(2)
     n_chunks = tl.num_programs(2)
-    bias_v = tl.load(delta_bias + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
-    D_v = tl.load(D + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_D else 0.0
+    bias_v, D_v = _channel_params(delta_bias_ptr, D_ptr, d, d_mask, HAS_BIAS, HAS_D)
     nn = tl.arange(0, BLOCK_N)
     tt = tl.arange(0, T)
     st_mask = d_mask[:, None] & (nn < N)[None, :]
     st_off = b * s_hb + d[:, None] * s_hd + nn[None, :] * s_hn
-    A2 = tl.load(A + d[:, None] * N + nn[None, :], mask=st_mask, other=0.0).to(tl.float32) * LOG2E
+    A2 = tl.load(A_ptr + d[:, None] * N + nn[None, :], mask=st_mask, other=0.0).to(tl.float32) * LOG2E
     if HAS_INIT:
-        h = tl.load(init + st_off, mask=st_mask, other=0.0)
+        h = tl.load(init_ptr + st_off, mask=st_mask, other=0.0)
     else:
         h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    # The state entering chunk c: each earlier chunk's end state from zero, carried through the chunks after it.
-    summary = (b * dim + d[:, None]) * n_chunks * N + nn[None, :]
-    for j in range(c):
-        h = tl.load(decays + summary + j * N, mask=st_mask, other=0.0) * h + tl.load(
-            ends + summary + j * N, mask=st_mask, other=0.0)
+    if SPLIT:  # compiled out of unsplit launches, whose registers it would crowd (offline sm_90 compile)
+        # The state entering chunk c: each earlier chunk's end state from zero, carried through the chunks after it.
+        summary_off = (b * dim + d[:, None]) * n_chunks * N + nn[None, :]
+        for j in range(c):
+            h = tl.load(decays_ptr + summary_off + j * N, mask=st_mask, other=0.0) * h + tl.load(
+                ends_ptr + summary_off + j * N, mask=st_mask, other=0.0)
     # B and C of a tile in one (2 BLOCK_N, T) load, row 2n from B[n] and row 2n + 1 from C[n]: each step's
     # B and C then reach the lanes in one layout conversion.
     rr = tl.arange(0, 2 * BLOCK_N)
-    bc_rows = tl.where((rr % 2 == 0)[:, None], B, C) + bc + (rr // 2)[:, None] * L
+    bc_rows_ptr = tl.where((rr % 2 == 0)[:, None], B_ptr, C_ptr) + bc_off + (rr // 2)[:, None] * L
     bc_mask = ((rr // 2) < N)[:, None]
-    ck = ckpt + (b * dim + d[:, None]) * tl.cdiv(n_tiles, CKPT_EVERY) * N + nn[None, :]
+    ckpt_tiles_ptr = ckpt_ptr + (b * dim + d[:, None]) * tl.cdiv(n_tiles, CKPT_EVERY) * N + nn[None, :]
     first = c * chunk_tiles
     # Software prefetch of tile i + 1's inputs as stored, converted in the next iteration (see `_loads`).
     t_next = first * T + tt
-    u_raw, delta_raw, z_raw, k_n = _loads(u, delta, z, seq_idx, b, L, row, d_mask, t_next, HAS_Z, HAS_SEQ)
-    BC_raw = tl.load(bc_rows + t_next[None, :], mask=bc_mask & (t_next < L)[None, :], other=0.0)
+    u_raw, delta_raw, z_raw, k_n = _loads(u_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, t_next, HAS_Z,
+                                          HAS_SEQ)
+    BC_raw = tl.load(bc_rows_ptr + t_next[None, :], mask=bc_mask & (t_next < L)[None, :], other=0.0)
     for i in range(first, tl.minimum(first + chunk_tiles, n_tiles)):
         if SAVE_CKPT:
-            tl.store(ck + (i // CKPT_EVERY) * N, h, mask=st_mask & (i % CKPT_EVERY == 0))
+            tl.store(ckpt_tiles_ptr + (i // CKPT_EVERY) * N, h, mask=st_mask & (i % CKPT_EVERY == 0))
         t = i * T + tt
         t_mask = t < L
         u_t, dt, z_t = _values(u_raw, delta_raw, z_raw, d_mask, t, L, bias_v, HAS_BIAS, SOFTPLUS)
         keep, BC_t = k_n, BC_raw.to(tl.float32)
-        u_raw, delta_raw, z_raw, k_n = _loads(u, delta, z, seq_idx, b, L, row, d_mask, t + T, HAS_Z, HAS_SEQ)
-        BC_raw = tl.load(bc_rows + (t + T)[None, :], mask=bc_mask & (t + T < L)[None, :], other=0.0)
+        u_raw, delta_raw, z_raw, k_n = _loads(u_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, t + T,
+                                              HAS_Z, HAS_SEQ)
+        BC_raw = tl.load(bc_rows_ptr + (t + T)[None, :], mask=bc_mask & (t + T < L)[None, :], other=0.0)
         dtu = dt * u_t
         if HAS_SEQ:
             keep_t = tl.broadcast_to(keep[None, :], [BLOCK_D, T])
@@ -479,13 +498,13 @@ def _scan_fwd_lanes_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, init, l
             y = tl.where((tt == step)[None, :], y + y_step[:, None], y)
         if HAS_Z:
             y = _gate(y, z_t)
-        tl.store(out + row[:, None] + t[None, :], y, mask=d_mask[:, None] & t_mask[None, :])
+        tl.store(out_ptr + row_off[:, None] + t[None, :], y, mask=d_mask[:, None] & t_mask[None, :])
     if c == n_chunks - 1:
-        tl.store(last + st_off, h, mask=st_mask)
+        tl.store(last_ptr + st_off, h, mask=st_mask)
 
 
 @triton.jit
-def _chunk_summary_kernel(x, delta, V, z, A, delta_bias, seq_idx, ends, decays,
+def _chunk_summary_kernel(x_ptr, delta_ptr, V_ptr, z_ptr, A_ptr, delta_bias_ptr, seq_idx_ptr, ends_ptr, decays_ptr,
                           dim, L, groups, dpg, n_tiles, chunk_tiles, n_chunks,
                           N: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr,
                           HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
@@ -497,14 +516,14 @@ def _chunk_summary_kernel(x, delta, V, z, A, delta_bias, seq_idx, ends, decays,
     Program axis 2 walks chunks 0 .. n_chunks - 2 (forward: the last chunk's end is no other chunk's input) or,
     with REVERSE, 1 .. n_chunks - 1 (the first chunk's adjoint is the initial state's gradient). Writes both as
     (batch, dim, n_chunks, d_state) float32."""
-    b, d, d_mask, row, bc = _coords(dim, L, N, groups, dpg, BLOCK_D)
+    b, d, d_mask, row_off, bc_off = _coords(dim, L, N, groups, dpg, BLOCK_D)
     c = tl.program_id(2) + (1 if REVERSE else 0)
-    bias_v = tl.load(delta_bias + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+    bias_v, _ = _channel_params(delta_bias_ptr, delta_bias_ptr, d, d_mask, HAS_BIAS, False)
     nn = tl.arange(0, BLOCK_N)
     tt = tl.arange(0, T)
     st_mask = d_mask[:, None] & (nn < N)[None, :]
-    A2 = tl.load(A + d[:, None] * N + nn[None, :], mask=st_mask, other=0.0).to(tl.float32) * LOG2E
-    v_rows = V + bc + nn[:, None] * L
+    A2 = tl.load(A_ptr + d[:, None] * N + nn[None, :], mask=st_mask, other=0.0).to(tl.float32) * LOG2E
+    v_rows_ptr = V_ptr + bc_off + nn[:, None] * L
     h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     dt_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
     kept = tl.full([T], 1.0, dtype=tl.float32)  # 0 at steps where a document starts
@@ -512,15 +531,17 @@ def _chunk_summary_kernel(x, delta, V, z, A, delta_bias, seq_idx, ends, decays,
     count = tl.minimum(chunk_tiles, n_tiles - first)
     # Software prefetch of the next tile's inputs, as in the lanes forward.
     t_next = (first + count - 1 if REVERSE else first) * T + tt
-    x_raw, delta_raw, z_raw, k_n = _loads(x, delta, z, seq_idx, b, L, row, d_mask, t_next, HAS_Z, HAS_SEQ)
-    V_raw = tl.load(v_rows + t_next[None, :], mask=(nn < N)[:, None] & (t_next < L)[None, :], other=0.0)
+    x_raw, delta_raw, z_raw, k_n = _loads(x_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, t_next, HAS_Z,
+                                          HAS_SEQ)
+    V_raw = tl.load(v_rows_ptr + t_next[None, :], mask=(nn < N)[:, None] & (t_next < L)[None, :], other=0.0)
     for k in range(count):
         t = t_next
         x_t, dt, z_t = _values(x_raw, delta_raw, z_raw, d_mask, t, L, bias_v, HAS_BIAS, SOFTPLUS)
         keep, V_t = k_n, V_raw.to(tl.float32)
         t_next = t - T if REVERSE else t + T
-        x_raw, delta_raw, z_raw, k_n = _loads(x, delta, z, seq_idx, b, L, row, d_mask, t_next, HAS_Z, HAS_SEQ)
-        V_raw = tl.load(v_rows + t_next[None, :], mask=(nn < N)[:, None] & (t_next >= 0)[None, :]
+        x_raw, delta_raw, z_raw, k_n = _loads(x_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, t_next,
+                                              HAS_Z, HAS_SEQ)
+        V_raw = tl.load(v_rows_ptr + t_next[None, :], mask=(nn < N)[:, None] & (t_next >= 0)[None, :]
                         & (t_next < L)[None, :], other=0.0)
         if REVERSE:
             if HAS_Z:
@@ -541,9 +562,9 @@ def _chunk_summary_kernel(x, delta, V, z, A, delta_bias, seq_idx, ends, decays,
     decay = tl.exp2(dt_sum[:, None] * A2)
     if HAS_SEQ:
         decay *= tl.min(kept, axis=0)
-    off = ((b * dim + d[:, None]) * n_chunks + c) * N + nn[None, :]
-    tl.store(ends + off, h, mask=st_mask)
-    tl.store(decays + off, decay, mask=st_mask)
+    summary_off = ((b * dim + d[:, None]) * n_chunks + c) * N + nn[None, :]
+    tl.store(ends_ptr + summary_off, h, mask=st_mask)
+    tl.store(decays_ptr + summary_off, decay, mask=st_mask)
 
 
 @triton.jit
@@ -559,15 +580,15 @@ def _adjoint(decay_next, c, q_after):
 
 
 @triton.jit
-def _bwd_tile(u, delta, z, dout, seq_idx, b, L, row, d_mask, bias_v, t,
+def _bwd_tile(u_ptr, delta_ptr, z_ptr, dout_ptr, seq_idx_ptr, b, L, row_off, d_mask, bias_v, t,
               HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr):
     """The backward's inputs of steps t: `_tile`'s, dt and keep of steps t + 1 (a_{t+1} carries the
     adjoint back; 1 past the end: q_{L-1} = C g + dlast) and dout."""
-    u_t, dt, z_t, keep = _tile(u, delta, z, seq_idx, b, L, row, d_mask, bias_v, t,
+    u_t, dt, z_t, keep = _tile(u_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, bias_v, t,
                                HAS_Z, HAS_BIAS, SOFTPLUS, HAS_SEQ)
-    _, dt1, _, keep1 = _tile(u, delta, z, seq_idx, b, L, row, d_mask, bias_v, t + 1,
+    _, dt1, _, keep1 = _tile(u_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, bias_v, t + 1,
                              False, HAS_BIAS, SOFTPLUS, HAS_SEQ)
-    g = tl.load(dout + row[:, None] + t[None, :], mask=_in_range(d_mask, t, L), other=0.0).to(tl.float32)
+    g = tl.load(dout_ptr + row_off[:, None] + t[None, :], mask=_in_range(d_mask, t, L), other=0.0).to(tl.float32)
     return u_t, dt, z_t, keep, dt1, keep1, g
 
 
@@ -595,51 +616,53 @@ def _channel_sums(x, BLOCK_D: tl.constexpr, T: tl.constexpr, THREAD_STEPS: tl.co
 
 
 @triton.jit
-def _state_inputs(A, B, C, ck, d, d_mask, bc, L, t, t_mask, i, n, N: tl.constexpr):
+def _state_inputs(A_ptr, B_ptr, C_ptr, ckpt_tiles_ptr, d, d_mask, bc_off, L, t, t_mask, i, n, N: tl.constexpr):
     """State n's inputs to the backward of tile i: A[d, n] (BLOCK_D,), B and C at steps t (T,), and the
     checkpointed state entering the tile (BLOCK_D,)."""
-    A_n = tl.load(A + d * N + n, mask=d_mask, other=0.0).to(tl.float32)
-    B_n = tl.load(B + bc + n * L + t, mask=t_mask, other=0.0).to(tl.float32)
-    C_n = tl.load(C + bc + n * L + t, mask=t_mask, other=0.0).to(tl.float32)
-    return A_n, B_n, C_n, tl.load(ck + i * N + n, mask=d_mask, other=0.0)
+    A_n = tl.load(A_ptr + d * N + n, mask=d_mask, other=0.0).to(tl.float32)
+    B_n = tl.load(B_ptr + bc_off + n * L + t, mask=t_mask, other=0.0).to(tl.float32)
+    C_n = tl.load(C_ptr + bc_off + n * L + t, mask=t_mask, other=0.0).to(tl.float32)
+    return A_n, B_n, C_n, tl.load(ckpt_tiles_ptr + i * N + n, mask=d_mask, other=0.0)
 
 
 @triton.jit
-def _scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt, dlast, dout, adjoints, decays,
-                     du, ddelta, dz, dA_part, dB_part, dC_part, dD_part, dbias_part, dinit,
+def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, seq_idx_ptr, ckpt_ptr,
+                     dlast_ptr, dout_ptr, adjoints_ptr, decays_ptr,
+                     du_ptr, ddelta_ptr, dz_ptr, dA_part_ptr, dB_part_ptr, dC_part_ptr, dD_part_ptr, dbias_part_ptr,
+                     dinit_ptr,
                      n_rows, dim, L, groups, dpg, n_tiles, chunk_tiles,
                      N: tl.constexpr, NU: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr,
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                      SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
-                     HAS_DLAST: tl.constexpr, THREAD_STEPS: tl.constexpr):
-    """Program axis 2 walks chunk c of the sequence (chunk_tiles tiles) backwards; with more than one chunk,
-    `adjoints` and `decays` (batch, dim, chunks, d_state) hold _chunk_summary_kernel's reverse summaries of
-    every chunk but the first. dA, dD and ddelta_bias partials are per (chunk, batch)."""
-    b, d, d_mask, row, bc = _coords(dim, L, N, groups, dpg, BLOCK_D)
+                     HAS_DLAST: tl.constexpr, THREAD_STEPS: tl.constexpr, SPLIT: tl.constexpr):
+    """Program axis 2 walks chunk c of the sequence (chunk_tiles tiles) backwards; where SPLIT (more than one
+    chunk), `adjoints` and `decays` (batch, dim, chunks, d_state) hold _chunk_summary_kernel's reverse summaries
+    of every chunk but the first. dA, dD and ddelta_bias partials are per (chunk, batch)."""
+    b, d, d_mask, row_off, bc_off = _coords(dim, L, N, groups, dpg, BLOCK_D)
     c = tl.program_id(2)
     n_chunks = tl.num_programs(2)
-    bias_v = tl.load(delta_bias + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
-    D_v = tl.load(D + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_D else 0.0
+    bias_v, D_v = _channel_params(delta_bias_ptr, D_ptr, d, d_mask, HAS_BIAS, HAS_D)
     tt = tl.arange(0, T)
     # Per-state values in registers, state n in column n of a (BLOCK_D, T) tile (T >= N), as in the forward.
     st_off = (b * dim + d[:, None]) * N + tt[None, :]  # (batch, dim, d_state) tensors: dlast, dinit
     st_mask = d_mask[:, None] & (tt < N)[None, :]
     if HAS_DLAST:  # q: the adjoint of the state after the step just past the tile
-        q = tl.load(dlast + st_off, mask=st_mask, other=0.0)
+        q = tl.load(dlast_ptr + st_off, mask=st_mask, other=0.0)
     else:
         q = tl.zeros([BLOCK_D, T], dtype=tl.float32)
-    # The adjoint entering chunk c from its end: each later chunk's adjoint from zero, carried back through the
-    # chunks before it. The chunk's end then acts as the sequence's: past it, a = 1.
-    summary = (b * dim + d[:, None]) * n_chunks * N + tt[None, :]
-    for later in range(n_chunks - 1 - c):
-        j = n_chunks - 1 - later
-        q = tl.load(adjoints + summary + j * N, mask=st_mask, other=0.0) + tl.load(
-            decays + summary + j * N, mask=st_mask, other=0.0) * q
+    if SPLIT:  # compiled out of unsplit launches (as in the lanes forward)
+        # The adjoint entering chunk c from its end: each later chunk's adjoint from zero, carried back through the
+        # chunks before it. The chunk's end then acts as the sequence's: past it, a = 1.
+        summary_off = (b * dim + d[:, None]) * n_chunks * N + tt[None, :]
+        for later in range(n_chunks - 1 - c):
+            j = n_chunks - 1 - later
+            q = tl.load(adjoints_ptr + summary_off + j * N, mask=st_mask, other=0.0) + tl.load(
+                decays_ptr + summary_off + j * N, mask=st_mask, other=0.0) * q
     dA_acc = tl.zeros([BLOCK_D, T], dtype=tl.float32)
-    ck = ckpt + (b * dim + d) * n_tiles * N
+    ckpt_tiles_ptr = ckpt_ptr + (b * dim + d) * n_tiles * N
     # This program's rows of the (channel blocks, batch * groups, d_state, length) partials of dB, dC.
-    part = (tl.program_id(1).to(tl.int64) * n_rows + tl.program_id(0)) * N * L
-    chunk_row = c.to(tl.int64) * (n_rows // groups) * dim  # this chunk's rows of the partials per (chunk, batch)
+    part_off = (tl.program_id(1).to(tl.int64) * n_rows + tl.program_id(0)) * N * L
+    chunk_off = c.to(tl.int64) * (n_rows // groups) * dim  # this chunk's rows of the partials per (chunk, batch)
     dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     first = c * chunk_tiles
@@ -650,12 +673,14 @@ def _scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt, dlast, 
         i = first + count - 1 - i_rev
         t = i * T + tt
         t_mask = t < L
-        m2 = d_mask[:, None] & t_mask[None, :]
-        off = row[:, None] + t[None, :]
-        u_t, dt, z_t, keep, dt1, keep1, g = _bwd_tile(u, delta, z, dout, seq_idx, b, L, row, d_mask, bias_v, t,
+        tile_mask = d_mask[:, None] & t_mask[None, :]
+        tile_off = row_off[:, None] + t[None, :]
+        u_t, dt, z_t, keep, dt1, keep1, g = _bwd_tile(u_ptr, delta_ptr, z_ptr, dout_ptr, seq_idx_ptr, b, L, row_off,
+                                                      d_mask, bias_v, t,
                                                       HAS_Z, HAS_BIAS, SOFTPLUS, HAS_SEQ)
-        dt1 = tl.where((t + 1 < t_end)[None, :], dt1, 0.0)
-        keep1 = tl.where(t + 1 < t_end, keep1, 1.0)
+        if SPLIT:  # past the chunk's last step, a = 1 (the loads already give that past L)
+            dt1 = tl.where((t + 1 < t_end)[None, :], dt1, 0.0)
+            keep1 = tl.where(t + 1 < t_end, keep1, 1.0)
         if HAS_Z:  # out = y silu(z): g becomes dL/dy; y is summed below for dz
             g *= z_t * tl.sigmoid(z_t)
             y = D_v[:, None] * u_t
@@ -663,13 +688,15 @@ def _scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt, dlast, 
         qB = tl.zeros([BLOCK_D, T], dtype=tl.float32)  # sum_n q_t[n] B_t[n]: the adjoint of dt_t u_t
         dexpA = tl.zeros([BLOCK_D, T], dtype=tl.float32)  # sum_n of the adjoint of dt_t A[n], times A[n]
         # Software prefetch: the loads of state n + 1 are issued before state n is computed.
-        A_x, B_x, C_x, h0_x = _state_inputs(A, B, C, ck, d, d_mask, bc, L, t, t_mask, i, 0, N)
+        A_x, B_x, C_x, h0_x = _state_inputs(A_ptr, B_ptr, C_ptr, ckpt_tiles_ptr, d, d_mask, bc_off, L, t, t_mask, i,
+                                            0, N)
         for n0 in range(0, N, NU):  # NU states at a time: enough independent work, not all N live at once
             for k in tl.static_range(NU):
                 n = n0 + k
                 sel = (tt == n)[None, :]
                 A_n, B_n, C_n, h0 = A_x, B_x, C_x, h0_x
-                A_x, B_x, C_x, h0_x = _state_inputs(A, B, C, ck, d, d_mask, bc, L, t, t_mask, i, (n + 1) % N, N)
+                A_x, B_x, C_x, h0_x = _state_inputs(A_ptr, B_ptr, C_ptr, ckpt_tiles_ptr, d, d_mask, bc_off, L, t,
+                                                    t_mask, i, (n + 1) % N, N)
                 A2_n = A_n * LOG2E
                 bb = dtu * B_n[None, :]
                 hs = _trajectory(_decay(dt, A2_n, keep, HAS_SEQ), bb, h0)
@@ -683,35 +710,36 @@ def _scan_bwd_kernel(u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt, dlast, 
                 qB += qs * B_n[None, :]
                 dB_n, steps = _channel_sums(qs * dtu, BLOCK_D, T, THREAD_STEPS)
                 dC_n, _ = _channel_sums(g * hs, BLOCK_D, T, THREAD_STEPS)
-                tl.store(dB_part + part + n * L + i * T + steps, dB_n, mask=i * T + steps < L)
-                tl.store(dC_part + part + n * L + i * T + steps, dC_n, mask=i * T + steps < L)
+                tl.store(dB_part_ptr + part_off + n * L + i * T + steps, dB_n, mask=i * T + steps < L)
+                tl.store(dC_part_ptr + part_off + n * L + i * T + steps, dC_n, mask=i * T + steps < L)
         ddt = dexpA + qB * u_t
         if SOFTPLUS:  # d softplus(x)/dx = sigmoid(x) = 1 - exp(-softplus(x))
             ddt *= 1.0 - tl.exp2(dt * -LOG2E)
-        ddt = tl.where(m2, ddt, 0.0)
+        ddt = tl.where(tile_mask, ddt, 0.0)
         du_t = qB * dt
         if HAS_D:
             du_t += g * D_v[:, None]
             dD_acc += tl.sum(g * u_t, axis=1)
         if HAS_Z:  # reloaded rather than kept live through the state loop
-            z_t = tl.load(z + off, mask=m2, other=0.0).to(tl.float32)
-            g_out = tl.load(dout + off, mask=m2, other=0.0).to(tl.float32)
+            z_t = tl.load(z_ptr + tile_off, mask=tile_mask, other=0.0).to(tl.float32)
+            g_out = tl.load(dout_ptr + tile_off, mask=tile_mask, other=0.0).to(tl.float32)
             sz = tl.sigmoid(z_t)
-            tl.store(dz + off, g_out * y * sz * (1.0 + z_t * (1.0 - sz)), mask=m2)
+            tl.store(dz_ptr + tile_off, g_out * y * sz * (1.0 + z_t * (1.0 - sz)), mask=tile_mask)
         dbias_acc += tl.sum(ddt, axis=1)
-        tl.store(du + off, du_t, mask=m2)
-        tl.store(ddelta + off, ddt, mask=m2)
-    tl.store(dA_part + chunk_row * N + st_off, dA_acc, mask=st_mask)
+        tl.store(du_ptr + tile_off, du_t, mask=tile_mask)
+        tl.store(ddelta_ptr + tile_off, ddt, mask=tile_mask)
+    tl.store(dA_part_ptr + chunk_off * N + st_off, dA_acc, mask=st_mask)
     if HAS_INIT:  # h_0 = a_0 h_init + b_0
         if c == 0:
-            dt0 = _dt(tl.load(delta + row[:, None] + tl.zeros([1, T], dtype=tl.int64), mask=st_mask, other=0.0),
+            dt0 = _dt(tl.load(delta_ptr + row_off[:, None] + tl.zeros([1, T], dtype=tl.int64), mask=st_mask,
+                              other=0.0),
                       st_mask, bias_v, HAS_BIAS, SOFTPLUS)
-            A2 = tl.load(A + d[:, None] * N + tt[None, :], mask=st_mask, other=0.0).to(tl.float32) * LOG2E
-            tl.store(dinit + st_off, q * tl.exp2(dt0 * A2), mask=st_mask)
+            A2 = tl.load(A_ptr + d[:, None] * N + tt[None, :], mask=st_mask, other=0.0).to(tl.float32) * LOG2E
+            tl.store(dinit_ptr + st_off, q * tl.exp2(dt0 * A2), mask=st_mask)
     if HAS_D:
-        tl.store(dD_part + chunk_row + b * dim + d, dD_acc, mask=d_mask)
+        tl.store(dD_part_ptr + chunk_off + b * dim + d, dD_acc, mask=d_mask)
     if HAS_BIAS:
-        tl.store(dbias_part + chunk_row + b * dim + d, dbias_acc, mask=d_mask)
+        tl.store(dbias_part_ptr + chunk_off + b * dim + d, dbias_acc, mask=d_mask)
 
 
 def _contiguous(t):
@@ -901,7 +929,8 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, 
         _scan_fwd_lanes_kernel[grid + (launch.chunks,)](
             *inputs, ckpt, out, ends, decays, dim, L, groups, dpg, n_tiles, launch.chunk // launch.meta["T"],
             *last.stride(), BLOCK_N=block_n, CKPT_EVERY=launch.ckpt_every,
-            Y_PARTS=min(block_n, LANE_Y_PARTS[launch.meta["BLOCK_D"]]), **flags, **launch.meta)
+            Y_PARTS=min(block_n,
+                        LANE_Y_PARTS[launch.meta["BLOCK_D"]]), SPLIT=launch.chunks > 1, **flags, **launch.meta)
     else:
         _scan_fwd_kernel[grid](*inputs, ckpt, out, dim, L, groups, dpg, n_tiles, *last.stride(), **flags, **launch.meta)
     return out, ckpt
@@ -961,6 +990,9 @@ def _scan_bwd_op(dout: torch.Tensor, dlast: torch.Tensor | None, u: torch.Tensor
     batch, dim, L = u.shape
     N, groups = A.shape[1], B.shape[1]
     launch, n_dblocks = _bwd_launch(u, B, A)
+    if ckpt.shape[2] != triton.cdiv(L, launch.meta["T"]):  # checkpoints of other tiles would give wrong gradients
+        raise RuntimeError(f"the forward saved the states entering {ckpt.shape[2]} tiles, the backward plans tiles of "
+                           f"{launch.meta['T']} steps over {L}: the launch plan changed between the two")
     du, ddelta, dA_part, dB_part, dC_part, dD_part, dz, dbias_part, dinit = _scan_bwd_outputs(
         u, delta, A, B, D, z, delta_bias, has_init, n_dblocks, launch.chunks)
     adjoints, decays = (ckpt, ckpt) if launch.chunks == 1 else _summarize(dout, delta, C, z, A, delta_bias, seq_idx,
@@ -973,7 +1005,7 @@ def _scan_bwd_op(dout: torch.Tensor, dlast: torch.Tensor | None, u: torch.Tensor
         dinit if has_init else ckpt,
         batch * groups, dim, L, groups, dim // groups, ckpt.shape[2], launch.chunk // launch.meta["T"], N=N,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-        HAS_SEQ=seq_idx is not None, HAS_INIT=has_init, HAS_DLAST=dlast is not None,
+        HAS_SEQ=seq_idx is not None, HAS_INIT=has_init, HAS_DLAST=dlast is not None, SPLIT=launch.chunks > 1,
         THREAD_STEPS=min(launch.meta["T"], 16 // u.element_size()), **launch.meta,  # a thread's run of steps: one 16-byte load
     )
     if launch.chunks > 1:  # the outputs' partials are per batch entry, whatever the split
@@ -990,15 +1022,22 @@ def _(dout, dlast, u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt, softplus,
 def _scan_setup_context(ctx, inputs, output):
     u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, softplus, _ = inputs
     ctx.softplus, ctx.has_init = softplus, initial_state is not None
+    # The backward plans its launch as the forward did: on CUDA, autograd runs it on its own thread, where a
+    # forced_layout of the forward's caller is not set.
+    ctx.forced = _FORCED.get()
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, output[2])
 
 
 def _scan_backward(ctx, dout, dlast, _):
     u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt = ctx.saved_tensors
-    du, ddelta, dA, dB, dC, dD, dz, dbias, dinit = _scan_bwd_op(
-        torch.zeros_like(u) if dout is None else dout.contiguous(),
-        None if dlast is None else dlast.float().contiguous(),
-        u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt, ctx.softplus, ctx.has_init)
+    token = _FORCED.set(ctx.forced)
+    try:
+        du, ddelta, dA, dB, dC, dD, dz, dbias, dinit = _scan_bwd_op(
+            torch.zeros_like(u) if dout is None else dout.contiguous(),
+            None if dlast is None else dlast.float().contiguous(),
+            u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt, ctx.softplus, ctx.has_init)
+    finally:
+        _FORCED.reset(token)
     return (
         du, ddelta, dA.sum(0).to(A.dtype), dB.sum(0).view(B.shape).to(B.dtype), dC.sum(0).view(C.shape).to(C.dtype),
         None if D is None else dD.sum(0).to(D.dtype), None if z is None else dz,
@@ -1012,8 +1051,31 @@ _scan_fwd_op.register_autograd(_scan_backward, setup_context=_scan_setup_context
 
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                       return_last_state=False, *, initial_state=None, seq_idx=None):
-    """Mamba-1 selective scan (semantics: `reference.selective_scan_ref`), differentiable in every
-    tensor input including `initial_state` (and through the returned last state)."""
+    """Mamba-1 selective scan (semantics: `selective_scan_ref`), differentiable in every tensor input including
+    `initial_state` (and through the returned last state): the Triton kernels where `use_triton(u)`, the reference
+    elsewhere. The launch plan (see `forced_layout`) splits long sequences of small batches into chunks.
+
+    h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t,  y_t = (C_t . h_t + D u_t) silu(z_t)
+
+    Args:
+        u (torch.Tensor): inputs of shape `[batch, dim, length]`, float32, bfloat16 or float16.
+        delta (torch.Tensor): step sizes, shape `[batch, dim, length]` (before `delta_bias` and softplus).
+        A (torch.Tensor): state decay rates, shape `[dim, d_state]` (negative), any float dtype.
+        B, C (torch.Tensor): input and output projections, shape `[batch, d_state, length]`, or
+            `[batch, groups, d_state, length]` shared by `dim / groups` channels each.
+        D (torch.Tensor | None): skip connection, shape `[dim]`.
+        z (torch.Tensor | None): gate, shape `[batch, dim, length]`.
+        delta_bias (torch.Tensor | None): shape `[dim]`, added to delta (before softplus).
+        delta_softplus (bool): apply softplus to delta (+ delta_bias).
+        return_last_state (bool): also return the state after the last step.
+        initial_state (torch.Tensor | None): the state before position 0, shape `[batch, dim, d_state]`; it
+            belongs to the first document of `seq_idx`.
+        seq_idx (torch.Tensor | None): document of each position, shape `[batch, length]`, integer; the state
+            restarts from zero where it changes (packed sequences).
+
+    Returns:
+        y of u's shape and dtype, or (y, last_state) with last_state `[batch, dim, d_state]` float32.
+    """
     if not use_triton(u):
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                   initial_state=initial_state, seq_idx=seq_idx)
@@ -1049,9 +1111,22 @@ def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
-    """One decode step of the scan: updates `state` (batch, dim, d_state) in place (no new state is
-    allocated, so it is safe under CUDA graphs) and returns y (batch, dim).
-    x, dt, z: (batch, dim); B, C: (batch, d_state) or (batch, groups, d_state)."""
+    """One decode step of the scan (semantics: `selective_state_update_ref`), without gradients.
+
+    Args:
+        state (torch.Tensor): the SSM state, shape `[batch, dim, d_state]`, float32, any strides (a slice of a
+            cache); updated in place (no new state is allocated, so it is safe under CUDA graphs).
+        x, dt (torch.Tensor): the step's input and step size, shape `[batch, dim]`.
+        A (torch.Tensor): shape `[dim, d_state]`.
+        B, C (torch.Tensor): shape `[batch, d_state]` or `[batch, groups, d_state]`.
+        D (torch.Tensor | None): shape `[dim]`.
+        z (torch.Tensor | None): gate, shape `[batch, dim]`.
+        dt_bias (torch.Tensor | None): shape `[dim]`.
+        dt_softplus (bool): apply softplus to dt (+ dt_bias).
+
+    Returns:
+        y of shape `[batch, dim]` in x's dtype.
+    """
     if not use_triton(x):
         return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     col = lambda t: None if t is None else t.unsqueeze(-1).contiguous()  # noqa: E731 (a one-step sequence)

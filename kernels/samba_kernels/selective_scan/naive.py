@@ -1,14 +1,13 @@
-"""PyTorch references of the samba_kernels ops.
+"""PyTorch references of the selective scan and its one-step decode form.
 
-Readable, per-timestep where that is clearest, and computed in float32 whatever the input
-dtype. They are the CPU path of the model and the oracle of the kernel tests. This file
-imports torch only: the model's remote code ships a copy of it, so a checkpoint runs where
-samba-hf is not installed.
+Readable, per time step, and computed in float32 whatever the input dtype. They are the CPU path of the model
+and the oracle of the kernel tests. This file imports torch only: the model's remote code ships it (as
+`selective_scan_naive.py`, beside `mamba_reference.py`), so a checkpoint runs where samba-hf is not installed.
 
-Shapes follow mamba-ssm and causal-conv1d:
-    u, delta, z, x: (batch, dim, length)         A: (dim, d_state)
+Shapes follow mamba-ssm:
+    u, delta, z: (batch, dim, length)            A: (dim, d_state)
     B, C: (batch, d_state, length) or (batch, groups, d_state, length)
-    ssm state: (batch, dim, d_state), float32    conv state: (batch, dim, width - 1)
+    state: (batch, dim, d_state), float32
     seq_idx: (batch, length) int32, the document each token belongs to (packed sequences)
 """
 
@@ -16,14 +15,6 @@ import torch
 import torch.nn.functional as F
 
 TIME_BLOCK = 256  # steps of the selective scan whose per-state factors are materialised at once
-
-
-def _activate(x: torch.Tensor, activation: str | None) -> torch.Tensor:
-    if activation is None:
-        return x
-    if activation in ("silu", "swish"):
-        return F.silu(x)
-    raise ValueError(f"activation must be None or 'silu', got {activation!r}")
 
 
 def _expand_groups(BC: torch.Tensor, dim: int) -> torch.Tensor:
@@ -60,7 +51,7 @@ def selective_scan_ref(
 ):
     """Mamba-1 selective scan: h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t, y_t = C_t h_t (+ D u_t),
     gated by silu(z). The state restarts from zero where `seq_idx` changes and from
-    `initial_state` (float32) at position 0."""
+    `initial_state` (float32) at position 0. Arguments and results: `selective_scan_fn`'s."""
     dtype_out = u.dtype
     batch, dim, length = u.shape
     u, delta, A = u.float(), delta.float(), A.float()
@@ -94,54 +85,9 @@ def selective_scan_ref(
     return (y, state) if return_last_state else y
 
 
-def causal_conv1d_ref(
-    x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False, activation=None
-):
-    """Depthwise causal convolution: out_t = sum_k weight[:, k] x_{t - width + 1 + k} (+ bias).
-
-    `initial_states` (batch, dim, width - 1) are the inputs before position 0; a token never sees
-    inputs of another document of `seq_idx` (the initial states belong to the first document).
-    The final states are the last width - 1 inputs."""
-    dtype_out = x.dtype
-    batch, dim, length = x.shape
-    width = weight.shape[-1]
-    history = x.new_zeros(batch, dim, width - 1) if initial_states is None else initial_states.to(x.dtype)
-    padded = torch.cat([history, x], dim=-1).float()
-    if seq_idx is not None:
-        padded_idx = torch.cat([seq_idx[:, :1].expand(-1, width - 1), seq_idx], dim=-1)
-    out = torch.zeros(batch, dim, length, dtype=torch.float32, device=x.device)
-    for k in range(width):
-        tap = padded[:, :, k : k + length]
-        if seq_idx is not None:
-            tap = tap * (padded_idx[:, k : k + length] == seq_idx).float()[:, None, :]
-        out = out + weight[:, k, None].float() * tap
-    if bias is not None:
-        out = out + bias.float()[None, :, None]
-    out = _activate(out, activation).to(dtype_out)
-    if return_final_states:
-        return out, padded[:, :, length:].to(dtype_out)
-    return out
-
-
-def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation=None):
-    """One decode step (or a few tokens) of the causal convolution, updating `conv_state`
-    (batch, dim, state_len >= width - 1) in place. x: (batch, dim) or (batch, dim, length)."""
-    single_token = x.dim() == 2
-    if single_token:
-        x = x.unsqueeze(-1)
-    width, length, state_len = weight.shape[-1], x.shape[-1], conv_state.shape[-1]
-    if state_len < width - 1:
-        raise ValueError(f"conv_state holds {state_len} steps, the convolution needs at least {width - 1}")
-    window = torch.cat([conv_state.to(x.dtype), x], dim=-1)
-    out = causal_conv1d_ref(window[:, :, state_len - width + 1 :], weight, bias, activation=activation)
-    conv_state.copy_(window[:, :, -state_len:])
-    out = out[:, :, -length:]
-    return out.squeeze(-1) if single_token else out
-
-
 def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
     """One decode step of the selective scan, updating `state` (batch, dim, d_state) in place.
-    x, dt, z: (batch, dim); B, C: (batch, d_state) or (batch, groups, d_state)."""
+    Arguments and result: `selective_state_update`'s."""
     y, new_state = selective_scan_ref(
         x.unsqueeze(-1),
         dt.unsqueeze(-1),

@@ -1,0 +1,28 @@
+"""PyTorch reference of one token's sliding-window attention over a ring buffer of keys and values."""
+
+import torch
+
+
+def ring_decode_attention_ref(q, k, v, key_ring, value_ring, readable, tokens_seen, position, inv_freq, rope_scale,
+                              scale):  # fmt: skip
+    """What the model's attention computes for one token: RoPE on q and k, the ring's update (in place), and
+    softmax(q K^T scale) V over the readable slots and the new one. Arguments and result: `ring_decode_attention`'s."""
+    heads, kv_heads, slots, head_dim = q.shape[-1] // key_ring.shape[-1], key_ring.shape[1], key_ring.shape[2], key_ring.shape[-1]
+    angle = position.reshape(()).float() * inv_freq.float()
+    cos, sin = torch.cat([angle.cos(), angle.cos()]) * rope_scale, torch.cat([angle.sin(), angle.sin()]) * rope_scale
+
+    def rotate(x, n):
+        x = x.reshape(n, head_dim).float()
+        first, second = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-second, first], dim=-1) * sin
+
+    slot = int(tokens_seen) % slots
+    key_ring[0, :, slot] = rotate(k, kv_heads).to(key_ring.dtype)
+    value_ring[0, :, slot] = v.reshape(kv_heads, head_dim).to(value_ring.dtype)
+    visible = readable[0].bool().clone()
+    visible[slot] = True
+    keys = key_ring[0].float().repeat_interleave(heads // kv_heads, dim=0)  # (heads, slots, head_dim)
+    values = value_ring[0].float().repeat_interleave(heads // kv_heads, dim=0)
+    scores = torch.einsum("hd,hsd->hs", rotate(q, heads), keys) * scale
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    return torch.einsum("hs,hsd->hd", probs, values).reshape(1, heads * head_dim).to(q.dtype)

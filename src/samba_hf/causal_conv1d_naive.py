@@ -1,0 +1,1 @@
+../../kernels/samba_kernels/causal_conv1d/naive.py

@@ -1,0 +1,1 @@
+../../kernels/samba_kernels/selective_scan/naive.py
