@@ -1,4 +1,5 @@
-"""The one-row products (samba_kernels.matvec) against float64 products, and their dependent launches."""
+"""The one-row products (samba_kernels.matvec) against float64 products: plain, stacked, gated, RMS-norm-fused
+and residual-updating; and their dependent launches."""
 
 from types import SimpleNamespace
 
@@ -113,3 +114,38 @@ def test_matvec_refuses_what_it_cannot_do():
             samba_kernels.gated_matvec(torch.zeros(1, 4, device=DEVICE), w, w[:2])
         with pytest.raises(ValueError, match="does not match"):
             samba_kernels.stacked_matvec(torch.zeros(1, 4, device=DEVICE), [w, torch.zeros(3, 5, device=DEVICE)])
+
+
+def reference_norm(x, norm_weight, eps=1e-5):
+    x = x.double()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.double()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_fused_products_match_float64(dtype):
+    g = gen(30)
+    x, norm_weight = randn(g, 1, 1, 200) * 3, 1 + 0.1 * randn(g, 200)
+    q, k, gate, up = (randn(g, rows, 200).to(dtype) for rows in (48, 24, 40, 40))
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    normed = reference_norm(x, norm_weight.to(dtype))
+    with torch.no_grad():
+        out = samba_kernels.matvec(x, q, norm_weight=norm_weight.to(dtype))
+        stacked = samba_kernels.stacked_matvec(x, [q, k], norm_weight=norm_weight.to(dtype))
+        gated = samba_kernels.gated_matvec(x, gate, up, norm_weight=norm_weight.to(dtype))
+    assert out.dtype == dtype and out.shape == (1, 1, 48)
+    torch.testing.assert_close(out.double(), normed @ q.double().T, **tol)
+    torch.testing.assert_close(stacked[1].double(), normed @ k.double().T, **tol)
+    expected = F.silu(normed @ gate.double().T) * (normed @ up.double().T)
+    torch.testing.assert_close(gated.double(), expected, **tol)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_matvec_add_updates_the_residual_in_place(bias):
+    g = gen(31)
+    residual, x = randn(g, 1, 96), randn(g, 1, 130).to(torch.bfloat16)
+    w, b = randn(g, 96, 130).to(torch.bfloat16), randn(g, 96).to(torch.bfloat16)
+    expected = residual.double() + x.double() @ w.double().T + (b.double() if bias else 0)
+    with torch.no_grad():
+        returned = samba_kernels.matvec_add_(residual, x, w, b if bias else None)
+    assert returned is residual
+    torch.testing.assert_close(residual.double(), expected, rtol=1e-4, atol=1e-4)
