@@ -360,9 +360,15 @@ def render_overview(result: dict) -> list[str]:
             )
     if not rows:
         return []
-    spec = [("cell", "cell"), ("samba best tokens/s", "samba", ".0f"), ("mode", "samba_mode"),
-            ("llama best tokens/s", "llama", ".0f"), ("mode", "llama_mode"), ("ratio", "ratio", ".2f"),
-            ("engine / llama best", "engine_ratio", ".2f")]  # fmt: skip
+    spec = [
+        ("cell", "cell"),
+        ("samba best tokens/s", "samba", ".0f"),
+        ("mode", "samba_mode"),
+        ("llama best tokens/s", "llama", ".0f"),
+        ("mode", "llama_mode"),
+        ("ratio", "ratio", ".2f"),
+        ("engine / llama best", "engine_ratio", ".2f"),
+    ]
     intro = (
         "Decode tokens/s of each model's fastest mode in the same run, and Samba's default `generate()` (the engine):"
     )
@@ -375,18 +381,33 @@ def note(row: dict) -> str | None:
 
 COLUMNS = {
     "step": [
-        ("model", "model"), ("variant", "variant"), ("context", "context"), ("ms/token", "ms_per_token", ".3f"),
-        ("roofline ms", "roofline_ms", ".3f"), ("of roofline", "of_roofline", ".1%"), ("compile s", "compile_s", ".1f"),
+        ("model", "model"),
+        ("variant", "variant"),
+        ("context", "context"),
+        ("ms/token", "ms_per_token", ".3f"),
+        ("roofline ms", "roofline_ms", ".3f"),
+        ("of roofline", "of_roofline", ".1%"),
+        ("compile s", "compile_s", ".1f"),
         ("note", "skipped"),
     ],
     "cell": [
-        ("model", "model"), ("mode", "mode"), ("batch", "batch"), ("context", "context"),
-        ("tokens/s", "tokens_per_s", ".1f"), ("ms/step", "ms_per_step", ".3f"), ("TTFT s", "ttft_s", ".3f"),
-        ("first s", "first_s", ".2f"), ("steady s", "steady_s", ".3f"), ("warm-up s", "warmup_s", ".2f"),
-        ("e2e tokens/s", "e2e_tokens_per_s", ".1f"), ("peak GiB", "peak_gib", ".1f"),
-        ("roofline ms", "roofline_ms", ".3f"), ("of roofline", "of_roofline", ".1%"), ("note", note),
+        ("model", "model"),
+        ("mode", "mode"),
+        ("batch", "batch"),
+        ("context", "context"),
+        ("tokens/s", "tokens_per_s", ".1f"),
+        ("ms/step", "ms_per_step", ".3f"),
+        ("TTFT s", "ttft_s", ".3f"),
+        ("first s", "first_s", ".2f"),
+        ("steady s", "steady_s", ".3f"),
+        ("warm-up s", "warmup_s", ".2f"),
+        ("e2e tokens/s", "e2e_tokens_per_s", ".1f"),
+        ("peak GiB", "peak_gib", ".1f"),
+        ("roofline ms", "roofline_ms", ".3f"),
+        ("of roofline", "of_roofline", ".1%"),
+        ("note", note),
     ],
-}  # fmt: skip
+}
 
 
 def render_case(name: str, entry: dict) -> list[str]:

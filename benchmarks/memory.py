@@ -59,8 +59,13 @@ case("llama", "the paper's 438M Llama: cache bytes and peak memory at the same l
 )
 
 
-COLUMNS = [("generated tokens", "generated"), ("window", "window"), ("cache MiB", "cache_mib", ".2f"),
-           ("peak GiB", "peak_gib", ".2f"), ("note", "skipped")]  # fmt: skip
+COLUMNS = [
+    ("generated tokens", "generated"),
+    ("window", "window"),
+    ("cache MiB", "cache_mib", ".2f"),
+    ("peak GiB", "peak_gib", ".2f"),
+    ("note", "skipped"),
+]
 
 
 def render_case(name: str, entry: dict) -> list[str]:

@@ -17,8 +17,15 @@ from samba_hf import PRESETS, SambaConfig, SambaForCausalLM
 from samba_hf.generation import cache_nbytes
 
 MODELS = ("samba", "llama")
-PAPER_LLAMA = dict(vocab_size=32000, hidden_size=1536, intermediate_size=4096, num_hidden_layers=12,
-                   num_attention_heads=12, num_key_value_heads=12, head_dim=128)  # fmt: skip
+PAPER_LLAMA = dict(
+    vocab_size=32000,
+    hidden_size=1536,
+    intermediate_size=4096,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    num_key_value_heads=12,
+    head_dim=128,
+)
 # Smoke runs' Llama has the tiny preset's shape.
 TINY_LLAMA = {key: value for key, value in PRESETS["tiny"].items() if key in PAPER_LLAMA}
 # Cache sizes are measured at up to this many prompt tokens and extrapolated linearly beyond: keys and values

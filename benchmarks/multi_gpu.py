@@ -55,16 +55,38 @@ EXAMPLES = ROOT / "examples"
 # tiny preset, enough to exercise the same code in seconds.
 SETTINGS = {
     "gpu": dict(
-        model=dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-                   num_key_value_heads=4, head_dim=64, sliding_window=256),
-        vocab_size=8192, block_size=512, global_batch=16, steps=60, timeout_s=240,
+        model=dict(
+            hidden_size=512,
+            intermediate_size=1536,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=64,
+            sliding_window=256,
+        ),
+        vocab_size=8192,
+        block_size=512,
+        global_batch=16,
+        steps=60,
+        timeout_s=240,
     ),
     "cpu": dict(
-        model=dict(hidden_size=64, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
-                   num_key_value_heads=2, head_dim=16, sliding_window=32),
-        vocab_size=512, block_size=64, global_batch=4, steps=8, timeout_s=300,
+        model=dict(
+            hidden_size=64,
+            intermediate_size=192,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=32,
+        ),
+        vocab_size=512,
+        block_size=64,
+        global_batch=4,
+        steps=8,
+        timeout_s=300,
     ),
-}  # fmt: skip
+}
 
 # Tolerances on |loss(run) - loss(reference)| / loss(reference), per step. In float32 (CPU) two
 # processes reproduce one up to the order of the gradient all-reduce (about 1e-7 here). In bf16 the

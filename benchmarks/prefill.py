@@ -136,10 +136,15 @@ def render_overview(result: dict) -> list[str]:
 
 
 COLUMNS = [
-    ("model", "model"), ("length", "length"), ("median s", "seconds", ".3f"), ("tokens/s", "tokens_per_s", ".0f"),
+    ("model", "model"),
+    ("length", "length"),
+    ("median s", "seconds", ".3f"),
+    ("tokens/s", "tokens_per_s", ".0f"),
     ("runs s", lambda row: ", ".join(f"{s:.3f}" for s in row.get("runs_s", [])) or None),
-    ("peak GiB", "peak_gib", ".2f"), ("predicted peak GiB", "predicted_peak_gib", ".1f"), ("note", "skipped"),
-]  # fmt: skip
+    ("peak GiB", "peak_gib", ".2f"),
+    ("predicted peak GiB", "predicted_peak_gib", ".1f"),
+    ("note", "skipped"),
+]
 
 
 def render_case(name: str, entry: dict) -> list[str]:

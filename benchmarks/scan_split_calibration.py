@@ -75,8 +75,13 @@ class Setup:
                 raise SystemExit("no GPU: run with --smoke to check the script on the CPU")
             self.device, self.dtype, self.d_state, self.min_chunk = "cuda", torch.bfloat16, D_STATE, ss.MIN_CHUNK
             batch_1_and_2 = [(b, 3072, n) for b in (1, 2) for n in (4096, 16384, 65536)]
-            self.shapes = batch_1_and_2 + [(8, 3072, 4096), (8, 4608, 4096), (4, 3072, 4096), (8, 3072, 16384),
-                                           (8, 3072, 65536)]
+            self.shapes = batch_1_and_2 + [
+                (8, 3072, 4096),
+                (8, 4608, 4096),
+                (4, 3072, 4096),
+                (8, 3072, 16384),
+                (8, 3072, 65536),
+            ]
             self.check = dict(batch=2, dim=197, length=1001, chunks=(64, 200), backward_chunks=(128, 304))
             self.timed_check = dict(batch=1, dim=3072, length=4096, backward_chunk_counts=(6, 2))
         self.sms = ss._sm_count(torch.device(self.device))
@@ -94,10 +99,16 @@ def scan_inputs(batch, dim, length, d_state, device, dtype, *, extras, seed=0):
     `extras` an initial state and documents (seq_idx), returned as (tensors, seq_idx)."""
     g = torch.Generator(device=device).manual_seed(seed)  # on the device: 64K-token batches are large
     r = lambda *s, dt=dtype: torch.randn(*s, generator=g, device=device).to(dt)  # noqa: E731
-    t = dict(u=r(batch, dim, length), delta=r(batch, dim, length) - 2.0,
-             A=-torch.exp(torch.rand(dim, d_state, generator=g, device=device)), B=r(batch, d_state, length),
-             C=r(batch, d_state, length), D=r(dim, dt=torch.float32), z=r(batch, dim, length),
-             delta_bias=r(dim, dt=torch.float32) * 0.5)  # fmt: skip
+    t = dict(
+        u=r(batch, dim, length),
+        delta=r(batch, dim, length) - 2.0,
+        A=-torch.exp(torch.rand(dim, d_state, generator=g, device=device)),
+        B=r(batch, d_state, length),
+        C=r(batch, d_state, length),
+        D=r(dim, dt=torch.float32),
+        z=r(batch, dim, length),
+        delta_bias=r(dim, dt=torch.float32) * 0.5,
+    )
     seq_idx = None
     if extras:
         t["initial_state"] = r(batch, dim, d_state, dt=torch.float32)
@@ -136,8 +147,9 @@ class BackwardWitness:
         self.seen, self.launch, caller = [], ss._bwd_launch, threading.get_ident()
 
         def launch(*args):
-            self.seen.append(dict(on_caller_thread=threading.get_ident() == caller,
-                                  forced_layout_seen=ss._FORCED.get() is not None))
+            self.seen.append(
+                dict(on_caller_thread=threading.get_ident() == caller, forced_layout_seen=ss._FORCED.get() is not None)
+            )
             return self.launch(*args)
 
         ss._bwd_launch = launch
@@ -150,19 +162,29 @@ class BackwardWitness:
 def check_layouts(setup, c, layouts, bf16_layouts=()):
     """`layouts` against the PyTorch reference in float32 with every option (documents at the chunks' boundaries),
     and `bf16_layouts` in bf16, at the shape `c`."""
-    tensors, seq_idx = scan_inputs(c["batch"], c["dim"], c["length"], setup.d_state, setup.device, torch.float32,
-                                   extras=True, seed=1)
+    tensors, seq_idx = scan_inputs(
+        c["batch"], c["dim"], c["length"], setup.d_state, setup.device, torch.float32, extras=True, seed=1
+    )
     seq_idx = with_documents_at(seq_idx, [k * n for n in c["boundaries"] for k in range(1, 9)])
     g = torch.Generator(device="cpu").manual_seed(2)
-    cotangents = [torch.randn(c["batch"], c["dim"], c["length"], generator=g).to(setup.device),
-                  torch.randn(c["batch"], c["dim"], setup.d_state, generator=g).to(setup.device)]
-    bf16 = {k: v if k in ("A", "D", "delta_bias", "initial_state") else v.to(torch.bfloat16) for k, v in tensors.items()}
+    cotangents = [
+        torch.randn(c["batch"], c["dim"], c["length"], generator=g).to(setup.device),
+        torch.randn(c["batch"], c["dim"], setup.d_state, generator=g).to(setup.device),
+    ]
+    bf16 = {
+        k: v if k in ("A", "D", "delta_bias", "initial_state") else v.to(torch.bfloat16) for k, v in tensors.items()
+    }
     bf16_cotangents = [cotangents[0].to(torch.bfloat16), cotangents[1]]
     # The references: float32 inputs, and the bf16 inputs (computed in float32 by the reference as well).
-    references = {torch.float32: (tensors, cotangents, outputs_and_grads(selective_scan_ref, tensors, seq_idx, cotangents))}
+    references = {
+        torch.float32: (tensors, cotangents, outputs_and_grads(selective_scan_ref, tensors, seq_idx, cotangents))
+    }
     if bf16_layouts:
-        references[torch.bfloat16] = (bf16, bf16_cotangents,
-                                      outputs_and_grads(selective_scan_ref, bf16, seq_idx, bf16_cotangents))
+        references[torch.bfloat16] = (
+            bf16,
+            bf16_cotangents,
+            outputs_and_grads(selective_scan_ref, bf16, seq_idx, bf16_cotangents),
+        )
     results = []
     shape = f"{c['batch']}x{c['dim']}x{c['length']}"
     for dtype, tolerance, dtype_layouts in ((torch.float32, 1e-4, layouts), (torch.bfloat16, 1e-2, bf16_layouts)):
@@ -176,8 +198,11 @@ def check_layouts(setup, c, layouts, bf16_layouts=()):
             except Exception as e:  # noqa: BLE001 (recorded, the run goes on)
                 entry.update(error=f"{type(e).__name__}: {e}", ok=False)
             results.append(entry)
-            print(f"check {shape} {layout} {dtype}: {entry.get('relative_error', entry.get('error'))} "
-                  f"{entry.get('backward')}", flush=True)
+            print(
+                f"check {shape} {layout} {dtype}: {entry.get('relative_error', entry.get('error'))} "
+                f"{entry.get('backward')}",
+                flush=True,
+            )
     return results
 
 
@@ -196,8 +221,10 @@ def check_all(setup):
     length = t["length"]
     timed = [dict(), dict(backward_chunk_length=length)]
     timed += [dict(backward_chunk_length=triton.cdiv(length, n)) for n in t["backward_chunk_counts"]]
-    timed += [dict(forward="lanes", chunk_length=length, backward_chunk_length=triton.cdiv(length, n))
-              for n in t["backward_chunk_counts"][:1]]
+    timed += [
+        dict(forward="lanes", chunk_length=length, backward_chunk_length=triton.cdiv(length, n))
+        for n in t["backward_chunk_counts"][:1]
+    ]
     boundaries = [triton.cdiv(length, n) for n in t["backward_chunk_counts"]]
     return results + check_layouts(setup, dict(t, boundaries=boundaries), timed)
 
@@ -219,8 +246,9 @@ def describe(plan):
 def forward_layouts(setup, batch, dim, length):
     """The forward layouts timed at a shape: the model's choice, steps, lanes unsplit and split at each BLOCK_D."""
     slots = ss.SUB_PARTITIONS_PER_SM * setup.sms
-    layouts = [dict(), dict(forward="steps")] + [dict(forward="lanes", block_d=bd, chunk_length=length)
-                                                 for bd in ss.LANE_COST]
+    layouts = [dict(), dict(forward="steps")] + [
+        dict(forward="lanes", block_d=bd, chunk_length=length) for bd in ss.LANE_COST
+    ]
     for n in CHUNK_COUNTS:
         chunk = triton.cdiv(length, n)
         for bd in ss.LANE_COST:
@@ -257,8 +285,15 @@ def time_shape(setup, batch, dim, length, budget, exp2_rate):
     """Forward layouts (and their summaries alone), then forward+backward with each backward chunking."""
     tensors, _ = scan_inputs(batch, dim, length, setup.d_state, setup.device, setup.dtype, extras=False)
     kwargs = dict(delta_softplus=True)
-    record = dict(batch=batch, dim=dim, length=length, forward=[], summary=[], fwd_bwd=[],
-                  exp_floor_ms=batch * length * dim * setup.d_state / exp2_rate * 1e3)
+    record = dict(
+        batch=batch,
+        dim=dim,
+        length=length,
+        forward=[],
+        summary=[],
+        fwd_bwd=[],
+        exp_floor_ms=batch * length * dim * setup.d_state / exp2_rate * 1e3,
+    )
     baseline = None
     with torch.no_grad():
         for layout in forward_layouts(setup, batch, dim, length):
@@ -283,8 +318,9 @@ def time_shape(setup, batch, dim, length, budget, exp2_rate):
         # the summary kernel alone, at each BLOCK_D, for SUMMARY_COST
         grouped = ss._grouped(tensors["B"])
         for n in CHUNK_COUNTS:
-            split = plan_of(setup, batch, dim, length, dict(forward="lanes", chunk_length=triton.cdiv(length, n)),
-                            False).forward
+            split = plan_of(
+                setup, batch, dim, length, dict(forward="lanes", chunk_length=triton.cdiv(length, n)), False
+            ).forward
             if split.chunk < setup.min_chunk or split.chunks < 2:
                 continue
             for bd in ss.SUMMARY_COST:
@@ -293,8 +329,17 @@ def time_shape(setup, batch, dim, length, budget, exp2_rate):
                     continue
                 launch = dataclasses.replace(split, summary=dict(split.summary, BLOCK_D=bd))
                 summarize = lambda launch=launch: ss._summarize(  # noqa: E731
-                    tensors["u"], tensors["delta"], grouped, None, tensors["A"], tensors["delta_bias"], None, True,
-                    launch, reverse=False)
+                    tensors["u"],
+                    tensors["delta"],
+                    grouped,
+                    None,
+                    tensors["A"],
+                    tensors["delta_bias"],
+                    None,
+                    True,
+                    launch,
+                    reverse=False,
+                )
                 ms, why = run(lambda: setup.time_ms(summarize), budget)
                 record["summary"].append(dict(block_d=bd, chunk=split.chunk, chunks=split.chunks, ms=ms, error=why))
     # forward + backward: the model's forward, the backward forced to each chunk count (1: unsplit)
@@ -313,8 +358,14 @@ def time_shape(setup, batch, dim, length, budget, exp2_rate):
                 return torch.autograd.grad(selective_scan_fn(**tensors, **kwargs), list(tensors.values()), dy)
 
         ms, why = run(lambda: setup.time_ms(fwd_bwd), budget)
-        entry = dict(layout=layout, backward_chunks=plan.backward.chunks, backward_chunk=plan.backward.chunk,
-                     backward_block_d=plan.backward.meta["BLOCK_D"], ms=ms, error=why)
+        entry = dict(
+            layout=layout,
+            backward_chunks=plan.backward.chunks,
+            backward_chunk=plan.backward.chunk,
+            backward_block_d=plan.backward.meta["BLOCK_D"],
+            ms=ms,
+            error=why,
+        )
         if ms is not None:
             grads = fwd_bwd()
             first_grads = grads if first_grads is None else first_grads
@@ -347,8 +398,12 @@ def fit(setup, records):
     if unit is None:
         return None
     lane_cost = {bd: round(median(v) / unit, 3) for bd, v in per_turn_step.items() if median(v) is not None}
-    steps = [e["ms"] / (unit * r["length"]) for r in records for e in r["forward"]
-             if e["key"][0] == "steps" and e["ms"] is not None and ss._lanes_block(r["batch"], r["dim"], setup.sms) is None]
+    steps = [
+        e["ms"] / (unit * r["length"])
+        for r in records
+        for e in r["forward"]
+        if e["key"][0] == "steps" and e["ms"] is not None and ss._lanes_block(r["batch"], r["dim"], setup.sms) is None
+    ]
     summary = {bd: [] for bd in ss.SUMMARY_COST}
     for r in records:
         for e in r["summary"]:
@@ -356,12 +411,20 @@ def fit(setup, records):
             if e["ms"] is not None and warps >= slots:
                 summary[e["block_d"]].append(e["ms"] / (unit * triton.cdiv(warps, slots) * e["chunk"]))
     summary_cost = {bd: round(median(v), 3) for bd, v in summary.items() if median(v) is not None}
-    fitted = dict(unit_ms_per_step=unit, LANE_COST=lane_cost, SUMMARY_COST=summary_cost,
-                  STEPS_COST=round(median(steps), 3) if median(steps) is not None else None)
+    fitted = dict(
+        unit_ms_per_step=unit,
+        LANE_COST=lane_cost,
+        SUMMARY_COST=summary_cost,
+        STEPS_COST=round(median(steps), 3) if median(steps) is not None else None,
+    )
     with constants(fitted):  # the split's time beyond its two kernels' fitted terms
-        residual = [e["ms"] / unit - (ss._forward_cost(r["batch"], r["dim"], r["length"], *e["key"], slots)
-                                      - ss.SPLIT_OVERHEAD) for r in records for e in r["forward"]
-                    if e["ms"] is not None and e["key"][0] == "lanes" and e["key"][2] < r["length"]]
+        residual = [
+            e["ms"] / unit
+            - (ss._forward_cost(r["batch"], r["dim"], r["length"], *e["key"], slots) - ss.SPLIT_OVERHEAD)
+            for r in records
+            for e in r["forward"]
+            if e["ms"] is not None and e["key"][0] == "lanes" and e["key"][2] < r["length"]
+        ]
     fitted["SPLIT_OVERHEAD"] = max(0, round(median(residual))) if median(residual) is not None else None
     return fitted
 
@@ -397,15 +460,30 @@ def regret(setup, record, values):
 
 def stamp(setup):
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).parent,
+                timeout=10,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         commit = None
     device = torch.cuda.get_device_name() if setup.device == "cuda" else "cpu (Triton's interpreter)"
-    return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), commit=commit,
-                device=device, sms=setup.sms, torch=torch.__version__, triton=triton.__version__,
-                constants_in_use={k: getattr(ss, k) for k in (*CONSTANTS, "MIN_CHUNK", "BWD_MIN_CHUNK", "MAX_CHUNKS",
-                                                                "PROGRAMS_PER_SM")})
+    return dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        commit=commit,
+        device=device,
+        sms=setup.sms,
+        torch=torch.__version__,
+        triton=triton.__version__,
+        constants_in_use={
+            k: getattr(ss, k) for k in (*CONSTANTS, "MIN_CHUNK", "BWD_MIN_CHUNK", "MAX_CHUNKS", "PROGRAMS_PER_SM")
+        },
+    )
 
 
 def write(result, path):
@@ -417,8 +495,10 @@ def write(result, path):
 def report(setup, result):
     """The short table: per shape the model's choices and the fastest layouts timed."""
     fitted = result.get("fit")
-    print("\n| batch x dim x length | exp floor ms | auto fwd ms | best fwd ms (layout) | model's pick, fitted "
-          "| auto fwd+bwd ms | best fwd+bwd ms (backward chunks) |")
+    print(
+        "\n| batch x dim x length | exp floor ms | auto fwd ms | best fwd ms (layout) | model's pick, fitted "
+        "| auto fwd+bwd ms | best fwd+bwd ms (backward chunks) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in result["shapes"]:
         fwd = [e for e in r["forward"] if e["ms"] is not None]
@@ -430,20 +510,26 @@ def report(setup, result):
         pick = regret(setup, r, fitted)
         ms = lambda e: "-" if e is None else f"{e['ms']:.3f}"  # noqa: E731
         pick = pick and (f"{pick[1]:.3f}" if pick[1] is not None else "-") + f" ({pick[0]})"
-        print(f"| {r['batch']} x {r['dim']} x {r['length']} | {r['exp_floor_ms']:.3f} | {ms(auto)} ({r['auto']['forward']}) "
-              f"| {ms(best)} ({best and best['words']}) | {pick} "
-              f"| {ms(auto_both)} ({r['auto']['backward_chunks']}) "
-              f"| {ms(best_both)} ({best_both and best_both['backward_chunks']}) |")
+        print(
+            f"| {r['batch']} x {r['dim']} x {r['length']} | {r['exp_floor_ms']:.3f} | {ms(auto)} ({r['auto']['forward']}) "
+            f"| {ms(best)} ({best and best['words']}) | {pick} "
+            f"| {ms(auto_both)} ({r['auto']['backward_chunks']}) "
+            f"| {ms(best_both)} ({best_both and best_both['backward_chunks']}) |"
+        )
     if fitted:
-        print("\nFitted constants (samba_kernels/selective_scan/kernel.py; LANE_COST's unit is "
-              f"{fitted['unit_ms_per_step'] * 1e3:.4f} us per step of a BLOCK_D-32 warp):")
+        print(
+            "\nFitted constants (samba_kernels/selective_scan/kernel.py; LANE_COST's unit is "
+            f"{fitted['unit_ms_per_step'] * 1e3:.4f} us per step of a BLOCK_D-32 warp):"
+        )
         for k in CONSTANTS:
             print(f"{k} = {fitted[k]}")
     else:
         print("\nNo fit: no unsplit BLOCK_D-32 lanes forward filled the GPU among the shapes timed.")
     failed = [c for c in result["checks"] if not c["ok"]]
-    print(f"\nChecks: {len(result['checks']) - len(failed)} of {len(result['checks'])} within tolerance"
-          + "".join(f"\n  FAILED {c}" for c in failed))
+    print(
+        f"\nChecks: {len(result['checks']) - len(failed)} of {len(result['checks'])} within tolerance"
+        + "".join(f"\n  FAILED {c}" for c in failed)
+    )
 
 
 def main():
@@ -468,12 +554,17 @@ def main():
                 torch.cuda.empty_cache()
         write(result, path)
     result["fit"] = fit(setup, result["shapes"])
-    result["regret"] = {f"{r['batch']}x{r['dim']}x{r['length']}": dict(in_use=regret(setup, r, None),
-                                                                      fitted=regret(setup, r, result["fit"]))
-                        for r in result["shapes"]}
+    result["regret"] = {
+        f"{r['batch']}x{r['dim']}x{r['length']}": dict(
+            in_use=regret(setup, r, None), fitted=regret(setup, r, result["fit"])
+        )
+        for r in result["shapes"]
+    }
     write(result, path)
     report(setup, result)
-    bad = [e for r in result["shapes"] for e in r["forward"] + r["fwd_bwd"] if e.get("relative_error_vs_first", 0) > 2e-2]
+    bad = [
+        e for r in result["shapes"] for e in r["forward"] + r["fwd_bwd"] if e.get("relative_error_vs_first", 0) > 2e-2
+    ]
     for e in bad:
         print(f"DISAGREES with the first layout timed: {e}")
     print(f"\nwrote {path}")

@@ -198,17 +198,30 @@ def render_overview(result: dict) -> list[str]:
     ]
     if not rows:
         return []
-    spec = [("shape", "shape"), ("mode", "mode"), ("samba tokens/s", "samba", ",.0f"),
-            ("llama tokens/s", "llama", ",.0f"), ("samba / llama", "ratio", ".2f")]  # fmt: skip
+    spec = [
+        ("shape", "shape"),
+        ("mode", "mode"),
+        ("samba tokens/s", "samba", ",.0f"),
+        ("llama tokens/s", "llama", ",.0f"),
+        ("samba / llama", "ratio", ".2f"),
+    ]
     return ["## Overview", ""] + columns(rows, spec) + [""]
 
 
 COLUMNS = [
-    ("model", "model"), ("mode", "mode"), ("batch", "batch"), ("length", "length"), ("checkpointing", "checkpointing"),
-    ("tokens/s", "tokens_per_s", ",.0f"), ("step s", "step_s", ".3f"), ("peak GiB", "peak_gib", ".1f"),
-    ("MFU", "mfu", ".0%"), ("loss", "loss", ".3f"), ("first step s", "first_step_s", ".1f"),
+    ("model", "model"),
+    ("mode", "mode"),
+    ("batch", "batch"),
+    ("length", "length"),
+    ("checkpointing", "checkpointing"),
+    ("tokens/s", "tokens_per_s", ",.0f"),
+    ("step s", "step_s", ".3f"),
+    ("peak GiB", "peak_gib", ".1f"),
+    ("MFU", "mfu", ".0%"),
+    ("loss", "loss", ".3f"),
+    ("first step s", "first_step_s", ".1f"),
     ("note", lambda row: row.get("skipped") or row.get("note")),
-]  # fmt: skip
+]
 
 
 def render_case(name: str, entry: dict) -> list[str]:

@@ -74,10 +74,13 @@ TRAINING_DEFAULTS = dict(
 
 
 def parse_args(argv=None) -> tuple[ScriptArguments, TrainingArguments]:
-    parser = HfArgumentParser((ScriptArguments, TrainingArguments), description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = HfArgumentParser(
+        (ScriptArguments, TrainingArguments), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     on_gpu = torch.cuda.is_available()
-    parser.set_defaults(**TRAINING_DEFAULTS, bf16=on_gpu and torch.cuda.is_bf16_supported(), dataloader_pin_memory=on_gpu)
+    parser.set_defaults(
+        **TRAINING_DEFAULTS, bf16=on_gpu and torch.cuda.is_bf16_supported(), dataloader_pin_memory=on_gpu
+    )
     return parser.parse_args_into_dataclasses(args=argv)
 
 
@@ -151,8 +154,13 @@ def write_card(training_args: TrainingArguments, args: ScriptArguments, metrics:
         f"{training_args.learning_rate:g} ({training_args.lr_scheduler_type.value} schedule)."
     )
     evaluation = f"Held-out loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_perplexity']:.2f}."
-    card = folder_card(training_args.output_dir, Path(training_args.output_dir).name, base_model=args.model,
-                       training=training, evaluation=evaluation)  # fmt: skip
+    card = folder_card(
+        training_args.output_dir,
+        Path(training_args.output_dir).name,
+        base_model=args.model,
+        training=training,
+        evaluation=evaluation,
+    )
     (Path(training_args.output_dir) / "README.md").write_text(card, encoding="utf-8")
 
 
@@ -190,8 +198,10 @@ def main(argv=None) -> dict:
     if training_args.push_to_hub:  # the Hub repository gets the final model and transformers' training card
         trainer.push_to_hub(finetuned_from=args.model)
     if trainer.is_world_process_zero():
-        print(f"eval loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_perplexity']:.2f}; "
-              f"model saved to {training_args.output_dir}")  # fmt: skip
+        print(
+            f"eval loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_perplexity']:.2f}; "
+            f"model saved to {training_args.output_dir}"
+        )
     return metrics
 
 

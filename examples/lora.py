@@ -58,7 +58,9 @@ class ScriptArguments:
     model: str = field(metadata={"help": "model folder (with its tokenizer) or Hub id"})
     train_file: list[str] | None = field(
         default=None,
-        metadata={"help": "text files (paragraphs) or JSON lines with 'text' or 'messages' (default: stdlib docstrings)"},
+        metadata={
+            "help": "text files (paragraphs) or JSON lines with 'text' or 'messages' (default: stdlib docstrings)"
+        },
     )
     chat_template: str | None = field(
         default=None, metadata={"help": f"a .jinja file, or built-in: {', '.join(BUILT_IN_CHAT_TEMPLATES)}"}
@@ -86,10 +88,13 @@ TRAINING_DEFAULTS = dict(
 
 
 def parse_args(argv=None) -> tuple[ScriptArguments, SFTConfig]:
-    parser = HfArgumentParser((ScriptArguments, SFTConfig), description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = HfArgumentParser(
+        (ScriptArguments, SFTConfig), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     on_gpu = torch.cuda.is_available()
-    parser.set_defaults(**TRAINING_DEFAULTS, bf16=on_gpu and torch.cuda.is_bf16_supported(), dataloader_pin_memory=on_gpu)
+    parser.set_defaults(
+        **TRAINING_DEFAULTS, bf16=on_gpu and torch.cuda.is_bf16_supported(), dataloader_pin_memory=on_gpu
+    )
     return parser.parse_args_into_dataclasses(args=argv)
 
 
@@ -110,12 +115,16 @@ def set_chat_template(tokenizer, name_or_file: str | None, dataset: Dataset) -> 
         tokenizer.chat_template = BUILT_IN_CHAT_TEMPLATES[name_or_file]
     elif name_or_file is not None:
         if not Path(name_or_file).is_file():
-            raise SystemExit(f"--chat-template {name_or_file}: neither a file nor a built-in "
-                             f"({', '.join(BUILT_IN_CHAT_TEMPLATES)}).")  # fmt: skip
+            raise SystemExit(
+                f"--chat-template {name_or_file}: neither a file nor a built-in "
+                f"({', '.join(BUILT_IN_CHAT_TEMPLATES)})."
+            )
         tokenizer.chat_template = Path(name_or_file).read_text(encoding="utf-8")
     if "messages" in dataset.column_names and tokenizer.chat_template is None:
-        raise SystemExit("the data holds conversations ('messages') and the tokenizer has no chat template: "
-                         f"pass --chat-template ({', '.join(BUILT_IN_CHAT_TEMPLATES)} or a .jinja file).")  # fmt: skip
+        raise SystemExit(
+            "the data holds conversations ('messages') and the tokenizer has no chat template: "
+            f"pass --chat-template ({', '.join(BUILT_IN_CHAT_TEMPLATES)} or a .jinja file)."
+        )
 
 
 def load_base_model(name: str, qlora: bool):
@@ -162,7 +171,9 @@ def merge_adapter(base_name: str, adapter_dir: Path, tokenizer, output_dir: Path
     which would round the update away) and write a Hub-ready folder naming its base."""
     base = AutoModelForCausalLM.from_pretrained(base_name, dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    return save_hub_folder(merged, output_dir, tokenizer=tokenizer, force=True, base_model=base_name, training=training)
+    return save_hub_folder(
+        merged, output_dir, tokenizer=tokenizer, force=True, base_model=base_name, training=training
+    )
 
 
 def main(argv=None) -> dict:
@@ -201,8 +212,12 @@ def main(argv=None) -> dict:
         )
         merged_dir = merge_adapter(args.model, output_dir, tokenizer, output_dir / "merged", recipe)
         print(f"merged model saved to {merged_dir}/")
-    return {"adapter_dir": output_dir, "merged_dir": merged_dir, "train_loss": result.training_loss,
-            "resumed_from": checkpoint}  # fmt: skip
+    return {
+        "adapter_dir": output_dir,
+        "merged_dir": merged_dir,
+        "train_loss": result.training_loss,
+        "resumed_from": checkpoint,
+    }
 
 
 if __name__ == "__main__":

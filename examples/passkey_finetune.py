@@ -98,8 +98,9 @@ TRAINING_DEFAULTS = dict(
 
 
 def main(argv=None) -> int:
-    parser = HfArgumentParser((ScriptArguments, TrainingArguments), description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = HfArgumentParser(
+        (ScriptArguments, TrainingArguments), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.set_defaults(**TRAINING_DEFAULTS, dataloader_pin_memory=torch.cuda.is_available())
     args, training_args = parser.parse_args_into_dataclasses(args=argv)
     eval_lengths = parse_lengths(args.eval_lengths) if args.eval_lengths else [n * args.length for n in (1, 4, 16)]
@@ -109,7 +110,9 @@ def main(argv=None) -> int:
         model, tokenizer = AutoModelForCausalLM.from_pretrained(args.model), AutoTokenizer.from_pretrained(args.model)
     else:
         model, tokenizer = tiny_samba()
-    size = training_args.max_steps * training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+    size = (
+        training_args.max_steps * training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+    )
     dataset = PasskeySamples(tokenizer, args.length, size=size, seed=training_args.seed)
 
     model.config.use_cache = False  # no cache while training; the evaluation asks for it explicitly
@@ -122,9 +125,15 @@ def main(argv=None) -> int:
     tokenizer.save_pretrained(output_dir)
     depths = [i / (args.depths - 1) for i in range(args.depths)] if args.depths > 1 else [0.5]
     rows = evaluate_passkey(
-        model.eval(), tokenizer, eval_lengths, depths, args.trials, chunk_size=args.length,
-        seed=training_args.seed + 1, model_name=output_dir.name,  # other keys than in training
-    )  # fmt: skip
+        model.eval(),
+        tokenizer,
+        eval_lengths,
+        depths,
+        args.trials,
+        chunk_size=args.length,
+        seed=training_args.seed + 1,
+        model_name=output_dir.name,  # other keys than in training
+    )
     write_csv(rows, output_dir / "passkey.csv")
     try:
         plot_passkey(rows, output_dir / "passkey.png")

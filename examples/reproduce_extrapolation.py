@@ -142,8 +142,11 @@ class Progress(TrainerCallback):
         if logs and "loss" in logs and self.first is not None:
             now, (first_time, first_step) = time.time(), self.first
             rate = (now - first_time) / max(1, state.global_step - first_step)
-            print(f"  {self.name}: step {state.global_step}/{state.max_steps} loss {logs['loss']:.3f} "
-                  f"({now - self.started:.0f} s, {1000 * rate:.0f} ms/step)", flush=True)  # fmt: skip
+            print(
+                f"  {self.name}: step {state.global_step}/{state.max_steps} loss {logs['loss']:.3f} "
+                f"({now - self.started:.0f} s, {1000 * rate:.0f} ms/step)",
+                flush=True,
+            )
 
 
 def train(name: str, config: SambaConfig, dataset, args) -> tuple[SambaForCausalLM, float]:
@@ -192,8 +195,11 @@ def package_version(name: str) -> str:
 def environment(device: str) -> str:
     cpu = platform.processor() or platform.machine()
     if Path("/proc/cpuinfo").exists():
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]  # fmt: skip
+        names = [
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ]
         cpu = names[0] if names else cpu
     if device.startswith("cuda"):
         gpu = f"{torch.cuda.get_device_name(device)} ({cpu}), CUDA {torch.version.cuda}, triton {package_version('triton')}"
@@ -245,12 +251,17 @@ def main(argv=None) -> int:
     train_set = TokenBlocks(documents[:split], tokenizer, block_size=seq_len)
     validation = token_stream(documents[split:], tokenizer)
     windows = min(args.num_samples, len(validation) // (lengths[-1] + 1))
-    data = (f"{len(documents)} documents, {source}; training {train_set.blocks.numel():,} tokens, "
-            f"validation {len(validation):,} tokens (the last {len(documents) - split} documents)")  # fmt: skip
+    data = (
+        f"{len(documents)} documents, {source}; training {train_set.blocks.numel():,} tokens, "
+        f"validation {len(validation):,} tokens (the last {len(documents) - split} documents)"
+    )
     print(f"data: {data} ({time.time() - started:.0f} s)", flush=True)
     if windows < args.num_samples:
-        print(f"warning: the validation text holds {windows} windows of {lengths[-1]:,} tokens, not "
-              f"{args.num_samples}: use a larger corpus (--corpus source) or fewer --num-samples", flush=True)  # fmt: skip
+        print(
+            f"warning: the validation text holds {windows} windows of {lengths[-1]:,} tokens, not "
+            f"{args.num_samples}: use a larger corpus (--corpus source) or fewer --num-samples",
+            flush=True,
+        )
     tokens_seen = args.steps * args.batch_size * seq_len
 
     configs = matched_configs(args.size, window, tokenizer)
@@ -265,22 +276,34 @@ def main(argv=None) -> int:
         train_seconds = time.time() - model_started
         model.to(args.device)
         rows += evaluate_perplexity(  # float32: the cache continuation checked on the GPU (gpu_checks.md)
-            model, validation, lengths, chunk_size=seq_len, num_samples=args.num_samples,
-            batch_size=args.num_samples, model_name=architecture,
-        )  # fmt: skip
-        parameter_rows.append({
-            "model": architecture,
-            "layers": config.num_hidden_layers,
-            "non-embedding params": f"{count:,}",
-            "vs Samba": f"{count / samba_parameters:.2f}",
-            "total params": f"{model.num_parameters():,}",
-            "final train loss": f"{loss:.3f}",
-            "train s": f"{train_seconds:.0f}",
-            "eval s": f"{sum(row['seconds'] for row in rows if row['model'] == architecture):.0f}",
-        })  # fmt: skip
+            model,
+            validation,
+            lengths,
+            chunk_size=seq_len,
+            num_samples=args.num_samples,
+            batch_size=args.num_samples,
+            model_name=architecture,
+        )
+        parameter_rows.append(
+            {
+                "model": architecture,
+                "layers": config.num_hidden_layers,
+                "non-embedding params": f"{count:,}",
+                "vs Samba": f"{count / samba_parameters:.2f}",
+                "total params": f"{model.num_parameters():,}",
+                "final train loss": f"{loss:.3f}",
+                "train s": f"{train_seconds:.0f}",
+                "eval s": f"{sum(row['seconds'] for row in rows if row['model'] == architecture):.0f}",
+            }
+        )
         print(format_table(parameter_rows[-1:], list(parameter_rows[-1])).splitlines()[-1], flush=True)
-        print("  " + ", ".join(f"ppl@{format_length(row['length'])} {row['ppl']:.2f}" for row in rows
-                               if row["model"] == architecture), flush=True)  # fmt: skip
+        print(
+            "  "
+            + ", ".join(
+                f"ppl@{format_length(row['length'])} {row['ppl']:.2f}" for row in rows if row["model"] == architecture
+            ),
+            flush=True,
+        )
         del model
         if cuda:
             torch.cuda.empty_cache()
@@ -291,36 +314,47 @@ def main(argv=None) -> int:
         plot_perplexity(rows, out / "extrapolation.png")
         by_model = {name: {row["length"]: row for row in rows if row["model"] == name} for name in done}
         ppl_rows = [
-            {"model": name, **{f"ppl@{format_length(n)}": f"{results[n]['ppl']:.2f}" for n in lengths},
-             **{f"last-{seq_len} ppl@{format_length(n)}": f"{results[n]['last_chunk_ppl']:.2f}" for n in lengths[1:]}}
+            {
+                "model": name,
+                **{f"ppl@{format_length(n)}": f"{results[n]['ppl']:.2f}" for n in lengths},
+                **{
+                    f"last-{seq_len} ppl@{format_length(n)}": f"{results[n]['last_chunk_ppl']:.2f}"
+                    for n in lengths[1:]
+                },
+            }
             for name, results in by_model.items()
-        ]  # fmt: skip
+        ]
         precision = (
             "training under bf16 autocast, evaluation in float32; Mamba layers on the Triton kernels, sliding-window "
-            "layers on "
-            + ("compiled FlexAttention" if args.flex_attention else "sdpa with a window mask")
-            if cuda else "float32"
-        )  # fmt: skip
-        status = ("" if len(done) == len(configs) else
-                  f" **Incomplete: {len(done)} of {len(configs)} models so far ({', '.join(done)}).**")  # fmt: skip
-        report = "\n\n".join([
-            "# Length extrapolation of equal-size models",
-            f"Trained at T = {seq_len} tokens (sliding window {window}), {args.steps} steps of batch {args.batch_size} "
-            f"({tokens_seen / 1e6:.2f}M tokens, {tokens_seen / train_set.blocks.numel():.1f} epochs), "
-            f"learning rate {args.lr:g}; perplexity on held-out text at {', '.join(format_length(n) for n in lengths)} "
-            f"tokens ({windows} windows each, run through the cache in chunks of T). The columns `last-{seq_len}` "
-            f"average only the last {seq_len} positions of each window, the ones farthest from the start. "
-            f"The paper's claim to compare with: {PAPER_CLAIM}.{status}",
-            f"Data: {data}.",
-            f"Command: `{command.strip()}`",
-            f"Machine: {environment(args.device)}; {precision}; total time {time.time() - started:.0f} s "
-            "(train s and eval s per model below, compilation included).",
-            "## Models",
-            format_table(parameter_rows, list(parameter_rows[0])),
-            "## Perplexity",
-            format_table(ppl_rows, list(ppl_rows[0])),
-            "![perplexity against context length](extrapolation.png)",
-        ])  # fmt: skip
+            "layers on " + ("compiled FlexAttention" if args.flex_attention else "sdpa with a window mask")
+            if cuda
+            else "float32"
+        )
+        status = (
+            ""
+            if len(done) == len(configs)
+            else f" **Incomplete: {len(done)} of {len(configs)} models so far ({', '.join(done)}).**"
+        )
+        report = "\n\n".join(
+            [
+                "# Length extrapolation of equal-size models",
+                f"Trained at T = {seq_len} tokens (sliding window {window}), {args.steps} steps of batch {args.batch_size} "
+                f"({tokens_seen / 1e6:.2f}M tokens, {tokens_seen / train_set.blocks.numel():.1f} epochs), "
+                f"learning rate {args.lr:g}; perplexity on held-out text at {', '.join(format_length(n) for n in lengths)} "
+                f"tokens ({windows} windows each, run through the cache in chunks of T). The columns `last-{seq_len}` "
+                f"average only the last {seq_len} positions of each window, the ones farthest from the start. "
+                f"The paper's claim to compare with: {PAPER_CLAIM}.{status}",
+                f"Data: {data}.",
+                f"Command: `{command.strip()}`",
+                f"Machine: {environment(args.device)}; {precision}; total time {time.time() - started:.0f} s "
+                "(train s and eval s per model below, compilation included).",
+                "## Models",
+                format_table(parameter_rows, list(parameter_rows[0])),
+                "## Perplexity",
+                format_table(ppl_rows, list(ppl_rows[0])),
+                "![perplexity against context length](extrapolation.png)",
+            ]
+        )
         (out / "extrapolation.md").write_text(report + "\n", encoding="utf-8")
         print(f"  wrote {out}/extrapolation.md, .csv and .png ({time.time() - started:.0f} s so far)", flush=True)
 

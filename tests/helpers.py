@@ -9,9 +9,15 @@ from samba_hf import SambaConfig, SambaForCausalLM
 def small_config(**overrides) -> SambaConfig:
     """The smallest Samba the foundation issue asks to work, with any field overridden."""
     fields = dict(
-        vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, sliding_window=8, eos_token_id=None,
-    )  # fmt: skip
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=8,
+        eos_token_id=None,
+    )
     return SambaConfig(**{**fields, **overrides})
 
 

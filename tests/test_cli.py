@@ -41,14 +41,31 @@ def test_demo_trains_publishes_reloads_and_generates(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "trained 4 steps" in printed and "reloaded SambaForCausalLM" in printed
     files = {p.name for p in output.iterdir()}
-    assert {"config.json", "model.safetensors", "modeling_samba.py", "configuration_samba.py", "tokenizer.json",
-            "README.md", MANIFEST} <= files  # fmt: skip
+    assert {
+        "config.json",
+        "model.safetensors",
+        "modeling_samba.py",
+        "configuration_samba.py",
+        "tokenizer.json",
+        "README.md",
+        MANIFEST,
+    } <= files
     assert set(read_manifest(output)) == files - {MANIFEST}
     assert output.stat().st_mode & 0o777 == 0o777 & ~umask(), "the folder has save_pretrained's permissions"
-    assert json.loads((output / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"].startswith("modeling_samba")
+    assert json.loads((output / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"].startswith(
+        "modeling_samba"
+    )
     card = (output / "README.md").read_text()
-    for section in ("## Architecture", "## Training data and recipe", "## Intended use", "## Evaluation",
-                    "## Limitations", "## Citation", "4 steps of AdamW", "language:\n- en"):  # fmt: skip
+    for section in (
+        "## Architecture",
+        "## Training data and recipe",
+        "## Intended use",
+        "## Evaluation",
+        "## Limitations",
+        "## Citation",
+        "4 steps of AdamW",
+        "language:\n- en",
+    ):
         assert section in card
     tokenizer = AutoTokenizer.from_pretrained(output)
     model = AutoModelForCausalLM.from_pretrained(output)
@@ -70,8 +87,10 @@ def test_demo_refuses_a_folder_it_did_not_write_even_with_force(tmp_path, capsys
 
 def test_version_has_one_source():
     assert samba_hf.__version__ == version("samba-hf")
-    assert "version = { attr = \"samba_hf.__version__\" }" in (
-        __import__("pathlib").Path(__file__).parents[1] / "pyproject.toml").read_text()  # fmt: skip
+    assert (
+        'version = { attr = "samba_hf.__version__" }'
+        in (__import__("pathlib").Path(__file__).parents[1] / "pyproject.toml").read_text()
+    )
 
 
 def test_version_option(capsys):
@@ -92,10 +111,13 @@ def test_help_shows_the_defaults(capsys):
 @pytest.fixture(scope="module")
 def tiny():
     """A random tiny Samba and its tokenizer."""
-    tokenizer = train_tokenizer(["the quick brown fox jumps over the lazy dog", "a stitch in time saves nine"] * 20, 300)
+    tokenizer = train_tokenizer(
+        ["the quick brown fox jumps over the lazy dog", "a stitch in time saves nine"] * 20, 300
+    )
     torch.manual_seed(0)
-    config = SambaConfig.from_preset("tiny", vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
-                                     pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    config = SambaConfig.from_preset(
+        "tiny", vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
     return SambaForCausalLM(config).eval(), tokenizer
 
 
@@ -111,8 +133,12 @@ def test_force_replaces_only_what_samba_hf_wrote(tiny, tmp_path):
     save_hub_folder(model, folder, force=True)  # no tokenizer this time: its files go, they were ours
     assert (folder / "notes.md").read_text() == "the user's notes" and (folder / "results" / "eval.json").is_file()
     assert not (folder / "tokenizer.json").exists()
-    assert set(read_manifest(folder)) == {"README.md", "config.json", "generation_config.json", "model.safetensors"} | {
-        p.name for p in folder.glob("*.py")}  # fmt: skip
+    assert set(read_manifest(folder)) == {
+        "README.md",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    } | {p.name for p in folder.glob("*.py")}
 
     (folder / "README.md").write_text("my own card")  # edited since samba-hf wrote it: no longer only ours
     with pytest.raises(OutputPathError, match="README.md in .* changed since samba-hf wrote"):
@@ -204,8 +230,9 @@ DEMO_UNTIL_SIGNALLED = [sys.executable, "-m", "samba_hf.cli", "demo", "--steps",
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
 def test_an_interrupted_run_removes_its_staging_folder(tmp_path, signum, code):
-    process = subprocess.Popen(DEMO_UNTIL_SIGNALLED, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True)  # fmt: skip
+    process = subprocess.Popen(
+        DEMO_UNTIL_SIGNALLED, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(".out.samba-hf-staging-*")) and time.monotonic() < deadline:
         assert process.poll() is None, process.stderr.read()
@@ -228,13 +255,16 @@ def tiny_folder(tiny, tmp_path_factory):
     return save_hub_folder(model, tmp_path_factory.mktemp("tiny") / "model", tokenizer=tokenizer)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["generate", "no/such/folder", "hi"], "no/such/folder is not a model folder"),
-    (["generate", "./missing", "hi"], "./missing is not a model folder"),
-    (["generate", "MODEL", ""], "the prompt is empty"),
-    (["generate", "MODEL", "hi", "--device", "cuda"], "CUDA is not available"),
-    (["generate", "MODEL", "hi", "--greedy", "--temperature", "0.5"], "--greedy cannot be combined"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "no/such/folder", "hi"], "no/such/folder is not a model folder"),
+        (["generate", "./missing", "hi"], "./missing is not a model folder"),
+        (["generate", "MODEL", ""], "the prompt is empty"),
+        (["generate", "MODEL", "hi", "--device", "cuda"], "CUDA is not available"),
+        (["generate", "MODEL", "hi", "--greedy", "--temperature", "0.5"], "--greedy cannot be combined"),
+    ],
+)
 def test_generate_user_errors_exit_2_in_one_line(tiny_folder, capsys, argv, message):
     if "cuda" in argv and torch.cuda.is_available():
         pytest.skip("CUDA is available here")

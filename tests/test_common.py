@@ -110,8 +110,9 @@ def test_save_load_round_trip(model_class, tmp_path):
         assert torch.equal(main_output(loaded, **inputs), main_output(model, **inputs))
     # from_pretrained adds config fields that a second round trip must read back.
     loaded.save_pretrained(tmp_path / "again")
-    assert torch.equal(main_output(model_class.from_pretrained(tmp_path / "again").eval(), **inputs),
-                       main_output(model, **inputs))  # fmt: skip
+    assert torch.equal(
+        main_output(model_class.from_pretrained(tmp_path / "again").eval(), **inputs), main_output(model, **inputs)
+    )
 
 
 def test_from_pretrained_takes_a_state_dict_without_a_checkpoint():
@@ -289,8 +290,9 @@ def test_generate_from_inputs_embeds(cache_implementation):
     kwargs = dict(max_new_tokens=WINDOW, cache_implementation=cache_implementation, **GREEDY)
     with torch.no_grad():
         from_ids = model.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs)
-        from_embeds = model.generate(inputs_embeds=model.get_input_embeddings()(prompt),
-                                     attention_mask=torch.ones_like(prompt), **kwargs)  # fmt: skip
+        from_embeds = model.generate(
+            inputs_embeds=model.get_input_embeddings()(prompt), attention_mask=torch.ones_like(prompt), **kwargs
+        )
     assert torch.equal(from_embeds, from_ids[:, prompt.shape[1] :])
 
 
@@ -310,9 +312,16 @@ def test_greedy_generate_equals_full_forward_recomputation(cache_implementation)
     model, prompt = build(), random_ids(length=WINDOW + 3)
     steps = 2 * WINDOW
     with torch.no_grad():
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=steps,
-                             cache_implementation=cache_implementation, return_dict_in_generate=True,
-                             output_logits=True, output_scores=True, **GREEDY)  # fmt: skip
+        out = model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=steps,
+            cache_implementation=cache_implementation,
+            return_dict_in_generate=True,
+            output_logits=True,
+            output_scores=True,
+            **GREEDY,
+        )
     sequences, step_logits = greedy_by_full_forwards(model, prompt, steps)
     assert torch.equal(out.sequences, sequences)
     torch.testing.assert_close(torch.stack(out.logits, dim=1), step_logits, **FP32)
@@ -326,9 +335,15 @@ def test_generate_returns_attentions_and_hidden_states_of_every_step():
     model.set_attn_implementation("eager")
     steps = 2 * WINDOW
     with torch.no_grad():
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=steps,
-                             return_dict_in_generate=True, output_attentions=True, output_hidden_states=True,
-                             **GREEDY)  # fmt: skip
+        out = model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=steps,
+            return_dict_in_generate=True,
+            output_attentions=True,
+            output_hidden_states=True,
+            **GREEDY,
+        )
     heads, hidden = model.config.num_attention_heads, model.config.hidden_size
     assert len(out.attentions) == len(out.hidden_states) == steps
     for step, (attentions, hidden_states) in enumerate(zip(out.attentions, out.hidden_states)):
@@ -364,10 +379,16 @@ def test_generate_continues_from_its_returned_cache():
     kwargs = dict(return_dict_in_generate=True, **GREEDY)
     with torch.no_grad():
         first = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, **kwargs)
-        continued = model.generate(first.sequences, attention_mask=torch.ones_like(first.sequences),
-                                   cache=first.cache, max_new_tokens=2 * WINDOW, **kwargs)  # fmt: skip
-        at_once = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=2 * WINDOW + 4,
-                                 **kwargs)  # fmt: skip
+        continued = model.generate(
+            first.sequences,
+            attention_mask=torch.ones_like(first.sequences),
+            cache=first.cache,
+            max_new_tokens=2 * WINDOW,
+            **kwargs,
+        )
+        at_once = model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=2 * WINDOW + 4, **kwargs
+        )
     assert torch.equal(continued.sequences, at_once.sequences)
 
 
@@ -464,10 +485,14 @@ def test_sequence_classification_losses(problem_type):
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"activation_checkpointing_kwargs": {"use_reentrant": False}},
-     {"activation_checkpointing_kwargs": {"use_reentrant": True}}, {"every_n_layers": 2}],
+    [
+        {},
+        {"activation_checkpointing_kwargs": {"use_reentrant": False}},
+        {"activation_checkpointing_kwargs": {"use_reentrant": True}},
+        {"every_n_layers": 2},
+    ],
     ids=["default", "non-reentrant", "reentrant", "every-2nd-layer"],
-)  # fmt: skip
+)
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(options):
     model, ids = build().train(), random_ids()
 
@@ -584,8 +609,9 @@ def test_device_map_auto_offloads_to_disk_exactly(tmp_path):
     model, ids = build(), random_ids()
     model.save_pretrained(tmp_path / "model")
     budget = int(compute_module_sizes(model)[""] * 0.6)
-    offloaded = SambaForCausalLM.from_pretrained(tmp_path / "model", device_map="auto", max_memory={"cpu": budget},
-                                                 offload_folder=tmp_path / "offload")  # fmt: skip
+    offloaded = SambaForCausalLM.from_pretrained(
+        tmp_path / "model", device_map="auto", max_memory={"cpu": budget}, offload_folder=tmp_path / "offload"
+    )
     assert set(offloaded.hf_device_map.values()) == {"cpu", "disk"}
     torch.testing.assert_close(main_output(offloaded, input_ids=ids), main_output(model, input_ids=ids), **FP32)
 

@@ -101,8 +101,12 @@ def test_right_padding_is_refused_or_its_cache_continues_exactly():
             mask = torch.cat([mask, torch.ones_like(token)], dim=1)
             position_ids = mask.sum(-1, keepdim=True) - 1
             step_logits.append(model(token, attention_mask=mask, position_ids=position_ids, cache=cache).logits)
-    assert_rows_equal_each_row_alone(model, torch.cat(step_logits, dim=1),
-                                     [torch.cat([row, next_ids]) for row, next_ids in zip(rows, following)], mask)  # fmt: skip
+    assert_rows_equal_each_row_alone(
+        model,
+        torch.cat(step_logits, dim=1),
+        [torch.cat([row, next_ids]) for row, next_ids in zip(rows, following)],
+        mask,
+    )
 
 
 def test_a_mamba_only_model_continues_left_padded_rows_in_chunks():
@@ -115,11 +119,13 @@ def test_a_mamba_only_model_continues_left_padded_rows_in_chunks():
     full_mask = torch.cat([mask, torch.ones_like(following)], dim=1)
     with torch.no_grad():
         first = model(prompt, attention_mask=mask, use_cache=True)
-        second = chunked_forward(model, dict(input_ids=following, attention_mask=full_mask, cache=first.cache,
-                                             use_cache=True), chunk_size=4)  # fmt: skip
+        second = chunked_forward(
+            model, dict(input_ids=following, attention_mask=full_mask, cache=first.cache, use_cache=True), chunk_size=4
+        )
     assert_rows_equal_each_row_alone(model, first.logits, rows, mask)
-    assert_rows_equal_each_row_alone(model, second.logits,
-                                     [torch.cat([row, next_ids]) for row, next_ids in zip(rows, following)], full_mask)  # fmt: skip
+    assert_rows_equal_each_row_alone(
+        model, second.logits, [torch.cat([row, next_ids]) for row, next_ids in zip(rows, following)], full_mask
+    )
 
 
 def test_padding_in_the_middle_of_a_continued_batch():
@@ -134,11 +140,13 @@ def test_padding_in_the_middle_of_a_continued_batch():
     mask[1, 6:9] = 0
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        one_forward = model(torch.cat([first_turn, second_turn], dim=1), attention_mask=mask,
-                            position_ids=position_ids).logits  # fmt: skip
+        one_forward = model(
+            torch.cat([first_turn, second_turn], dim=1), attention_mask=mask, position_ids=position_ids
+        ).logits
         first = model(first_turn, attention_mask=mask[:, :6], position_ids=position_ids[:, :6], use_cache=True)
-        second = model(second_turn, attention_mask=mask, position_ids=position_ids[:, 6:], cache=first.cache,
-                       use_cache=True)  # fmt: skip
+        second = model(
+            second_turn, attention_mask=mask, position_ids=position_ids[:, 6:], cache=first.cache, use_cache=True
+        )
     torch.testing.assert_close(second.logits[:, -1], one_forward[:, -1], **FP32)
     rows = [torch.cat([first_turn[i], second_turn[i][mask[i, 6:].bool()]]) for i in range(2)]
     assert_rows_equal_each_row_alone(model, second.logits, rows, mask)
@@ -185,8 +193,11 @@ def test_bitsandbytes_quantizes_every_projection(bits, tmp_path):
     torch.manual_seed(0)
     model = SambaForCausalLM(small_config(hidden_size=64)).eval()  # the reference initialisation
     model.save_pretrained(tmp_path)
-    quantization = (BitsAndBytesConfig(load_in_8bit=True) if bits == 8
-                    else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32))  # fmt: skip
+    quantization = (
+        BitsAndBytesConfig(load_in_8bit=True)
+        if bits == 8
+        else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    )
     quantized = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quantization, device_map="cpu")
     quantized_type = bnb.nn.Linear8bitLt if bits == 8 else bnb.nn.Linear4bit
     linears = {name: module for name, module in quantized.named_modules() if isinstance(module, nn.Linear)}
@@ -237,8 +248,13 @@ def test_static_cache_holds_the_smaller_of_the_window_and_its_length(new_tokens)
     model = small_model(layer_types=EVERY_LAYER_TYPE)
     model.set_attn_implementation("eager")
     prompt = random_ids(length=3)
-    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                  return_dict_in_generate=True)  # fmt: skip
+    kwargs = dict(
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+        return_dict_in_generate=True,
+    )
     with torch.no_grad():
         static = model.generate(prompt, cache_implementation="static", output_attentions=True, **kwargs)
         dynamic = model.generate(prompt, **kwargs)
@@ -273,8 +289,12 @@ def test_rope_types_are_supported_or_refused_with_a_value_error(rope_type):
     default RoPE's past the original context (dynamic: equal within it), never silently default RoPE."""
     config = small_config(layer_types=EVERY_LAYER_TYPE)
     try:
-        scaled = small_model(model_class=SambaModel, layer_types=EVERY_LAYER_TYPE, max_position_embeddings=16,
-                             rope_parameters=rope_parameters(rope_type, config.head_dim))  # fmt: skip
+        scaled = small_model(
+            model_class=SambaModel,
+            layer_types=EVERY_LAYER_TYPE,
+            max_position_embeddings=16,
+            rope_parameters=rope_parameters(rope_type, config.head_dim),
+        )
     except ValueError:
         return
     default = small_model(model_class=SambaModel, layer_types=EVERY_LAYER_TYPE, max_position_embeddings=16)
@@ -311,14 +331,26 @@ def test_trl_sft_trainer_with_packing_trains_on_the_unpacked_loss(tmp_path):
     trl = pytest.importorskip("trl")
     from datasets import Dataset
 
-    texts = ["Return a new list of the items.", "Open the file and return a stream object.",
-             "Sort the keys and return them in a list."]  # fmt: skip
+    texts = [
+        "Return a new list of the items.",
+        "Open the file and return a stream object.",
+        "Sort the keys and return them in a list.",
+    ]
     tokenizer = train_tokenizer(texts * 3, vocab_size=300)
     model = small_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
-    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, max_length=32,
-                         packing=True, save_strategy="no", report_to=[], use_cpu=True)  # fmt: skip
-    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts * 2}),
-                             processing_class=tokenizer)  # fmt: skip
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        max_length=32,
+        packing=True,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+    )
+    trainer = trl.SFTTrainer(
+        model=model, args=args, train_dataset=Dataset.from_dict({"text": texts * 2}), processing_class=tokenizer
+    )
     batch = next(iter(trainer.get_train_dataloader()))
     model.eval()
     with torch.no_grad():
@@ -330,8 +362,16 @@ def test_trl_sft_trainer_with_packing_trains_on_the_unpacked_loss(tmp_path):
 # -------------------------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("field, value", [("rms_norm_eps", 0.0), ("rms_norm_eps", -1e-5), ("time_step_rank", "big"),
-                                          ("time_step_rank", 2.5), ("initializer_range", -0.02)])  # fmt: skip
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("rms_norm_eps", 0.0),
+        ("rms_norm_eps", -1e-5),
+        ("time_step_rank", "big"),
+        ("time_step_rank", 2.5),
+        ("initializer_range", -0.02),
+    ],
+)
 def test_invalid_config_values_raise_a_value_error_naming_the_field(field, value):
     """A value of the wrong type is refused by the config dataclass's own check (huggingface_hub's strict
     dataclasses, as for every transformers config), one of the right type but out of range by a ValueError:

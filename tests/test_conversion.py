@@ -140,8 +140,9 @@ def assert_logits_close(actual, expected):
 
 
 def save_training_checkpoint(path, state_dict, **hparams):
-    torch.save({"model": state_dict, "optimizer": {"state": {}}, "hparams": hparams, "iter_num": 10, "step_count": 1},
-               path)  # fmt: skip
+    torch.save(
+        {"model": state_dict, "optimizer": {"state": {}}, "hparams": hparams, "iter_num": 10, "step_count": 1}, path
+    )
     return path
 
 
@@ -175,8 +176,9 @@ def test_lit_gpt_fused_qkv_row_order(tmp_path):
     group g's key and value heads follow its queries."""
     n_head, n_kv, head_dim = 4, 2, 8
     sd = lit_gpt_state_dict(n_head, n_kv)
-    out = convert_lit_gpt(save_training_checkpoint(tmp_path / "c.pth", sd), tmp_path / "out", num_heads=n_head,
-                          num_kv_heads=n_kv)  # fmt: skip
+    out = convert_lit_gpt(
+        save_training_checkpoint(tmp_path / "c.pth", sd), tmp_path / "out", num_heads=n_head, num_kv_heads=n_kv
+    )
     model = SambaForCausalLM.from_pretrained(out)
     fused, mixer = sd["transformer.h.1.attn.attn.weight"], model.model.layers[1].mixer
     q_per_kv = n_head // n_kv
@@ -326,13 +328,18 @@ def test_cli_user_errors_exit_2_with_one_line(tmp_path, capsys):
     ):
         assert cli(*argv) == 2
         err = capsys.readouterr().err
-        assert err.startswith(f"samba-hf convert {argv[0]}: error: ") and err.count("\n") == 1 and "Traceback" not in err
+        assert (
+            err.startswith(f"samba-hf convert {argv[0]}: error: ") and err.count("\n") == 1 and "Traceback" not in err
+        )
 
 
 @pytest.mark.parametrize("tolerance", ["nan", "-1", "inf"])
 def test_cli_refuses_a_tolerance_that_passes_anything(tmp_path, capsys, tolerance):
     checkpoint = str(save_training_checkpoint(tmp_path / "c.pth", lit_gpt_state_dict(4, 2)))
-    assert cli("lit-gpt", checkpoint, str(tmp_path / "out"), "--num-heads", "4", "--verify", "--tolerance", tolerance) == 2
+    assert (
+        cli("lit-gpt", checkpoint, str(tmp_path / "out"), "--num-heads", "4", "--verify", "--tolerance", tolerance)
+        == 2
+    )
     assert "--tolerance: must be a finite number >= 0" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -368,8 +375,9 @@ def test_a_torch_file_with_code_objects_is_refused(tmp_path, capsys):
 
 
 def test_converted_folders_have_the_usual_permissions(tmp_path):
-    out = convert_lit_gpt(save_training_checkpoint(tmp_path / "c.pth", lit_gpt_state_dict(4, 2)), tmp_path / "out",
-                          num_heads=4)  # fmt: skip
+    out = convert_lit_gpt(
+        save_training_checkpoint(tmp_path / "c.pth", lit_gpt_state_dict(4, 2)), tmp_path / "out", num_heads=4
+    )
     mask = os.umask(0)
     os.umask(mask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~mask
@@ -400,10 +408,24 @@ def test_to_lit_gpt_of_another_model_names_the_problem(tmp_path, capsys):
 def write_fla_folder(folder, sd, **config):
     folder.mkdir()
     save_file(sd, folder / "model.safetensors")
-    attn = {"layers": [1, 3], "num_heads": 4, "num_kv_heads": 2, "qkv_bias": False, "window_size": WINDOW,
-            "rope_theta": 10000.0}  # fmt: skip
-    fla_config = {"model_type": "samba", "hidden_size": HIDDEN, "num_hidden_layers": 4, "norm_eps": 1e-5,
-                  "tie_word_embeddings": False, "hidden_act": "swish", "attn": attn, **config}  # fmt: skip
+    attn = {
+        "layers": [1, 3],
+        "num_heads": 4,
+        "num_kv_heads": 2,
+        "qkv_bias": False,
+        "window_size": WINDOW,
+        "rope_theta": 10000.0,
+    }
+    fla_config = {
+        "model_type": "samba",
+        "hidden_size": HIDDEN,
+        "num_hidden_layers": 4,
+        "norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "hidden_act": "swish",
+        "attn": attn,
+        **config,
+    }
     (folder / "config.json").write_text(json.dumps(fla_config))
     return folder
 
@@ -456,17 +478,43 @@ def randomize_norms(model):
 
 
 TRANSFORMERS_SOURCES = {
-    "mistral": lambda: MistralForCausalLM(MistralConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, sliding_window=WINDOW, rms_norm_eps=1e-5, attn_implementation="eager")),
-    "llama": lambda: LlamaForCausalLM(LlamaConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=1, tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 500.0},
-        attn_implementation="eager")),
-    "mamba": lambda: MambaForCausalLM(MambaConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, state_size=8, num_hidden_layers=2, layer_norm_epsilon=1e-3,
-        residual_in_fp32=False)),
-}  # fmt: skip
+    "mistral": lambda: MistralForCausalLM(
+        MistralConfig(
+            vocab_size=VOCAB,
+            hidden_size=HIDDEN,
+            intermediate_size=INTER,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            sliding_window=WINDOW,
+            rms_norm_eps=1e-5,
+            attn_implementation="eager",
+        )
+    ),
+    "llama": lambda: LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=HIDDEN,
+            intermediate_size=INTER,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 500.0},
+            attn_implementation="eager",
+        )
+    ),
+    "mamba": lambda: MambaForCausalLM(
+        MambaConfig(
+            vocab_size=VOCAB,
+            hidden_size=HIDDEN,
+            state_size=8,
+            num_hidden_layers=2,
+            layer_norm_epsilon=1e-3,
+            residual_in_fp32=False,
+        )
+    ),
+}
 
 
 @pytest.mark.parametrize("kind", sorted(TRANSFORMERS_SOURCES))

@@ -22,7 +22,7 @@ def left_padded_prompt(batch: int = 3, length: int = WINDOW + 5):
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
     if batch > 2:
-        mask[2, :length - 2] = 0  # a row of two tokens
+        mask[2, : length - 2] = 0  # a row of two tokens
     return ids, mask
 
 
@@ -33,8 +33,9 @@ def both_paths(model, ids, **kwargs):
 
 @pytest.mark.parametrize("layer_types", [None, ["linear_attention"] * 2, ["mlp", "sliding_attention"] * 2])
 def test_greedy_tokens_equal_transformers_loop_past_the_window(layer_types):
-    model = small_model(**({} if layer_types is None else dict(layer_types=layer_types,
-                                                                num_hidden_layers=len(layer_types))))  # fmt: skip
+    model = small_model(
+        **({} if layer_types is None else dict(layer_types=layer_types, num_hidden_layers=len(layer_types)))
+    )
     ids, mask = left_padded_prompt()
     loop, engine = both_paths(model, ids, attention_mask=mask, max_new_tokens=3 * WINDOW, **GREEDY)
     assert torch.equal(loop, engine)
@@ -47,15 +48,21 @@ def test_rows_stop_at_their_end_of_sequence_and_the_output_ends_with_the_last_ro
     eos = int(free[0, ids.shape[1] + 5])  # a token the first row generates early
     loop, engine = both_paths(model, ids, attention_mask=mask, max_new_tokens=40, eos_token_id=eos, **GREEDY)
     assert torch.equal(loop, engine)
-    assert (engine[:, ids.shape[1]:] == eos).any()
+    assert (engine[:, ids.shape[1] :] == eos).any()
 
 
 def test_logits_processors_run_inside_the_step_as_transformers_runs_them():
     model = small_model()
     ids, mask = left_padded_prompt()
     eos = int(model.generate(ids, attention_mask=mask, max_new_tokens=3, decode_engine=False, **GREEDY)[0, -1])
-    kwargs = dict(attention_mask=mask, max_new_tokens=2 * WINDOW, eos_token_id=eos, repetition_penalty=1.7,
-                  min_new_tokens=WINDOW, **GREEDY)  # fmt: skip
+    kwargs = dict(
+        attention_mask=mask,
+        max_new_tokens=2 * WINDOW,
+        eos_token_id=eos,
+        repetition_penalty=1.7,
+        min_new_tokens=WINDOW,
+        **GREEDY,
+    )
     loop, engine = both_paths(model, ids, **kwargs)
     assert torch.equal(loop, engine)
     loop, engine = both_paths(model, ids, **dict(kwargs, min_length=ids.shape[1] + 4, min_new_tokens=None))
@@ -76,8 +83,9 @@ def test_num_return_sequences_and_a_kept_step_for_the_next_call():
     model = small_model()
     ids, mask = left_padded_prompt(batch=2)
     # sampling from the top token alone: both paths draw it whatever their random numbers
-    kwargs = dict(attention_mask=mask, max_new_tokens=WINDOW + 3, num_return_sequences=2, do_sample=True, top_k=1,
-                  pad_token_id=0)  # fmt: skip
+    kwargs = dict(
+        attention_mask=mask, max_new_tokens=WINDOW + 3, num_return_sequences=2, do_sample=True, top_k=1, pad_token_id=0
+    )
     assert torch.equal(*both_paths(model, ids, **kwargs))
     engine = decode_engine(model)
     kept = len(engine.graphs)
@@ -139,12 +147,17 @@ def test_what_the_engine_cannot_run_goes_to_transformers_loop_and_says_why(caplo
     ids = torch.randint(3, 97, (1, 6))
     generation._logged_paths.clear()
     with caplog.at_level(logging.INFO, logger="samba_hf.generation"):
-        custom = model.generate(ids, max_new_tokens=4, logits_processor=LogitsProcessorList([Shift()]),
-                                decode_engine="eager", **GREEDY)  # fmt: skip
+        custom = model.generate(
+            ids, max_new_tokens=4, logits_processor=LogitsProcessorList([Shift()]), decode_engine="eager", **GREEDY
+        )
         beams = model.generate(ids, max_new_tokens=4, num_beams=2, decode_engine="eager", **GREEDY)
     assert "Shift" in caplog.text
-    assert torch.equal(custom, model.generate(ids, max_new_tokens=4, logits_processor=LogitsProcessorList([Shift()]),
-                                              decode_engine=False, **GREEDY))  # fmt: skip
+    assert torch.equal(
+        custom,
+        model.generate(
+            ids, max_new_tokens=4, logits_processor=LogitsProcessorList([Shift()]), decode_engine=False, **GREEDY
+        ),
+    )
     assert beams.shape == (1, 10)
     with caplog.at_level(logging.INFO, logger="samba_hf.generation"):
         model.generate(ids, max_new_tokens=2, **GREEDY)  # on the CPU, the default runs transformers' loop
@@ -181,8 +194,9 @@ def test_an_adapted_layer_keeps_its_modules_in_the_fused_step():
 
     if not samba_kernels.use_triton(torch.empty(0)):
         pytest.skip("TRITON_INTERPRET is off and there is no GPU")
-    model = peft.get_peft_model(small_model(), peft.LoraConfig(r=4, target_modules=["q_proj", "in_proj"],
-                                                                layers_to_transform=[1, 2]))  # fmt: skip
+    model = peft.get_peft_model(
+        small_model(), peft.LoraConfig(r=4, target_modules=["q_proj", "in_proj"], layers_to_transform=[1, 2])
+    )
     for name, parameter in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(parameter, std=0.3)

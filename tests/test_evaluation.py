@@ -29,8 +29,14 @@ from .helpers import small_model
 
 
 def tiny_llama() -> LlamaForCausalLM:
-    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         for parameter in model.parameters():
@@ -149,8 +155,21 @@ def test_cli_ppl_writes_csv_and_plot(tmp_path, model_dir):
     data = tmp_path / "data.txt"
     data.write_text((PASSKEY_TASK + PASSKEY_FILLER * 5) * 10)
     out = tmp_path / "ppl"
-    argv = [str(model_dir), "--data", str(data), "--lengths", "32,64", "--chunk-size", "16", "--num-samples", "2",
-            "--device", "cpu", "--output-dir", str(out)]  # fmt: skip
+    argv = [
+        str(model_dir),
+        "--data",
+        str(data),
+        "--lengths",
+        "32,64",
+        "--chunk-size",
+        "16",
+        "--num-samples",
+        "2",
+        "--device",
+        "cpu",
+        "--output-dir",
+        str(out),
+    ]
     assert cli("ppl", *argv) == 0
     rows = read_csv(out / "perplexity.csv")
     assert [int(row["length"]) for row in rows] == [32, 64]
@@ -158,8 +177,9 @@ def test_cli_ppl_writes_csv_and_plot(tmp_path, model_dir):
     assert (out / "perplexity.png").stat().st_size > 1000
 
 
-def test_cli_ppl_reports_each_length_as_it_finishes_and_keeps_it_when_interrupted(tmp_path, model_dir, capsys,
-                                                                                    monkeypatch):  # fmt: skip
+def test_cli_ppl_reports_each_length_as_it_finishes_and_keeps_it_when_interrupted(
+    tmp_path, model_dir, capsys, monkeypatch
+):
     """Each length prints its line and lands in the CSV before the next one starts: a run stopped
     during the second length keeps the first."""
     import samba_hf.evaluation as evaluation
@@ -176,8 +196,21 @@ def test_cli_ppl_reports_each_length_as_it_finishes_and_keeps_it_when_interrupte
         return token_nll(model, windows, chunk_size)
 
     monkeypatch.setattr(evaluation, "token_nll", interrupted_at_the_second_length)
-    argv = [str(model_dir), "--data", str(data), "--lengths", "32,64", "--chunk-size", "16", "--num-samples", "2",
-            "--device", "cpu", "--output-dir", str(out)]  # fmt: skip
+    argv = [
+        str(model_dir),
+        "--data",
+        str(data),
+        "--lengths",
+        "32,64",
+        "--chunk-size",
+        "16",
+        "--num-samples",
+        "2",
+        "--device",
+        "cpu",
+        "--output-dir",
+        str(out),
+    ]
     assert cli("ppl", *argv) == 130
     printed = capsys.readouterr()
     assert "32: perplexity" in printed.out and "interrupted" in printed.err and "Traceback" not in printed.err
@@ -195,23 +228,39 @@ def test_cli_ppl_without_matplotlib_prints_the_table_and_how_to_plot(tmp_path, m
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     data = tmp_path / "data.txt"
     data.write_text((PASSKEY_TASK + PASSKEY_FILLER * 5) * 10)
-    argv = [str(model_dir), "--data", str(data), "--lengths", "32", "--chunk-size", "16", "--num-samples", "1",
-            "--device", "cpu", "--output-dir", str(tmp_path / "ppl")]  # fmt: skip
+    argv = [
+        str(model_dir),
+        "--data",
+        str(data),
+        "--lengths",
+        "32",
+        "--chunk-size",
+        "16",
+        "--num-samples",
+        "1",
+        "--device",
+        "cpu",
+        "--output-dir",
+        str(tmp_path / "ppl"),
+    ]
     assert cli("ppl", *argv) == 0
     printed = capsys.readouterr().out
     assert "| length |" in printed and "pip install matplotlib" in printed
     assert (tmp_path / "ppl" / "perplexity.csv").is_file() and not (tmp_path / "ppl" / "perplexity.png").exists()
 
 
-@pytest.mark.parametrize("options, message", [
-    (["--lengths", ""], "--lengths"),
-    (["--lengths", "4k,x"], "Cannot read 'x'"),
-    (["--chunk-size", "0"], "--chunk-size: must be at least 1"),
-    (["--trials", "0"], "--trials: must be at least 1"),
-    (["--depths", "0"], "--depths: must be at least 1"),
-    (["--device", "cuda:7"], "--device"),
-    (["--dtype", "float8"], "unknown dtype"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--lengths", ""], "--lengths"),
+        (["--lengths", "4k,x"], "Cannot read 'x'"),
+        (["--chunk-size", "0"], "--chunk-size: must be at least 1"),
+        (["--trials", "0"], "--trials: must be at least 1"),
+        (["--depths", "0"], "--depths: must be at least 1"),
+        (["--device", "cuda:7"], "--device"),
+        (["--dtype", "float8"], "unknown dtype"),
+    ],
+)
 def test_cli_eval_user_errors_exit_2_with_one_line(tmp_path, model_dir, capsys, options, message):
     if options[0] == "--device" and torch.cuda.device_count() > 7:
         pytest.skip("this machine has a cuda:7")
@@ -227,8 +276,21 @@ def test_cli_eval_user_errors_exit_2_with_one_line(tmp_path, model_dir, capsys, 
 
 def test_cli_passkey_end_to_end(tmp_path, model_dir):
     out = tmp_path / "passkey"
-    argv = [str(model_dir), "--lengths", "128,256", "--depths", "3", "--trials", "2", "--chunk-size", "64",
-            "--device", "cpu", "--output-dir", str(out)]  # fmt: skip
+    argv = [
+        str(model_dir),
+        "--lengths",
+        "128,256",
+        "--depths",
+        "3",
+        "--trials",
+        "2",
+        "--chunk-size",
+        "64",
+        "--device",
+        "cpu",
+        "--output-dir",
+        str(out),
+    ]
     assert cli("passkey", *argv) == 0
     rows = read_csv(out / "passkey.csv")
     assert [(int(r["length"]), float(r["depth"])) for r in rows] == [(n, d) for n in (128, 256) for d in (0, 0.5, 1)]

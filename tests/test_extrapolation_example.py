@@ -39,8 +39,22 @@ def test_script_writes_reports(tmp_path):
     for i in range(10):  # ten files: the last one is held out
         (data / f"{i}.txt").write_text("\n\n".join(documents[20 * i : 20 * (i + 1)]), encoding="utf-8")
     out = tmp_path / "out"
-    argv = ["--data", str(data), "--seq-len", "16", "--steps", "2", "--batch-size", "2", "--vocab-size", "300",
-            "--num-samples", "2", "--output-dir", str(out)]  # fmt: skip
+    argv = [
+        "--data",
+        str(data),
+        "--seq-len",
+        "16",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--vocab-size",
+        "300",
+        "--num-samples",
+        "2",
+        "--output-dir",
+        str(out),
+    ]
     assert reproduce_extrapolation.main(argv) == 0
     assert sorted(path.name for path in out.iterdir()) == [f"extrapolation.{ext}" for ext in ("csv", "md", "png")]
     with (out / "extrapolation.csv").open() as file:

@@ -49,9 +49,18 @@ def test_beam_search_scores_equal_full_forward_recomputation():
     prompt = torch.randint(3, 97, (2, WINDOW + 3))
     new_tokens = 2 * WINDOW
     with torch.no_grad():
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                             num_beams=4, num_return_sequences=2, length_penalty=0.0, early_stopping=True,
-                             output_scores=True, return_dict_in_generate=True, **GREEDY)  # fmt: skip
+        out = model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=new_tokens,
+            num_beams=4,
+            num_return_sequences=2,
+            length_penalty=0.0,
+            early_stopping=True,
+            output_scores=True,
+            return_dict_in_generate=True,
+            **GREEDY,
+        )
     assert out.sequences.shape == (4, prompt.shape[1] + new_tokens)
     recomputed = sequence_log_probs(model, out.sequences, prompt.shape[1])
     torch.testing.assert_close(out.sequences_scores, recomputed, rtol=1e-4, atol=1e-4)
@@ -61,8 +70,14 @@ def test_beam_search_scores_equal_full_forward_recomputation():
 def test_sampling_is_reproducible_and_returns_several_sequences():
     model = small_model()
     prompt = torch.randint(3, 97, (2, 6))
-    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=True, top_k=20,
-                  num_return_sequences=3, pad_token_id=0)  # fmt: skip
+    kwargs = dict(
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=12,
+        do_sample=True,
+        top_k=20,
+        num_return_sequences=3,
+        pad_token_id=0,
+    )
     torch.manual_seed(7)
     first = model.generate(prompt, **kwargs)
     torch.manual_seed(7)
@@ -77,7 +92,9 @@ def test_static_cache_generation_equals_the_dynamic_cache_with_left_padding(sear
     mask = torch.ones_like(prompt)
     mask[1, :3] = 0
     kwargs = dict(attention_mask=mask, max_new_tokens=3 * WINDOW, **GREEDY, **search)
-    assert torch.equal(model.generate(prompt, **kwargs), model.generate(prompt, cache_implementation="static", **kwargs))
+    assert torch.equal(
+        model.generate(prompt, **kwargs), model.generate(prompt, cache_implementation="static", **kwargs)
+    )
 
 
 @pytest.mark.parametrize("prompt_length", [1, WINDOW - 1, WINDOW, WINDOW + 1, 3 * WINDOW])
@@ -97,9 +114,11 @@ def test_ring_buffer_static_cache_continues_exactly(prompt_length):
     torch.testing.assert_close(torch.cat(logits, dim=1), expected, rtol=1e-4, atol=5e-5)
 
 
-@pytest.mark.parametrize("new_cache", [lambda config: DynamicCache(config=config),
-                                       lambda config: SambaStaticCache(config=config, max_cache_len=256)],
-                         ids=["dynamic", "static"])  # fmt: skip
+@pytest.mark.parametrize(
+    "new_cache",
+    [lambda config: DynamicCache(config=config), lambda config: SambaStaticCache(config=config, max_cache_len=256)],
+    ids=["dynamic", "static"],
+)
 def test_a_second_turn_continues_the_cache_of_the_first(new_cache):
     """Multi-turn chat: generate, append a user turn, generate again from the returned cache (the ring
     has wrapped); the same tokens as generating the second turn from scratch."""
@@ -217,8 +236,13 @@ def test_assisted_decoding_is_refused_with_a_clear_error():
     model = small_model()
     prompt = torch.randint(3, 97, (1, 6))
     with pytest.raises(ValueError, match="stateful"):
-        model.generate(prompt, attention_mask=torch.ones_like(prompt), assistant_model=small_model(seed=1),
-                       max_new_tokens=4, **GREEDY)  # fmt: skip
+        model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            assistant_model=small_model(seed=1),
+            max_new_tokens=4,
+            **GREEDY,
+        )
 
 
 @pytest.mark.parametrize("chunk_size", [2, 5, WINDOW, WINDOW + 1])
@@ -236,8 +260,10 @@ def test_chunked_prefill_is_exact_with_left_padding(chunk_size):
         chunked = chunked_forward(model, dict(inputs, cache=DynamicCache(config=model.config)), chunk_size).logits
     torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=5e-5)
     kwargs = dict(attention_mask=mask, max_new_tokens=WINDOW, decode_engine=False, **GREEDY)
-    assert torch.equal(model.generate(ids, prefill_chunk_size=chunk_size, **kwargs),
-                       model.generate(ids, prefill_chunk_size=ids.shape[1], **kwargs))  # fmt: skip
+    assert torch.equal(
+        model.generate(ids, prefill_chunk_size=chunk_size, **kwargs),
+        model.generate(ids, prefill_chunk_size=ids.shape[1], **kwargs),
+    )
 
 
 PEAK_MEMORY_PROBE = textwrap.dedent(
@@ -265,8 +291,12 @@ PEAK_MEMORY_PROBE = textwrap.dedent(
 
 
 def peak_extra_mib(length: int, chunk_size: int, how: str) -> int:
-    result = subprocess.run([sys.executable, "-c", PEAK_MEMORY_PROBE, str(length), str(chunk_size), how],
-                            check=True, capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", PEAK_MEMORY_PROBE, str(length), str(chunk_size), how],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return int(result.stdout.split()[-1])
 
 
@@ -307,7 +337,9 @@ def tiny_folder(tmp_path_factory):
     documents = ["the quick brown fox jumps over the lazy dog", "a stitch in time saves nine"] * 20
     tokenizer = train_tokenizer(documents, vocab_size=300)
     torch.manual_seed(0)
-    config = SambaConfig.from_preset("tiny", vocab_size=len(tokenizer), eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+    config = SambaConfig.from_preset(
+        "tiny", vocab_size=len(tokenizer), eos_token_id=None, pad_token_id=tokenizer.pad_token_id
+    )
     folder = tmp_path_factory.mktemp("tiny") / "model"
     save_hub_folder(SambaForCausalLM(config), folder, tokenizer=tokenizer)
     return folder, tokenizer
@@ -319,8 +351,9 @@ def test_text_iterator_streamer_streams_the_generated_text(tiny_folder):
     inputs = tokenizer("the quick", return_tensors="pt")
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
     result = {}
-    worker = threading.Thread(target=lambda: result.update(
-        ids=model.generate(**inputs, max_new_tokens=12, streamer=streamer, **GREEDY)))  # fmt: skip
+    worker = threading.Thread(
+        target=lambda: result.update(ids=model.generate(**inputs, max_new_tokens=12, streamer=streamer, **GREEDY))
+    )
     worker.start()
     streamed = "".join(streamer)
     worker.join()
@@ -328,21 +361,28 @@ def test_text_iterator_streamer_streams_the_generated_text(tiny_folder):
     assert streamed.strip() == tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
 
 
-@pytest.mark.parametrize("source, engine", [("argument", "default"), ("file", "default"), ("stdin", "default"),
-                                            ("argument", "off")])  # fmt: skip
-def test_generate_command_streams_and_reports_speed_and_cache_memory(tiny_folder, tmp_path, source, engine, capsys,
-                                                                     monkeypatch):  # fmt: skip
+@pytest.mark.parametrize(
+    "source, engine", [("argument", "default"), ("file", "default"), ("stdin", "default"), ("argument", "off")]
+)
+def test_generate_command_streams_and_reports_speed_and_cache_memory(
+    tiny_folder, tmp_path, source, engine, capsys, monkeypatch
+):
     folder, _ = tiny_folder
     argv = ["generate", str(folder)] + (["the quick brown"] if source == "argument" else [])
-    argv += ["--max-new-tokens", "6", "--greedy", "--device", "cpu"] + (["--no-decode-engine"] if engine == "off" else [])
+    argv += ["--max-new-tokens", "6", "--greedy", "--device", "cpu"] + (
+        ["--no-decode-engine"] if engine == "off" else []
+    )
     if source == "file":
         (tmp_path / "prompt.txt").write_text("the quick brown")
         argv += ["--prompt-file", str(tmp_path / "prompt.txt")]
     else:
         monkeypatch.setattr(sys, "stdin", __import__("io").StringIO("the quick brown"))
     settings, generate = [], SambaForCausalLM.generate
-    monkeypatch.setattr(SambaForCausalLM, "generate", lambda *args, **kwargs: (
-        settings.append(kwargs["decode_engine"]), generate(*args, **kwargs))[1])  # fmt: skip
+    monkeypatch.setattr(
+        SambaForCausalLM,
+        "generate",
+        lambda *args, **kwargs: (settings.append(kwargs["decode_engine"]), generate(*args, **kwargs))[1],
+    )
     assert samba_hf_main(argv) == 0
     err = capsys.readouterr().err
     assert "tokens/s" in err and "MiB" in err and "6 generated" in err and "first token after" in err

@@ -60,7 +60,11 @@ def naive_rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0)
 def naive_attention(attention: SambaAttention, hidden_states: torch.Tensor, window: int | None) -> torch.Tensor:
     """Attention with an explicit boolean mask: query i sees keys j with i - window < j <= i."""
     batch, length, _ = hidden_states.shape
-    heads, kv_heads, head_dim = attention.config.num_attention_heads, attention.config.num_key_value_heads, attention.head_dim
+    heads, kv_heads, head_dim = (
+        attention.config.num_attention_heads,
+        attention.config.num_key_value_heads,
+        attention.head_dim,
+    )
 
     def project(linear, n):
         return linear(hidden_states).view(batch, length, n, head_dim).transpose(1, 2)
@@ -101,8 +105,9 @@ def test_attention_matches_an_explicit_mask_past_the_window(implementation, laye
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         make_mask = create_sliding_window_causal_mask if window else create_causal_mask
-        mask = make_mask(config=model.config, inputs_embeds=masks_input, attention_mask=None, cache=None,
-                         position_ids=position_ids)  # fmt: skip
+        mask = make_mask(
+            config=model.config, inputs_embeds=masks_input, attention_mask=None, cache=None, position_ids=position_ids
+        )
         rope = full_model.rotary_emb(hidden_states, position_ids)
         got, _ = layer.mixer(hidden_states, rope, mask)
     torch.testing.assert_close(got, naive_attention(layer.mixer, hidden_states, window), rtol=1e-4, atol=1e-5)
@@ -145,8 +150,9 @@ def test_greedy_generate_follows_the_argmax_of_full_forwards():
     model = small_model()
     prompt = torch.randint(0, 97, (1, WINDOW + 2))
     with torch.no_grad():
-        generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=2 * WINDOW,
-                                   do_sample=False, pad_token_id=0)  # fmt: skip
+        generated = model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=2 * WINDOW, do_sample=False, pad_token_id=0
+        )
         sequence = prompt
         for _ in range(2 * WINDOW):
             next_token = model(sequence).logits[:, -1].argmax(-1, keepdim=True)
@@ -217,9 +223,18 @@ def test_saved_folder_loads_with_remote_code_where_samba_hf_is_not_installed(tmp
     torch.save(ids, tmp_path / "ids.pt")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     subprocess.run(
-        [sys.executable, "-c", REMOTE_CODE_CHECK, str(tmp_path / "model"), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
-        check=True, env=env, cwd=tmp_path,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            REMOTE_CODE_CHECK,
+            str(tmp_path / "model"),
+            str(tmp_path / "ids.pt"),
+            str(tmp_path / "out.pt"),
+        ],
+        check=True,
+        env=env,
+        cwd=tmp_path,
+    )
     with torch.no_grad():
         assert torch.equal(torch.load(tmp_path / "out.pt"), model(ids).logits)
 
@@ -233,8 +248,13 @@ def test_left_padded_batch_equals_each_row_alone():
     with torch.no_grad():
         batched = model.generate(ids, attention_mask=mask, max_new_tokens=WINDOW + 2, do_sample=False, pad_token_id=0)
         for row, r in enumerate(rows):
-            alone = model.generate(r[None], attention_mask=torch.ones(1, len(r), dtype=torch.long),
-                                   max_new_tokens=WINDOW + 2, do_sample=False, pad_token_id=0)  # fmt: skip
+            alone = model.generate(
+                r[None],
+                attention_mask=torch.ones(1, len(r), dtype=torch.long),
+                max_new_tokens=WINDOW + 2,
+                do_sample=False,
+                pad_token_id=0,
+            )
             assert torch.equal(batched[row, width:], alone[0, len(r) :])
 
 
@@ -259,5 +279,3 @@ def test_sequence_classification_head_pools_the_last_token():
         hidden = model.model(ids).last_hidden_state
     assert logits.shape == (2, 3)
     torch.testing.assert_close(logits, model.score(hidden[:, -1]))
-
-

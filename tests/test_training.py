@@ -163,7 +163,9 @@ def tiny_model_dir(tmp_path_factory, corpus) -> Path:
     """A Hub-ready folder of a random tiny Samba with a small BPE tokenizer, as `samba-hf demo` writes."""
     tokenizer = train_tokenizer(corpus, vocab_size=300)
     torch.manual_seed(0)
-    return save_hub_folder(SambaForCausalLM(tiny_config(tokenizer)), tmp_path_factory.mktemp("models") / "tiny", tokenizer=tokenizer)
+    return save_hub_folder(
+        SambaForCausalLM(tiny_config(tokenizer)), tmp_path_factory.mktemp("models") / "tiny", tokenizer=tokenizer
+    )
 
 
 @pytest.fixture(scope="module")
@@ -179,9 +181,24 @@ def test_finetune_checkpoints_resumes_and_reports_perplexity(tiny_model_dir, tex
 
     train_file, eval_file = text_files
     output_dir = tmp_path / "finetuned"
-    common = ["--model", str(tiny_model_dir), "--train-file", str(train_file), "--eval-file", str(eval_file),
-              "--output-dir", str(output_dir), "--block-size", "32", "--per-device-train-batch-size", "2",
-              "--per-device-eval-batch-size", "2", "--save-steps", "2"]  # fmt: skip
+    common = [
+        "--model",
+        str(tiny_model_dir),
+        "--train-file",
+        str(train_file),
+        "--eval-file",
+        str(eval_file),
+        "--output-dir",
+        str(output_dir),
+        "--block-size",
+        "32",
+        "--per-device-train-batch-size",
+        "2",
+        "--per-device-eval-batch-size",
+        "2",
+        "--save-steps",
+        "2",
+    ]
 
     first = finetune.main([*common, "--max-steps", "2"])
     assert (output_dir / "checkpoint-2" / "model.safetensors").is_file()
@@ -195,8 +212,9 @@ def test_finetune_checkpoints_resumes_and_reports_perplexity(tiny_model_dir, tex
     state["log_history"].append({"step": 2, "marker": "checkpoint-2"})
     state_file.write_text(json.dumps(state))
 
-    resumed = finetune.main([*common, "--max-steps", "4", "--resume-from-checkpoint", "last",
-                             "--activation-checkpointing"])  # fmt: skip
+    resumed = finetune.main(
+        [*common, "--max-steps", "4", "--resume-from-checkpoint", "last", "--activation-checkpointing"]
+    )
     assert Path(resumed["resumed_from"]).name == "checkpoint-2"
     state = json.loads((output_dir / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4 and {"step": 2, "marker": "checkpoint-2"} in state["log_history"]
@@ -210,10 +228,27 @@ def test_finetune_packed(tiny_model_dir, text_files, tmp_path):
     import finetune
 
     train_file, eval_file = text_files
-    metrics = finetune.main(["--model", str(tiny_model_dir), "--train-file", str(train_file), "--eval-file",
-                             str(eval_file), "--output-dir", str(tmp_path), "--block-size", "48",
-                             "--per-device-train-batch-size", "3", "--max-steps", "1", "--save-steps", "100",
-                             "--packed"])  # fmt: skip
+    metrics = finetune.main(
+        [
+            "--model",
+            str(tiny_model_dir),
+            "--train-file",
+            str(train_file),
+            "--eval-file",
+            str(eval_file),
+            "--output-dir",
+            str(tmp_path),
+            "--block-size",
+            "48",
+            "--per-device-train-batch-size",
+            "3",
+            "--max-steps",
+            "1",
+            "--save-steps",
+            "100",
+            "--packed",
+        ]
+    )
     assert math.isfinite(metrics["eval_perplexity"])
 
 
@@ -222,8 +257,22 @@ def test_lora_example_trains_checkpoints_resumes_and_merges(tiny_model_dir, text
     from transformers import AutoModelForCausalLM
 
     output_dir = tmp_path / "lora"
-    common = ["--model", str(tiny_model_dir), "--train-file", str(text_files[0]), "--output-dir", str(output_dir),
-              "--rank", "4", "--max-length", "32", "--per-device-train-batch-size", "2", "--save-steps", "2"]  # fmt: skip
+    common = [
+        "--model",
+        str(tiny_model_dir),
+        "--train-file",
+        str(text_files[0]),
+        "--output-dir",
+        str(output_dir),
+        "--rank",
+        "4",
+        "--max-length",
+        "32",
+        "--per-device-train-batch-size",
+        "2",
+        "--save-steps",
+        "2",
+    ]
     first = lora.main([*common, "--max-steps", "2"])
     assert (output_dir / "checkpoint-2" / "adapter_model.safetensors").is_file() and first["resumed_from"] is None
     state_file = output_dir / "checkpoint-2" / "trainer_state.json"
@@ -252,12 +301,28 @@ def test_lora_example_trains_on_conversations_with_a_built_in_chat_template(tiny
     import lora
     from transformers import AutoTokenizer
 
-    conversation = [{"role": "user", "content": "Return a new list."},
-                    {"role": "assistant", "content": "Use list(items)."}]  # fmt: skip
+    conversation = [
+        {"role": "user", "content": "Return a new list."},
+        {"role": "assistant", "content": "Use list(items)."},
+    ]
     chats = tmp_path / "chats.jsonl"
     chats.write_text("\n".join(json.dumps({"messages": conversation}) for _ in range(8)))
-    common = ["--model", str(tiny_model_dir), "--train-file", str(chats), "--output-dir", str(tmp_path / "chat"),
-              "--rank", "2", "--max-length", "64", "--per-device-train-batch-size", "2", "--max-steps", "1"]  # fmt: skip
+    common = [
+        "--model",
+        str(tiny_model_dir),
+        "--train-file",
+        str(chats),
+        "--output-dir",
+        str(tmp_path / "chat"),
+        "--rank",
+        "2",
+        "--max-length",
+        "64",
+        "--per-device-train-batch-size",
+        "2",
+        "--max-steps",
+        "1",
+    ]
     with pytest.raises(SystemExit, match="--chat-template"):
         lora.main(common)  # conversations, and a tokenizer without a chat template
 
@@ -272,8 +337,24 @@ def test_passkey_finetune_example_trains_saves_and_evaluates(tmp_path):
     import passkey_finetune
 
     output_dir = tmp_path / "passkey"
-    argv = ["--max-steps", "2", "--length", "128", "--per-device-train-batch-size", "2", "--eval-lengths", "128",
-            "--depths", "2", "--trials", "1", "--output-dir", str(output_dir), "--report-to", "none"]  # fmt: skip
+    argv = [
+        "--max-steps",
+        "2",
+        "--length",
+        "128",
+        "--per-device-train-batch-size",
+        "2",
+        "--eval-lengths",
+        "128",
+        "--depths",
+        "2",
+        "--trials",
+        "1",
+        "--output-dir",
+        str(output_dir),
+        "--report-to",
+        "none",
+    ]
     assert passkey_finetune.main(argv) == 0
     with (output_dir / "passkey.csv").open() as file:
         rows = list(__import__("csv").DictReader(file))
@@ -381,8 +462,16 @@ def test_push_renders_a_card_only_where_there_is_none(tmp_path, hub, capsys):
 
     model = small_model()
     model.save_pretrained(tmp_path / "plain")
-    options = ["--base-model", "someone/samba-base", "--dataset", "someone/notes", "--language", "en",
-               "--card-training", "Two steps on **docstrings**."]  # fmt: skip
+    options = [
+        "--base-model",
+        "someone/samba-base",
+        "--dataset",
+        "someone/notes",
+        "--language",
+        "en",
+        "--card-training",
+        "Two steps on **docstrings**.",
+    ]
     assert run_push([str(tmp_path / "plain"), "someone/samba-small", *options]) == 0
     card = hub().uploaded()["README.md"].decode()
     data = ModelCard(card).data
@@ -391,8 +480,13 @@ def test_push_renders_a_card_only_where_there_is_none(tmp_path, hub, capsys):
     assert f"{model.num_parameters() / 1e6:,.2f}M" in card
 
     hub.calls.clear()
-    model.push_to_hub("someone/samba-small", base_model="someone/samba-base", datasets="someone/notes", language="en",
-                      training="Two steps on **docstrings**.")  # fmt: skip
+    model.push_to_hub(
+        "someone/samba-small",
+        base_model="someone/samba-base",
+        datasets="someone/notes",
+        language="en",
+        training="Two steps on **docstrings**.",
+    )
     assert hub().uploaded()["README.md"].decode() == card
 
     hub.calls.clear()
@@ -406,7 +500,9 @@ def test_push_a_lora_adapter_folder(tmp_path, hub):
     model.save_pretrained(tmp_path / "adapter")
     (tmp_path / "adapter" / "README.md").unlink()  # PEFT writes a card; test the one push renders
     config_file = tmp_path / "adapter" / "adapter_config.json"
-    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "base_model_name_or_path": "someone/base"}))
+    config_file.write_text(
+        json.dumps({**json.loads(config_file.read_text()), "base_model_name_or_path": "someone/base"})
+    )
     assert run_push([str(tmp_path / "adapter"), "someone/samba-lora"]) == 0
     uploaded = hub().uploaded()
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(uploaded)
@@ -422,8 +518,11 @@ def test_the_card_names_the_lora_targets_for_remote_code_users(tiny_model_dir):
 
     card = (tiny_model_dir / "README.md").read_text()
     listed = json.loads(re.search(r"target_modules=(\[.*?\])", card).group(1))
-    linear = {name.rsplit(".", 1)[-1] for name, module in small_model().named_modules()
-              if isinstance(module, torch.nn.Linear) and name != "lm_head"}  # fmt: skip
+    linear = {
+        name.rsplit(".", 1)[-1]
+        for name, module in small_model().named_modules()
+        if isinstance(module, torch.nn.Linear) and name != "lm_head"
+    }
     assert set(listed) == linear
 
 
@@ -436,8 +535,15 @@ def test_trl_sft_trainer_runs(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     texts = ["Return a new list of the items.", "Open the file and return a stream object."] * 2
-    config = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, max_length=32,
-                           save_strategy="no", report_to=[], use_cpu=True)  # fmt: skip
+    config = trl.SFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        max_length=32,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+    )
     trainer = trl.SFTTrainer(
         model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
         args=config,

@@ -166,8 +166,11 @@ def attention_fields(source, prefix, num_heads, num_kv_heads, preset, model_name
 
 def check_preset(name: str, **inferred) -> None:
     preset = resolve_preset(name)
-    differences = [f"{field} {value} (preset: {preset[field]})" for field, value in inferred.items()
-                   if field in preset and value and value != preset[field]]  # fmt: skip
+    differences = [
+        f"{field} {value} (preset: {preset[field]})"
+        for field, value in inferred.items()
+        if field in preset and value and value != preset[field]
+    ]
     if differences:
         raise ConversionError(
             f"the checkpoint does not have the shapes of preset {name!r}: {', '.join(differences)}; pass the "

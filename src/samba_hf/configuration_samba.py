@@ -17,28 +17,54 @@ ATTENTION_TYPES = ("sliding_attention", "full_attention")
 # and MLPs as separate layers, so its "24 layers" are 12 of ours (6 Mamba + 6 SWA, each + MLP).
 PRESETS = {
     "samba-421m": dict(
-        vocab_size=32000, hidden_size=1536, intermediate_size=4096, num_hidden_layers=12,
-        num_attention_heads=12, num_key_value_heads=12, head_dim=128,
+        vocab_size=32000,
+        hidden_size=1536,
+        intermediate_size=4096,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        head_dim=128,
     ),
     "samba-1.3b": dict(
-        vocab_size=32000, hidden_size=2304, intermediate_size=6144, num_hidden_layers=18,
-        num_attention_heads=18, num_key_value_heads=18, head_dim=128,
+        vocab_size=32000,
+        hidden_size=2304,
+        intermediate_size=6144,
+        num_hidden_layers=18,
+        num_attention_heads=18,
+        num_key_value_heads=18,
+        head_dim=128,
     ),
     # 1.7B and 3.8B: from the paper's hyper-parameter table (their code was not released).
     # The paper prints an MLP width of 8196 for 1.7B; 8192 is taken as the intended value.
     "samba-1.7b": dict(
-        vocab_size=50304, hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
-        num_attention_heads=32, num_key_value_heads=4, head_dim=64,
+        vocab_size=50304,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=24,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=64,
     ),
     "samba-3.8b": dict(
-        vocab_size=32064, hidden_size=2816, intermediate_size=9984, num_hidden_layers=32,
-        num_attention_heads=11, num_key_value_heads=1, head_dim=256,
+        vocab_size=32064,
+        hidden_size=2816,
+        intermediate_size=9984,
+        num_hidden_layers=32,
+        num_attention_heads=11,
+        num_key_value_heads=1,
+        head_dim=256,
     ),
     "tiny": dict(
-        vocab_size=1024, hidden_size=64, intermediate_size=192, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=64,
+        vocab_size=1024,
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=64,
     ),
-}  # fmt: skip
+}
 
 
 @strict
@@ -182,8 +208,18 @@ class SambaConfig(PreTrainedConfig):
 
     def _check_types(self):
         """Fields that arithmetic would accept silently with the wrong type (a float rank, a string eps)."""
-        integers = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "state_size", "conv_kernel", "expand", "time_step_rank", "max_position_embeddings")  # fmt: skip
+        integers = (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "state_size",
+            "conv_kernel",
+            "expand",
+            "time_step_rank",
+            "max_position_embeddings",
+        )
         for name in integers:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
@@ -215,13 +251,19 @@ class SambaConfig(PreTrainedConfig):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
         if any(self.use_mlp) and self.intermediate_size < 1:
-            raise ValueError(f"intermediate_size must be positive when layers have an MLP, got {self.intermediate_size}.")
+            raise ValueError(
+                f"intermediate_size must be positive when layers have an MLP, got {self.intermediate_size}."
+            )
         if any(layer_type in ATTENTION_TYPES for layer_type in self.layer_types):
             self._validate_attention()
         if self.rms_norm_eps <= 0:
-            raise ValueError(f"rms_norm_eps must be positive (it keeps the norm finite at zero input), got {self.rms_norm_eps}.")
+            raise ValueError(
+                f"rms_norm_eps must be positive (it keeps the norm finite at zero input), got {self.rms_norm_eps}."
+            )
         if self.initializer_range < 0:
-            raise ValueError(f"initializer_range is a standard deviation and must be >= 0, got {self.initializer_range}.")
+            raise ValueError(
+                f"initializer_range is a standard deviation and must be >= 0, got {self.initializer_range}."
+            )
         if self.prefill_chunk_size is not None and self.prefill_chunk_size < 2:
             raise ValueError(f"prefill_chunk_size must be None or at least 2, got {self.prefill_chunk_size}.")
         if not 0 < self.time_step_min <= self.time_step_max:
@@ -243,9 +285,7 @@ class SambaConfig(PreTrainedConfig):
                 "layer_types has attention layers."
             )
         if heads % kv_heads != 0:
-            raise ValueError(
-                f"num_key_value_heads ({kv_heads}) must divide num_attention_heads ({heads}) evenly."
-            )
+            raise ValueError(f"num_key_value_heads ({kv_heads}) must divide num_attention_heads ({heads}) evenly.")
         if self.head_dim is None or self.head_dim < 1 or self.head_dim % 2 != 0:
             raise ValueError(f"head_dim must be a positive even number (RoPE rotates pairs), got {self.head_dim}.")
         rope_type = (self.rope_parameters or {}).get("rope_type", "default")

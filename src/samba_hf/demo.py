@@ -92,8 +92,10 @@ def train_demo_model(steps: int, device: str, seed: int):
         trainer = Trainer(model=model, args=args, train_dataset=dataset)
         result = trainer.train()
     final_loss = trainer.state.log_history[-2]["loss"] if len(trainer.state.log_history) > 1 else result.training_loss
-    print(f"trained {steps} steps in {time.time() - started:.0f} s; last logged loss {final_loss:.3f} "
-          f"(perplexity {math.exp(final_loss):.1f}; a uniform guess would be {math.log(len(tokenizer)):.2f})")  # fmt: skip
+    print(
+        f"trained {steps} steps in {time.time() - started:.0f} s; last logged loss {final_loss:.3f} "
+        f"(perplexity {math.exp(final_loss):.1f}; a uniform guess would be {math.log(len(tokenizer)):.2f})"
+    )
 
     recipe = {
         "training": (

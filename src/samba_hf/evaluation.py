@@ -50,7 +50,9 @@ def parse_length(text: str) -> int:
     """'512' -> 512, '4k'/'4K' -> 4096, '1m' -> 1048576 (binary units: the paper's 4K is 4096)."""
     match = re.fullmatch(r"\s*(\d+)\s*([kKmM]?)\s*", text)
     if match is None or int(match.group(1)) == 0:
-        raise ValueError(f"Cannot read {text!r} as a length: write a positive number, optionally with k or m (4k, 1m).")
+        raise ValueError(
+            f"Cannot read {text!r} as a length: write a positive number, optionally with k or m (4k, 1m)."
+        )
     return int(match.group(1)) * LENGTH_UNITS[match.group(2).lower()]
 
 
@@ -117,9 +119,15 @@ def sample_windows(stream: torch.Tensor, length: int, num_samples: int) -> torch
 
 
 def evaluate_perplexity(
-    model, stream: torch.Tensor, lengths: list[int], chunk_size: int, num_samples: int, batch_size: int = 1,
-    model_name: str = "", on_row: Callable[[dict], None] | None = None,
-) -> list[dict]:  # fmt: skip
+    model,
+    stream: torch.Tensor,
+    lengths: list[int],
+    chunk_size: int,
+    num_samples: int,
+    batch_size: int = 1,
+    model_name: str = "",
+    on_row: Callable[[dict], None] | None = None,
+) -> list[dict]:
     """One row per length: mean NLL and perplexity over all positions of the windows, and over the
     last `chunk_size` positions (the tokens farthest from the start, where extrapolation shows).
     `on_row` receives each row as soon as its length is done; a progress bar counts the windows."""
@@ -132,18 +140,20 @@ def evaluate_perplexity(
         results = [token_nll(model, windows[i : i + batch_size], chunk_size) for i in progress]
         nll = torch.cat([batch_nll for batch_nll, _ in results])
         all_nll, last_nll = nll.mean().item(), nll[:, -chunk_size:].mean().item()
-        rows.append({
-            "model": model_name,
-            "length": length,
-            "windows": len(windows),
-            "chunk_size": chunk_size,
-            "nll": round(all_nll, 5),
-            "ppl": round(math.exp(all_nll), 4),
-            "last_chunk_nll": round(last_nll, 5),
-            "last_chunk_ppl": round(math.exp(last_nll), 4),
-            "cache_mib": round(max(nbytes for _, nbytes in results) / 2**20, 3),
-            "seconds": round(time.perf_counter() - started, 2),
-        })  # fmt: skip
+        rows.append(
+            {
+                "model": model_name,
+                "length": length,
+                "windows": len(windows),
+                "chunk_size": chunk_size,
+                "nll": round(all_nll, 5),
+                "ppl": round(math.exp(all_nll), 4),
+                "last_chunk_nll": round(last_nll, 5),
+                "last_chunk_ppl": round(math.exp(last_nll), 4),
+                "cache_mib": round(max(nbytes for _, nbytes in results) / 2**20, 3),
+                "seconds": round(time.perf_counter() - started, 2),
+            }
+        )
         if on_row is not None:
             on_row(rows[-1])
     return rows
@@ -172,9 +182,12 @@ class PasskeyPrompt:
 
 def passkey_text(key: str, filler_before: int, filler_after: int) -> str:
     return (
-        PASSKEY_TASK + PASSKEY_FILLER * filler_before + PASSKEY_LINE.format(key=key)
-        + PASSKEY_FILLER * filler_after + PASSKEY_QUESTION
-    )  # fmt: skip
+        PASSKEY_TASK
+        + PASSKEY_FILLER * filler_before
+        + PASSKEY_LINE.format(key=key)
+        + PASSKEY_FILLER * filler_after
+        + PASSKEY_QUESTION
+    )
 
 
 def build_passkey_prompt(tokenizer, length: int, depth: float, key: str) -> PasskeyPrompt:
@@ -223,9 +236,17 @@ def greedy_continuation(model, input_ids: list[int], chunk_size: int, max_new_to
 
 
 def evaluate_passkey(
-    model, tokenizer, lengths: list[int], depths: list[float], trials: int, chunk_size: int,
-    max_new_tokens: int = 10, seed: int = 0, model_name: str = "", on_row: Callable[[dict], None] | None = None,
-) -> list[dict]:  # fmt: skip
+    model,
+    tokenizer,
+    lengths: list[int],
+    depths: list[float],
+    trials: int,
+    chunk_size: int,
+    max_new_tokens: int = 10,
+    seed: int = 0,
+    model_name: str = "",
+    on_row: Callable[[dict], None] | None = None,
+) -> list[dict]:
     """One row per (length, depth): the fraction of `trials` random 5-digit keys retrieved exactly.
     `on_row` receives each row as soon as it is done; a progress bar counts the trials."""
     rng = random.Random(seed)
@@ -237,17 +258,21 @@ def evaluate_passkey(
             for _ in tqdm(range(trials), desc=label, unit="trial", leave=False):
                 key = str(rng.randint(10000, 99999))
                 prompt = build_passkey_prompt(tokenizer, length, depth, key)
-                answer = greedy_continuation(model, prompt.input_ids, chunk_size, max_new_tokens, tokenizer.eos_token_id)
+                answer = greedy_continuation(
+                    model, prompt.input_ids, chunk_size, max_new_tokens, tokenizer.eos_token_id
+                )
                 correct += passkey_answer_correct(tokenizer.decode(answer, skip_special_tokens=True), key)
                 prompt_tokens += len(prompt.input_ids)
-            rows.append({
-                "model": model_name,
-                "length": length,
-                "depth": round(depth, 4),
-                "accuracy": correct / trials,
-                "trials": trials,
-                "mean_prompt_tokens": round(prompt_tokens / trials, 1),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "model": model_name,
+                    "length": length,
+                    "depth": round(depth, 4),
+                    "accuracy": correct / trials,
+                    "trials": trials,
+                    "mean_prompt_tokens": round(prompt_tokens / trials, 1),
+                }
+            )
             if on_row is not None:
                 on_row(rows[-1])
     return rows
@@ -268,6 +293,7 @@ def write_csv(rows: list[dict], path) -> Path:
 
 def format_table(rows: list[dict], columns: list[str]) -> str:
     """A Markdown table of `columns` (lengths written as 4K, 16K, ...)."""
+
     def cell(column, value):
         return format_length(value) if column == "length" else str(value)
 

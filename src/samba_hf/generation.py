@@ -137,16 +137,33 @@ class SambaGenerationMixin(GenerationMixin):
         )
         return chunked_forward(self, model_inputs, chunk_size)
 
-    def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
-                streamer=None, **model_kwargs):  # fmt: skip
-        reason = engine_unavailable(self, input_ids, logits_processor, stopping_criteria, generation_config,
-                                    synced_gpus, model_kwargs)  # fmt: skip
+    def _sample(
+        self,
+        input_ids,
+        logits_processor,
+        stopping_criteria,
+        generation_config,
+        synced_gpus=False,
+        streamer=None,
+        **model_kwargs,
+    ):
+        reason = engine_unavailable(
+            self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, model_kwargs
+        )
         log_path_once("transformers' decoding loop" if reason else "the decode engine", reason)
         if reason:
-            return super()._sample(input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus,
-                                   streamer, **model_kwargs)  # fmt: skip
-        return decode_engine(self).generate(input_ids, logits_processor, stopping_criteria, generation_config,
-                                            streamer, model_kwargs)  # fmt: skip
+            return super()._sample(
+                input_ids,
+                logits_processor,
+                stopping_criteria,
+                generation_config,
+                synced_gpus,
+                streamer,
+                **model_kwargs,
+            )
+        return decode_engine(self).generate(
+            input_ids, logits_processor, stopping_criteria, generation_config, streamer, model_kwargs
+        )
 
 
 def uncached_length(input_ids, generation_config, model_kwargs, is_first_iteration: bool) -> int | None:
@@ -194,8 +211,9 @@ def log_path_once(path: str, reason: str | None) -> None:
         logger.info("samba: generate() decodes with %s%s", path, f" ({reason})" if reason else "")
 
 
-def engine_unavailable(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus,
-                       model_kwargs) -> str | None:  # fmt: skip
+def engine_unavailable(
+    model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, model_kwargs
+) -> str | None:
     """Why this call's decoding cannot run on the decode engine, or None where it can."""
     config = model.config
     setting = getattr(generation_config, "decode_engine", True)
@@ -210,9 +228,11 @@ def engine_unavailable(model, input_ids, logits_processor, stopping_criteria, ge
     if getattr(model, "hf_quantizer", None) is not None:
         return "quantized weights"
     if generation_config.return_dict_in_generate and (
-        generation_config.output_scores or generation_config.output_logits
-        or generation_config.output_attentions or generation_config.output_hidden_states
-    ):  # fmt: skip
+        generation_config.output_scores
+        or generation_config.output_logits
+        or generation_config.output_attentions
+        or generation_config.output_hidden_states
+    ):
         return "per-step scores, logits, attentions or hidden states were asked for"
     if "full_attention" in config.layer_types:
         return "full attention layers"
@@ -221,8 +241,11 @@ def engine_unavailable(model, input_ids, logits_processor, stopping_criteria, ge
     if config.use_rope and config.rope_parameters.get("rope_type") in ("dynamic", "longrope"):
         return "a RoPE type that rescales with the sequence length"
     unsupported = [type(p).__name__ for p in logits_processor if TokenChooser.step_for(p) is None]
-    unsupported += [type(c).__name__ for c in stopping_criteria
-                    if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria, MaxTimeCriteria))]  # fmt: skip
+    unsupported += [
+        type(c).__name__
+        for c in stopping_criteria
+        if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria, MaxTimeCriteria))
+    ]
     if unsupported:
         return f"logits processors or stopping criteria outside the engine: {sorted(set(unsupported))}"
     cache = model_kwargs.get("cache")
@@ -378,8 +401,14 @@ class TokenChooser:
     finished, the tokens seen so far for a repetition penalty, the sequence length, the length from which
     end-of-sequence is allowed) is kept in tensors that it updates in place."""
 
-    def __init__(self, logits_processor: LogitsProcessorList, stopping_criteria: StoppingCriteriaList,
-                 generation_config, input_ids: torch.Tensor, config):  # fmt: skip
+    def __init__(
+        self,
+        logits_processor: LogitsProcessorList,
+        stopping_criteria: StoppingCriteriaList,
+        generation_config,
+        input_ids: torch.Tensor,
+        config,
+    ):
         batch, length = input_ids.shape
         device = input_ids.device
         self.do_sample = generation_config.do_sample
@@ -397,8 +426,11 @@ class TokenChooser:
                 eos_ids = processor.eos_token_id.to(device)
         self.eos_mask = None if eos_ids is None else torch.isin(vocab, eos_ids)
         minimum = [p.min_length for p in logits_processor if isinstance(p, MinLengthLogitsProcessor)]
-        minimum += [p.prompt_length_to_skip + p.min_new_tokens for p in logits_processor
-                    if isinstance(p, MinNewTokensLengthLogitsProcessor)]  # fmt: skip
+        minimum += [
+            p.prompt_length_to_skip + p.min_new_tokens
+            for p in logits_processor
+            if isinstance(p, MinNewTokensLengthLogitsProcessor)
+        ]
         self.eos_allowed_from = torch.tensor(max(minimum, default=0), device=device)
         self.seen = None
         penalty = next((p for p in logits_processor if isinstance(p, RepetitionPenaltyLogitsProcessor)), None)
@@ -408,8 +440,12 @@ class TokenChooser:
             counted = torch.arange(length, device=device)[None, :] >= ignored
             seen = torch.zeros(batch, config.vocab_size + 1, dtype=torch.bool, device=device)
             self.seen = seen.scatter_(1, torch.where(counted, input_ids, config.vocab_size), True)[:, :-1]
-        self.key = (self.do_sample, tuple(processor_key(p) for p in logits_processor),
-                    None if eos is None else tuple(eos.tolist()), None if self.pad is None else int(self.pad))  # fmt: skip
+        self.key = (
+            self.do_sample,
+            tuple(processor_key(p) for p in logits_processor),
+            None if eos is None else tuple(eos.tolist()),
+            None if self.pad is None else int(self.pad),
+        )
 
     @staticmethod
     def step_for(processor):
@@ -494,8 +530,14 @@ class DecodeStep:
         if self.fused is not None:
             logits = self.fused(masks)
         else:
-            logits = self.model(input_ids=self.tokens, position_ids=self.positions, cache=self.cache,
-                                attention_mask=masks, use_cache=True, logits_to_keep=1).logits[:, -1]  # fmt: skip
+            logits = self.model(
+                input_ids=self.tokens,
+                position_ids=self.positions,
+                cache=self.cache,
+                attention_mask=masks,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits[:, -1]
         self.tokens.copy_(self.chooser(logits.float())[:, None])
         self.positions.add_(1)
 
@@ -561,7 +603,9 @@ class DecodeStep:
                     target.cumulative_length = seen
                 else:
                     target.keys.index_copy_(2, target.ordered_slots(seen)[-order.numel() :], source.keys[:, :, order])
-                    target.values.index_copy_(2, target.ordered_slots(seen)[-order.numel() :], source.values[:, :, order])
+                    target.values.index_copy_(
+                        2, target.ordered_slots(seen)[-order.numel() :], source.values[:, :, order]
+                    )
                     target.cumulative_length.fill_(seen)
 
 
@@ -612,11 +656,18 @@ class FusedStep:
         self.kernels, self.step, self.model = samba_kernels, step, model
         config, base = model.config, model.model
         own = type(model).__module__
-        self.layers = [(layer, cache_layer, plain_modules(layer, own)) for layer, cache_layer in zip(base.layers, step.cache.layers)]
-        self.ring_counts = [cache_layer.cumulative_length for _, cache_layer, plain in self.layers
-                            if plain and isinstance(cache_layer, SlidingWindowRingLayer)]  # fmt: skip
-        self.residual = torch.zeros(1, config.hidden_size, device=step.device,
-                                    dtype=torch.float32 if config.residual_in_fp32 else model.dtype)  # fmt: skip
+        self.layers = [
+            (layer, cache_layer, plain_modules(layer, own))
+            for layer, cache_layer in zip(base.layers, step.cache.layers)
+        ]
+        self.ring_counts = [
+            cache_layer.cumulative_length
+            for _, cache_layer, plain in self.layers
+            if plain and isinstance(cache_layer, SlidingWindowRingLayer)
+        ]
+        self.residual = torch.zeros(
+            1, config.hidden_size, device=step.device, dtype=torch.float32 if config.residual_in_fp32 else model.dtype
+        )
         rotary = base.rotary_emb
         half = (config.head_dim or 2) // 2
         self.inv_freq = rotary.inv_freq if rotary is not None else torch.zeros(half, device=step.device)
@@ -630,29 +681,60 @@ class FusedStep:
             if not plain:  # the layer's own forward, on the same buffers
                 if position_embeddings is None and base.rotary_emb is not None:
                     position_embeddings = base.rotary_emb(residual, step.positions)
-                out = layer(residual[:, None], attention_mask=masks.get(layer.mixer_type),
-                            position_embeddings=position_embeddings, cache=step.cache)  # fmt: skip
+                out = layer(
+                    residual[:, None],
+                    attention_mask=masks.get(layer.mixer_type),
+                    position_embeddings=position_embeddings,
+                    cache=step.cache,
+                )
                 residual.copy_(out[:, 0])
                 continue
             norm, mixer = layer.mixer_norm, layer.mixer
             if layer.mixer_type == "linear_attention":
-                xz = kernels.matvec(residual, mixer.in_proj.weight, mixer.in_proj.bias, norm_weight=norm.weight,
-                                    eps=norm.variance_epsilon)  # fmt: skip
+                xz = kernels.matvec(
+                    residual,
+                    mixer.in_proj.weight,
+                    mixer.in_proj.bias,
+                    norm_weight=norm.weight,
+                    eps=norm.variance_epsilon,
+                )
                 x, z = xz.chunk(2, dim=-1)
                 y = kernels.mamba_decode_step(
-                    x, z, cache_layer.conv_states[0], cache_layer.recurrent_states[0], mixer.conv1d.weight[:, 0],
-                    mixer.conv1d.bias, mixer.x_proj.weight, mixer.dt_proj.weight, mixer.dt_proj.bias, mixer.A_log,
+                    x,
+                    z,
+                    cache_layer.conv_states[0],
+                    cache_layer.recurrent_states[0],
+                    mixer.conv1d.weight[:, 0],
+                    mixer.conv1d.bias,
+                    mixer.x_proj.weight,
+                    mixer.dt_proj.weight,
+                    mixer.dt_proj.bias,
+                    mixer.A_log,
                     mixer.D,
-                )  # fmt: skip
+                )
                 kernels.matvec_add_(residual, y, mixer.out_proj.weight, mixer.out_proj.bias)
             elif layer.mixer_type == "mlp":
                 self.swiglu(norm, mixer)
             else:
-                q, k, v = kernels.stacked_matvec(residual, [mixer.q_proj.weight, mixer.k_proj.weight, mixer.v_proj.weight],
-                                                 norm_weight=norm.weight, eps=norm.variance_epsilon)  # fmt: skip
-                out = kernels.ring_decode_attention(q, k, v, cache_layer.keys, cache_layer.values, step.readable,
-                                                    cache_layer.cumulative_length, step.positions, self.inv_freq,
-                                                    self.rope_scale, mixer.scaling)  # fmt: skip
+                q, k, v = kernels.stacked_matvec(
+                    residual,
+                    [mixer.q_proj.weight, mixer.k_proj.weight, mixer.v_proj.weight],
+                    norm_weight=norm.weight,
+                    eps=norm.variance_epsilon,
+                )
+                out = kernels.ring_decode_attention(
+                    q,
+                    k,
+                    v,
+                    cache_layer.keys,
+                    cache_layer.values,
+                    step.readable,
+                    cache_layer.cumulative_length,
+                    step.positions,
+                    self.inv_freq,
+                    self.rope_scale,
+                    mixer.scaling,
+                )
                 kernels.matvec_add_(residual, out, mixer.o_proj.weight)
             if layer.mlp is not None:
                 self.swiglu(layer.mlp_norm, layer.mlp)
@@ -662,6 +744,7 @@ class FusedStep:
         return kernels.matvec(residual, head.weight, head.bias, norm_weight=norm.weight, eps=norm.variance_epsilon)
 
     def swiglu(self, norm, mlp) -> None:
-        hidden = self.kernels.gated_matvec(self.residual, mlp.gate_proj.weight, mlp.up_proj.weight,
-                                           norm_weight=norm.weight, eps=norm.variance_epsilon)  # fmt: skip
+        hidden = self.kernels.gated_matvec(
+            self.residual, mlp.gate_proj.weight, mlp.up_proj.weight, norm_weight=norm.weight, eps=norm.variance_epsilon
+        )
         self.kernels.matvec_add_(self.residual, hidden, mlp.down_proj.weight)

@@ -155,7 +155,9 @@ def render_adapter_card(
         base_model_link=f"https://huggingface.co/{base}" if hub_id(base) else None,
         rank=adapter_config.get("r"),
         alpha=adapter_config.get("lora_alpha"),
-        target_modules=", ".join(f"`{name}`" for name in sorted(targets)) if isinstance(targets, list) else f"`{targets}`",
+        target_modules=", ".join(f"`{name}`" for name in sorted(targets))
+        if isinstance(targets, list)
+        else f"`{targets}`",
     )
 
 
@@ -181,7 +183,9 @@ def folder_card(folder, model_name: str, *, repo_id: str = REPO_ID_PLACEHOLDER, 
             adapter_config["base_model_name_or_path"] = base_model
         return render_adapter_card(adapter_config, model_name, repo_id=repo_id, **card)
     config_file = folder / "config.json"
-    model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type") if config_file.is_file() else None
+    model_type = (
+        json.loads(config_file.read_text(encoding="utf-8")).get("model_type") if config_file.is_file() else None
+    )
     if model_type != "samba":
         raise ValueError(
             f"{folder} holds no Samba model (config.json with model_type 'samba') or LoRA adapter "
@@ -252,7 +256,9 @@ def plan_push(folder, repo_id: str, *, model_name: str | None = None, **card) ->
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder; give a model folder written by save_pretrained.")
     if not any((folder / name).is_file() for name in ("config.json", "adapter_config.json")):
-        raise FileNotFoundError(f"{folder} has no config.json or adapter_config.json: give a saved model or adapter folder.")
+        raise FileNotFoundError(
+            f"{folder} has no config.json or adapter_config.json: give a saved model or adapter folder."
+        )
     files = uploaded_files(folder)
     readme = folder / "README.md"
     model_name = model_name or repo_id.split("/")[-1]
@@ -264,8 +270,16 @@ def plan_push(folder, repo_id: str, *, model_name: str | None = None, **card) ->
     return PushPlan(folder, repo_id, files, None, "the folder's own")
 
 
-def upload(plan: PushPlan, api, *, private=None, commit_message: str, commit_description=None, revision=None,
-           create_pr: bool = False) -> str:  # fmt: skip
+def upload(
+    plan: PushPlan,
+    api,
+    *,
+    private=None,
+    commit_message: str,
+    commit_description=None,
+    revision=None,
+    create_pr: bool = False,
+) -> str:
     """Create the repository and upload the plan's folder as it is, then its card. A rendered card
     does not replace one the repository already has."""
     repo_url = api.create_repo(plan.repo_id, private=private, exist_ok=True, repo_type="model")
@@ -276,16 +290,35 @@ def upload(plan: PushPlan, api, *, private=None, commit_message: str, commit_des
     elif card is not None:
         ignore.append("README.md")
     common = dict(repo_id=plan.repo_id, repo_type="model", revision=revision, create_pr=create_pr)
-    api.upload_folder(folder_path=plan.folder, commit_message=commit_message, commit_description=commit_description,
-                      ignore_patterns=ignore, **common)  # fmt: skip
+    api.upload_folder(
+        folder_path=plan.folder,
+        commit_message=commit_message,
+        commit_description=commit_description,
+        ignore_patterns=ignore,
+        **common,
+    )
     if card is not None:
-        api.upload_file(path_or_fileobj=card.encode("utf-8"), path_in_repo="README.md",
-                        commit_message="Add the model card", **common)  # fmt: skip
+        api.upload_file(
+            path_or_fileobj=card.encode("utf-8"),
+            path_in_repo="README.md",
+            commit_message="Add the model card",
+            **common,
+        )
     return str(repo_url)
 
 
-def push_folder(folder, repo_id: str, *, private=None, commit_message="Upload with samba-hf", token=None,
-                revision=None, create_pr=False, model_name=None, **card) -> str:  # fmt: skip
+def push_folder(
+    folder,
+    repo_id: str,
+    *,
+    private=None,
+    commit_message="Upload with samba-hf",
+    token=None,
+    revision=None,
+    create_pr=False,
+    model_name=None,
+    **card,
+) -> str:
     """Upload a saved model or LoRA adapter folder to the Hub as it is (see plan_push for the card)."""
     from huggingface_hub import HfApi
 
@@ -318,8 +351,15 @@ def push_to_hub(
         self.save_pretrained(folder, max_shard_size=max_shard_size)
         plan = plan_push(folder, repo_id, tags=[*(self.model_tags or ()), *(tags or ())], **card)
         message = commit_message or "Upload model with samba-hf"
-        return upload(plan, api, private=private, commit_message=message, commit_description=commit_description,
-                      revision=revision, create_pr=create_pr)  # fmt: skip
+        return upload(
+            plan,
+            api,
+            private=private,
+            commit_message=message,
+            commit_description=commit_description,
+            revision=revision,
+            create_pr=create_pr,
+        )
 
 
 __all__ = [

@@ -135,19 +135,30 @@ def samba_sdpa_mask(*, attention_mask=None, local_size=None, allow_is_causal_ski
     (queries x keys) mask there, which grows with the square of the input."""
     if local_size is not None and attention_mask is None and allow_is_causal_skip:
         return None
-    return sdpa_mask(attention_mask=attention_mask, local_size=local_size, allow_is_causal_skip=allow_is_causal_skip,
-                     **kwargs)  # fmt: skip
+    return sdpa_mask(
+        attention_mask=attention_mask, local_size=local_size, allow_is_causal_skip=allow_is_causal_skip, **kwargs
+    )
 
 
-def samba_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
-                         **kwargs):  # fmt: skip
+def samba_sdpa_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, **kwargs
+):
     """sdpa, except for sliding-window layers that `samba_sdpa_mask` left without a mask: those run
     `windowed_attention` (samba_kernels' on CUDA, `windowed_sdpa` elsewhere), queries aligned to the end
     of the keys (a continuation of cached keys, or a whole sequence)."""
     q_len, kv_len = query.shape[2], key.shape[2]
     if attention_mask is not None or sliding_window is None or q_len == 1 or q_len == kv_len <= sliding_window:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      sliding_window=sliding_window, **kwargs)  # fmt: skip
+        return sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            sliding_window=sliding_window,
+            **kwargs,
+        )
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     if fused_window_kernel(module.config, query):
         return samba_kernels.windowed_attention(query, key, value, sliding_window, scale).transpose(1, 2), None
@@ -174,11 +185,16 @@ def windowed_sdpa(query, key, value, window: int, scale: float, block: int = 102
         first_key, last_key = max(0, offset + start - window + 1), offset + end
         q_pos = torch.arange(offset + start, offset + end, device=query.device)[:, None]
         k_pos = torch.arange(first_key, last_key, device=query.device)[None, :]
-        outputs.append(F.scaled_dot_product_attention(
-            query[:, :, start:end], key[:, :, first_key:last_key], value[:, :, first_key:last_key],
-            attn_mask=(k_pos <= q_pos) & (k_pos > q_pos - window), scale=scale,
-            enable_gqa=query.shape[1] != key.shape[1],
-        ))  # fmt: skip
+        outputs.append(
+            F.scaled_dot_product_attention(
+                query[:, :, start:end],
+                key[:, :, first_key:last_key],
+                value[:, :, first_key:last_key],
+                attn_mask=(k_pos <= q_pos) & (k_pos > q_pos - window),
+                scale=scale,
+                enable_gqa=query.shape[1] != key.shape[1],
+            )
+        )
     return torch.cat(outputs, dim=2)
 
 

@@ -255,15 +255,31 @@ class SambaMambaMixer(nn.Module):
 
         if decoding:
             y = ops.selective_state_update(
-                ssm_state, x[..., 0], delta[..., 0], A, B[..., 0], C[..., 0], D=self.D.float(), z=gate[..., 0],
+                ssm_state,
+                x[..., 0],
+                delta[..., 0],
+                A,
+                B[..., 0],
+                C[..., 0],
+                D=self.D.float(),
+                z=gate[..., 0],
                 dt_softplus=True,
-            )[..., None]  # fmt: skip
+            )[..., None]
         else:
             # The cache overwrites its state in place below: the op gets a copy, which autograd may keep.
             y, last_ssm_state = ops.selective_scan(
-                x, delta, A, B, C, D=self.D.float(), z=gate, delta_softplus=True, return_last_state=True,
-                initial_state=ssm_state.clone() if ssm_state is not None else None, seq_idx=seq_idx,
-            )  # fmt: skip
+                x,
+                delta,
+                A,
+                B,
+                C,
+                D=self.D.float(),
+                z=gate,
+                delta_softplus=True,
+                return_last_state=True,
+                initial_state=ssm_state.clone() if ssm_state is not None else None,
+                seq_idx=seq_idx,
+            )
             if cache is not None:
                 cache.update_conv_state(new_conv_state, self.layer_idx, conv_kernel_size=self.config.conv_kernel - 1)
                 cache.update_recurrent_state(last_ssm_state, self.layer_idx)
@@ -277,8 +293,9 @@ class SambaMambaMixer(nn.Module):
         if padding_mask is None:
             # The cache overwrites its state in place: the op gets a copy, which autograd may keep.
             initial = conv_state.clone() if conv_state is not None else None
-            return ops.causal_conv1d(x, weight, bias, seq_idx=seq_idx, initial_states=initial,
-                                     return_final_states=True, activation="silu")  # fmt: skip
+            return ops.causal_conv1d(
+                x, weight, bias, seq_idx=seq_idx, initial_states=initial, return_final_states=True, activation="silu"
+            )
         # A stable sort on the mask moves every pad ahead of the cached inputs and keeps the rest in order:
         # [pads, cached inputs, real tokens]. One convolution of that, from a zero state, gives each real
         # token the window it would have without the pads, and ends in the state it would end in.
@@ -356,7 +373,7 @@ class SambaPreTrainedModel(PreTrainedModel):
     _can_record_outputs = {"hidden_states": SambaDecoderLayer, "attentions": SambaAttention}
 
     def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
-        """"samba_sdpa" unless another implementation is asked for: sdpa, with sliding windows computed
+        """ "samba_sdpa" unless another implementation is asked for: sdpa, with sliding windows computed
         without a (queries x keys) mask (`kernel_dispatch.samba_sdpa_attention`)."""
         return super().get_correct_attn_implementation(requested_attention or SAMBA_SDPA, is_init_check)
 
@@ -516,8 +533,10 @@ def packed_documents(seq_idx, position_ids, attention_mask, cache) -> tuple[torc
     if seq_idx is not None:
         documents = packed if packed is not None else torch.zeros_like(position_ids)
         if not torch.equal(documents.to(seq_idx.device), document_numbers(seq_idx)):
-            raise ValueError("seq_idx and position_ids disagree on where documents start: pass one of them, or "
-                             "both from the same collator.")  # fmt: skip
+            raise ValueError(
+                "seq_idx and position_ids disagree on where documents start: pass one of them, or "
+                "both from the same collator."
+            )
     if packed is None:
         return None, position_ids
     if cache is not None:
@@ -624,8 +643,9 @@ class SambaForCausalLM(SambaPreTrainedModel, SambaGenerationMixin):
         logits = self.lm_head(hidden_states)
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs,
-                                      **kwargs)  # fmt: skip
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs, **kwargs
+            )
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,

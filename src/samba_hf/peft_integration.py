@@ -7,10 +7,18 @@ import importlib.util
 # (in/x/dt/out_proj). The Mamba mixer calls each one as a module, so an adapter on any of them takes
 # effect. The LM head (tied to the embedding) and the depthwise conv1d are left out.
 SAMBA_LORA_TARGET_MODULES = [
-    "q_proj", "k_proj", "v_proj", "o_proj",
-    "gate_proj", "up_proj", "down_proj",
-    "in_proj", "x_proj", "dt_proj", "out_proj",
-]  # fmt: skip
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "in_proj",
+    "x_proj",
+    "dt_proj",
+    "out_proj",
+]
 
 
 def register_peft_defaults() -> None:

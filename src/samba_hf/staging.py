@@ -117,7 +117,9 @@ class _StagedOutput:
                 )
         parent = resolved.parent
         if not parent.is_dir():
-            raise OutputPathError(f"{self.path.parent} is not an existing folder; create it first or choose another path.")
+            raise OutputPathError(
+                f"{self.path.parent} is not an existing folder; create it first or choose another path."
+            )
 
     def _make_staging(self) -> Path:
         raise NotImplementedError
@@ -129,7 +131,9 @@ class _StagedOutput:
         try:
             self.staging = self._make_staging()
         except OSError as error:
-            raise OutputPathError(f"cannot write in {self.path.parent} ({error.strerror}); choose another path.") from None
+            raise OutputPathError(
+                f"cannot write in {self.path.parent} ({error.strerror}); choose another path."
+            ) from None
         return self
 
     def discard(self) -> None:
@@ -165,8 +169,11 @@ class OutputFolder(_StagedOutput):
             raise OutputPathError(
                 f"{self.path} holds an earlier samba-hf output; pass --force (force=True in Python) to replace it."
             )
-        changed = [name for name, stamp in manifest.items()
-                   if (self.path / name).exists() and _file_stamp(self.path / name) != stamp]  # fmt: skip
+        changed = [
+            name
+            for name, stamp in manifest.items()
+            if (self.path / name).exists() and _file_stamp(self.path / name) != stamp
+        ]
         if changed:
             raise OutputPathError(
                 f"{', '.join(changed)} in {self.path} changed since samba-hf wrote them; --force replaces only "

@@ -20,8 +20,11 @@ def test_bitsandbytes_replaces_every_projection(bits, tmp_path):
     torch.manual_seed(0)
     model = SambaForCausalLM(SambaConfig.from_preset("tiny")).eval()
     model.save_pretrained(tmp_path)
-    quantization = (BitsAndBytesConfig(load_in_8bit=True) if bits == 8
-                    else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32))  # fmt: skip
+    quantization = (
+        BitsAndBytesConfig(load_in_8bit=True)
+        if bits == 8
+        else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    )
     quantized = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quantization, device_map="cuda")
     layer_type = bnb.nn.Linear8bitLt if bits == 8 else bnb.nn.Linear4bit
     linears = {name: module for name, module in quantized.named_modules() if isinstance(module, nn.Linear)}

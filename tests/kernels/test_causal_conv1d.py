@@ -29,8 +29,11 @@ def test_causal_conv1d_matches_reference(case):
     if init:
         tensors["initial_states"] = randn(g, batch, dim, width - 1)
     tensors = {k: v.requires_grad_() for k, v in tensors.items()}
-    kwargs = dict(activation=activation, return_final_states=final,
-                  seq_idx=random_seq_idx(g, batch, length, cuts=(1,) if length > 1 else ()) if seq else None)
+    kwargs = dict(
+        activation=activation,
+        return_final_states=final,
+        seq_idx=random_seq_idx(g, batch, length, cuts=(1,) if length > 1 else ()) if seq else None,
+    )
     out = samba_kernels.causal_conv1d_fn(**tensors, **kwargs)
     out_ref = samba_kernels.causal_conv1d_ref(**tensors, **kwargs)
     assert_grads_match(out, out_ref, list(tensors.values()), g)

@@ -28,7 +28,10 @@ def test_ring_decode_attention_matches_float64_attention_over_the_window(heads, 
     g = torch.Generator().manual_seed(heads * slots + tokens_seen)
     head_dim = 16
     q, k, v = (randn(1, n * head_dim, generator=g) for n in (heads, kv_heads, kv_heads))
-    key_ring, value_ring = randn(1, kv_heads, slots, head_dim, generator=g), randn(1, kv_heads, slots, head_dim, generator=g)
+    key_ring, value_ring = (
+        randn(1, kv_heads, slots, head_dim, generator=g),
+        randn(1, kv_heads, slots, head_dim, generator=g),
+    )
     readable = torch.rand(1, slots, generator=g) < 0.7
     position, inv_freq = torch.tensor([[tokens_seen + 3]]), 1.0 / 10000 ** (torch.arange(0, head_dim, 2) / head_dim)
     slot = tokens_seen % slots
@@ -38,8 +41,14 @@ def test_ring_decode_attention_matches_float64_attention_over_the_window(heads, 
     visible = readable[0].clone()
     visible[slot] = True
     group = heads // kv_heads
-    scores = torch.einsum("hd,hsd->hs", rotated(q.view(heads, head_dim), tokens_seen + 3, inv_freq),
-                          expected_keys[0].repeat_interleave(group, 0)) * head_dim**-0.5  # fmt: skip
+    scores = (
+        torch.einsum(
+            "hd,hsd->hs",
+            rotated(q.view(heads, head_dim), tokens_seen + 3, inv_freq),
+            expected_keys[0].repeat_interleave(group, 0),
+        )
+        * head_dim**-0.5
+    )
     probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
     expected = torch.einsum("hs,hsd->hd", probs, expected_values[0].repeat_interleave(group, 0)).reshape(1, -1)
     for attention in (samba_kernels.ring_decode_attention, ring_decode_attention_ref):

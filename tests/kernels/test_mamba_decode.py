@@ -11,18 +11,27 @@ from .common import TOL, gen, randn
 
 def _mamba_decode_inputs(g, dim, width, state_len, rank, d_state, conv_bias=True):
     xz = randn(g, 1, 2 * dim)  # in_proj's output: x and z are strided views of one row
-    weights = dict(conv_weight=randn(g, dim, width), conv_bias=randn(g, dim) if conv_bias else None,
-                   x_proj_weight=randn(g, rank + 2 * d_state, dim) * 0.2, dt_proj_weight=randn(g, dim, rank) * 0.3,
-                   dt_proj_bias=randn(g, dim) - 1.0, A_log=randn(g, dim, d_state).abs().log1p(), D=randn(g, dim))
+    weights = dict(
+        conv_weight=randn(g, dim, width),
+        conv_bias=randn(g, dim) if conv_bias else None,
+        x_proj_weight=randn(g, rank + 2 * d_state, dim) * 0.2,
+        dt_proj_weight=randn(g, dim, rank) * 0.3,
+        dt_proj_bias=randn(g, dim) - 1.0,
+        A_log=randn(g, dim, d_state).abs().log1p(),
+        D=randn(g, dim),
+    )
     return xz[:, :dim], xz[:, dim:], randn(g, 1, dim, state_len), randn(g, 1, dim, d_state), weights
 
 
 # (dim, width, state_len, rank, d_state): sizes that are not powers of two, a state longer than the
 # convolution needs (a static cache's), no conv bias.
-@pytest.mark.parametrize("dim, width, state_len, rank, d_state, conv_bias",
-                         [(40, 4, 3, 5, 6, True), (70, 3, 5, 3, 16, False), (24, 2, 1, 4, 4, True)])
-def test_mamba_decode_step_matches_the_mixer_ops_over_several_steps(monkeypatch, dim, width, state_len, rank,
-                                                                    d_state, conv_bias):
+@pytest.mark.parametrize(
+    "dim, width, state_len, rank, d_state, conv_bias",
+    [(40, 4, 3, 5, 6, True), (70, 3, 5, 3, 16, False), (24, 2, 1, 4, 4, True)],
+)
+def test_mamba_decode_step_matches_the_mixer_ops_over_several_steps(
+    monkeypatch, dim, width, state_len, rank, d_state, conv_bias
+):
     """Against conv update, x_proj, dt_proj and the state update of the PyTorch references, step after step:
     the output, the convolution's state (shifted in place) and the SSM state. x_proj's K steps are 32 wide,
     so that the wider mixers take several."""

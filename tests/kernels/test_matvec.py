@@ -14,8 +14,10 @@ from samba_kernels.matvec import kernel as matvec_kernel
 from .common import DEVICE, TOL, gen, randn
 
 
-@pytest.mark.parametrize("N, K, bias, dtype", [(37, 100, True, torch.float32), (4100, 5, False, torch.float32),
-                                               (130, 2500, True, torch.bfloat16)])
+@pytest.mark.parametrize(
+    "N, K, bias, dtype",
+    [(37, 100, True, torch.float32), (4100, 5, False, torch.float32), (130, 2500, True, torch.bfloat16)],
+)
 def test_matvec_matches_a_float64_product(N, K, bias, dtype):
     g = gen(13)
     x, w = randn(g, 1, 1, K).to(dtype), randn(g, N, K).to(dtype)
@@ -63,7 +65,9 @@ def test_matvec_reads_a_strided_row_and_traces_into_a_graph():
     x, w, b = randn(g, 1, 24, 3)[:, :, -1:].transpose(1, 2), randn(g, 10, 24), randn(g, 10)
     assert x.reshape(-1).stride() == (3,)
     with torch.no_grad():
-        torch.testing.assert_close(samba_kernels.stacked_matvec(x, [w, b[:, None] * w])[1], F.linear(x, b[:, None] * w), **TOL)
+        torch.testing.assert_close(
+            samba_kernels.stacked_matvec(x, [w, b[:, None] * w])[1], F.linear(x, b[:, None] * w), **TOL
+        )
         torch.testing.assert_close(samba_kernels.gated_matvec(x, w, w), F.silu(F.linear(x, w)) * F.linear(x, w), **TOL)
     compiled = torch.compile(samba_kernels.matvec, fullgraph=True, backend="aot_eager")
     with torch.no_grad():

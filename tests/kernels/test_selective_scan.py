@@ -31,6 +31,7 @@ def _scan_inputs(g, batch, dim, d_state, length, groups=None, *, D=False, z=Fals
     return {k: v.requires_grad_() for k, v in t.items() if v is not None}
 
 
+# fmt: off
 SCAN_CASES = {
     # name: (batch, dim, d_state, length, groups, chunk, options)
     "plain": (1, 5, 4, 7, None, 64, {}),
@@ -42,6 +43,7 @@ SCAN_CASES = {
     # more states than a tile has steps: the second of the two column tiles that hold the states
     "d_state-13": (1, 3, 13, 12, None, 8, dict(D=True, z=True, bias=True, init=True, softplus=True, seq=True, last=True)),
 }
+# fmt: on
 
 
 # The lanes forward runs where there are enough channels to give each SM sub-partition a warp
@@ -57,18 +59,24 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("case, layout", [(case, "steps") for case in SCAN_CASES] +
-                         [(case, "lanes") for case in LANE_CASES] + [(case, "split") for case in SPLIT_CASES])
+@pytest.mark.parametrize(
+    "case, layout",
+    [(case, "steps") for case in SCAN_CASES]
+    + [(case, "lanes") for case in LANE_CASES]
+    + [(case, "split") for case in SPLIT_CASES],
+)
 def test_selective_scan_matches_reference(case, layout, monkeypatch):
     batch, dim, d_state, length, groups, chunk, opt = SCAN_CASES[case]
     monkeypatch.setattr(scan_kernel, "CHUNK", chunk)  # small chunks: cross checkpoints at tiny lengths
     g = gen(len(case))
-    tensors = _scan_inputs(g, batch, dim, d_state, length, groups,
-                           **{k: opt.get(k, False) for k in ("D", "z", "bias", "init")})
+    tensors = _scan_inputs(
+        g, batch, dim, d_state, length, groups, **{k: opt.get(k, False) for k in ("D", "z", "bias", "init")}
+    )
     kwargs = dict(delta_softplus=opt.get("softplus", False), return_last_state=opt.get("last", False))
     if opt.get("seq"):
-        kwargs["seq_idx"] = random_seq_idx(g, batch, length,
-                                           cuts=[c for c in (chunk, 2 * chunk, length - 1) if c < length])
+        kwargs["seq_idx"] = random_seq_idx(
+            g, batch, length, cuts=[c for c in (chunk, 2 * chunk, length - 1) if c < length]
+        )
     with scan_kernel.forced_layout(**LAYOUTS[layout](chunk)):
         plan = scan_kernel._configs(tensors["u"], _grouped(tensors["B"]), d_state, True)
         out = samba_kernels.selective_scan_fn(**tensors, **kwargs)
@@ -89,6 +97,7 @@ def test_selective_scan_splits_long_sequences_of_small_batches(sms, monkeypatch)
     16K steps split in the forward, a batch of 8 x 4K does not; the backward splits only where SPLIT_BACKWARD is
     on. At batch 1 the forward's chunks give every SM sub-partition a warp and the backward's give each SM
     PROGRAMS_PER_SM programs."""
+
     def plan(batch, length, dim=3072):
         return scan_kernel._plan(batch, dim, length, 1, 16, True, gpu=True, sms=sms)
 
@@ -108,8 +117,6 @@ def test_selective_scan_splits_long_sequences_of_small_batches(sms, monkeypatch)
             pass
 
 
-
-
 def test_selective_scan_backward_keeps_the_forwards_forced_layout_on_another_thread(monkeypatch):
     """On CUDA, autograd runs the backward on its own thread, where the forward caller's forced_layout is not set;
     the backward still launches the forward's plan (here the split backward, whose reverse summaries run)."""
@@ -117,8 +124,11 @@ def test_selective_scan_backward_keeps_the_forwards_forced_layout_on_another_thr
     g = gen(21)
     tensors = _scan_inputs(g, 1, 5, 3, 19, D=True, z=True, bias=True, init=True)
     summaries, summarize = [], scan_kernel._summarize
-    monkeypatch.setattr(scan_kernel, "_summarize", lambda *args, reverse: (summaries.append(reverse),
-                                                                         summarize(*args, reverse=reverse))[1])
+    monkeypatch.setattr(
+        scan_kernel,
+        "_summarize",
+        lambda *args, reverse: (summaries.append(reverse), summarize(*args, reverse=reverse))[1],
+    )
     with scan_kernel.forced_layout("lanes", chunk_length=8, backward_chunk_length=8):
         out = samba_kernels.selective_scan_fn(**tensors, delta_softplus=True)
     dy = randn(g, *out.shape)
@@ -127,8 +137,9 @@ def test_selective_scan_backward_keeps_the_forwards_forced_layout_on_another_thr
     worker.start()
     worker.join()
     assert summaries == [False, True]  # the forward's summaries, then the backward's
-    grads_ref = torch.autograd.grad(samba_kernels.selective_scan_ref(**tensors, delta_softplus=True),
-                                    list(tensors.values()), dy)
+    grads_ref = torch.autograd.grad(
+        samba_kernels.selective_scan_ref(**tensors, delta_softplus=True), list(tensors.values()), dy
+    )
     for gr, gr_ref in zip(grads[0], grads_ref):
         torch.testing.assert_close(gr, gr_ref, **TOL)
 
@@ -140,8 +151,9 @@ def test_selective_scan_backward_refuses_checkpoints_of_other_tiles():
     tiles = scan_kernel._tiles_of(t["u"], grouped[0], 3, True).backward.meta["T"]
     ckpt = torch.zeros(1, 5, triton.cdiv(19, tiles) + 1, 3, device=DEVICE)  # one tile too many
     with pytest.raises(RuntimeError, match="launch plan changed"):
-        scan_kernel._scan_bwd_op(t["u"], None, t["u"], t["delta"], t["A"], *grouped, None, None, None, None, ckpt,
-                                 False, False)
+        scan_kernel._scan_bwd_op(
+            t["u"], None, t["u"], t["delta"], t["A"], *grouped, None, None, None, None, ckpt, False, False
+        )
 
 
 def test_selective_scan_bf16():
@@ -153,7 +165,9 @@ def test_selective_scan_bf16():
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2)
     dy = randn(g, *y.shape).to(torch.bfloat16)
-    for gr, gr_ref in zip(torch.autograd.grad(y, list(t.values()), dy), torch.autograd.grad(y_ref, list(t.values()), dy)):
+    for gr, gr_ref in zip(
+        torch.autograd.grad(y, list(t.values()), dy), torch.autograd.grad(y_ref, list(t.values()), dy)
+    ):
         assert gr.dtype == torch.bfloat16
         torch.testing.assert_close(gr.float(), gr_ref.float(), rtol=5e-2, atol=5e-2)
 
@@ -183,8 +197,9 @@ def _channel_sums_kernel(x, sums, BLOCK_D: tl.constexpr, T: tl.constexpr, THREAD
     tl.store(sums + steps, values)
 
 
-@pytest.mark.parametrize("block_d, T, thread_steps", [(16, 16, 8), (4, 8, 4), (8, 32, 8), (32, 8, 8), (1, 8, 8),
-                                                      (2, 16, 4)])
+@pytest.mark.parametrize(
+    "block_d, T, thread_steps", [(16, 16, 8), (4, 8, 4), (8, 32, 8), (32, 8, 8), (1, 8, 8), (2, 16, 4)]
+)
 def test_scan_channel_sums_match_torch_sum(block_d, T, thread_steps):
     # the backward's reduce-scatter, with fewer rounds than channel bits (32 x 8) and than step bits (2 x 16)
     x = randn(gen(block_d * T), block_d, T)
@@ -229,8 +244,11 @@ def test_decode_token_by_token_matches_full_sequence():
     ys = []
     for t in range(length):
         xc_t = samba_kernels.causal_conv1d_update(x[:, :, t], conv_state, weight, conv_bias, activation="silu")
-        ys.append(samba_kernels.selective_state_update(
-            ssm_state, xc_t, dt[:, :, t], A, B[:, :, t], C[:, :, t], D, z[:, :, t], dt_bias, dt_softplus=True))
+        ys.append(
+            samba_kernels.selective_state_update(
+                ssm_state, xc_t, dt[:, :, t], A, B[:, :, t], C[:, :, t], D, z[:, :, t], dt_bias, dt_softplus=True
+            )
+        )
     torch.testing.assert_close(torch.stack(ys, dim=-1), y, **TOL)
     torch.testing.assert_close(conv_state, conv_final, **TOL)
     torch.testing.assert_close(ssm_state, ssm_final, **TOL)
@@ -243,8 +261,9 @@ def test_cpu_without_interpreter_takes_the_reference(monkeypatch):
     t = {k: v.detach().cpu() for k, v in t.items()}
     torch.testing.assert_close(samba_kernels.selective_scan_fn(**t), samba_kernels.selective_scan_ref(**t))
     state = torch.zeros(1, 3, 2)
-    samba_kernels.selective_state_update(state, t["u"][:, :, 0], t["delta"][:, :, 0], t["A"], t["B"][:, :, 0],
-                                         t["C"][:, :, 0])
+    samba_kernels.selective_state_update(
+        state, t["u"][:, :, 0], t["delta"][:, :, 0], t["A"], t["B"][:, :, 0], t["C"][:, :, 0]
+    )
     assert state.abs().sum() > 0
 
 
@@ -259,8 +278,15 @@ def test_ops_compile_as_one_graph_with_exact_gradients():
     seq_idx = random_seq_idx(g, batch, length, cuts=(5,))
 
     def layer(conv, scan):
-        x, conv_last = conv(t["u"], weight, bias, seq_idx=seq_idx, initial_states=conv_init,
-                            return_final_states=True, activation="silu")
+        x, conv_last = conv(
+            t["u"],
+            weight,
+            bias,
+            seq_idx=seq_idx,
+            initial_states=conv_init,
+            return_final_states=True,
+            activation="silu",
+        )
         rest = {k: v for k, v in t.items() if k != "u"}
         y, last = scan(x, **rest, delta_softplus=True, return_last_state=True, seq_idx=seq_idx)
         return y, last, conv_last
@@ -280,11 +306,32 @@ def test_custom_op_registrations():
     grouped = t["B"].unsqueeze(1).contiguous(), t["C"].unsqueeze(1).contiguous()
     u = t["u"].clone().requires_grad_()
     cases = {
-        scan_kernel._scan_fwd_op: (u, t["delta"], t["A"], *grouped, t["D"], t["z"], t["delta_bias"],
-                                   t["initial_state"], seq_idx, True, True),
-        scan_kernel._state_update_op: (randn(g, 2, 5, 3), randn(g, 2, 5, 1), randn(g, 2, 5, 1), t["A"],
-                                       randn(g, 2, 1, 3, 1), randn(g, 2, 1, 3, 1), None, None, None, True),
-    }  # fmt: skip
+        scan_kernel._scan_fwd_op: (
+            u,
+            t["delta"],
+            t["A"],
+            *grouped,
+            t["D"],
+            t["z"],
+            t["delta_bias"],
+            t["initial_state"],
+            seq_idx,
+            True,
+            True,
+        ),
+        scan_kernel._state_update_op: (
+            randn(g, 2, 5, 3),
+            randn(g, 2, 5, 1),
+            randn(g, 2, 5, 1),
+            t["A"],
+            randn(g, 2, 1, 3, 1),
+            randn(g, 2, 1, 3, 1),
+            None,
+            None,
+            None,
+            True,
+        ),
+    }
     for op, args in cases.items():
         results = torch.library.opcheck(op, args)
         assert set(results.values()) == {"SUCCESS"}, (op, results)

@@ -24,24 +24,33 @@ def _explicit_window_attention(q, k, v, window):
     return out
 
 
-@pytest.mark.parametrize("heads, kv_heads, len_q, len_kv, window", [(2, 2, 9, 9, 4), (4, 2, 5, 12, 3), (3, 1, 1, 7, 16)])
+@pytest.mark.parametrize(
+    "heads, kv_heads, len_q, len_kv, window", [(2, 2, 9, 9, 4), (4, 2, 5, 12, 3), (3, 1, 1, 7, 16)]
+)
 def test_windowed_attention_matches_explicit_softmax(heads, kv_heads, len_q, len_kv, window):
     g = gen(heads + len_q)
     q = randn(g, 2, heads, len_q, 16).requires_grad_()  # flex needs head_dim >= 16
     k, v = randn(g, 2, kv_heads, len_kv, 16).requires_grad_(), randn(g, 2, kv_heads, len_kv, 16).requires_grad_()
     out = samba_kernels.windowed_attention(q, k, v, window)
     ref = _explicit_window_attention(q.detach().cpu(), k.detach().cpu(), v.detach().cpu(), window)
-    torch.testing.assert_close(out.detach().cpu().double(), ref, rtol=1e-3 if DEVICE == "cuda" else 1e-5,
-                               atol=1e-3 if DEVICE == "cuda" else 1e-5)
+    torch.testing.assert_close(
+        out.detach().cpu().double(),
+        ref,
+        rtol=1e-3 if DEVICE == "cuda" else 1e-5,
+        atol=1e-3 if DEVICE == "cuda" else 1e-5,
+    )
     # Gradients against the float64 autograd of the same explicit softmax.
     q64, k64, v64 = (x.detach().cpu().double().requires_grad_() for x in (q, k, v))
     dy = randn(g, *out.shape)
     grads = torch.autograd.grad(out, (q, k, v), dy)
-    grads_ref = torch.autograd.grad(_explicit_window_attention(q64, k64, v64, window), (q64, k64, v64), dy.cpu().double())
+    grads_ref = torch.autograd.grad(
+        _explicit_window_attention(q64, k64, v64, window), (q64, k64, v64), dy.cpu().double()
+    )
     for gr, gr_ref in zip(grads, grads_ref):
         assert gr.shape == gr_ref.shape
-        torch.testing.assert_close(gr.cpu().double(), gr_ref, rtol=2e-3 if DEVICE == "cuda" else 1e-5,
-                                   atol=2e-3 if DEVICE == "cuda" else 1e-5)
+        torch.testing.assert_close(
+            gr.cpu().double(), gr_ref, rtol=2e-3 if DEVICE == "cuda" else 1e-5, atol=2e-3 if DEVICE == "cuda" else 1e-5
+        )
     with pytest.raises(ValueError):
         samba_kernels.windowed_attention(q, k, v, 0)
 
@@ -81,8 +90,9 @@ def test_windowed_attention_head_dim_without_a_kernel_tile():
     with torch.no_grad():
         out = samba_kernels.windowed_attention(q, k, v, 50)
     ref = _explicit_window_attention(q.cpu(), k.cpu(), v.cpu(), 50)
-    torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-3 if DEVICE == "cuda" else 1e-5,
-                               atol=1e-3 if DEVICE == "cuda" else 1e-5)
+    torch.testing.assert_close(
+        out.cpu().double(), ref, rtol=1e-3 if DEVICE == "cuda" else 1e-5, atol=1e-3 if DEVICE == "cuda" else 1e-5
+    )
 
 
 def test_windowed_attention_forward_kernel_only_takes_int32_offsets():
@@ -106,8 +116,9 @@ def test_windowed_attention_forward_kernel_traces_into_a_graph():
     g = gen(3)
     # (batch, len, heads, head_dim) memory seen as (batch, heads, len, head_dim), as the model passes it
     q, k, v = (randn(g, 2, 150, 2, 16).transpose(1, 2) for _ in range(3))
-    compiled = torch.compile(lambda q, k, v: samba_kernels.windowed_attention(q, k, v, 40), fullgraph=True,
-                             backend="aot_eager")
+    compiled = torch.compile(
+        lambda q, k, v: samba_kernels.windowed_attention(q, k, v, 40), fullgraph=True, backend="aot_eager"
+    )
     with torch.no_grad():
         out = compiled(q, k, v)
     assert out.stride() == q.stride()

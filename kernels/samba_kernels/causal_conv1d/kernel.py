@@ -23,11 +23,13 @@ def _seq_at(seq_idx_ptr, b, L, p):
 
 
 @triton.jit
-def _load_padded(x_ptr, init_ptr, b, d, d_mask, p, dim, L, s_ib, s_id, s_il, W: tl.constexpr,
-                 HAS_INIT: tl.constexpr):
+def _load_padded(x_ptr, init_ptr, b, d, d_mask, p, dim, L, s_ib, s_id, s_il, W: tl.constexpr, HAS_INIT: tl.constexpr):
     """x at padded positions p (BLOCK_L,) for channels d, as fp32 (BLOCK_D, BLOCK_L)."""
-    v = tl.load(x_ptr + (b * dim + d[:, None]) * L + p[None, :],
-                mask=d_mask[:, None] & ((p >= 0) & (p < L))[None, :], other=0.0).to(tl.float32)
+    v = tl.load(
+        x_ptr + (b * dim + d[:, None]) * L + p[None, :],
+        mask=d_mask[:, None] & ((p >= 0) & (p < L))[None, :],
+        other=0.0,
+    ).to(tl.float32)
     if HAS_INIT:  # the reference rounds the initial states to x's dtype
         h_mask = d_mask[:, None] & ((p < 0) & (p >= 1 - W))[None, :]
         h = tl.load(init_ptr + b * s_ib + d[:, None] * s_id + (p + W - 1)[None, :] * s_il, mask=h_mask, other=0.0)
@@ -36,9 +38,28 @@ def _load_padded(x_ptr, init_ptr, b, d, d_mask, p, dim, L, s_ib, s_id, s_il, W: 
 
 
 @triton.jit
-def _conv_pre(x_ptr, init_ptr, seq_idx_ptr, weight_ptr, bias_ptr, b, d, d_mask, s, dim, L, s_ib, s_id, s_il,
-              W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
-              HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_BIAS: tl.constexpr):
+def _conv_pre(
+    x_ptr,
+    init_ptr,
+    seq_idx_ptr,
+    weight_ptr,
+    bias_ptr,
+    b,
+    d,
+    d_mask,
+    s,
+    dim,
+    L,
+    s_ib,
+    s_id,
+    s_il,
+    W: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+    HAS_SEQ: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
     """(pre-activation output at positions s (BLOCK_L,), fp32 (BLOCK_D, BLOCK_L); the W inputs it read,
     tap k's at s - (W - 1) + k, zero across a document boundary)."""
     acc = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
@@ -58,25 +79,81 @@ def _conv_pre(x_ptr, init_ptr, seq_idx_ptr, weight_ptr, bias_ptr, b, d, d_mask, 
 
 
 @triton.jit
-def _conv_fwd_kernel(x_ptr, init_ptr, seq_idx_ptr, weight_ptr, bias_ptr, out_ptr, dim, L, s_ib, s_id, s_il,
-                     W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, HAS_INIT: tl.constexpr,
-                     HAS_SEQ: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
+def _conv_fwd_kernel(
+    x_ptr,
+    init_ptr,
+    seq_idx_ptr,
+    weight_ptr,
+    bias_ptr,
+    out_ptr,
+    dim,
+    L,
+    s_ib,
+    s_id,
+    s_il,
+    W: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+    HAS_SEQ: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SILU: tl.constexpr,
+):
     b = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = d < dim
     s = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)
-    acc, _ = _conv_pre(x_ptr, init_ptr, seq_idx_ptr, weight_ptr, bias_ptr, b, d, d_mask, s, dim, L, s_ib, s_id, s_il,
-                       W, BLOCK_D, BLOCK_L, HAS_INIT, HAS_SEQ, HAS_BIAS)
+    acc, _ = _conv_pre(
+        x_ptr,
+        init_ptr,
+        seq_idx_ptr,
+        weight_ptr,
+        bias_ptr,
+        b,
+        d,
+        d_mask,
+        s,
+        dim,
+        L,
+        s_ib,
+        s_id,
+        s_il,
+        W,
+        BLOCK_D,
+        BLOCK_L,
+        HAS_INIT,
+        HAS_SEQ,
+        HAS_BIAS,
+    )
     if SILU:
         acc *= tl.sigmoid(acc)
     tl.store(out_ptr + (b * dim + d[:, None]) * L + s[None, :], acc, mask=d_mask[:, None] & (s < L)[None, :])
 
 
 @triton.jit
-def _conv_bwd_out_kernel(x_ptr, init_ptr, seq_idx_ptr, weight_ptr, bias_ptr, dout_ptr, g_out_ptr, dweight_part_ptr,
-                         dbias_part_ptr,
-                         dim, L, s_ib, s_id, s_il, W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
-                         HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
+def _conv_bwd_out_kernel(
+    x_ptr,
+    init_ptr,
+    seq_idx_ptr,
+    weight_ptr,
+    bias_ptr,
+    dout_ptr,
+    g_out_ptr,
+    dweight_part_ptr,
+    dbias_part_ptr,
+    dim,
+    L,
+    s_ib,
+    s_id,
+    s_il,
+    W: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+    HAS_SEQ: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SILU: tl.constexpr,
+):
     """The gradient at the pre-activation of outputs s, float32, and this program's sums over its
     positions of dweight (dim, W) and dbias (dim,), in row (batch, position block) of the partials."""
     b = tl.program_id(0).to(tl.int64)
@@ -86,8 +163,28 @@ def _conv_bwd_out_kernel(x_ptr, init_ptr, seq_idx_ptr, weight_ptr, bias_ptr, dou
     s_mask = d_mask[:, None] & (s < L)[None, :]
     tile_off = (b * dim + d[:, None]) * L + s[None, :]
     g = tl.load(dout_ptr + tile_off, mask=s_mask, other=0.0).to(tl.float32)
-    pre, taps = _conv_pre(x_ptr, init_ptr, seq_idx_ptr, weight_ptr, bias_ptr, b, d, d_mask, s, dim, L, s_ib, s_id,
-                          s_il, W, BLOCK_D, BLOCK_L, HAS_INIT, HAS_SEQ, HAS_BIAS)
+    pre, taps = _conv_pre(
+        x_ptr,
+        init_ptr,
+        seq_idx_ptr,
+        weight_ptr,
+        bias_ptr,
+        b,
+        d,
+        d_mask,
+        s,
+        dim,
+        L,
+        s_ib,
+        s_id,
+        s_il,
+        W,
+        BLOCK_D,
+        BLOCK_L,
+        HAS_INIT,
+        HAS_SEQ,
+        HAS_BIAS,
+    )
     if SILU:
         g *= silu_grad(pre)
     tl.store(g_out_ptr + tile_off, g, mask=s_mask)
@@ -99,10 +196,28 @@ def _conv_bwd_out_kernel(x_ptr, init_ptr, seq_idx_ptr, weight_ptr, bias_ptr, dou
 
 
 @triton.jit
-def _conv_bwd_in_kernel(x_ptr, init_ptr, seq_idx_ptr, weight_ptr, bias_ptr, g_out_ptr, dx_ptr, dinit_ptr,
-                        dim, L, s_ib, s_id, s_il,
-                        W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, HAS_INIT: tl.constexpr,
-                        HAS_SEQ: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
+def _conv_bwd_in_kernel(
+    x_ptr,
+    init_ptr,
+    seq_idx_ptr,
+    weight_ptr,
+    bias_ptr,
+    g_out_ptr,
+    dx_ptr,
+    dinit_ptr,
+    dim,
+    L,
+    s_ib,
+    s_id,
+    s_il,
+    W: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+    HAS_SEQ: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SILU: tl.constexpr,
+):
     """dx at padded input positions p in [1 - W, L): dx for p >= 0, dinit for p < 0, from the
     gradient at the W outputs that read p. (x, bias and their flags: the launcher's common arguments.)"""
     b = tl.program_id(0).to(tl.int64)
@@ -115,15 +230,17 @@ def _conv_bwd_in_kernel(x_ptr, init_ptr, seq_idx_ptr, weight_ptr, bias_ptr, g_ou
     dxp = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
     for k in tl.static_range(W):
         s = p + (W - 1 - k)  # the output that reads input p through tap k
-        g = tl.load(g_out_ptr + row_off + s[None, :], mask=d_mask[:, None] & ((s >= 0) & (s < L))[None, :],
-                    other=0.0)
+        g = tl.load(g_out_ptr + row_off + s[None, :], mask=d_mask[:, None] & ((s >= 0) & (s < L))[None, :], other=0.0)
         if HAS_SEQ:
             g = tl.where((_seq_at(seq_idx_ptr, b, L, s) == seq_p)[None, :], g, 0.0)
         dxp += tl.load(weight_ptr + d * W + k, mask=d_mask, other=0.0).to(tl.float32)[:, None] * g
     tl.store(dx_ptr + row_off + p[None, :], dxp, mask=d_mask[:, None] & ((p >= 0) & (p < L))[None, :])
     if HAS_INIT:
-        tl.store(dinit_ptr + b * s_ib + d[:, None] * s_id + (p + W - 1)[None, :] * s_il, dxp,
-                 mask=d_mask[:, None] & (p < 0)[None, :])
+        tl.store(
+            dinit_ptr + b * s_ib + d[:, None] * s_id + (p + W - 1)[None, :] * s_il,
+            dxp,
+            mask=d_mask[:, None] & (p < 0)[None, :],
+        )
 
 
 def _tiles(dim, n_positions):
@@ -141,10 +258,23 @@ def _conv_launch(kernel, x, weight, bias, seq_idx, init, activation, n_positions
     grid = (batch, triton.cdiv(dim, BLOCK_D), triton.cdiv(n_positions, BLOCK_L))
     strides = init.stride() if init is not None else (0, 0, 0)
     kernel[grid](
-        x, x if init is None else init, x if seq_idx is None else seq_idx, weight, x if bias is None else bias,
-        *extra, dim, L, *strides,
-        W=W, BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L, HAS_INIT=init is not None, HAS_SEQ=seq_idx is not None,
-        HAS_BIAS=bias is not None, SILU=activation is not None, num_warps=4,
+        x,
+        x if init is None else init,
+        x if seq_idx is None else seq_idx,
+        weight,
+        x if bias is None else bias,
+        *extra,
+        dim,
+        L,
+        *strides,
+        W=W,
+        BLOCK_D=BLOCK_D,
+        BLOCK_L=BLOCK_L,
+        HAS_INIT=init is not None,
+        HAS_SEQ=seq_idx is not None,
+        HAS_BIAS=bias is not None,
+        SILU=activation is not None,
+        num_warps=4,
     )
 
 
@@ -156,8 +286,14 @@ def _conv_forward(x, weight, bias, seq_idx, init, activation):
 
 # Autograd and torch.compile see the kernels as custom ops (see selective_scan/kernel.py).
 @torch.library.custom_op("samba_kernels::causal_conv1d_fwd", mutates_args=())
-def _conv_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, seq_idx: torch.Tensor | None,
-                 initial_states: torch.Tensor | None, activation: str | None) -> torch.Tensor:
+def _conv_fwd_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    seq_idx: torch.Tensor | None,
+    initial_states: torch.Tensor | None,
+    activation: str | None,
+) -> torch.Tensor:
     return _conv_forward(x, weight, bias, seq_idx, initial_states, activation)
 
 
@@ -175,9 +311,15 @@ def _conv_bwd_outputs(x, weight, init):
 
 
 @torch.library.custom_op("samba_kernels::causal_conv1d_bwd", mutates_args=())
-def _conv_bwd_op(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 seq_idx: torch.Tensor | None, initial_states: torch.Tensor | None,
-                 activation: str | None) -> list[torch.Tensor]:
+def _conv_bwd_op(
+    dout: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    seq_idx: torch.Tensor | None,
+    initial_states: torch.Tensor | None,
+    activation: str | None,
+) -> list[torch.Tensor]:
     """(dx, dweight, dbias, dinitial_states), the last three in float32; dinitial_states empty when absent."""
     batch, dim, L = x.shape
     W = weight.shape[-1]
@@ -186,10 +328,33 @@ def _conv_bwd_op(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias
     parts = batch * triton.cdiv(L, _tiles(dim, L)[1])  # (batch, position block) rows of the partial sums
     dweight_part = torch.empty(parts, dim, W, dtype=torch.float32, device=x.device)
     dbias_part = torch.zeros(parts, dim, dtype=torch.float32, device=x.device)
-    _conv_launch(_conv_bwd_out_kernel, x, weight, bias, seq_idx, initial_states, activation, L,
-                 dout, g_out, dweight_part, dbias_part)
-    _conv_launch(_conv_bwd_in_kernel, x, weight, bias, seq_idx, initial_states, activation, L + W - 1,
-                 g_out, dx, dx if initial_states is None else dinit)
+    _conv_launch(
+        _conv_bwd_out_kernel,
+        x,
+        weight,
+        bias,
+        seq_idx,
+        initial_states,
+        activation,
+        L,
+        dout,
+        g_out,
+        dweight_part,
+        dbias_part,
+    )
+    _conv_launch(
+        _conv_bwd_in_kernel,
+        x,
+        weight,
+        bias,
+        seq_idx,
+        initial_states,
+        activation,
+        L + W - 1,
+        g_out,
+        dx,
+        dx if initial_states is None else dinit,
+    )
     return [dx, dweight_part.sum(0), dbias_part.sum(0), dinit]
 
 
@@ -206,15 +371,22 @@ def _conv_setup_context(ctx, inputs, output):
 def _conv_backward(ctx, dout):
     x, weight, bias, seq_idx, init = ctx.saved_tensors
     dx, dweight, dbias, dinit = _conv_bwd_op(dout.contiguous(), x, weight, bias, seq_idx, init, ctx.activation)
-    return (dx, dweight.to(weight.dtype), None if bias is None else dbias.to(bias.dtype), None,
-            None if init is None else dinit.to(init.dtype), None)
+    return (
+        dx,
+        dweight.to(weight.dtype),
+        None if bias is None else dbias.to(bias.dtype),
+        None,
+        None if init is None else dinit.to(init.dtype),
+        None,
+    )
 
 
 _conv_fwd_op.register_autograd(_conv_backward, setup_context=_conv_setup_context)
 
 
-def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False,
-                     activation=None):
+def causal_conv1d_fn(
+    x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False, activation=None
+):
     """Depthwise causal convolution (semantics: `causal_conv1d_ref`), differentiable in x, weight, bias and
     initial_states: the Triton kernels where `use_triton(x)`, the reference elsewhere.
 
@@ -238,26 +410,34 @@ def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None, re
         return causal_conv1d_ref(x, weight, bias, seq_idx, initial_states, return_final_states, activation)
     W = weight.shape[-1]
     init = initial_states.contiguous() if initial_states is not None and W > 1 else None
-    out = _conv_fwd_op(x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
-                       None if seq_idx is None else seq_idx.to(torch.int32).contiguous(), init, activation)
+    out = _conv_fwd_op(
+        x.contiguous(),
+        weight.contiguous(),
+        None if bias is None else bias.contiguous(),
+        None if seq_idx is None else seq_idx.to(torch.int32).contiguous(),
+        init,
+        activation,
+    )
     if not return_final_states:
         return out
     history = x.new_zeros(x.shape[0], x.shape[1], W - 1) if init is None else init.to(x.dtype)
-    return out, torch.cat([history, x], dim=-1)[:, :, x.shape[-1]:]  # the last W - 1 inputs
+    return out, torch.cat([history, x], dim=-1)[:, :, x.shape[-1] :]  # the last W - 1 inputs
 
 
-def _conv_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 activation: str | None) -> torch.Tensor:
+def _conv_update(
+    x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None
+) -> torch.Tensor:
     """Output of contiguous x (batch, dim, length); shifts x into `conv_state`."""
     W, S = weight.shape[-1], conv_state.shape[-1]
     # The state's last W - 1 columns are the convolution's initial states (read in place, strided).
-    out = _conv_forward(x, weight, bias, None, conv_state[:, :, S - W + 1:] if W > 1 else None, activation)
+    out = _conv_forward(x, weight, bias, None, conv_state[:, :, S - W + 1 :] if W > 1 else None, activation)
     conv_state.copy_(torch.cat([conv_state.to(x.dtype), x], dim=-1)[:, :, -S:])
     return out
 
 
-_conv_update_op = torch.library.custom_op("samba_kernels::causal_conv1d_update", _conv_update,
-                                          mutates_args=("conv_state",))
+_conv_update_op = torch.library.custom_op(
+    "samba_kernels::causal_conv1d_update", _conv_update, mutates_args=("conv_state",)
+)
 
 
 @_conv_update_op.register_fake

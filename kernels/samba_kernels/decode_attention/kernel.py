@@ -40,18 +40,39 @@ def _rotated(x_ptr, heads, head_mask, cos, sin, HALF: tl.constexpr):
     """The two halves of rows `heads` of x (head_dim = 2 HALF) after rotate-half RoPE, in float32."""
     dims = tl.arange(0, HALF)
     first = tl.load(x_ptr + heads[:, None] * (2 * HALF) + dims[None, :], mask=head_mask[:, None], other=0.0)
-    second = tl.load(x_ptr + heads[:, None] * (2 * HALF) + HALF + dims[None, :], mask=head_mask[:, None],
-                     other=0.0)  # fmt: skip
+    second = tl.load(x_ptr + heads[:, None] * (2 * HALF) + HALF + dims[None, :], mask=head_mask[:, None], other=0.0)
     first, second = first.to(tl.float32), second.to(tl.float32)
     return first * cos[None, :] - second * sin[None, :], second * cos[None, :] + first * sin[None, :]
 
 
 @triton.jit
-def _partial_kernel(q_ptr, k_ptr, v_ptr, key_ring_ptr, value_ring_ptr, readable_ptr, tokens_seen_ptr, position_ptr,
-                    inv_freq_ptr, part_max_ptr, part_sum_ptr, part_out_ptr, rope_scale, scale, slots, stride_kh,
-                    stride_ks, stride_vh, stride_vs, GROUP: tl.constexpr,
-                    BLOCK_G: tl.constexpr, HALF: tl.constexpr, SPLIT: tl.constexpr, TILE: tl.constexpr,
-                    PDL: tl.constexpr):  # fmt: skip
+def _partial_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    key_ring_ptr,
+    value_ring_ptr,
+    readable_ptr,
+    tokens_seen_ptr,
+    position_ptr,
+    inv_freq_ptr,
+    part_max_ptr,
+    part_sum_ptr,
+    part_out_ptr,
+    rope_scale,
+    scale,
+    slots,
+    stride_kh,
+    stride_ks,
+    stride_vh,
+    stride_vs,
+    GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    HALF: tl.constexpr,
+    SPLIT: tl.constexpr,
+    TILE: tl.constexpr,
+    PDL: tl.constexpr,
+):
     kv_head, split = tl.program_id(0), tl.program_id(1)
     if PDL:  # everything it reads may be written by the kernels before it
         gdc_launch_dependents()
@@ -82,8 +103,11 @@ def _partial_kernel(q_ptr, k_ptr, v_ptr, key_ring_ptr, value_ring_ptr, readable_
         key2 = tl.load(key_rows_ptr + HALF + half[None, :], mask=ring_mask[:, None], other=0.0).to(tl.float32)
         key1 = tl.where(new_mask[:, None], k1, key1)
         key2 = tl.where(new_mask[:, None], k2, key2)
-        values = tl.load(value_ring_ptr + kv_head * stride_vh + slot[:, None] * stride_vs + dims[None, :],
-                         mask=ring_mask[:, None], other=0.0).to(tl.float32)  # fmt: skip
+        values = tl.load(
+            value_ring_ptr + kv_head * stride_vh + slot[:, None] * stride_vs + dims[None, :],
+            mask=ring_mask[:, None],
+            other=0.0,
+        ).to(tl.float32)
         values = tl.where(new_mask[:, None], v_new[None, :], values)
         # (BLOCK_G, TILE) scores, summed over the two halves of the head
         scores = tl.sum(q1[:, None, :] * key1[None, :, :], axis=2) + tl.sum(q2[:, None, :] * key2[None, :, :], axis=2)
@@ -105,14 +129,25 @@ def _partial_kernel(q_ptr, k_ptr, v_ptr, key_ring_ptr, value_ring_ptr, readable_
         key_row_ptr = key_ring_ptr + kv_head * stride_kh + new_slot * stride_ks
         tl.store(key_row_ptr + tl.arange(0, HALF)[None, :], k1.to(key_ring_ptr.dtype.element_ty))
         tl.store(key_row_ptr + HALF + tl.arange(0, HALF)[None, :], k2.to(key_ring_ptr.dtype.element_ty))
-        tl.store(value_ring_ptr + kv_head * stride_vh + new_slot * stride_vs + dims,
-                 v_new.to(value_ring_ptr.dtype.element_ty))  # fmt: skip
+        tl.store(
+            value_ring_ptr + kv_head * stride_vh + new_slot * stride_vs + dims,
+            v_new.to(value_ring_ptr.dtype.element_ty),
+        )
 
 
 @triton.jit
-def _combine_kernel(part_max_ptr, part_sum_ptr, part_out_ptr, out_ptr, splits, GROUP: tl.constexpr,
-                    BLOCK_G: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, BLOCK_SPLITS: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+def _combine_kernel(
+    part_max_ptr,
+    part_sum_ptr,
+    part_out_ptr,
+    out_ptr,
+    splits,
+    GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr,
+    PDL: tl.constexpr,
+):
     head = tl.program_id(0)
     if PDL:
         gdc_launch_dependents()
@@ -131,8 +166,7 @@ def _combine_kernel(part_max_ptr, part_sum_ptr, part_out_ptr, out_ptr, splits, G
     tl.store(out_ptr + head * HEAD_DIM + dims, result.to(out_ptr.dtype.element_ty))
 
 
-def ring_decode_attention(q, k, v, key_ring, value_ring, readable, tokens_seen, position, inv_freq, rope_scale,
-                          scale):  # fmt: skip
+def ring_decode_attention(q, k, v, key_ring, value_ring, readable, tokens_seen, position, inv_freq, rope_scale, scale):
     """One token's attention over a ring buffer (semantics: `ring_decode_attention_ref`; see the module docstring),
     without gradients: the Triton kernels where `use_triton(q)`, the reference elsewhere.
 
@@ -155,18 +189,31 @@ def ring_decode_attention(q, k, v, key_ring, value_ring, readable, tokens_seen, 
     """
     batch, kv_heads, slots, head_dim = key_ring.shape
     heads = q.shape[-1] // head_dim
-    if batch != 1 or q.shape[:-1].numel() != 1 or heads % kv_heads or head_dim % 2 or value_ring.shape != key_ring.shape:
-        raise ValueError(f"ring_decode_attention: one row of q {tuple(q.shape)} over rings {tuple(key_ring.shape)} "
-                         f"and {tuple(value_ring.shape)} (batch 1, heads a multiple of kv_heads, even head_dim)")  # fmt: skip
+    if (
+        batch != 1
+        or q.shape[:-1].numel() != 1
+        or heads % kv_heads
+        or head_dim % 2
+        or value_ring.shape != key_ring.shape
+    ):
+        raise ValueError(
+            f"ring_decode_attention: one row of q {tuple(q.shape)} over rings {tuple(key_ring.shape)} "
+            f"and {tuple(value_ring.shape)} (batch 1, heads a multiple of kv_heads, even head_dim)"
+        )
     if readable.shape != (1, slots) or k.shape[-1] != kv_heads * head_dim or v.shape[-1] != kv_heads * head_dim:
-        raise ValueError(f"ring_decode_attention: k {tuple(k.shape)}, v {tuple(v.shape)} and readable "
-                         f"{tuple(readable.shape)} do not match rings {tuple(key_ring.shape)}")  # fmt: skip
+        raise ValueError(
+            f"ring_decode_attention: k {tuple(k.shape)}, v {tuple(v.shape)} and readable "
+            f"{tuple(readable.shape)} do not match rings {tuple(key_ring.shape)}"
+        )
     if not use_triton(q):
-        return ring_decode_attention_ref(q, k, v, key_ring, value_ring, readable, tokens_seen, position, inv_freq,
-                                         rope_scale, scale)  # fmt: skip
+        return ring_decode_attention_ref(
+            q, k, v, key_ring, value_ring, readable, tokens_seen, position, inv_freq, rope_scale, scale
+        )
     if head_dim & (head_dim - 1) or key_ring.stride(-1) != 1 or value_ring.stride(-1) != 1:
-        raise ValueError(f"ring_decode_attention: the kernel takes a power-of-two head_dim ({head_dim}) and rings "
-                         "contiguous along head_dim")  # fmt: skip
+        raise ValueError(
+            f"ring_decode_attention: the kernel takes a power-of-two head_dim ({head_dim}) and rings "
+            "contiguous along head_dim"
+        )
     group = heads // kv_heads
     block_g = triton.next_power_of_2(group)
     splits = triton.cdiv(slots, SPLIT_SLOTS)
@@ -176,13 +223,45 @@ def ring_decode_attention(q, k, v, key_ring, value_ring, readable, tokens_seen, 
     q, k, v = (t.reshape(-1).contiguous() for t in (q, k, v))
     readable = readable.reshape(-1)
     _partial_kernel[(kv_heads, splits)](
-        q, k, v, key_ring, value_ring, readable, tokens_seen, position, inv_freq.contiguous(), part_max, part_sum,
-        part_out, float(rope_scale), float(scale), slots, key_ring.stride(1), key_ring.stride(2),
-        value_ring.stride(1), value_ring.stride(2), GROUP=group, BLOCK_G=block_g, HALF=head_dim // 2,
-        SPLIT=SPLIT_SLOTS, TILE=min(TILE_SLOTS, SPLIT_SLOTS), num_warps=4, **dependent_launch(q),
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        key_ring,
+        value_ring,
+        readable,
+        tokens_seen,
+        position,
+        inv_freq.contiguous(),
+        part_max,
+        part_sum,
+        part_out,
+        float(rope_scale),
+        float(scale),
+        slots,
+        key_ring.stride(1),
+        key_ring.stride(2),
+        value_ring.stride(1),
+        value_ring.stride(2),
+        GROUP=group,
+        BLOCK_G=block_g,
+        HALF=head_dim // 2,
+        SPLIT=SPLIT_SLOTS,
+        TILE=min(TILE_SLOTS, SPLIT_SLOTS),
+        num_warps=4,
+        **dependent_launch(q),
+    )
     out = q.new_empty(1, heads * head_dim)
-    _combine_kernel[(heads,)](part_max, part_sum, part_out, out, splits, GROUP=group, BLOCK_G=block_g,
-                              HEAD_DIM=head_dim, BLOCK_SPLITS=triton.next_power_of_2(splits), num_warps=4,
-                              **dependent_launch(q))  # fmt: skip
+    _combine_kernel[(heads,)](
+        part_max,
+        part_sum,
+        part_out,
+        out,
+        splits,
+        GROUP=group,
+        BLOCK_G=block_g,
+        HEAD_DIM=head_dim,
+        BLOCK_SPLITS=triton.next_power_of_2(splits),
+        num_warps=4,
+        **dependent_launch(q),
+    )
     return out

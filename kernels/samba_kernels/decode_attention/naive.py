@@ -3,11 +3,17 @@
 import torch
 
 
-def ring_decode_attention_ref(q, k, v, key_ring, value_ring, readable, tokens_seen, position, inv_freq, rope_scale,
-                              scale):  # fmt: skip
+def ring_decode_attention_ref(
+    q, k, v, key_ring, value_ring, readable, tokens_seen, position, inv_freq, rope_scale, scale
+):
     """What the model's attention computes for one token: RoPE on q and k, the ring's update (in place), and
     softmax(q K^T scale) V over the readable slots and the new one. Arguments and result: `ring_decode_attention`'s."""
-    heads, kv_heads, slots, head_dim = q.shape[-1] // key_ring.shape[-1], key_ring.shape[1], key_ring.shape[2], key_ring.shape[-1]
+    heads, kv_heads, slots, head_dim = (
+        q.shape[-1] // key_ring.shape[-1],
+        key_ring.shape[1],
+        key_ring.shape[2],
+        key_ring.shape[-1],
+    )
     angle = position.reshape(()).float() * inv_freq.float()
     cos, sin = torch.cat([angle.cos(), angle.cos()]) * rope_scale, torch.cat([angle.sin(), angle.sin()]) * rope_scale
 

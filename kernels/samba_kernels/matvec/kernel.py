@@ -33,10 +33,32 @@ from .naive import gated_matvec_ref, matvec_add_ref, matvec_ref, stacked_matvec_
 
 
 @triton.jit
-def _matvec_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, bias_ptr, norm_weight_ptr, out_ptr, N0, N1, N2, K, stride_x,
-                   stride0, stride1, stride2, eps,
-                   WEIGHTS: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
-                   RESIDUAL: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _matvec_kernel(
+    x_ptr,
+    w0_ptr,
+    w1_ptr,
+    w2_ptr,
+    bias_ptr,
+    norm_weight_ptr,
+    out_ptr,
+    N0,
+    N1,
+    N2,
+    K,
+    stride_x,
+    stride0,
+    stride1,
+    stride2,
+    eps,
+    WEIGHTS: tl.constexpr,
+    GATED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    NORM: tl.constexpr,
+    RESIDUAL: tl.constexpr,
+    PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """out = x @ [w0; w1; w2].T (+ bias): the rows of the first WEIGHTS weights stacked, N0 + N1 + N2
     outputs (the unused weights have 0 rows). GATED: out = silu(x @ w0.T) * (x @ w1.T), N0 outputs,
     each program reading the same rows of both weights. NORM: x is first RMS-normalised (float32) and
@@ -78,8 +100,9 @@ def _matvec_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, bias_ptr, norm_weight_ptr, out
         w = tl.load(w_rows_ptr[:, None] + cols[None, :], mask=tile_mask, other=0.0, eviction_policy="evict_first")
         acc += w.to(tl.float32) * x_k
         if GATED:
-            up = tl.load(up_rows_ptr[:, None] + cols[None, :], mask=tile_mask, other=0.0,
-                         eviction_policy="evict_first")
+            up = tl.load(
+                up_rows_ptr[:, None] + cols[None, :], mask=tile_mask, other=0.0, eviction_policy="evict_first"
+            )
             acc_up += up.to(tl.float32) * x_k
     y = tl.sum(acc, axis=1)
     if GATED:
@@ -114,9 +137,15 @@ def _new_output(x: torch.Tensor, weights: list[torch.Tensor], gated: bool) -> to
     return x.new_empty(*x.shape[:-1], n, dtype=weights[0].dtype)
 
 
-def _launch_matvec(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None, gated: bool,
-                   norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-                   residual: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def _launch_matvec(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    bias: torch.Tensor | None,
+    gated: bool,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 0.0,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
     out = _new_output(x, weights, gated) if residual is None else residual
     x_row = x.reshape(-1)  # one row, as a view: its elements may be strided (a slice of a wider tensor)
     weights = [w if w.stride(-1) == 1 else w.contiguous() for w in weights]
@@ -126,10 +155,24 @@ def _launch_matvec(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Ten
     rows = [weights[0].shape[0]] + [w.shape[0] for w in stacked] + [0] * (2 - len(stacked))
     tile = _tile(out.shape[-1] * (2 if gated else 1), x_row.shape[0])
     _matvec_kernel[(triton.cdiv(out.shape[-1], tile["BLOCK_N"]),)](
-        x_row, *padded, padded[0] if bias is None else bias, padded[0] if norm_weight is None else norm_weight, out,
-        *rows, x_row.shape[0], x_row.stride(0), *(w.stride(0) for w in padded), eps, WEIGHTS=1 + len(stacked),
-        GATED=gated, HAS_BIAS=bias is not None, NORM=norm_weight is not None, RESIDUAL=residual is not None,
-        **dependent_launch(x), **tile)  # fmt: skip
+        x_row,
+        *padded,
+        padded[0] if bias is None else bias,
+        padded[0] if norm_weight is None else norm_weight,
+        out,
+        *rows,
+        x_row.shape[0],
+        x_row.stride(0),
+        *(w.stride(0) for w in padded),
+        eps,
+        WEIGHTS=1 + len(stacked),
+        GATED=gated,
+        HAS_BIAS=bias is not None,
+        NORM=norm_weight is not None,
+        RESIDUAL=residual is not None,
+        **dependent_launch(x),
+        **tile,
+    )
     return out
 
 
@@ -147,8 +190,13 @@ def _(x, weights, bias, gated):
     return _new_output(x, weights, gated)
 
 
-def _check(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: torch.Tensor | None, name: str,
-           norm_weight: torch.Tensor | None = None) -> bool:  # fmt: skip
+def _check(
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    bias: torch.Tensor | None,
+    name: str,
+    norm_weight: torch.Tensor | None = None,
+) -> bool:
     """Raises on what the kernel cannot do; True where `use_triton(x)` (the kernel), False where the
     caller's F.linear reference runs."""
     if x.shape[:-1].numel() != 1:
@@ -157,8 +205,10 @@ def _check(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: torch.Tensor 
         # x may be float32 where it is normalised first (the residual stream of a bf16 model)
         dtype_ok = x.dtype == weight.dtype or (norm_weight is not None and x.dtype == torch.float32)
         if weight.dim() != 2 or x.shape[-1] != weight.shape[1] or not dtype_ok:
-            raise ValueError(f"{name}: x {tuple(x.shape)} {x.dtype} does not match weight {tuple(weight.shape)} "
-                             f"{weight.dtype} (x's last dimension is the weight's second, in the same dtype)")
+            raise ValueError(
+                f"{name}: x {tuple(x.shape)} {x.dtype} does not match weight {tuple(weight.shape)} "
+                f"{weight.dtype} (x's last dimension is the weight's second, in the same dtype)"
+            )
     if norm_weight is not None and norm_weight.shape != (x.shape[-1],):
         raise ValueError(f"{name}: norm_weight {tuple(norm_weight.shape)} must have x's last dimension {x.shape[-1]}")
     if not use_triton(x):
@@ -170,15 +220,27 @@ def _check(x: torch.Tensor, weights: Sequence[torch.Tensor], bias: torch.Tensor 
     return True
 
 
-def _run(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None, gated: bool,
-         norm_weight: torch.Tensor | None, eps: float) -> torch.Tensor:  # fmt: skip
+def _run(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    bias: torch.Tensor | None,
+    gated: bool,
+    norm_weight: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return _matvec(x, weights, bias, gated)
     return _launch_matvec(x, weights, bias, gated, norm_weight, eps)
 
 
-def matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-           norm_weight: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:  # fmt: skip
+def matvec(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
     """F.linear(x, weight, bias) for an x holding one row, without gradients (semantics: `matvec_ref`): the
     Triton kernel where `use_triton(x)`, the reference elsewhere.
 
@@ -199,8 +261,9 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return _run(x, [weight], bias, False, norm_weight, eps)
 
 
-def matvec_add_(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def matvec_add_(
+    residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """residual += F.linear(x, weight, bias), in place, for one row (semantics: `matvec_add_ref`): a residual
     stream updated by a projection in one launch, without gradients.
 
@@ -221,8 +284,9 @@ def matvec_add_(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     return _launch_matvec(x, [weight], bias, False, residual=residual)
 
 
-def stacked_matvec(x: torch.Tensor, weights: Sequence[torch.Tensor], *, norm_weight: torch.Tensor | None = None,
-                   eps: float = 1e-5) -> tuple[torch.Tensor, ...]:  # fmt: skip
+def stacked_matvec(
+    x: torch.Tensor, weights: Sequence[torch.Tensor], *, norm_weight: torch.Tensor | None = None, eps: float = 1e-5
+) -> tuple[torch.Tensor, ...]:
     """(F.linear(x, w) for w in weights) in one launch, without concatenating the weights (as `matvec`;
     semantics: `stacked_matvec_ref`).
 
@@ -242,8 +306,14 @@ def stacked_matvec(x: torch.Tensor, weights: Sequence[torch.Tensor], *, norm_wei
     return _run(x, weights, None, False, norm_weight, eps).split([w.shape[0] for w in weights], dim=-1)
 
 
-def gated_matvec(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor, *,
-                 norm_weight: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:  # fmt: skip
+def gated_matvec(
+    x: torch.Tensor,
+    gate_weight: torch.Tensor,
+    up_weight: torch.Tensor,
+    *,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
     """F.silu(F.linear(x, gate_weight)) * F.linear(x, up_weight) for a one-row x in one launch (as `matvec`;
     semantics: `gated_matvec_ref`): SwiGLU's first half, with the product of its two halves taken in the kernel.
 
@@ -256,8 +326,10 @@ def gated_matvec(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Te
         shape `[..., N]` in the weights' dtype.
     """
     if gate_weight.shape != up_weight.shape:
-        raise ValueError(f"gated_matvec: gate {tuple(gate_weight.shape)} and up {tuple(up_weight.shape)} weights "
-                         "must have the same shape")
+        raise ValueError(
+            f"gated_matvec: gate {tuple(gate_weight.shape)} and up {tuple(up_weight.shape)} weights "
+            "must have the same shape"
+        )
     if not _check(x, [gate_weight, up_weight], None, "gated_matvec", norm_weight):
         return gated_matvec_ref(x, gate_weight, up_weight, norm_weight=norm_weight, eps=eps)
     return _run(x, [gate_weight, up_weight], None, True, norm_weight, eps)

@@ -56,8 +56,9 @@ CHUNK = 8  # the time tile under Triton's interpreter (CPU tensors), where a sca
 # backward's caps: at 168 (its NU 4 would take more) it spills a few loop-invariant values outside the state
 # loop, at 128 a few inside it (offline sm_90 compiles).
 GPU_FWD = dict(BLOCK_D=16, T=16, NU=8, num_warps=1, maxnreg=128)  # forward without saving checkpoints
-GPU_TRAIN = dict(T=16, fwd=dict(BLOCK_D=16, NU=8, num_warps=1, maxnreg=128),
-                 bwd=dict(BLOCK_D=16, NU=4, num_warps=1, maxnreg=168))
+GPU_TRAIN = dict(
+    T=16, fwd=dict(BLOCK_D=16, NU=8, num_warps=1, maxnreg=128), bwd=dict(BLOCK_D=16, NU=4, num_warps=1, maxnreg=168)
+)
 MIN_BLOCK_D, PROGRAMS_PER_SM = 1, 8
 # Each of the backward's programs walks the whole sequence, so a grid with more warps than the GPU holds at once
 # runs a second, mostly idle wave. Its register cap is the largest of BWD_REGISTER_CAPS under which every warp
@@ -129,8 +130,13 @@ _FORCED = contextvars.ContextVar("samba_kernels.selective_scan.forced_layout", d
 
 
 @contextlib.contextmanager
-def forced_layout(forward: str | None = None, *, block_d: int | None = None, chunk_length: int | None = None,
-                  backward_chunk_length: int | None = None):
+def forced_layout(
+    forward: str | None = None,
+    *,
+    block_d: int | None = None,
+    chunk_length: int | None = None,
+    backward_chunk_length: int | None = None,
+):
     """Within the block, scans launch the given layout instead of the cost model's choice (for benchmarks and
     tests; the results do not change, only the kernels that compute them).
 
@@ -335,16 +341,34 @@ def _loads(u_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, t, HAS_Z
 @triton.jit
 def _values(u_raw, delta_raw, z_raw, d_mask, t, L, bias_v, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """u, dt, z (BLOCK_D, T) in float32 of `_loads`' tiles of steps t."""
-    return (u_raw.to(tl.float32), _dt(delta_raw, _in_range(d_mask, t, L), bias_v, HAS_BIAS, SOFTPLUS),
-            z_raw.to(tl.float32))
+    return (
+        u_raw.to(tl.float32),
+        _dt(delta_raw, _in_range(d_mask, t, L), bias_v, HAS_BIAS, SOFTPLUS),
+        z_raw.to(tl.float32),
+    )
 
 
 @triton.jit
-def _tile(u_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, bias_v, t,
-          HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr):
+def _tile(
+    u_ptr,
+    delta_ptr,
+    z_ptr,
+    seq_idx_ptr,
+    b,
+    L,
+    row_off,
+    d_mask,
+    bias_v,
+    t,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    HAS_SEQ: tl.constexpr,
+):
     """u, dt, z (BLOCK_D, T) in float32 and keep (T,) of steps t, loaded and converted at once."""
-    u_raw, delta_raw, z_raw, keep = _loads(u_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, t, HAS_Z,
-                                           HAS_SEQ)
+    u_raw, delta_raw, z_raw, keep = _loads(
+        u_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, t, HAS_Z, HAS_SEQ
+    )
     u_t, dt, z_t = _values(u_raw, delta_raw, z_raw, d_mask, t, L, bias_v, HAS_BIAS, SOFTPLUS)
     return u_t, dt, z_t, keep
 
@@ -374,13 +398,40 @@ def _col(x, tt, n):
 
 
 @triton.jit
-def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, seq_idx_ptr, init_ptr,
-                     last_ptr, ckpt_ptr, out_ptr,
-                     dim, L, groups, dpg, n_tiles, s_hb, s_hd, s_hn,
-                     N: tl.constexpr, NU: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr,
-                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
-                     SAVE_CKPT: tl.constexpr):
+def _scan_fwd_kernel(
+    u_ptr,
+    delta_ptr,
+    A_ptr,
+    B_ptr,
+    C_ptr,
+    D_ptr,
+    z_ptr,
+    delta_bias_ptr,
+    seq_idx_ptr,
+    init_ptr,
+    last_ptr,
+    ckpt_ptr,
+    out_ptr,
+    dim,
+    L,
+    groups,
+    dpg,
+    n_tiles,
+    s_hb,
+    s_hd,
+    s_hn,
+    N: tl.constexpr,
+    NU: tl.constexpr,
+    T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    HAS_SEQ: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+    SAVE_CKPT: tl.constexpr,
+):
     b, d, d_mask, row_off, bc_off = _coords(dim, L, N, groups, dpg, BLOCK_D)
     bias_v, D_v = _channel_params(delta_bias_ptr, D_ptr, d, d_mask, HAS_BIAS, HAS_D)
     tt = tl.arange(0, T)
@@ -393,8 +444,9 @@ def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_
         h = tl.zeros([BLOCK_D, T], dtype=tl.float32)
     ckpt_tiles_ptr = ckpt_ptr + (b * dim + d[:, None]) * n_tiles * N + tt[None, :]
     # Software prefetch: the loads of tile i + 1 are issued before tile i is computed.
-    u_raw, delta_raw, z_raw, k_n = _loads(u_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, tt, HAS_Z,
-                                          HAS_SEQ)
+    u_raw, delta_raw, z_raw, k_n = _loads(
+        u_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, tt, HAS_Z, HAS_SEQ
+    )
     for i in range(n_tiles):
         if SAVE_CKPT:  # the states entering each tile, for the backward
             tl.store(ckpt_tiles_ptr + i * N, h, mask=st_mask)
@@ -402,8 +454,9 @@ def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_
         t_mask = t < L
         u_t, dt, z_t = _values(u_raw, delta_raw, z_raw, d_mask, t, L, bias_v, HAS_BIAS, SOFTPLUS)
         keep = k_n
-        u_raw, delta_raw, z_raw, k_n = _loads(u_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, t + T,
-                                              HAS_Z, HAS_SEQ)
+        u_raw, delta_raw, z_raw, k_n = _loads(
+            u_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, t + T, HAS_Z, HAS_SEQ
+        )
         dtu = dt * u_t
         y = D_v[:, None] * u_t if HAS_D else tl.zeros([BLOCK_D, T], dtype=tl.float32)
         for n0 in range(0, N, NU):  # NU states at a time: enough independent work, not all N live at once
@@ -424,14 +477,46 @@ def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_
 
 
 @triton.jit
-def _scan_fwd_lanes_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, seq_idx_ptr, init_ptr,
-                           last_ptr, ckpt_ptr, out_ptr, ends_ptr, decays_ptr,
-                           dim, L, groups, dpg, n_tiles, chunk_tiles, s_hb, s_hd, s_hn,
-                           N: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr,
-                           HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
-                           SAVE_CKPT: tl.constexpr, CKPT_EVERY: tl.constexpr, Y_PARTS: tl.constexpr,
-                           SPLIT: tl.constexpr):
+def _scan_fwd_lanes_kernel(
+    u_ptr,
+    delta_ptr,
+    A_ptr,
+    B_ptr,
+    C_ptr,
+    D_ptr,
+    z_ptr,
+    delta_bias_ptr,
+    seq_idx_ptr,
+    init_ptr,
+    last_ptr,
+    ckpt_ptr,
+    out_ptr,
+    ends_ptr,
+    decays_ptr,
+    dim,
+    L,
+    groups,
+    dpg,
+    n_tiles,
+    chunk_tiles,
+    s_hb,
+    s_hd,
+    s_hn,
+    N: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    HAS_SEQ: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+    SAVE_CKPT: tl.constexpr,
+    CKPT_EVERY: tl.constexpr,
+    Y_PARTS: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
     """The forward with a channel's states in one lane (BLOCK_D 32: one warp) or split over two or four (BLOCK_D 16
     or 8): a thread holds its states of the channel and the tile's steps (T), so each step is one multiply-add per
     state (the steps are unrolled; picking step s of a tile is a register pick) and y's sum over the states stays
@@ -459,7 +544,8 @@ def _scan_fwd_lanes_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
         summary_off = (b * dim + d[:, None]) * n_chunks * N + nn[None, :]
         for j in range(c):
             h = tl.load(decays_ptr + summary_off + j * N, mask=st_mask, other=0.0) * h + tl.load(
-                ends_ptr + summary_off + j * N, mask=st_mask, other=0.0)
+                ends_ptr + summary_off + j * N, mask=st_mask, other=0.0
+            )
     # B and C of a tile in one (2 BLOCK_N, T) load, row 2n from B[n] and row 2n + 1 from C[n]: each step's
     # B and C then reach the lanes in one layout conversion.
     rr = tl.arange(0, 2 * BLOCK_N)
@@ -469,8 +555,9 @@ def _scan_fwd_lanes_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
     first = c * chunk_tiles
     # Software prefetch of tile i + 1's inputs as stored, converted in the next iteration (see `_loads`).
     t_next = first * T + tt
-    u_raw, delta_raw, z_raw, k_n = _loads(u_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, t_next, HAS_Z,
-                                          HAS_SEQ)
+    u_raw, delta_raw, z_raw, k_n = _loads(
+        u_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, t_next, HAS_Z, HAS_SEQ
+    )
     BC_raw = tl.load(bc_rows_ptr + t_next[None, :], mask=bc_mask & (t_next < L)[None, :], other=0.0)
     for i in range(first, tl.minimum(first + chunk_tiles, n_tiles)):
         if SAVE_CKPT:
@@ -479,8 +566,9 @@ def _scan_fwd_lanes_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
         t_mask = t < L
         u_t, dt, z_t = _values(u_raw, delta_raw, z_raw, d_mask, t, L, bias_v, HAS_BIAS, SOFTPLUS)
         keep, BC_t = k_n, BC_raw.to(tl.float32)
-        u_raw, delta_raw, z_raw, k_n = _loads(u_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, t + T,
-                                              HAS_Z, HAS_SEQ)
+        u_raw, delta_raw, z_raw, k_n = _loads(
+            u_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, t + T, HAS_Z, HAS_SEQ
+        )
         BC_raw = tl.load(bc_rows_ptr + (t + T)[None, :], mask=bc_mask & (t + T < L)[None, :], other=0.0)
         dtu = dt * u_t
         if HAS_SEQ:
@@ -504,11 +592,33 @@ def _scan_fwd_lanes_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
 
 
 @triton.jit
-def _chunk_summary_kernel(x_ptr, delta_ptr, V_ptr, z_ptr, A_ptr, delta_bias_ptr, seq_idx_ptr, ends_ptr, decays_ptr,
-                          dim, L, groups, dpg, n_tiles, chunk_tiles, n_chunks,
-                          N: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr,
-                          HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                          HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr):
+def _chunk_summary_kernel(
+    x_ptr,
+    delta_ptr,
+    V_ptr,
+    z_ptr,
+    A_ptr,
+    delta_bias_ptr,
+    seq_idx_ptr,
+    ends_ptr,
+    decays_ptr,
+    dim,
+    L,
+    groups,
+    dpg,
+    n_tiles,
+    chunk_tiles,
+    n_chunks,
+    N: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    HAS_SEQ: tl.constexpr,
+    REVERSE: tl.constexpr,
+):
     """A chunk's summary for the split scan, in the lanes forward's layout: from a zero state, its end state
     h = a_t h + dt_t u_t B_t over its steps (x = u, V = B), or with REVERSE the adjoint that leaves it through its
     first step, p = a_t (p + g_t C_t) over its steps taken backwards (x = dout, V = C, g = dout silu(z)); and its
@@ -531,18 +641,23 @@ def _chunk_summary_kernel(x_ptr, delta_ptr, V_ptr, z_ptr, A_ptr, delta_bias_ptr,
     count = tl.minimum(chunk_tiles, n_tiles - first)
     # Software prefetch of the next tile's inputs, as in the lanes forward.
     t_next = (first + count - 1 if REVERSE else first) * T + tt
-    x_raw, delta_raw, z_raw, k_n = _loads(x_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, t_next, HAS_Z,
-                                          HAS_SEQ)
+    x_raw, delta_raw, z_raw, k_n = _loads(
+        x_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, t_next, HAS_Z, HAS_SEQ
+    )
     V_raw = tl.load(v_rows_ptr + t_next[None, :], mask=(nn < N)[:, None] & (t_next < L)[None, :], other=0.0)
     for k in range(count):
         t = t_next
         x_t, dt, z_t = _values(x_raw, delta_raw, z_raw, d_mask, t, L, bias_v, HAS_BIAS, SOFTPLUS)
         keep, V_t = k_n, V_raw.to(tl.float32)
         t_next = t - T if REVERSE else t + T
-        x_raw, delta_raw, z_raw, k_n = _loads(x_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, t_next,
-                                              HAS_Z, HAS_SEQ)
-        V_raw = tl.load(v_rows_ptr + t_next[None, :], mask=(nn < N)[:, None] & (t_next >= 0)[None, :]
-                        & (t_next < L)[None, :], other=0.0)
+        x_raw, delta_raw, z_raw, k_n = _loads(
+            x_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, t_next, HAS_Z, HAS_SEQ
+        )
+        V_raw = tl.load(
+            v_rows_ptr + t_next[None, :],
+            mask=(nn < N)[:, None] & (t_next >= 0)[None, :] & (t_next < L)[None, :],
+            other=0.0,
+        )
         if REVERSE:
             if HAS_Z:
                 x_t = _gate(x_t, z_t)
@@ -580,14 +695,31 @@ def _adjoint(decay_next, c, q_after):
 
 
 @triton.jit
-def _bwd_tile(u_ptr, delta_ptr, z_ptr, dout_ptr, seq_idx_ptr, b, L, row_off, d_mask, bias_v, t,
-              HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr):
+def _bwd_tile(
+    u_ptr,
+    delta_ptr,
+    z_ptr,
+    dout_ptr,
+    seq_idx_ptr,
+    b,
+    L,
+    row_off,
+    d_mask,
+    bias_v,
+    t,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    HAS_SEQ: tl.constexpr,
+):
     """The backward's inputs of steps t: `_tile`'s, dt and keep of steps t + 1 (a_{t+1} carries the
     adjoint back; 1 past the end: q_{L-1} = C g + dlast) and dout."""
-    u_t, dt, z_t, keep = _tile(u_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, bias_v, t,
-                               HAS_Z, HAS_BIAS, SOFTPLUS, HAS_SEQ)
-    _, dt1, _, keep1 = _tile(u_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, bias_v, t + 1,
-                             False, HAS_BIAS, SOFTPLUS, HAS_SEQ)
+    u_t, dt, z_t, keep = _tile(
+        u_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, bias_v, t, HAS_Z, HAS_BIAS, SOFTPLUS, HAS_SEQ
+    )
+    _, dt1, _, keep1 = _tile(
+        u_ptr, delta_ptr, z_ptr, seq_idx_ptr, b, L, row_off, d_mask, bias_v, t + 1, False, HAS_BIAS, SOFTPLUS, HAS_SEQ
+    )
     g = tl.load(dout_ptr + row_off[:, None] + t[None, :], mask=_in_range(d_mask, t, L), other=0.0).to(tl.float32)
     return u_t, dt, z_t, keep, dt1, keep1, g
 
@@ -626,15 +758,51 @@ def _state_inputs(A_ptr, B_ptr, C_ptr, ckpt_tiles_ptr, d, d_mask, bc_off, L, t, 
 
 
 @triton.jit
-def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, seq_idx_ptr, ckpt_ptr,
-                     dlast_ptr, dout_ptr, adjoints_ptr, decays_ptr,
-                     du_ptr, ddelta_ptr, dz_ptr, dA_part_ptr, dB_part_ptr, dC_part_ptr, dD_part_ptr, dbias_part_ptr,
-                     dinit_ptr,
-                     n_rows, dim, L, groups, dpg, n_tiles, chunk_tiles,
-                     N: tl.constexpr, NU: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr,
-                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
-                     HAS_DLAST: tl.constexpr, THREAD_STEPS: tl.constexpr, SPLIT: tl.constexpr):
+def _scan_bwd_kernel(
+    u_ptr,
+    delta_ptr,
+    A_ptr,
+    B_ptr,
+    C_ptr,
+    D_ptr,
+    z_ptr,
+    delta_bias_ptr,
+    seq_idx_ptr,
+    ckpt_ptr,
+    dlast_ptr,
+    dout_ptr,
+    adjoints_ptr,
+    decays_ptr,
+    du_ptr,
+    ddelta_ptr,
+    dz_ptr,
+    dA_part_ptr,
+    dB_part_ptr,
+    dC_part_ptr,
+    dD_part_ptr,
+    dbias_part_ptr,
+    dinit_ptr,
+    n_rows,
+    dim,
+    L,
+    groups,
+    dpg,
+    n_tiles,
+    chunk_tiles,
+    N: tl.constexpr,
+    NU: tl.constexpr,
+    T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    HAS_SEQ: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+    HAS_DLAST: tl.constexpr,
+    THREAD_STEPS: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
     """Program axis 2 walks chunk c of the sequence (chunk_tiles tiles) backwards; where SPLIT (more than one
     chunk), `adjoints` and `decays` (batch, dim, chunks, d_state) hold _chunk_summary_kernel's reverse summaries
     of every chunk but the first. dA, dD and ddelta_bias partials are per (chunk, batch)."""
@@ -656,8 +824,10 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_
         summary_off = (b * dim + d[:, None]) * n_chunks * N + tt[None, :]
         for later in range(n_chunks - 1 - c):
             j = n_chunks - 1 - later
-            q = tl.load(adjoints_ptr + summary_off + j * N, mask=st_mask, other=0.0) + tl.load(
-                decays_ptr + summary_off + j * N, mask=st_mask, other=0.0) * q
+            q = (
+                tl.load(adjoints_ptr + summary_off + j * N, mask=st_mask, other=0.0)
+                + tl.load(decays_ptr + summary_off + j * N, mask=st_mask, other=0.0) * q
+            )
     dA_acc = tl.zeros([BLOCK_D, T], dtype=tl.float32)
     ckpt_tiles_ptr = ckpt_ptr + (b * dim + d) * n_tiles * N
     # This program's rows of the (channel blocks, batch * groups, d_state, length) partials of dB, dC.
@@ -675,9 +845,23 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_
         t_mask = t < L
         tile_mask = d_mask[:, None] & t_mask[None, :]
         tile_off = row_off[:, None] + t[None, :]
-        u_t, dt, z_t, keep, dt1, keep1, g = _bwd_tile(u_ptr, delta_ptr, z_ptr, dout_ptr, seq_idx_ptr, b, L, row_off,
-                                                      d_mask, bias_v, t,
-                                                      HAS_Z, HAS_BIAS, SOFTPLUS, HAS_SEQ)
+        u_t, dt, z_t, keep, dt1, keep1, g = _bwd_tile(
+            u_ptr,
+            delta_ptr,
+            z_ptr,
+            dout_ptr,
+            seq_idx_ptr,
+            b,
+            L,
+            row_off,
+            d_mask,
+            bias_v,
+            t,
+            HAS_Z,
+            HAS_BIAS,
+            SOFTPLUS,
+            HAS_SEQ,
+        )
         if SPLIT:  # past the chunk's last step, a = 1 (the loads already give that past L)
             dt1 = tl.where((t + 1 < t_end)[None, :], dt1, 0.0)
             keep1 = tl.where(t + 1 < t_end, keep1, 1.0)
@@ -688,15 +872,17 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_
         qB = tl.zeros([BLOCK_D, T], dtype=tl.float32)  # sum_n q_t[n] B_t[n]: the adjoint of dt_t u_t
         dexpA = tl.zeros([BLOCK_D, T], dtype=tl.float32)  # sum_n of the adjoint of dt_t A[n], times A[n]
         # Software prefetch: the loads of state n + 1 are issued before state n is computed.
-        A_x, B_x, C_x, h0_x = _state_inputs(A_ptr, B_ptr, C_ptr, ckpt_tiles_ptr, d, d_mask, bc_off, L, t, t_mask, i,
-                                            0, N)
+        A_x, B_x, C_x, h0_x = _state_inputs(
+            A_ptr, B_ptr, C_ptr, ckpt_tiles_ptr, d, d_mask, bc_off, L, t, t_mask, i, 0, N
+        )
         for n0 in range(0, N, NU):  # NU states at a time: enough independent work, not all N live at once
             for k in tl.static_range(NU):
                 n = n0 + k
                 sel = (tt == n)[None, :]
                 A_n, B_n, C_n, h0 = A_x, B_x, C_x, h0_x
-                A_x, B_x, C_x, h0_x = _state_inputs(A_ptr, B_ptr, C_ptr, ckpt_tiles_ptr, d, d_mask, bc_off, L, t,
-                                                    t_mask, i, (n + 1) % N, N)
+                A_x, B_x, C_x, h0_x = _state_inputs(
+                    A_ptr, B_ptr, C_ptr, ckpt_tiles_ptr, d, d_mask, bc_off, L, t, t_mask, i, (n + 1) % N, N
+                )
                 A2_n = A_n * LOG2E
                 bb = dtu * B_n[None, :]
                 hs = _trajectory(_decay(dt, A2_n, keep, HAS_SEQ), bb, h0)
@@ -731,9 +917,13 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_
     tl.store(dA_part_ptr + chunk_off * N + st_off, dA_acc, mask=st_mask)
     if HAS_INIT:  # h_0 = a_0 h_init + b_0
         if c == 0:
-            dt0 = _dt(tl.load(delta_ptr + row_off[:, None] + tl.zeros([1, T], dtype=tl.int64), mask=st_mask,
-                              other=0.0),
-                      st_mask, bias_v, HAS_BIAS, SOFTPLUS)
+            dt0 = _dt(
+                tl.load(delta_ptr + row_off[:, None] + tl.zeros([1, T], dtype=tl.int64), mask=st_mask, other=0.0),
+                st_mask,
+                bias_v,
+                HAS_BIAS,
+                SOFTPLUS,
+            )
             A2 = tl.load(A_ptr + d[:, None] * N + tt[None, :], mask=st_mask, other=0.0).to(tl.float32) * LOG2E
             tl.store(dinit_ptr + st_off, q * tl.exp2(dt0 * A2), mask=st_mask)
     if HAS_D:
@@ -776,6 +966,7 @@ def _unroll(nu, N):
 class _Launch:
     """A scan kernel's launch: its meta (constexprs and launch options), whether it is the lanes forward, the
     forward's checkpoint spacing in tiles, and the chunks of a split scan with their summaries' meta."""
+
     meta: dict
     lanes: bool = False
     ckpt_every: int = 1
@@ -788,6 +979,7 @@ class _Launch:
 class _Tiles:
     """A scan's tile shapes, which fix the shapes of its outputs (the checkpoints) and of the backward's partials,
     and the steps and lanes forwards' metas to choose from. Symbolic sizes (torch.compile) pass through."""
+
     groups: int
     dpg: int
     steps: dict  # _scan_fwd_kernel's meta
@@ -828,8 +1020,10 @@ def _tiles(batch, dim, L, groups, N, train, gpu, sms) -> _Tiles:
         # the spare lanes take more of the sequence instead of idling.
         T = tile(max(GPU_TRAIN["T"] if train else GPU_FWD["T"], 256 // min(blocks)))
         bwd_chunk = _chunks(L, bwd_chunk, T)[0]
-        metas = [dict(c, T=T, BLOCK_D=bd, NU=_unroll(c["NU"], N), num_warps=max(1, min(c["num_warps"], bd * T // 256)))
-                 for c, bd in zip(configs, blocks)]
+        metas = [
+            dict(c, T=T, BLOCK_D=bd, NU=_unroll(c["NU"], N), num_warps=max(1, min(c["num_warps"], bd * T // 256)))
+            for c, bd in zip(configs, blocks)
+        ]
         forward, backward = metas[0], metas[-1]
         lanes = dict(LANES, T=min(LANES["T"], T))
         if train:
@@ -847,8 +1041,9 @@ def _summary_meta(n_rows, dpg, chunks, sms, lanes):
     """_chunk_summary_kernel's meta over `chunks` chunks (None: no split), in the lanes forward's tiles."""
     if chunks < 2:
         return None
-    return dict(T=lanes["T"], BLOCK_D=_summary_block(n_rows, dpg, chunks - 1, SUB_PARTITIONS_PER_SM * sms)[1],
-                num_warps=1)
+    return dict(
+        T=lanes["T"], BLOCK_D=_summary_block(n_rows, dpg, chunks - 1, SUB_PARTITIONS_PER_SM * sms)[1], num_warps=1
+    )
 
 
 def _plan(batch, dim, L, groups, N, train, gpu, sms) -> _Plan:
@@ -859,8 +1054,14 @@ def _plan(batch, dim, L, groups, N, train, gpu, sms) -> _Plan:
     kernel, lanes_block, chunk = _forward_layout(n_rows, tiles.dpg, L, lanes["T"], sms)
     if kernel == "lanes":
         chunk, chunks = _chunks(L, chunk, lanes["T"])
-        forward = _Launch(dict(lanes, BLOCK_D=lanes_block), lanes=True, ckpt_every=tiles.steps["T"] // lanes["T"],
-                          chunk=chunk, chunks=chunks, summary=_summary_meta(n_rows, tiles.dpg, chunks, sms, lanes))
+        forward = _Launch(
+            dict(lanes, BLOCK_D=lanes_block),
+            lanes=True,
+            ckpt_every=tiles.steps["T"] // lanes["T"],
+            chunk=chunk,
+            chunks=chunks,
+            summary=_summary_meta(n_rows, tiles.dpg, chunks, sms, lanes),
+        )
     else:
         forward = _Launch(tiles.steps, chunk=L)
     return _Plan(groups, tiles.dpg, forward, tiles.backward)
@@ -885,12 +1086,31 @@ def _summarize(x, delta, V, z, A, delta_bias, seq_idx, softplus, launch, reverse
     ends, decays = (torch.empty(batch, dim, launch.chunks, N, dtype=torch.float32, device=x.device) for _ in range(2))
     grid = (batch * groups, triton.cdiv(dim // groups, meta["BLOCK_D"]), launch.chunks - 1)
     _chunk_summary_kernel[grid](
-        x, delta, V, x if z is None else z, A, x if delta_bias is None else delta_bias,
-        x if seq_idx is None else seq_idx, ends, decays,
-        dim, L, groups, dim // groups, triton.cdiv(L, meta["T"]), launch.chunk // meta["T"], launch.chunks,
-        N=N, BLOCK_N=max(2, triton.next_power_of_2(N)), HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=softplus, HAS_SEQ=seq_idx is not None, REVERSE=reverse, **meta,
-    )  # fmt: skip
+        x,
+        delta,
+        V,
+        x if z is None else z,
+        A,
+        x if delta_bias is None else delta_bias,
+        x if seq_idx is None else seq_idx,
+        ends,
+        decays,
+        dim,
+        L,
+        groups,
+        dim // groups,
+        triton.cdiv(L, meta["T"]),
+        launch.chunk // meta["T"],
+        launch.chunks,
+        N=N,
+        BLOCK_N=max(2, triton.next_power_of_2(N)),
+        HAS_Z=z is not None,
+        HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=softplus,
+        HAS_SEQ=seq_idx is not None,
+        REVERSE=reverse,
+        **meta,
+    )
     return ends, decays
 
 
@@ -917,22 +1137,61 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, 
         raise ValueError("a scan split into chunks cannot write its last state over its initial state")
     out, ckpt = _new_outputs(u, A, plan.backward)
     grid = (batch * groups, triton.cdiv(dpg, launch.meta["BLOCK_D"]))
-    inputs = (u, delta, A, B, C, u if D is None else D, u if z is None else z, u if delta_bias is None else delta_bias,
-              u if seq_idx is None else seq_idx, last if initial_state is None else initial_state, last)
+    inputs = (
+        u,
+        delta,
+        A,
+        B,
+        C,
+        u if D is None else D,
+        u if z is None else z,
+        u if delta_bias is None else delta_bias,
+        u if seq_idx is None else seq_idx,
+        last if initial_state is None else initial_state,
+        last,
+    )
     n_tiles = triton.cdiv(L, launch.meta["T"])
-    flags = dict(N=N, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-                 HAS_SEQ=seq_idx is not None, HAS_INIT=initial_state is not None, SAVE_CKPT=save_ckpt)
+    flags = dict(
+        N=N,
+        HAS_D=D is not None,
+        HAS_Z=z is not None,
+        HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=softplus,
+        HAS_SEQ=seq_idx is not None,
+        HAS_INIT=initial_state is not None,
+        SAVE_CKPT=save_ckpt,
+    )
     if launch.lanes:  # see LANES
-        ends, decays = (last, last) if launch.chunks == 1 else _summarize(u, delta, B, None, A, delta_bias, seq_idx,
-                                                                        softplus, launch, reverse=False)
+        ends, decays = (
+            (last, last)
+            if launch.chunks == 1
+            else _summarize(u, delta, B, None, A, delta_bias, seq_idx, softplus, launch, reverse=False)
+        )
         block_n = max(2, triton.next_power_of_2(N))
         _scan_fwd_lanes_kernel[grid + (launch.chunks,)](
-            *inputs, ckpt, out, ends, decays, dim, L, groups, dpg, n_tiles, launch.chunk // launch.meta["T"],
-            *last.stride(), BLOCK_N=block_n, CKPT_EVERY=launch.ckpt_every,
-            Y_PARTS=min(block_n,
-                        LANE_Y_PARTS[launch.meta["BLOCK_D"]]), SPLIT=launch.chunks > 1, **flags, **launch.meta)
+            *inputs,
+            ckpt,
+            out,
+            ends,
+            decays,
+            dim,
+            L,
+            groups,
+            dpg,
+            n_tiles,
+            launch.chunk // launch.meta["T"],
+            *last.stride(),
+            BLOCK_N=block_n,
+            CKPT_EVERY=launch.ckpt_every,
+            Y_PARTS=min(block_n, LANE_Y_PARTS[launch.meta["BLOCK_D"]]),
+            SPLIT=launch.chunks > 1,
+            **flags,
+            **launch.meta,
+        )
     else:
-        _scan_fwd_kernel[grid](*inputs, ckpt, out, dim, L, groups, dpg, n_tiles, *last.stride(), **flags, **launch.meta)
+        _scan_fwd_kernel[grid](
+            *inputs, ckpt, out, dim, L, groups, dpg, n_tiles, *last.stride(), **flags, **launch.meta
+        )
     return out, ckpt
 
 
@@ -940,10 +1199,20 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, 
 # around them and fuses the code between them, with no graph break), shapes from the fake
 # implementations, gradients from the backward op. Absent optional inputs have empty gradients.
 @torch.library.custom_op("samba_kernels::selective_scan_fwd", mutates_args=())
-def _scan_fwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                 D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
-                 initial_state: torch.Tensor | None, seq_idx: torch.Tensor | None, softplus: bool,
-                 save_ckpt: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _scan_fwd_op(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+    seq_idx: torch.Tensor | None,
+    softplus: bool,
+    save_ckpt: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, last state, checkpoints for the backward) of contiguous inputs, B and C grouped."""
     last = u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=torch.float32)
     out, ckpt = _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, seq_idx, last, save_ckpt)
@@ -964,14 +1233,16 @@ def _scan_bwd_outputs(u, delta, A, B, D, z, delta_bias, has_init, n_dblocks, chu
     f32 = dict(dtype=torch.float32, device=u.device)
     empty = lambda: torch.empty(0, **f32)  # noqa: E731 (one per absent input: outputs must not alias)
     return [
-        torch.empty_like(u), torch.empty_like(delta), torch.empty(chunks * batch, dim, N, **f32),
+        torch.empty_like(u),
+        torch.empty_like(delta),
+        torch.empty(chunks * batch, dim, N, **f32),
         torch.empty(n_dblocks, B.shape[0] * B.shape[1], N, L, **f32),
         torch.empty(n_dblocks, B.shape[0] * B.shape[1], N, L, **f32),
         torch.empty(chunks * batch, dim, **f32) if D is not None else empty(),
         torch.empty_like(z) if z is not None else empty(),
         torch.empty(chunks * batch, dim, **f32) if delta_bias is not None else empty(),
         torch.empty(batch, dim, N, **f32) if has_init else empty(),
-    ]  # fmt: skip
+    ]
 
 
 def _bwd_launch(u, B, A):
@@ -981,36 +1252,88 @@ def _bwd_launch(u, B, A):
 
 
 @torch.library.custom_op("samba_kernels::selective_scan_bwd", mutates_args=())
-def _scan_bwd_op(dout: torch.Tensor, dlast: torch.Tensor | None, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor,
-                 B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None,
-                 delta_bias: torch.Tensor | None, seq_idx: torch.Tensor | None, ckpt: torch.Tensor, softplus: bool,
-                 has_init: bool) -> list[torch.Tensor]:
+def _scan_bwd_op(
+    dout: torch.Tensor,
+    dlast: torch.Tensor | None,
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    seq_idx: torch.Tensor | None,
+    ckpt: torch.Tensor,
+    softplus: bool,
+    has_init: bool,
+) -> list[torch.Tensor]:
     """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state); dA, dB, dC, dD and ddelta_bias
     as float32 partials (summed by the caller), empty where the input is absent."""
     batch, dim, L = u.shape
     N, groups = A.shape[1], B.shape[1]
     launch, n_dblocks = _bwd_launch(u, B, A)
     if ckpt.shape[2] != triton.cdiv(L, launch.meta["T"]):  # checkpoints of other tiles would give wrong gradients
-        raise RuntimeError(f"the forward saved the states entering {ckpt.shape[2]} tiles, the backward plans tiles of "
-                           f"{launch.meta['T']} steps over {L}: the launch plan changed between the two")
+        raise RuntimeError(
+            f"the forward saved the states entering {ckpt.shape[2]} tiles, the backward plans tiles of "
+            f"{launch.meta['T']} steps over {L}: the launch plan changed between the two"
+        )
     du, ddelta, dA_part, dB_part, dC_part, dD_part, dz, dbias_part, dinit = _scan_bwd_outputs(
-        u, delta, A, B, D, z, delta_bias, has_init, n_dblocks, launch.chunks)
-    adjoints, decays = (ckpt, ckpt) if launch.chunks == 1 else _summarize(dout, delta, C, z, A, delta_bias, seq_idx,
-                                                                          softplus, launch, reverse=True)
+        u, delta, A, B, D, z, delta_bias, has_init, n_dblocks, launch.chunks
+    )
+    adjoints, decays = (
+        (ckpt, ckpt)
+        if launch.chunks == 1
+        else _summarize(dout, delta, C, z, A, delta_bias, seq_idx, softplus, launch, reverse=True)
+    )
     _scan_bwd_kernel[(batch * groups, n_dblocks, launch.chunks)](
-        u, delta, A, B, C, u if D is None else D, u if z is None else z,
-        u if delta_bias is None else delta_bias, u if seq_idx is None else seq_idx, ckpt,
-        ckpt if dlast is None else dlast, dout, adjoints, decays, du, ddelta, u if z is None else dz, dA_part,
-        dB_part, dC_part, dA_part if D is None else dD_part, dA_part if delta_bias is None else dbias_part,
+        u,
+        delta,
+        A,
+        B,
+        C,
+        u if D is None else D,
+        u if z is None else z,
+        u if delta_bias is None else delta_bias,
+        u if seq_idx is None else seq_idx,
+        ckpt,
+        ckpt if dlast is None else dlast,
+        dout,
+        adjoints,
+        decays,
+        du,
+        ddelta,
+        u if z is None else dz,
+        dA_part,
+        dB_part,
+        dC_part,
+        dA_part if D is None else dD_part,
+        dA_part if delta_bias is None else dbias_part,
         dinit if has_init else ckpt,
-        batch * groups, dim, L, groups, dim // groups, ckpt.shape[2], launch.chunk // launch.meta["T"], N=N,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-        HAS_SEQ=seq_idx is not None, HAS_INIT=has_init, HAS_DLAST=dlast is not None, SPLIT=launch.chunks > 1,
-        THREAD_STEPS=min(launch.meta["T"], 16 // u.element_size()), **launch.meta,  # a thread's run of steps: one 16-byte load
+        batch * groups,
+        dim,
+        L,
+        groups,
+        dim // groups,
+        ckpt.shape[2],
+        launch.chunk // launch.meta["T"],
+        N=N,
+        HAS_D=D is not None,
+        HAS_Z=z is not None,
+        HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=softplus,
+        HAS_SEQ=seq_idx is not None,
+        HAS_INIT=has_init,
+        HAS_DLAST=dlast is not None,
+        SPLIT=launch.chunks > 1,
+        THREAD_STEPS=min(launch.meta["T"], 16 // u.element_size()),
+        **launch.meta,  # a thread's run of steps: one 16-byte load
     )
     if launch.chunks > 1:  # the outputs' partials are per batch entry, whatever the split
-        dA_part, dD_part, dbias_part = (x.view(launch.chunks, batch, *x.shape[1:]).sum(0) if x.numel() else x
-                                        for x in (dA_part, dD_part, dbias_part))
+        dA_part, dD_part, dbias_part = (
+            x.view(launch.chunks, batch, *x.shape[1:]).sum(0) if x.numel() else x
+            for x in (dA_part, dD_part, dbias_part)
+        )
     return [du, ddelta, dA_part, dB_part, dC_part, dD_part, dz, dbias_part, dinit]
 
 
@@ -1035,22 +1358,55 @@ def _scan_backward(ctx, dout, dlast, _):
         du, ddelta, dA, dB, dC, dD, dz, dbias, dinit = _scan_bwd_op(
             torch.zeros_like(u) if dout is None else dout.contiguous(),
             None if dlast is None else dlast.float().contiguous(),
-            u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt, ctx.softplus, ctx.has_init)
+            u,
+            delta,
+            A,
+            B,
+            C,
+            D,
+            z,
+            delta_bias,
+            seq_idx,
+            ckpt,
+            ctx.softplus,
+            ctx.has_init,
+        )
     finally:
         _FORCED.reset(token)
     return (
-        du, ddelta, dA.sum(0).to(A.dtype), dB.sum(0).view(B.shape).to(B.dtype), dC.sum(0).view(C.shape).to(C.dtype),
-        None if D is None else dD.sum(0).to(D.dtype), None if z is None else dz,
-        None if delta_bias is None else dbias.sum(0).to(delta_bias.dtype), dinit if ctx.has_init else None,
-        None, None, None,
-    )  # fmt: skip
+        du,
+        ddelta,
+        dA.sum(0).to(A.dtype),
+        dB.sum(0).view(B.shape).to(B.dtype),
+        dC.sum(0).view(C.shape).to(C.dtype),
+        None if D is None else dD.sum(0).to(D.dtype),
+        None if z is None else dz,
+        None if delta_bias is None else dbias.sum(0).to(delta_bias.dtype),
+        dinit if ctx.has_init else None,
+        None,
+        None,
+        None,
+    )
 
 
 _scan_fwd_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
 
 
-def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                      return_last_state=False, *, initial_state=None, seq_idx=None):
+def selective_scan_fn(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    return_last_state=False,
+    *,
+    initial_state=None,
+    seq_idx=None,
+):
     """Mamba-1 selective scan (semantics: `selective_scan_ref`), differentiable in every tensor input including
     `initial_state` (and through the returned last state): the Triton kernels where `use_triton(u)`, the reference
     elsewhere. The launch plan (see `forced_layout`) splits long sequences of small batches into chunks.
@@ -1077,8 +1433,20 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         y of u's shape and dtype, or (y, last_state) with last_state `[batch, dim, d_state]` float32.
     """
     if not use_triton(u):
-        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-                                  initial_state=initial_state, seq_idx=seq_idx)
+        return selective_scan_ref(
+            u,
+            delta,
+            A,
+            B,
+            C,
+            D,
+            z,
+            delta_bias,
+            delta_softplus,
+            return_last_state,
+            initial_state=initial_state,
+            seq_idx=seq_idx,
+        )
     if (B.dim() == 4) != (C.dim() == 4) or (B.dim() == 4 and B.shape[1] != C.shape[1]):
         raise ValueError("B and C must have the same number of groups")
     inputs = [u, delta, A, B, C, D, z, delta_bias, initial_state]
@@ -1086,23 +1454,42 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     save_ckpt = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     u, delta, A, D, z, delta_bias = map(_contiguous, (u, delta, A, D, z, delta_bias))
     y, last, _ = _scan_fwd_op(
-        u, delta, A, _grouped(B), _grouped(C), D, z, delta_bias,
+        u,
+        delta,
+        A,
+        _grouped(B),
+        _grouped(C),
+        D,
+        z,
+        delta_bias,
         None if initial_state is None else initial_state.float().contiguous(),
-        None if seq_idx is None else seq_idx.to(torch.int32).contiguous(), delta_softplus, save_ckpt,
-    )  # fmt: skip
+        None if seq_idx is None else seq_idx.to(torch.int32).contiguous(),
+        delta_softplus,
+        save_ckpt,
+    )
     return (y, last) if return_last_state else y
 
 
-def _state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                  C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None, dt_bias: torch.Tensor | None,
-                  dt_softplus: bool) -> torch.Tensor:
+def _state_update(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
+    dt_softplus: bool,
+) -> torch.Tensor:
     """y (batch, dim, 1) of one-step sequences x, dt, z (batch, dim, 1), B, C (batch, groups, d_state, 1);
     `state` is both the initial and the last state."""
     return _scan_forward(x, dt, A, B, C, D, z, dt_bias, dt_softplus, state, None, state, save_ckpt=False)[0]
 
 
-_state_update_op = torch.library.custom_op("samba_kernels::selective_state_update", _state_update,
-                                           mutates_args=("state",))
+_state_update_op = torch.library.custom_op(
+    "samba_kernels::selective_state_update", _state_update, mutates_args=("state",)
+)
 
 
 @_state_update_op.register_fake
@@ -1134,6 +1521,16 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     # Only the compiler needs the custom op: uncompiled, its dispatch (for an op that mutates an input)
     # costs more host time than the launch at decode size, and eager decoding is bound by host time.
     update = _state_update_op if torch.compiler.is_compiling() else _state_update
-    y = update(state, col(x), col(dt), A.contiguous(), col(B), col(C), _contiguous(D), col(z), _contiguous(dt_bias),
-               dt_softplus)
+    y = update(
+        state,
+        col(x),
+        col(dt),
+        A.contiguous(),
+        col(B),
+        col(C),
+        _contiguous(D),
+        col(z),
+        _contiguous(dt_bias),
+        dt_softplus,
+    )
     return y.squeeze(-1)

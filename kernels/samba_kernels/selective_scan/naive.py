@@ -68,7 +68,7 @@ def selective_scan_ref(
     for start in range(0, length, TIME_BLOCK):
         block = slice(start, start + TIME_BLOCK)
         decays = torch.exp(delta[:, :, None, block] * A[None, :, :, None]).unbind(-1)
-        inputs = ((delta[..., block] * u[..., block])[:, :, None, :] * _expand_groups(B[..., block].float(), dim))
+        inputs = (delta[..., block] * u[..., block])[:, :, None, :] * _expand_groups(B[..., block].float(), dim)
         C_block = _expand_groups(C[..., block].float(), dim).unbind(-1)
         keep_block = None if keep is None else keep[:, block].unbind(-1)
         for t, (decay, write, C_t) in enumerate(zip(decays, inputs.unbind(-1), C_block)):

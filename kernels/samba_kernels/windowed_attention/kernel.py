@@ -41,8 +41,25 @@ from .naive import check_inputs, windowed_attention_ref
 
 
 @triton.jit
-def _attend_keys(acc, l_i, m_i, q, k_tile_ptr, v_tile_ptr, pos, key_lo, key_hi, len_kv, window, qk_scale,
-                 stride_kn, stride_vn, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+def _attend_keys(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_tile_ptr,
+    v_tile_ptr,
+    pos,
+    key_lo,
+    key_hi,
+    len_kv,
+    window,
+    qk_scale,
+    stride_kn,
+    stride_vn,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """Online softmax over the keys [key_lo, key_hi) (multiples of BLOCK_N). MASKED blocks apply the
     window and the key count; the others are known to be wholly visible to every row."""
     block_keys = tl.arange(0, BLOCK_N)
@@ -77,11 +94,34 @@ def _attend_keys(acc, l_i, m_i, q, k_tile_ptr, v_tile_ptr, pos, key_lo, key_hi, 
 
 
 @triton.jit(do_not_specialize=["len_q", "len_kv", "window"])  # one compilation for all lengths
-def _window_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, qk_scale, len_q, len_kv, window, heads, group,
-                       stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                       stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
-                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       PRECISION: tl.constexpr):
+def _window_fwd_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    qk_scale,
+    len_q,
+    len_kv,
+    window,
+    heads,
+    group,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """One program per (BLOCK_M queries, batch x head). Query i sits at key position
     len_kv - len_q + i. The keys it may see split into three ranges of BLOCK_N-aligned blocks: those
     every row of the tile sees (no mask: most of the window), the trailing edge of the window and the
@@ -91,13 +131,18 @@ def _window_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, qk_scale, len_q, len_kv, wi
     rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
     block_keys = tl.arange(0, BLOCK_N)
-    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + rows[:, None] * stride_qm + dims[None, :],
-                mask=rows[:, None] < len_q, other=0.0)
+    q = tl.load(
+        q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + rows[:, None] * stride_qm + dims[None, :],
+        mask=rows[:, None] < len_q,
+        other=0.0,
+    )
     kv_head = h // group  # the key and value head of query head h
-    k_tile_ptr = (k_ptr + b.to(tl.int64) * stride_kb + kv_head * stride_kh + block_keys[None, :] * stride_kn
-                  + dims[:, None])
-    v_tile_ptr = (v_ptr + b.to(tl.int64) * stride_vb + kv_head * stride_vh + block_keys[:, None] * stride_vn
-                  + dims[None, :])
+    k_tile_ptr = (
+        k_ptr + b.to(tl.int64) * stride_kb + kv_head * stride_kh + block_keys[None, :] * stride_kn + dims[:, None]
+    )
+    v_tile_ptr = (
+        v_ptr + b.to(tl.int64) * stride_vb + kv_head * stride_vh + block_keys[:, None] * stride_vn + dims[None, :]
+    )
     first = len_kv - len_q + block_m * BLOCK_M  # the tile's first and last query positions
     last = first + BLOCK_M - 1
     pos = first + tl.arange(0, BLOCK_M)
@@ -108,17 +153,69 @@ def _window_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, qk_scale, len_q, len_kv, wi
     m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, k_tile_ptr, v_tile_ptr, pos, full_lo, diag_lo, len_kv, window,
-                                 qk_scale,
-                                 stride_kn, stride_vn, BLOCK_N, False, PRECISION)
-    acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, k_tile_ptr, v_tile_ptr, pos, edge_lo, full_lo, len_kv, window,
-                                 qk_scale,
-                                 stride_kn, stride_vn, BLOCK_N, True, PRECISION)
-    acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, k_tile_ptr, v_tile_ptr, pos, diag_lo, tl.minimum(last + 1, len_kv),
-                                 len_kv, window, qk_scale, stride_kn, stride_vn, BLOCK_N, True, PRECISION)
+    acc, l_i, m_i = _attend_keys(
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_tile_ptr,
+        v_tile_ptr,
+        pos,
+        full_lo,
+        diag_lo,
+        len_kv,
+        window,
+        qk_scale,
+        stride_kn,
+        stride_vn,
+        BLOCK_N,
+        False,
+        PRECISION,
+    )
+    acc, l_i, m_i = _attend_keys(
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_tile_ptr,
+        v_tile_ptr,
+        pos,
+        edge_lo,
+        full_lo,
+        len_kv,
+        window,
+        qk_scale,
+        stride_kn,
+        stride_vn,
+        BLOCK_N,
+        True,
+        PRECISION,
+    )
+    acc, l_i, m_i = _attend_keys(
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_tile_ptr,
+        v_tile_ptr,
+        pos,
+        diag_lo,
+        tl.minimum(last + 1, len_kv),
+        len_kv,
+        window,
+        qk_scale,
+        stride_kn,
+        stride_vn,
+        BLOCK_N,
+        True,
+        PRECISION,
+    )
     out = acc / l_i[:, None]
-    tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + rows[:, None] * stride_om + dims[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=rows[:, None] < len_q)
+    tl.store(
+        out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + rows[:, None] * stride_om + dims[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=rows[:, None] < len_q,
+    )
 
 
 def _tile(head_dim: int) -> dict:
@@ -132,8 +229,11 @@ def _tile(head_dim: int) -> dict:
 def _new_output(query: torch.Tensor) -> torch.Tensor:
     """query's layout where its head_dim is contiguous (the model's (batch, len, heads, head_dim) memory
     then needs no copy after the output's transpose), else a contiguous tensor."""
-    return torch.empty_like(query) if query.stride(-1) == 1 else torch.empty(query.shape, dtype=query.dtype,
-                                                                            device=query.device)
+    return (
+        torch.empty_like(query)
+        if query.stride(-1) == 1
+        else torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    )
 
 
 def _launch_window_fwd(query, key, value, window: int, scale: float | None, tile: dict) -> torch.Tensor:
@@ -142,15 +242,31 @@ def _launch_window_fwd(query, key, value, window: int, scale: float | None, tile
     out = _new_output(query)
     scale = head_dim**-0.5 if scale is None else scale
     _window_fwd_kernel[(triton.cdiv(len_q, tile["BLOCK_M"]), batch * heads)](
-        q, k, v, out, scale * 1.4426950408889634, len_q, k.shape[2], window, heads, heads // k.shape[1],
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-        HEAD_DIM=head_dim, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **tile)  # softmax in fp32
+        q,
+        k,
+        v,
+        out,
+        scale * 1.4426950408889634,
+        len_q,
+        k.shape[2],
+        window,
+        heads,
+        heads // k.shape[1],
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *v.stride()[:3],
+        *out.stride()[:3],
+        HEAD_DIM=head_dim,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        **tile,
+    )  # softmax in fp32
     return out
 
 
 @torch.library.custom_op("samba_kernels::windowed_attention_fwd", mutates_args=())
-def _window_fwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, window: int,
-                scale: float | None) -> torch.Tensor:
+def _window_fwd(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, window: int, scale: float | None
+) -> torch.Tensor:
     return _launch_window_fwd(query, key, value, window, scale, _tile(query.shape[-1]))
 
 
@@ -173,8 +289,13 @@ def _kernel_fits(query, key, value) -> bool:
     int32 (a single unchunked sequence of a million tokens or more takes flex instead)."""
     head_dim = query.shape[-1]
     needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
-    return (not needs_grad and 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0 and use_triton(query)
-            and all(_offsets_fit_int32(x) for x in (query, key, value)))
+    return (
+        not needs_grad
+        and 16 <= head_dim <= 256
+        and head_dim & (head_dim - 1) == 0
+        and use_triton(query)
+        and all(_offsets_fit_int32(x) for x in (query, key, value))
+    )
 
 
 @functools.cache
@@ -221,7 +342,15 @@ def windowed_attention(query, key, value, window, scale=None, kernel_options=Non
     # caches (the compiled function, the block masks) are for eager callers.
     compiling = torch.compiler.is_compiling()
     attend = flex_attention if compiling else _compiled_flex()
-    mask = (_block_mask.__wrapped__ if compiling else _block_mask)(query.shape[2], key.shape[2], int(window),
-                                                                  str(query.device))
-    return attend(query, key, value, block_mask=mask, scale=scale, enable_gqa=query.shape[1] != key.shape[1],
-                  kernel_options=kernel_options)
+    mask = (_block_mask.__wrapped__ if compiling else _block_mask)(
+        query.shape[2], key.shape[2], int(window), str(query.device)
+    )
+    return attend(
+        query,
+        key,
+        value,
+        block_mask=mask,
+        scale=scale,
+        enable_gqa=query.shape[1] != key.shape[1],
+        kernel_options=kernel_options,
+    )

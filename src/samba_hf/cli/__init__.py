@@ -62,7 +62,9 @@ def exit_code(error: BaseException) -> int | None:
         return EXIT_CHECK_FAILED
     if isinstance(error, (CorruptCheckpointError, SafetensorError)):
         return EXIT_CORRUPT_FILE
-    if isinstance(error, (UsageError, ConversionError, OutputPathError, FileExistsError, FileNotFoundError, ValueError)):
+    if isinstance(
+        error, (UsageError, ConversionError, OutputPathError, FileExistsError, FileNotFoundError, ValueError)
+    ):
         return EXIT_USAGE
     return None
 
@@ -96,5 +98,13 @@ def main(argv=None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
-__all__ = ["EXIT_CHECK_FAILED", "EXIT_CORRUPT_FILE", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_TERMINATED", "EXIT_USAGE",
-           "build_parser", "main"]  # fmt: skip
+__all__ = [
+    "EXIT_CHECK_FAILED",
+    "EXIT_CORRUPT_FILE",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_TERMINATED",
+    "EXIT_USAGE",
+    "build_parser",
+    "main",
+]

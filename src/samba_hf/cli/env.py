@@ -3,8 +3,20 @@
 import platform
 from importlib.metadata import PackageNotFoundError, version
 
-PACKAGES = ("samba-hf", "torch", "transformers", "triton", "accelerate", "safetensors", "tokenizers",
-            "huggingface-hub", "peft", "datasets", "mamba-ssm", "causal-conv1d")  # fmt: skip
+PACKAGES = (
+    "samba-hf",
+    "torch",
+    "transformers",
+    "triton",
+    "accelerate",
+    "safetensors",
+    "tokenizers",
+    "huggingface-hub",
+    "peft",
+    "datasets",
+    "mamba-ssm",
+    "causal-conv1d",
+)
 
 
 def add_parser(commands, formatter) -> None:

@@ -35,19 +35,25 @@ def add_parser(commands, formatter) -> None:
     )
     kinds = evaluate.add_subparsers(dest="eval_command", metavar="{ppl,passkey}", required=True)
 
-    ppl = kinds.add_parser("ppl", help="perplexity against context length, through the cache in chunks",
-                           formatter_class=formatter)  # fmt: skip
+    ppl = kinds.add_parser(
+        "ppl", help="perplexity against context length, through the cache in chunks", formatter_class=formatter
+    )
     add_common_options(ppl, lengths="4k,8k,16k", output_dir="eval-ppl")
     ppl.add_argument("--data", required=True, help="a text file, or a folder of .txt files")
     ppl.add_argument("--num-samples", type=positive_int, default=16, help="windows per length")
     ppl.add_argument("--batch-size", type=positive_int, default=1, help="windows per forward")
     ppl.set_defaults(run=run_ppl)
 
-    passkey = kinds.add_parser("passkey", help="passkey retrieval grid over context lengths and depths",
-                               formatter_class=formatter)  # fmt: skip
+    passkey = kinds.add_parser(
+        "passkey", help="passkey retrieval grid over context lengths and depths", formatter_class=formatter
+    )
     add_common_options(passkey, lengths="4k,8k,16k,32k,64k,128k,256k", output_dir="eval-passkey")
-    passkey.add_argument("--depths", type=positive_int, default=11,
-                         help="evenly spaced depths of the key from 0%% to 100%% (1: the middle only)")  # fmt: skip
+    passkey.add_argument(
+        "--depths",
+        type=positive_int,
+        default=11,
+        help="evenly spaced depths of the key from 0%% to 100%% (1: the middle only)",
+    )
     passkey.add_argument("--trials", type=positive_int, default=5, help="random keys per cell")
     passkey.add_argument("--max-new-tokens", type=positive_int, default=10, help="greedy tokens to read the key from")
     passkey.add_argument("--seed", type=int, default=0)
@@ -114,16 +120,30 @@ def run_ppl(args) -> int:
     error = chunking_error(model, stream[None, :probe].to(model.device), chunk_size=probe // 2)
     tolerance = 1e-3 if model.dtype == torch.float32 else 5e-2
     if error > tolerance:
-        print(f"warning: a chunked forward differs from a single forward by {error:.2e} in the logits: this model "
-              "does not continue exactly from its cache, so set --chunk-size to at least the longest length.",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"warning: a chunked forward differs from a single forward by {error:.2e} in the logits: this model "
+            "does not continue exactly from its cache, so set --chunk-size to at least the longest length.",
+            file=sys.stderr,
+        )
 
     output_dir = Path(args.output_dir)
-    results = Results(output_dir / "perplexity.csv", lambda row: (
-        f"{format_length(row['length'])}: perplexity {row['ppl']} (last chunk {row['last_chunk_ppl']}) over "
-        f"{row['windows']} windows, {row['seconds']} s"))  # fmt: skip
-    evaluate_perplexity(model, stream, lengths, args.chunk_size, args.num_samples, args.batch_size,
-                        model_label(args.model), on_row=results)  # fmt: skip
+    results = Results(
+        output_dir / "perplexity.csv",
+        lambda row: (
+            f"{format_length(row['length'])}: perplexity {row['ppl']} (last chunk {row['last_chunk_ppl']}) over "
+            f"{row['windows']} windows, {row['seconds']} s"
+        ),
+    )
+    evaluate_perplexity(
+        model,
+        stream,
+        lengths,
+        args.chunk_size,
+        args.num_samples,
+        args.batch_size,
+        model_label(args.model),
+        on_row=results,
+    )
     print(format_table(results.rows, ["length", "windows", "ppl", "last_chunk_ppl", "cache_mib", "seconds"]))
     plot_and_report(plot_perplexity, results, output_dir / "perplexity.png")
     return 0
@@ -136,10 +156,24 @@ def run_passkey(args) -> int:
     depths = [i / (args.depths - 1) for i in range(args.depths)] if args.depths > 1 else [0.5]
     model, tokenizer = load(args)
     output_dir = Path(args.output_dir)
-    results = Results(output_dir / "passkey.csv", lambda row: (
-        f"{format_length(row['length'])}, depth {row['depth']:.0%}: {row['accuracy']:.0%} of {row['trials']} keys"))  # fmt: skip
-    evaluate_passkey(model, tokenizer, lengths, depths, args.trials, args.chunk_size, args.max_new_tokens, args.seed,
-                     model_label(args.model), on_row=results)  # fmt: skip
+    results = Results(
+        output_dir / "passkey.csv",
+        lambda row: (
+            f"{format_length(row['length'])}, depth {row['depth']:.0%}: {row['accuracy']:.0%} of {row['trials']} keys"
+        ),
+    )
+    evaluate_passkey(
+        model,
+        tokenizer,
+        lengths,
+        depths,
+        args.trials,
+        args.chunk_size,
+        args.max_new_tokens,
+        args.seed,
+        model_label(args.model),
+        on_row=results,
+    )
     summary = [
         {"length": length, "accuracy": round(sum(r["accuracy"] for r in cells) / len(cells), 3)}
         for length in lengths

@@ -35,8 +35,11 @@ def add_parser(commands, formatter) -> None:
     parser.add_argument("--top-p", type=float, help="nucleus sampling threshold (implies --do-sample)")
     parser.add_argument("--seed", type=int, help="seed the sampling, for a reproducible output")
     parser.add_argument("--echo-prompt", action="store_true", help="print the prompt before the continuation")
-    parser.add_argument("--no-decode-engine", action="store_true",
-                        help="decode with transformers' loop rather than the decode engine (CUDA graphs, on a GPU)")  # fmt: skip
+    parser.add_argument(
+        "--no-decode-engine",
+        action="store_true",
+        help="decode with transformers' loop rather than the decode engine (CUDA graphs, on a GPU)",
+    )
     add_device_option(parser)
     add_dtype_option(parser)
     parser.set_defaults(run=run)
@@ -46,7 +49,9 @@ def _decode(data: bytes, where: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise UsageError(f"{where} is not valid UTF-8 (byte {data[error.start]:#04x} at offset {error.start}).") from None
+        raise UsageError(
+            f"{where} is not valid UTF-8 (byte {data[error.start]:#04x} at offset {error.start})."
+        ) from None
 
 
 def read_prompt(args) -> str:
@@ -67,10 +72,14 @@ def read_prompt(args) -> str:
 
 def decoding_options(args) -> dict:
     """Only what the command line sets; generate takes the rest from the model's generation_config."""
-    options = {name: getattr(args, name) for name in ("temperature", "top_k", "top_p") if getattr(args, name) is not None}
+    options = {
+        name: getattr(args, name) for name in ("temperature", "top_k", "top_p") if getattr(args, name) is not None
+    }
     if args.greedy:
         if options:
-            raise UsageError(f"--greedy cannot be combined with {', '.join('--' + n.replace('_', '-') for n in options)}.")
+            raise UsageError(
+                f"--greedy cannot be combined with {', '.join('--' + n.replace('_', '-') for n in options)}."
+            )
         return {"do_sample": False}
     if args.do_sample or options:
         options["do_sample"] = True
@@ -95,8 +104,15 @@ def timing_streamer(tokenizer, skip_prompt: bool):
     return TimingStreamer()
 
 
-def report(prompt_tokens: int, new_tokens: int, started: float, first_token_at, finished: float, engine_stats,
-           cache_mib: float) -> str:  # fmt: skip
+def report(
+    prompt_tokens: int,
+    new_tokens: int,
+    started: float,
+    first_token_at,
+    finished: float,
+    engine_stats,
+    cache_mib: float,
+) -> str:
     parts = [f"{prompt_tokens} prompt tokens, {new_tokens} generated in {finished - started:.2f} s"]
     if first_token_at is not None:
         parts.append(f"first token after {first_token_at - started:.3f} s")
@@ -137,6 +153,8 @@ def run(args) -> int:
     prompt_tokens = inputs["input_ids"].shape[1]
     new_tokens = output.sequences.shape[1] - prompt_tokens
     cache_mib = cache_nbytes(output.cache) / 2**20
-    print("\n" + report(prompt_tokens, new_tokens, started, streamer.first_token_at, finished, engine.stats, cache_mib),
-          file=sys.stderr)  # fmt: skip
+    print(
+        "\n" + report(prompt_tokens, new_tokens, started, streamer.first_token_at, finished, engine.stats, cache_mib),
+        file=sys.stderr,
+    )
     return 0

@@ -79,7 +79,9 @@ def resolve_device(name: str | None) -> str:
         raise UsageError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N.") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: CUDA is not available here (torch {torch.__version__}); use --device cpu.")
+            raise UsageError(
+                f"--device {name}: CUDA is not available here (torch {torch.__version__}); use --device cpu."
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s).")
     return name

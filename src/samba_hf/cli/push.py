@@ -28,11 +28,22 @@ def add_push_arguments(parser) -> None:
     card = parser.add_argument_group("model card, where the folder has none")
     card.add_argument("--model-name", help="title of the card (default: the repository name)")
     card.add_argument("--base-model", help="Hub id of the model this one was made from")
-    card.add_argument("--dataset", action="append", dest="datasets", metavar="HUB_ID", help="a training dataset (repeat for several)")
-    card.add_argument("--language", action="append", metavar="CODE", help="a language of the training data, e.g. en (repeat for several)")
+    card.add_argument(
+        "--dataset", action="append", dest="datasets", metavar="HUB_ID", help="a training dataset (repeat for several)"
+    )
+    card.add_argument(
+        "--language",
+        action="append",
+        metavar="CODE",
+        help="a language of the training data, e.g. en (repeat for several)",
+    )
     for section in CARD_SECTIONS:
-        card.add_argument(f"--card-{section.replace('_', '-')}", dest=f"card_{section}", metavar="TEXT",
-                          help=f"the card's {section.replace('_', ' ')} (Markdown)")  # fmt: skip
+        card.add_argument(
+            f"--card-{section.replace('_', '-')}",
+            dest=f"card_{section}",
+            metavar="TEXT",
+            help=f"the card's {section.replace('_', ' ')} (Markdown)",
+        )
     parser.set_defaults(run=run)
 
 

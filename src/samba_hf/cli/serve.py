@@ -13,9 +13,12 @@ from .options import UsageError
 
 def add_parser(commands, formatter) -> None:
     parser = commands.add_parser(
-        "serve", help="transformers' OpenAI-compatible server (transformers serve), with Samba models loadable",
-        description=__doc__, formatter_class=formatter, add_help=False,
-    )  # fmt: skip
+        "serve",
+        help="transformers' OpenAI-compatible server (transformers serve), with Samba models loadable",
+        description=__doc__,
+        formatter_class=formatter,
+        add_help=False,
+    )
     parser.set_defaults(run=run, passes_unknown_options=True)
 
 
