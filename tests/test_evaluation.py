@@ -70,6 +70,14 @@ def cli(*argv) -> int:
     return samba_hf_main(["eval", *argv])
 
 
+def run_ppl(model_dir, tmp_path, lengths="32,64", num_samples=2) -> int:
+    """`samba-hf eval ppl` on a small text, writing to tmp_path / "ppl"."""
+    data = tmp_path / "data.txt"
+    data.write_text((PASSKEY_TASK + PASSKEY_FILLER * 5) * 10)
+    options = f"--lengths {lengths} --chunk-size 16 --num-samples {num_samples} --device cpu".split()
+    return cli("ppl", str(model_dir), "--data", str(data), *options, "--output-dir", str(tmp_path / "ppl"))
+
+
 def read_csv(path) -> list[dict]:
     with open(path, newline="") as file:
         return list(csv.DictReader(file))
@@ -152,25 +160,8 @@ def test_greedy_continuation_matches_generate():
 
 
 def test_cli_ppl_writes_csv_and_plot(tmp_path, model_dir):
-    data = tmp_path / "data.txt"
-    data.write_text((PASSKEY_TASK + PASSKEY_FILLER * 5) * 10)
     out = tmp_path / "ppl"
-    argv = [
-        str(model_dir),
-        "--data",
-        str(data),
-        "--lengths",
-        "32,64",
-        "--chunk-size",
-        "16",
-        "--num-samples",
-        "2",
-        "--device",
-        "cpu",
-        "--output-dir",
-        str(out),
-    ]
-    assert cli("ppl", *argv) == 0
+    assert run_ppl(model_dir, tmp_path) == 0
     rows = read_csv(out / "perplexity.csv")
     assert [int(row["length"]) for row in rows] == [32, 64]
     assert all(float(row["ppl"]) > 1 and int(row["windows"]) == 2 for row in rows)
@@ -184,8 +175,6 @@ def test_cli_ppl_reports_each_length_as_it_finishes_and_keeps_it_when_interrupte
     during the second length keeps the first."""
     import samba_hf.evaluation as evaluation
 
-    data = tmp_path / "data.txt"
-    data.write_text((PASSKEY_TASK + PASSKEY_FILLER * 5) * 10)
     out = tmp_path / "ppl"
     calls, token_nll = [], evaluation.token_nll
 
@@ -196,22 +185,7 @@ def test_cli_ppl_reports_each_length_as_it_finishes_and_keeps_it_when_interrupte
         return token_nll(model, windows, chunk_size)
 
     monkeypatch.setattr(evaluation, "token_nll", interrupted_at_the_second_length)
-    argv = [
-        str(model_dir),
-        "--data",
-        str(data),
-        "--lengths",
-        "32,64",
-        "--chunk-size",
-        "16",
-        "--num-samples",
-        "2",
-        "--device",
-        "cpu",
-        "--output-dir",
-        str(out),
-    ]
-    assert cli("ppl", *argv) == 130
+    assert run_ppl(model_dir, tmp_path) == 130
     printed = capsys.readouterr()
     assert "32: perplexity" in printed.out and "interrupted" in printed.err and "Traceback" not in printed.err
     assert [int(row["length"]) for row in read_csv(out / "perplexity.csv")] == [32]
@@ -226,24 +200,7 @@ def test_cli_ppl_without_matplotlib_prints_the_table_and_how_to_plot(tmp_path, m
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
-    data = tmp_path / "data.txt"
-    data.write_text((PASSKEY_TASK + PASSKEY_FILLER * 5) * 10)
-    argv = [
-        str(model_dir),
-        "--data",
-        str(data),
-        "--lengths",
-        "32",
-        "--chunk-size",
-        "16",
-        "--num-samples",
-        "1",
-        "--device",
-        "cpu",
-        "--output-dir",
-        str(tmp_path / "ppl"),
-    ]
-    assert cli("ppl", *argv) == 0
+    assert run_ppl(model_dir, tmp_path, lengths="32", num_samples=1) == 0
     printed = capsys.readouterr().out
     assert "| length |" in printed and "pip install matplotlib" in printed
     assert (tmp_path / "ppl" / "perplexity.csv").is_file() and not (tmp_path / "ppl" / "perplexity.png").exists()
@@ -276,22 +233,8 @@ def test_cli_eval_user_errors_exit_2_with_one_line(tmp_path, model_dir, capsys, 
 
 def test_cli_passkey_end_to_end(tmp_path, model_dir):
     out = tmp_path / "passkey"
-    argv = [
-        str(model_dir),
-        "--lengths",
-        "128,256",
-        "--depths",
-        "3",
-        "--trials",
-        "2",
-        "--chunk-size",
-        "64",
-        "--device",
-        "cpu",
-        "--output-dir",
-        str(out),
-    ]
-    assert cli("passkey", *argv) == 0
+    options = "--lengths 128,256 --depths 3 --trials 2 --chunk-size 64 --device cpu".split()
+    assert cli("passkey", str(model_dir), *options, "--output-dir", str(out)) == 0
     rows = read_csv(out / "passkey.csv")
     assert [(int(r["length"]), float(r["depth"])) for r in rows] == [(n, d) for n in (128, 256) for d in (0, 0.5, 1)]
     assert all(0 <= float(row["accuracy"]) <= 1 and int(row["trials"]) == 2 for row in rows)
