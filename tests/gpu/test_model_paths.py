@@ -2,13 +2,12 @@
 own forward kernel, continuation from the cache, packed documents, LoRA on the kernel path, generate() with the
 static cache, and a training step under torch.compile."""
 
-import sys
-
 import pytest
 import torch
 from transformers import DynamicCache
 
 import samba_kernels
+from samba_kernels.windowed_attention import kernel as window_kernel_module
 
 from .helpers import FLOAT32_TOLERANCE, generate_takes_decode_engine, random_model, relative_error
 
@@ -16,9 +15,10 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def test_triton_and_torch_paths_agree_on_logits_and_gradients(monkeypatch):
-    attention = sys.modules["samba_kernels.windowed_attention"]  # the package exports a function of that name
-    forward_kernel, kernel_calls = attention._window_fwd, []
-    monkeypatch.setattr(attention, "_window_fwd", lambda *args: kernel_calls.append(1) or forward_kernel(*args))
+    forward_kernel, kernel_calls = window_kernel_module._window_fwd, []
+    monkeypatch.setattr(
+        window_kernel_module, "_window_fwd", lambda *args: kernel_calls.append(1) or forward_kernel(*args)
+    )
     ids = torch.randint(0, 1024, (2, 257), device="cuda")
     results = {}
     for implementation in ("triton", "torch"):
