@@ -24,7 +24,7 @@ logs=$(mktemp -d)
 mkdir -p "$out"
 
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl &&
-    export PYTHONPATH=/tmp/site:$PWD/src:$PWD/kernels
+    export PYTHONPATH=/tmp/site:$PWD/src:$PWD/kernels:$PWD/conversion
 export PATH=/tmp/site/bin:$PATH  # ninja, for torch.utils.cpp_extension
 python3 -m benchmarks.wheels verify /tmp/site || exit 1
 export SAMBA_COMMIT=${SAMBA_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}

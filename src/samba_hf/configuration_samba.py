@@ -15,56 +15,32 @@ ATTENTION_TYPES = ("sliding_attention", "full_attention")
 
 # Shapes of the Samba paper (arXiv 2406.07522) and its reference code. The paper counts mixers
 # and MLPs as separate layers, so its "24 layers" are 12 of ours (6 Mamba + 6 SWA, each + MLP).
+# fmt: off
 PRESETS = {
     "samba-421m": dict(
-        vocab_size=32000,
-        hidden_size=1536,
-        intermediate_size=4096,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        num_key_value_heads=12,
-        head_dim=128,
+        vocab_size=32000, hidden_size=1536, intermediate_size=4096, num_hidden_layers=12,
+        num_attention_heads=12, num_key_value_heads=12, head_dim=128,
     ),
     "samba-1.3b": dict(
-        vocab_size=32000,
-        hidden_size=2304,
-        intermediate_size=6144,
-        num_hidden_layers=18,
-        num_attention_heads=18,
-        num_key_value_heads=18,
-        head_dim=128,
+        vocab_size=32000, hidden_size=2304, intermediate_size=6144, num_hidden_layers=18,
+        num_attention_heads=18, num_key_value_heads=18, head_dim=128,
     ),
     # 1.7B and 3.8B: from the paper's hyper-parameter table (their code was not released).
     # The paper prints an MLP width of 8196 for 1.7B; 8192 is taken as the intended value.
     "samba-1.7b": dict(
-        vocab_size=50304,
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=24,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        head_dim=64,
+        vocab_size=50304, hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=64,
     ),
     "samba-3.8b": dict(
-        vocab_size=32064,
-        hidden_size=2816,
-        intermediate_size=9984,
-        num_hidden_layers=32,
-        num_attention_heads=11,
-        num_key_value_heads=1,
-        head_dim=256,
+        vocab_size=32064, hidden_size=2816, intermediate_size=9984, num_hidden_layers=32,
+        num_attention_heads=11, num_key_value_heads=1, head_dim=256,
     ),
     "tiny": dict(
-        vocab_size=1024,
-        hidden_size=64,
-        intermediate_size=192,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        sliding_window=64,
+        vocab_size=1024, hidden_size=64, intermediate_size=192, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=64,
     ),
 }
+# fmt: on
 
 
 @strict
