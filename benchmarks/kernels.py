@@ -539,14 +539,20 @@ def matvec(ctx):
     )
 
 
+def drawer(device: torch.device, dtype: torch.dtype, seed: int):
+    """draw(*shape, scale=1.0, dtype=dtype): seeded normal tensors on `device`."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def draw(*shape, scale=1.0, dtype=dtype):
+        return (torch.randn(*shape, generator=generator, device=device) * scale).to(dtype)
+
+    return draw
+
+
 def mixer_step_inputs(config, device: torch.device, dtype: torch.dtype) -> tuple:
     """mamba_decode_step's arguments for one mixer of `config` (random weights and states, one row)."""
     dim, d_state, rank = config.mamba_intermediate_size, config.state_size, config.time_step_rank
-    generator = torch.Generator(device=device).manual_seed(7)
-    draw = lambda *shape, scale=1.0, dtype=dtype: (
-        torch.randn(*shape, generator=generator, device=device)  # noqa: E731
-        * scale
-    ).to(dtype)
+    draw = drawer(device, dtype, seed=7)
     xz = draw(1, 2 * dim)  # in_proj's output: x and z as views
     return (
         xz[:, :dim],
@@ -579,6 +585,56 @@ def mamba_decode(ctx):
         calls_per_graph=calls,
         compiled_ops_us=reference_us,
         mamba_decode_step_us=ours_us,
+        speedup=reference_us / ours_us,
+    )
+
+
+def ring_attention_inputs(config, device: torch.device, dtype: torch.dtype) -> tuple:
+    """ring_decode_attention's arguments for one attention layer of `config` after 3 windows and a few tokens: a
+    full ring, every slot readable (random projections and rings, one row)."""
+    heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    slots = config.sliding_window
+    draw = drawer(device, dtype, seed=8)
+    tokens_seen = 3 * slots + 5
+    theta = config.rope_parameters["rope_theta"]
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    return (
+        draw(1, heads * head_dim),
+        draw(1, kv_heads * head_dim),
+        draw(1, kv_heads * head_dim),
+        draw(1, kv_heads, slots, head_dim),
+        draw(1, kv_heads, slots, head_dim),
+        torch.ones(1, slots, dtype=torch.bool, device=device),
+        torch.tensor(tokens_seen, device=device),
+        torch.tensor([[tokens_seen]], device=device),
+        inv_freq,
+        1.0,
+        head_dim**-0.5,
+    )
+
+
+@case(
+    "decode-attention",
+    "one token's attention over a ring buffer: ring_decode_attention against the same PyTorch ops compiled",
+)
+@torch.no_grad()
+def decode_attention(ctx):
+    config = models.config("samba", ctx.smoke)
+    inputs = ring_attention_inputs(config, ctx.device, dtype_for(ctx.device))
+    compiled = torch.compile(
+        sk.ring_decode_attention_ref, fullgraph=True, dynamic=False, **({"backend": "eager"} if ctx.smoke else {})
+    )
+    calls = 3 if ctx.smoke else GRAPH_CALLS
+    reference_us = graph_ms([lambda: compiled(*inputs)] * calls, ctx.device) * 1e3 / calls
+    ours_us = graph_ms([lambda: sk.ring_decode_attention(*inputs)] * calls, ctx.device) * 1e3 / calls
+    ring_bytes = 2 * inputs[3].numel() * inputs[3].element_size()
+    ctx.add(
+        heads=config.num_attention_heads,
+        slots=config.sliding_window,
+        calls_per_graph=calls,
+        floor_us=ring_bytes / ctx.ceilings()["copy_bytes_per_s"] * 1e6,
+        compiled_ops_us=reference_us,
+        ring_decode_attention_us=ours_us,
         speedup=reference_us / ours_us,
     )
 
@@ -709,6 +765,15 @@ COLUMNS = {
         ("matvec µs", "matvec_us", ".2f"),
         ("speed-up", "speedup", ".2f"),
         ("error vs float64", "rel_error_vs_float64", ".1e"),
+    ],
+    "decode-attention": [
+        ("heads", "heads"),
+        ("slots", "slots"),
+        ("calls per graph", "calls_per_graph"),
+        ("rings' read floor µs", "floor_us", ".2f"),
+        ("compiled PyTorch ops µs", "compiled_ops_us", ".2f"),
+        ("ring_decode_attention µs", "ring_decode_attention_us", ".2f"),
+        ("speed-up", "speedup", ".2f"),
     ],
     "mamba-decode": [
         ("channels", "dim"),

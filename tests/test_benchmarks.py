@@ -32,6 +32,14 @@ def test_kernels_scan_case(tmp_path):
     assert "unavailable" in result["cases"]["scan"]["mamba_ssm"]  # no CUDA here: said, not hidden
 
 
+def test_kernels_one_token_cases(tmp_path):
+    """The decode kernels' cases: each against the same PyTorch ops compiled, in graphs of several calls."""
+    result = smoke("kernels", "decode-attention,mamba-decode", tmp_path)
+    rows = measured(result, "decode-attention", "speedup") + measured(result, "mamba-decode", "speedup")
+    assert len(rows) == 2 and all(row["speedup"] > 0 for row in rows)
+    assert "ring_decode_attention µs" in (tmp_path / "kernels.md").read_text()
+
+
 def test_generate_case_times_every_mode(tmp_path):
     result = smoke("generate", "b1-4k", tmp_path)
     rows = result["cases"]["b1-4k"]["rows"]

@@ -8,12 +8,8 @@ def ring_decode_attention_ref(
 ):
     """What the model's attention computes for one token: RoPE on q and k, the ring's update (in place), and
     softmax(q K^T scale) V over the readable slots and the new one. Arguments and result: `ring_decode_attention`'s."""
-    heads, kv_heads, slots, head_dim = (
-        q.shape[-1] // key_ring.shape[-1],
-        key_ring.shape[1],
-        key_ring.shape[2],
-        key_ring.shape[-1],
-    )
+    _, kv_heads, slots, head_dim = key_ring.shape
+    heads = q.shape[-1] // head_dim
     angle = position.reshape(()).float() * inv_freq.float()
     cos, sin = torch.cat([angle.cos(), angle.cos()]) * rope_scale, torch.cat([angle.sin(), angle.sin()]) * rope_scale
 
@@ -22,11 +18,11 @@ def ring_decode_attention_ref(
         first, second = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-second, first], dim=-1) * sin
 
-    slot = int(tokens_seen) % slots
-    key_ring[0, :, slot] = rotate(k, kv_heads).to(key_ring.dtype)
-    value_ring[0, :, slot] = v.reshape(kv_heads, head_dim).to(value_ring.dtype)
-    visible = readable[0].bool().clone()
-    visible[slot] = True
+    # The slot as a tensor, never a Python int: the step stays one graph (compiled or captured) at every token.
+    slot = torch.as_tensor(tokens_seen, device=q.device).reshape(1).long() % slots
+    key_ring[0].index_copy_(1, slot, rotate(k, kv_heads).unsqueeze(1).to(key_ring.dtype))
+    value_ring[0].index_copy_(1, slot, v.reshape(kv_heads, 1, head_dim).to(value_ring.dtype))
+    visible = readable[0].bool().index_fill(0, slot, True)
     keys = key_ring[0].float().repeat_interleave(heads // kv_heads, dim=0)  # (heads, slots, head_dim)
     values = value_ring[0].float().repeat_interleave(heads // kv_heads, dim=0)
     scores = torch.einsum("hd,hsd->hs", rotate(q, heads), keys) * scale
