@@ -346,6 +346,15 @@ def test_a_forced_missing_implementation_raises_instead_of_falling_back(monkeypa
         small_model()(torch.randint(0, 97, (1, 5)))
 
 
+@pytest.mark.parametrize("continued", ["initial_state", "seq_idx"])
+def test_mamba_ssm_refuses_cached_states_and_packed_documents(continued):
+    """mamba-ssm's scan has neither: the forced implementation says so and names the one that has both."""
+    from samba_hf.kernel_dispatch import _mamba_ssm_scan
+
+    with pytest.raises(NotImplementedError, match="use kernel implementation 'triton'"):
+        _mamba_ssm_scan(*[torch.zeros(1)] * 5, **{continued: torch.zeros(1)})
+
+
 def test_auto_takes_the_pytorch_decode_ops_under_compilation(monkeypatch):
     from samba_hf.kernel_dispatch import TORCH_OPS, TRITON_OPS, mamba_ops
 

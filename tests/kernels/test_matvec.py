@@ -120,6 +120,16 @@ def test_matvec_refuses_what_it_cannot_do():
             samba_kernels.stacked_matvec(torch.zeros(1, 4, device=DEVICE), [w, torch.zeros(3, 5, device=DEVICE)])
 
 
+def test_a_norm_fused_product_refuses_to_be_traced_whole():
+    """The norm-fused variants have no custom op: a whole-graph trace gets the refusal, not a wrong graph."""
+    w, norm_weight = torch.zeros(3, 4, device=DEVICE), torch.ones(4, device=DEVICE)
+    traced = torch.compile(
+        lambda x: samba_kernels.matvec(x, w, norm_weight=norm_weight), fullgraph=True, backend="eager"
+    )
+    with torch.no_grad(), pytest.raises(Exception, match="runs eagerly only"):
+        traced(torch.zeros(1, 4, device=DEVICE))
+
+
 def reference_norm(x, norm_weight, eps=1e-5):
     x = x.double()
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.double()
