@@ -160,6 +160,39 @@ def _exp2_chains(x_ptr, out_ptr, ITERS: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @functools.cache
+def drawer(device: torch.device | str, dtype: torch.dtype, seed: int):
+    """draw(*shape, scale=1.0, dtype=dtype): seeded normal tensors, generated on `device` (large inputs never
+    cross from the host)."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def draw(*shape, scale=1.0, dtype=dtype):
+        return (torch.randn(*shape, generator=generator, device=device) * scale).to(dtype)
+
+    return draw
+
+
+def scan_inputs(
+    batch, dim, length, device, dtype, *, d_state=16, requires_grad=False, extras=False, seed=0
+) -> dict[str, torch.Tensor]:
+    """The selective scan's inputs as the model's Mamba mixer passes them: u, delta (before softplus), z of
+    (batch, dim, length) and B, C of (batch, d_state, length) in `dtype`; A (dim, d_state), D and delta_bias (dim,)
+    in float32; with `extras` an initial state (batch, dim, d_state) in float32."""
+    draw = drawer(device, dtype, seed)
+    inputs = dict(
+        u=draw(batch, dim, length),
+        delta=draw(batch, dim, length) - 2,
+        A=-torch.exp(draw(dim, d_state, dtype=torch.float32).sigmoid()),  # in (-e, -1)
+        B=draw(batch, d_state, length),
+        C=draw(batch, d_state, length),
+        D=draw(dim, dtype=torch.float32),
+        z=draw(batch, dim, length),
+        delta_bias=draw(dim, scale=0.5, dtype=torch.float32),
+    )
+    if extras:
+        inputs["initial_state"] = draw(batch, dim, d_state, dtype=torch.float32)
+    return {name: tensor.requires_grad_(requires_grad) for name, tensor in inputs.items()}
+
+
 def measure_ceilings(device_type: str, smoke: bool) -> dict:
     """copy_bytes_per_s (bytes read + written by a device copy of 1 GiB), bf16_flops_per_s (an 8192^3 matmul)
     and exp2_per_s (chains of dependent exp2 in a Triton kernel, the scan's floor); medians of kernel_ms."""

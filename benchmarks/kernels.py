@@ -12,7 +12,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 import samba_kernels as sk
 
 from . import mamba_ssm_cuda, models
-from .harness import columns, fmt, free_memory, kernel_ms, registry, rows_of
+from .harness import columns, drawer, fmt, free_memory, kernel_ms, registry, rows_of, scan_inputs
 
 TITLE = "Kernels: samba_kernels against PyTorch, FlexAttention, cuBLAS and mamba-ssm"
 D_STATE, WIDTH, REF_LEN = 16, 4, 256
@@ -68,26 +68,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b||, in float64."""
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def scan_inputs(batch, dim, length, device, dtype, requires_grad=False, extras=False, seed=0) -> dict:
-    """u, delta, z of (batch, dim, length) and B, C of (batch, d_state, length) in `dtype`; A (dim, d_state),
-    D and delta_bias (dim,) in float32 (optionally an initial state)."""
-    generator = torch.Generator(device=device).manual_seed(seed)
-    draw = lambda *shape, dtype=dtype: torch.randn(*shape, generator=generator, device=device).to(dtype)  # noqa: E731
-    inputs = dict(
-        u=draw(batch, dim, length),
-        delta=draw(batch, dim, length) - 2,
-        A=-torch.exp(torch.rand(dim, D_STATE, generator=generator, device=device)),
-        B=draw(batch, D_STATE, length),
-        C=draw(batch, D_STATE, length),
-        D=draw(dim, dtype=torch.float32),
-        z=draw(batch, dim, length),
-        delta_bias=draw(dim, dtype=torch.float32) * 0.5,
-    )
-    if extras:
-        inputs["initial_state"] = draw(batch, dim, D_STATE, dtype=torch.float32)
-    return {name: tensor.requires_grad_(requires_grad) for name, tensor in inputs.items()}
 
 
 def seq_idx_for(batch: int, length: int, device) -> torch.Tensor:
@@ -537,16 +517,6 @@ def matvec(ctx):
         matvec_us=graph_ms([lambda r=r: sk.matvec(*r) for r in rows], ctx.device) * 1e3,
         grouped_us=graph_ms(grouped, ctx.device) * 1e3,
     )
-
-
-def drawer(device: torch.device, dtype: torch.dtype, seed: int):
-    """draw(*shape, scale=1.0, dtype=dtype): seeded normal tensors on `device`."""
-    generator = torch.Generator(device=device).manual_seed(seed)
-
-    def draw(*shape, scale=1.0, dtype=dtype):
-        return (torch.randn(*shape, generator=generator, device=device) * scale).to(dtype)
-
-    return draw
 
 
 def mixer_step_inputs(config, device: torch.device, dtype: torch.dtype) -> tuple:

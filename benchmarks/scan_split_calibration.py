@@ -25,7 +25,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -37,7 +36,9 @@ if "--smoke" in sys.argv:  # Triton reads it when the kernels are defined, so be
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]  # run as a script: the benchmarks' harness and samba_kernels
+from benchmarks.harness import atomic_write, commit, scan_inputs  # noqa: E402
 from samba_kernels import selective_scan_fn, selective_scan_ref  # noqa: E402
 from samba_kernels.selective_scan import kernel as ss  # noqa: E402
 
@@ -94,28 +95,16 @@ class Setup:
         return (time.perf_counter() - start) * 1e3
 
 
-def scan_inputs(batch, dim, length, d_state, device, dtype, *, extras, seed=0):
-    """The model's inputs: u, delta (before softplus), z, B, C in `dtype`; A, D, delta_bias in float32; with
-    `extras` an initial state and documents (seq_idx), returned as (tensors, seq_idx)."""
-    g = torch.Generator(device=device).manual_seed(seed)  # on the device: 64K-token batches are large
-    r = lambda *s, dt=dtype: torch.randn(*s, generator=g, device=device).to(dt)  # noqa: E731
-    t = dict(
-        u=r(batch, dim, length),
-        delta=r(batch, dim, length) - 2.0,
-        A=-torch.exp(torch.rand(dim, d_state, generator=g, device=device)),
-        B=r(batch, d_state, length),
-        C=r(batch, d_state, length),
-        D=r(dim, dt=torch.float32),
-        z=r(batch, dim, length),
-        delta_bias=r(dim, dt=torch.float32) * 0.5,
-    )
-    seq_idx = None
-    if extras:
-        t["initial_state"] = r(batch, dim, d_state, dt=torch.float32)
-        starts = torch.rand(batch, length, generator=g, device=device) < 8.0 / length
-        starts[:, 0] = False
-        seq_idx = torch.cumsum(starts, dim=-1).to(torch.int32)
-    return t, seq_idx
+def inputs_with_documents(batch, dim, length, d_state, device, dtype, *, extras, seed=0):
+    """The scan's inputs (`harness.scan_inputs`) as (tensors, seq_idx); with `extras` an initial state and random
+    documents (seq_idx), else seq_idx None."""
+    tensors = scan_inputs(batch, dim, length, device, dtype, d_state=d_state, extras=extras, seed=seed)
+    if not extras:
+        return tensors, None
+    g = torch.Generator(device=device).manual_seed(seed + 1)
+    starts = torch.rand(batch, length, generator=g, device=device) < 8.0 / length
+    starts[:, 0] = False
+    return tensors, torch.cumsum(starts, dim=-1).to(torch.int32)
 
 
 def with_documents_at(seq_idx, steps):
@@ -162,7 +151,7 @@ class BackwardWitness:
 def check_layouts(setup, c, layouts, bf16_layouts=()):
     """`layouts` against the PyTorch reference in float32 with every option (documents at the chunks' boundaries),
     and `bf16_layouts` in bf16, at the shape `c`."""
-    tensors, seq_idx = scan_inputs(
+    tensors, seq_idx = inputs_with_documents(
         c["batch"], c["dim"], c["length"], setup.d_state, setup.device, torch.float32, extras=True, seed=1
     )
     seq_idx = with_documents_at(seq_idx, [k * n for n in c["boundaries"] for k in range(1, 9)])
@@ -283,7 +272,7 @@ def run(fn, budget):
 
 def time_shape(setup, batch, dim, length, budget, exp2_rate):
     """Forward layouts (and their summaries alone), then forward+backward with each backward chunking."""
-    tensors, _ = scan_inputs(batch, dim, length, setup.d_state, setup.device, setup.dtype, extras=False)
+    tensors, _ = inputs_with_documents(batch, dim, length, setup.d_state, setup.device, setup.dtype, extras=False)
     kwargs = dict(delta_softplus=True)
     record = dict(
         batch=batch,
@@ -459,23 +448,10 @@ def regret(setup, record, values):
 
 
 def stamp(setup):
-    try:
-        commit = (
-            subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"],
-                capture_output=True,
-                text=True,
-                cwd=Path(__file__).parent,
-                timeout=10,
-            ).stdout.strip()
-            or None
-        )
-    except (OSError, subprocess.SubprocessError):
-        commit = None
     device = torch.cuda.get_device_name() if setup.device == "cuda" else "cpu (Triton's interpreter)"
     return dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        commit=commit,
+        commit=commit(),
         device=device,
         sms=setup.sms,
         torch=torch.__version__,
@@ -484,12 +460,6 @@ def stamp(setup):
             k: getattr(ss, k) for k in (*CONSTANTS, "MIN_CHUNK", "BWD_MIN_CHUNK", "MAX_CHUNKS", "PROGRAMS_PER_SM")
         },
     )
-
-
-def write(result, path):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1, default=str))
-    os.replace(tmp, path)
 
 
 def report(setup, result):
@@ -537,10 +507,9 @@ def main():
     setup = Setup(args.smoke)
     out_dir = os.environ.get("OUT")
     path = Path(args.out or (Path(out_dir) if out_dir else Path.cwd()) / "scan_split_calibration.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
     budget = Budget(args.budget_minutes)
     result = dict(stamp(setup), command=" ".join(sys.argv), checks=check_all(setup), shapes=[])
-    write(result, path)
+    atomic_write(path, json.dumps(result, indent=1, default=str))
     for batch, dim, length in setup.shapes:
         print(f"{batch} x {dim} x {length}", flush=True)
         try:
@@ -552,7 +521,7 @@ def main():
         finally:
             if setup.device == "cuda":
                 torch.cuda.empty_cache()
-        write(result, path)
+        atomic_write(path, json.dumps(result, indent=1, default=str))
     result["fit"] = fit(setup, result["shapes"])
     result["regret"] = {
         f"{r['batch']}x{r['dim']}x{r['length']}": dict(
@@ -560,7 +529,7 @@ def main():
         )
         for r in result["shapes"]
     }
-    write(result, path)
+    atomic_write(path, json.dumps(result, indent=1, default=str))
     report(setup, result)
     bad = [
         e for r in result["shapes"] for e in r["forward"] + r["fwd_bwd"] if e.get("relative_error_vs_first", 0) > 2e-2
