@@ -2,6 +2,8 @@
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from samba_hf import SambaConfig, SambaForCausalLM
 
@@ -68,3 +70,30 @@ def fp32_rule_breaks(model, half: torch.dtype) -> dict:
         if tensor.is_floating_point() and tensor.dtype != expected:
             wrong[name] = tensor.dtype
     return wrong
+
+
+@torch.no_grad()
+def load_quantized(model, folder, bits: int, device: str):
+    """`model` saved to `folder` and loaded back by transformers with bitsandbytes in `bits` bits on `device`;
+    every projection must hold bitsandbytes' layer (transformers keeps the tied output head in full precision).
+    Returns (the quantized model, `model` on `device` as the reference: for 4-bit its projections hold their
+    dequantized weights, so the logits must match; for 8-bit unchanged, as LLM.int8 quantizes activations too)."""
+    import bitsandbytes as bnb
+
+    model.save_pretrained(folder)
+    quantization = (
+        BitsAndBytesConfig(load_in_8bit=True)
+        if bits == 8
+        else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    )
+    quantized = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, device_map=device)
+    layer_type = bnb.nn.Linear8bitLt if bits == 8 else bnb.nn.Linear4bit
+    linears = {name: module for name, module in quantized.named_modules() if isinstance(module, nn.Linear)}
+    assert {name for name, module in linears.items() if not isinstance(module, layer_type)} == {"lm_head"}
+    reference = model.to(device)
+    if bits == 4:
+        for name, module in linears.items():
+            if isinstance(module, layer_type):
+                dequantized = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+                reference.get_submodule(name).weight.copy_(dequantized)
+    return quantized, reference

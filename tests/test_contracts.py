@@ -8,14 +8,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 from huggingface_hub.errors import StrictDataclassFieldValidationError
-from torch import nn
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorWithFlattening, DynamicCache
+from transformers import AutoModelForCausalLM, DataCollatorWithFlattening, DynamicCache
 
 from samba_hf import SambaForCausalLM, SambaForSequenceClassification, SambaModel
 from samba_hf.demo import train_tokenizer
 from samba_hf.generation import chunked_forward
 
-from .helpers import fp32_rule_breaks, left_padded, main_output, random_ids, small_config, small_model
+from .helpers import (
+    fp32_rule_breaks,
+    left_padded,
+    load_quantized,
+    main_output,
+    random_ids,
+    small_config,
+    small_model,
+)
 
 WINDOW = 8  # small_config's sliding window
 FP32 = dict(rtol=1e-4, atol=5e-5)
@@ -189,32 +196,16 @@ def test_bitsandbytes_quantizes_every_projection(bits, tmp_path):
     """transformers replaces the modules whose type is nn.Linear by bitsandbytes' layers (CPU backend here).
     8-bit (LLM.int8, activations quantized too): logits within a few percent of full precision. 4-bit: the
     logits of the full-precision model whose weights are replaced by their dequantized 4-bit values."""
-    bnb = pytest.importorskip("bitsandbytes")
+    pytest.importorskip("bitsandbytes")
     torch.manual_seed(0)
     model = SambaForCausalLM(small_config(hidden_size=64)).eval()  # the reference initialisation
-    model.save_pretrained(tmp_path)
-    quantization = (
-        BitsAndBytesConfig(load_in_8bit=True)
-        if bits == 8
-        else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
-    )
-    quantized = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quantization, device_map="cpu")
-    quantized_type = bnb.nn.Linear8bitLt if bits == 8 else bnb.nn.Linear4bit
-    linears = {name: module for name, module in quantized.named_modules() if isinstance(module, nn.Linear)}
-    # transformers keeps the output head (tied to the embedding) in full precision.
-    assert {name for name, module in linears.items() if not isinstance(module, quantized_type)} == {"lm_head"}
+    quantized, reference = load_quantized(model, tmp_path, bits, "cpu")
     ids = random_ids(length=20)
-    logits = main_output(quantized, input_ids=ids)
+    logits, expected = main_output(quantized, input_ids=ids), main_output(reference, input_ids=ids)
     if bits == 8:
-        expected = main_output(model, input_ids=ids)
         assert (logits - expected).norm() / expected.norm() < 0.1
-        return
-    with torch.no_grad():
-        for name, module in linears.items():
-            if isinstance(module, quantized_type):
-                dequantized = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
-                model.get_submodule(name).weight.copy_(dequantized)
-    torch.testing.assert_close(logits, main_output(model, input_ids=ids), **FP32)
+    else:
+        torch.testing.assert_close(logits, expected, **FP32)
 
 
 # ---------------------------------------------------------------------------------------- fp32 parameters
