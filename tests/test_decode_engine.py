@@ -51,6 +51,29 @@ def test_rows_stop_at_their_end_of_sequence_and_the_output_ends_with_the_last_ro
     assert (engine[:, ids.shape[1] :] == eos).any()
 
 
+def test_every_row_ending_inside_a_graph_of_steps_ends_the_output_there():
+    """The engine runs STEPS_PER_GRAPH steps per replay and drops the steps after the last row's end."""
+    model = small_model()
+    ids = torch.randint(3, 97, (2, 13), generator=torch.Generator().manual_seed(0))
+    free = model.generate(ids, max_new_tokens=60, decode_engine=False, **GREEDY)[:, ids.shape[1] :]
+    # an end-of-sequence token that each row first generates inside the second graph of steps, at different steps
+    first_steps = {
+        int(token): [int((row == token).nonzero()[0]) if (row == token).any() else None for row in free]
+        for token in free.unique()
+    }
+    ending = [
+        token
+        for token, steps in first_steps.items()
+        if None not in steps
+        and all(generation.STEPS_PER_GRAPH + 1 < step < 2 * generation.STEPS_PER_GRAPH for step in steps)
+        and steps[0] != steps[1]
+    ]
+    assert ending, "no token ends both rows inside the second graph: change the prompt's seed"
+    loop, engine = both_paths(model, ids, max_new_tokens=60, eos_token_id=ending[0], **GREEDY)
+    assert torch.equal(loop, engine)
+    assert engine.shape[1] == ids.shape[1] + max(first_steps[ending[0]]) + 1
+
+
 def test_logits_processors_run_inside_the_step_as_transformers_runs_them():
     model = small_model()
     ids, mask = left_padded_prompt()
