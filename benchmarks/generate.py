@@ -4,8 +4,14 @@ one process, each model in each of its modes. Secondary: one compiled decode ste
 import contextlib
 import dataclasses
 import functools
+import json
 import logging
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
+import time
 
 import torch
 from torch._inductor import config as inductor_config
@@ -56,6 +62,10 @@ Roofline (batch 1) = (weight bytes + the cache's bytes at that context, measured
 copy bandwidth; `of roofline` = roofline / ms per step. Cells predicted not to fit the GPU's memory or what is left
 of the run's time budget are skipped, with the prediction. `log` quotes what samba_hf logged during the calls
 (the decode engine says which path ran).
+
+Case `first-call`: the batch-1, 4K-prompt engine row's calls in two new processes in turn, sharing a Triton cache
+folder that starts empty: the first process compiles every kernel (a new machine), the second finds them compiled
+(every later process). `process s` is the whole process: Python's imports, the model's build, the three calls.
 """
 
 
@@ -297,6 +307,50 @@ def compiled_step_ms(model, context: int, device: torch.device, graph_of_steps: 
     return {"ms_per_token": statistics.median(times) * 1e3, "compile_s": compile_s}
 
 
+FIRST_CALL_PROCESSES = (
+    ("new machine", "an empty Triton cache: every kernel is compiled"),
+    ("new process", "Triton's disk cache as the process before left it"),
+)
+FIRST_CALL_PROCESS_S = 40.0  # a planning guess: Python's imports, the model, two calls
+
+
+@case("first-call", "samba's first generate() in a new process, batch 1, 4K prompt: on a new machine, and after one")
+def first_call_case(ctx):
+    """Two processes in turn, each importing samba_hf, building samba-421m and calling generate() twice (its
+    defaults, N new tokens): the first with an empty Triton cache (a new machine), the second with the cache the
+    first left (every later process of a user)."""
+    batch, context = (SMOKE_BATCH[1], SMOKE_CONTEXT[4096]) if ctx.smoke else (1, 4096)
+    new_tokens = SMOKE_NEW_TOKENS if ctx.smoke else NEW_TOKENS
+    with tempfile.TemporaryDirectory() as triton_cache:
+        for process, about in FIRST_CALL_PROCESSES:
+            cell = dict(model="samba", process=process, about=about, batch=batch, context=context)
+            refusal = ctx.budget.refuses(FIRST_CALL_PROCESS_S)
+            if refusal:
+                ctx.skip(refusal, **cell)
+                continue
+            command = [sys.executable, "-m", "benchmarks.generate", "first-call", str(batch), str(context)]
+            command += [str(new_tokens), "smoke" if ctx.smoke else "full"]
+            started = time.perf_counter()
+            child = subprocess.run(
+                command, capture_output=True, text=True, env=dict(os.environ, TRITON_CACHE_DIR=triton_cache)
+            )
+            if child.returncode:
+                ctx.skip(f"the process failed: {(child.stderr or child.stdout)[-300:]}", **cell)
+                continue
+            row = json.loads(child.stdout.strip().splitlines()[-1])
+            ctx.add(**cell, **row, process_s=time.perf_counter() - started)
+
+
+def first_call_child(batch: int, context: int, new_tokens: int, smoke: bool) -> None:
+    """The first-call case's process: prints one JSON line."""
+    started = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = models.build("samba", device, dtype_for(device), smoke)
+    built = time.perf_counter() - started
+    row = time_generate(model, {}, batch, context, new_tokens, device)
+    print(json.dumps(dict(build_s=built, **row)))
+
+
 STEP_VARIANTS = {
     "graph of steps, PDL": dict(graph_of_steps=True, pdl=True),
     "one call per step": dict(graph_of_steps=False, pdl=False),
@@ -390,6 +444,17 @@ COLUMNS = {
         ("compile s", "compile_s", ".1f"),
         ("note", "skipped"),
     ],
+    "first-call": [
+        ("process", "process"),
+        ("Triton cache", "about"),
+        ("build s", "build_s", ".1f"),
+        ("first s", "first_s", ".2f"),
+        ("steady s", "steady_s", ".3f"),
+        ("warm-up s", "warmup_s", ".2f"),
+        ("tokens/s", "tokens_per_s", ".1f"),
+        ("process s", "process_s", ".1f"),
+        ("note", "skipped"),
+    ],
     "cell": [
         ("model", "model"),
         ("mode", "mode"),
@@ -411,7 +476,7 @@ COLUMNS = {
 
 
 def render_case(name: str, entry: dict) -> list[str]:
-    return columns(entry["rows"], COLUMNS["step" if name == "step" else "cell"])
+    return columns(entry["rows"], COLUMNS[name if name in COLUMNS else "cell"])
 
 
 def summary(result: dict) -> list[str]:
@@ -425,6 +490,9 @@ def summary(result: dict) -> list[str]:
             lines.append(
                 f"{name}: samba {describe(samba)}, llama {describe(llama)}" + (f", {ratio:.2f}x" if ratio else "")
             )
+    for row in rows_of(result, "first-call"):
+        if "warmup_s" in row:
+            lines.append(f"first call, {row['process']}: {row['warmup_s']:.2f} s more than the steady call")
     for row in rows_of(result, "step"):
         if "ms_per_token" in row:
             lines.append(
@@ -462,3 +530,7 @@ def plot(result: dict, path) -> bool:
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
     return True
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["first-call"]:
+    first_call_child(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "smoke")

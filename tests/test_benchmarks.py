@@ -60,6 +60,12 @@ def test_generate_case_times_every_mode(tmp_path):
             assert row["skipped"]
 
 
+def test_generate_first_call_case_runs_two_processes(tmp_path):
+    rows = measured(smoke("generate", "first-call", tmp_path), "first-call", "first_s")
+    assert [row["process"] for row in rows] == ["new machine", "new process"]
+    assert all(row["first_s"] > 0 < row["steady_s"] and row["process_s"] > row["first_s"] for row in rows)
+
+
 def test_prefill_case(tmp_path):
     result = smoke("prefill", "128k", tmp_path)
     assert {row["model"] for row in measured(result, "128k", "seconds")} == {"samba", "llama"}
