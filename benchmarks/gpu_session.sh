@@ -7,6 +7,7 @@
 #              (GPU_TESTS=0: not), then the kernels suite in the time left
 #   generate   the generate suite: its cells in order of priority, as many as fit
 #   long       the prefill suite, then train, then memory
+#   lora       the lora suite: examples/lora.py on samba-421m, LoRA (fp32, bf16 base) and QLoRA, a process each
 #   tests      tests/gpu alone
 #
 # Carry, in the device call (both are ignored by git): .whl (python -m benchmarks.wheels prepare) and, for kernels,
@@ -16,7 +17,7 @@
 # PART-logs.tar.gz, PART-summary.txt; the summary is also printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part=${1:?usage: bash benchmarks/gpu_session.sh kernels|generate|long|tests}
+part=${1:?usage: bash benchmarks/gpu_session.sh kernels|generate|long|lora|tests}
 start=$(date +%s)
 limit=${PART_SECONDS:-540}
 out=${OUT:-/tmp/samba-gpu-session}
@@ -70,8 +71,9 @@ case $part in
         run_suite train 80
         run_suite memory 100
         ;;
+    lora) run_suite lora 100 ;;
     tests) gpu_tests ;;
-    *) echo "unknown part $part: kernels, generate, long or tests" >&2; exit 2 ;;
+    *) echo "unknown part $part: kernels, generate, long, lora or tests" >&2; exit 2 ;;
 esac
 
 # Only this part's results files, so that extracting one part's archive leaves the other parts' files as they are.

@@ -31,7 +31,7 @@ if not torch.cuda.is_available():
 
 from .harness import RESULTS, Budget, Context, load_results, machine_stamp, save_plot, save_results  # noqa: E402
 
-SUITES = ("kernels", "generate", "prefill", "train", "memory", "multi_gpu")
+SUITES = ("kernels", "generate", "prefill", "train", "memory", "multi_gpu", "lora")
 SMOKE_RESULTS = Path(tempfile.gettempdir()) / "samba-benchmarks-smoke"
 
 

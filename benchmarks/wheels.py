@@ -5,8 +5,9 @@
 
 The GPU image has torch, triton, transformers 5.17 and the libraries in IMAGE, and no network. The session
 installs CARRIED (.whl/ is ignored by git and travels with the working tree, 64 MiB at most in all):
-transformers 5.24.0, PEFT and bitsandbytes (LoRA, 4-bit and 8-bit loading), pytest with its requirements for
-tests/gpu, and ninja, which torch.utils.cpp_extension needs to build mamba-ssm's extension (its `ninja` command
+transformers 5.24.0, PEFT and bitsandbytes (LoRA, 4-bit and 8-bit loading), TRL and datasets for examples/lora.py
+with the requirements the image lacks (dill, multiprocess; fsspec, as datasets takes none newer than 2026.9.0),
+pytest with its requirements for tests/gpu, and ninja, which torch.utils.cpp_extension needs to build mamba-ssm's extension (its `ninja` command
 lands in SITE/bin: put that on PATH). bitsandbytes ships a library per CUDA version; only those of the image's
 CUDA 13 are kept (`slim_bitsandbytes`), as the others alone would fill the carry. `prepare` checks each wheel's
 requirements against IMAGE and the other carried wheels, and fails naming any the image does not meet;
@@ -30,6 +31,11 @@ CARRIED = (
     "transformers==5.24.0",
     "peft==0.21.2",
     "bitsandbytes==0.50.2",
+    "trl==1.16.0",
+    "datasets==5.2.0",
+    "dill==0.4.1",
+    "multiprocess==0.70.19",
+    "fsspec==2026.9.0",
     "pytest==9.2.0",
     "pluggy==1.7.0",
     "iniconfig==2.3.1",

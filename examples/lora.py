@@ -17,7 +17,9 @@ The adapter (a few MB) and the tokenizer are saved to --output-dir, with checkpo
 --merge also folds the adapter into the base weights (`merge_and_unload`) and writes a Hub-ready
 folder to OUTPUT_DIR/merged. By default LoRA adapts every linear projection: attention
 (q/k/v/o_proj), SwiGLU (gate/up/down_proj) and Mamba (in/x/dt/out_proj); samba_hf registers these as
-PEFT's defaults. --qlora loads the base model in 4-bit NF4 with bitsandbytes (CUDA only).
+PEFT's defaults. The base model's weights are float32 unless `--dtype bfloat16` (half the memory;
+the adapter stays float32); --qlora loads them in 4-bit NF4 with bitsandbytes (CUDA only), the parts
+it does not quantize in bfloat16.
 """
 
 import argparse
@@ -50,6 +52,9 @@ BUILT_IN_CHAT_TEMPLATES = {
     ),
 }
 
+# --dtype: the base model's weights without --qlora.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
 
 @dataclass
 class ScriptArguments:
@@ -73,6 +78,10 @@ class ScriptArguments:
     )
     merge: bool = field(default=False, metadata={"help": "also write the merged model as a Hub-ready folder"})
     qlora: bool = field(default=False, metadata={"help": "4-bit NF4 base model via bitsandbytes (needs CUDA)"})
+    dtype: str = field(
+        default="float32",
+        metadata={"help": f"the base model's weights: {' or '.join(DTYPES)} (--qlora: 4-bit, the rest bfloat16)"},
+    )
 
 
 # This script's choices where they differ from SFTConfig's defaults; any of them can be overridden.
@@ -127,9 +136,9 @@ def set_chat_template(tokenizer, name_or_file: str | None, dataset: Dataset) -> 
         )
 
 
-def load_base_model(name: str, qlora: bool):
+def load_base_model(name: str, qlora: bool, dtype: torch.dtype = torch.float32):
     if not qlora:
-        return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     # Checked before anything heavy is loaded, with the fix in the message.
     if not torch.cuda.is_available():
         raise SystemExit("--qlora needs a CUDA GPU: bitsandbytes' 4-bit kernels do not run on the CPU.")
@@ -180,10 +189,12 @@ def main(argv=None) -> dict:
     """Train the adapter, save it (and the merged model with --merge); returns paths and the loss."""
     args, training_args = parse_args(argv)
     checkpoint = resolve_checkpoint(training_args)  # fail before loading anything
+    if args.dtype not in DTYPES:
+        raise SystemExit(f"--dtype {args.dtype}: choose {' or '.join(DTYPES)}.")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     dataset = load_data(args.train_file)
     set_chat_template(tokenizer, args.chat_template, dataset)
-    model = load_base_model(args.model, args.qlora)
+    model = load_base_model(args.model, args.qlora, DTYPES[args.dtype])
     model.config.use_cache = False  # the cache serves generation; training would build one per step for nothing
     lora = LoraConfig(
         task_type="CAUSAL_LM",

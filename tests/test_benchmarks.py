@@ -3,6 +3,7 @@ the first time. Plus the pieces a smoke run cannot reach: mamba-ssm's autograd w
 through a stand-in for its compiled extension), the wheel checks, and the committed results files' rendering."""
 
 import json
+import math
 import types
 import zipfile
 
@@ -88,6 +89,18 @@ def test_memory_cases_merge_into_one_results_file(tmp_path):
     llama = [row["cache_mib"] for row in measured(result, "llama", "cache_mib")]
     assert len(set(samba)) == 1 and llama == sorted(llama) and llama[-1] > llama[0]
     assert "## samba" in (tmp_path / "memory.md").read_text()
+
+
+def test_lora_case_runs_both_lora_modes(tmp_path):
+    """examples/lora.py in a process per mode; on the CPU lora.py refuses --qlora, and the row says so."""
+    result = smoke("lora", "samba-421m", tmp_path)
+    rows = {row["mode"]: row for row in result["cases"]["samba-421m"]["rows"]}
+    for mode in ("lora", "lora-bf16"):
+        assert rows[mode]["tokens_per_s"] > 0 and math.isfinite(rows[mode]["train_loss"])
+        assert rows[mode]["checkpointing"] and rows[mode]["linear_4bit"] == 0 < rows[mode]["linear_plain"]
+    assert rows["lora-bf16"]["weights_gib"] < rows["lora"]["weights_gib"]
+    assert "needs a CUDA GPU" in rows["qlora"]["skipped"]
+    assert "| qlora |" in (tmp_path / "lora.md").read_text()
 
 
 def test_the_budget_skips_cells_it_predicts_past(tmp_path):
@@ -181,8 +194,14 @@ def test_wheel_requirements_are_read_for_the_image_python(tmp_path):
     assert name == "demo" and [r.name for r in requirements] == ["regex"]
 
 
+# Suites whose first GPU run is still to come: no results file is committed for them yet.
+NOT_YET_MEASURED = {"lora"}
+
+
 @pytest.mark.parametrize("suite", run.SUITES)
 def test_committed_results_render(suite):
+    if suite in NOT_YET_MEASURED and not (harness.RESULTS / f"{suite}.json").is_file():
+        pytest.skip(f"no committed {suite}.json yet")
     result = harness.load_results(harness.RESULTS / f"{suite}.json")
     assert result["suite"] == suite and result["cases"]
     text = harness.render(run.suite_module(suite), result)

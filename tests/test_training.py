@@ -363,6 +363,13 @@ def test_passkey_finetune_example_trains_saves_and_evaluates(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_lora_example_refuses_an_unknown_dtype(tiny_model_dir, tmp_path):
+    import lora
+
+    with pytest.raises(SystemExit, match="--dtype float16: choose float32 or bfloat16"):
+        lora.main(["--model", str(tiny_model_dir), "--output-dir", str(tmp_path), "--dtype", "float16"])
+
+
 def test_qlora_without_cuda_fails_clearly(tiny_model_dir, tmp_path):
     import lora
 
