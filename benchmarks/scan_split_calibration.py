@@ -457,7 +457,15 @@ def stamp(setup):
         torch=torch.__version__,
         triton=triton.__version__,
         constants_in_use={
-            k: getattr(ss, k) for k in (*CONSTANTS, "MIN_CHUNK", "BWD_MIN_CHUNK", "MAX_CHUNKS", "PROGRAMS_PER_SM")
+            k: getattr(ss, k)
+            for k in (
+                *CONSTANTS,
+                "MIN_CHUNK",
+                "BWD_MIN_CHUNK",
+                "BWD_SPLIT_MIN_LENGTH",
+                "MAX_CHUNKS",
+                "PROGRAMS_PER_SM",
+            )
         },
     )
 

@@ -92,21 +92,22 @@ def _grouped(BC):
 
 
 @pytest.mark.parametrize("sms", [132, 78])
-def test_selective_scan_splits_long_sequences_of_small_batches(sms, monkeypatch):
+def test_selective_scan_splits_long_sequences_of_small_batches(sms):
     """The GPU launch plan on a device of `sms` SMs (shapes only, no launch): batch-1 and batch-2 sequences of
-    16K steps split in the forward, a batch of 8 x 4K does not; the backward splits only where SPLIT_BACKWARD is
-    on. At batch 1 the forward's chunks give every SM sub-partition a warp and the backward's give each SM
-    PROGRAMS_PER_SM programs."""
+    16K steps split in the forward, a batch of 8 x 4K does not; the backward splits batch-1 sequences of
+    BWD_SPLIT_MIN_LENGTH steps or more, into a power of two of chunks. At batch 1 the forward's chunks give every
+    SM sub-partition a warp and the backward's give each SM PROGRAMS_PER_SM programs."""
 
     def plan(batch, length, dim=3072):
         return scan_kernel._plan(batch, dim, length, 1, 16, True, gpu=True, sms=sms)
 
     for batch in (1, 2):
-        assert plan(batch, 16384).forward.chunks > 1 and plan(batch, 16384).backward.chunks == 1
+        assert plan(batch, 16384).forward.chunks > 1
+    assert plan(2, 16384).backward.chunks == 1 and plan(1, 8192).backward.chunks == 1
     unsplit = plan(8, 4096)
     assert unsplit.forward.lanes and unsplit.forward.chunks == 1 and unsplit.backward.chunks == 1
-    monkeypatch.setattr(scan_kernel, "SPLIT_BACKWARD", True)
-    assert plan(1, 16384).backward.chunks > 1
+    chunks = plan(1, 16384).backward.chunks
+    assert chunks > 1 and chunks & (chunks - 1) == 0
     forward, backward = plan(1, 65536).forward, plan(1, 65536).backward
     assert forward.lanes and forward.chunk % forward.meta["T"] == 0 and backward.chunk % backward.meta["T"] == 0
     assert forward.chunks * triton.cdiv(3072, forward.meta["BLOCK_D"]) >= scan_kernel.SUB_PARTITIONS_PER_SM * sms

@@ -88,20 +88,20 @@ LANE_Y_PARTS = {32: 2, 16: 16, 8: 16}
 # - MIN_CHUNK, BWD_MIN_CHUNK: the shortest chunks, in steps, of the forward and the backward; MAX_CHUNKS bounds
 #   the composition, whose work grows with the square of the number of chunks.
 # The forward takes the cheapest of: the unsplit forward (lanes where it fills the GPU, else steps) and every
-# split into n chunks that fills it. The backward splits where its tile backward would otherwise shrink BLOCK_D:
-# into as many chunks as make PROGRAMS_PER_SM programs per SM. The values are the first estimates, whose picks
-# the kernels benchmark measured (benchmarks/results/kernels.md; the fitted ones: docs/performance-notes.md);
+# split into n chunks that fills it. The values are the first estimates, whose picks the kernels benchmark
+# measured (benchmarks/results/kernels.md; the fitted ones: docs/performance-notes.md);
 # benchmarks/scan_split_calibration.py measures every layout and prints fitted values.
 STEPS_COST = 0.6
 SUMMARY_COST = {32: 0.8, 16: 0.45, 8: 0.4}
 SPLIT_OVERHEAD = 64
 MIN_CHUNK, BWD_MIN_CHUNK, MAX_CHUNKS = 256, 512, 64
-# The split backward is off unless forced, until measured again: on the GPU its gradients differed from the
-# unsplit backward's at the timed shapes while agreeing in Triton's interpreter (docs/performance-notes.md).
-# That run forced its layouts with forced_layout, which a backward on autograd's device thread does not see: it
-# could then plan other tiles than the forward's checkpoints. The layout is now carried to the backward, and a
-# mismatch raises.
-SPLIT_BACKWARD = False
+# The backward splits sequences of BWD_SPLIT_MIN_LENGTH steps or more where, unsplit, its programs would fill a
+# quarter of PROGRAMS_PER_SM per SM or less (batch 1 at the model's widths): into the power of two of chunks at or
+# above what makes PROGRAMS_PER_SM programs per SM. Measured on the H200, fwd+bwd of 1 x 3072 in bf16
+# (benchmarks/results/scan_split_calibration.json): 4K steps 1.62 ms unsplit, 1.82 to 2.22 split into 2 to 16
+# chunks; 16K 4.80 against 3.20 in 8 chunks (3.19 in 16); 64K 19.42 against 12.98 in 8 (12.57 in 16); chunk
+# counts that are not powers of two were slower. Larger batches were not timed split and stay unsplit.
+BWD_SPLIT_MIN_LENGTH = 16384
 SUB_PARTITIONS_PER_SM = 4  # warp schedulers per SM (every NVIDIA architecture since Volta)
 # CPU tensors (the interpreter) plan their launches as the GPU the constants were measured on would
 # (benchmarks/results/kernels.md): 132 SMs.
@@ -244,10 +244,10 @@ def _backward_chunk(n_rows, dpg, L, cap, sms):
     forced = _FORCED.get()
     if forced is not None and forced.backward_chunk_length is not None:
         return forced.backward_chunk_length
-    if not SPLIT_BACKWARD:
-        return L
     wanted = triton.cdiv(PROGRAMS_PER_SM * sms, n_rows * triton.cdiv(dpg, cap))
-    n = min(wanted, L // BWD_MIN_CHUNK, MAX_CHUNKS)
+    if wanted < 4 or L < BWD_SPLIT_MIN_LENGTH:
+        return L
+    n = min(triton.next_power_of_2(wanted), L // BWD_MIN_CHUNK, MAX_CHUNKS)
     return L if n < 2 else triton.cdiv(L, n)
 
 
