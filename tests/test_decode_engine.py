@@ -51,12 +51,14 @@ def test_rows_stop_at_their_end_of_sequence_and_the_output_ends_with_the_last_ro
     assert (engine[:, ids.shape[1] :] == eos).any()
 
 
-def test_every_row_ending_inside_a_graph_of_steps_ends_the_output_there():
-    """The engine runs STEPS_PER_GRAPH steps per replay and drops the steps after the last row's end."""
+def test_every_row_ending_between_two_checks_ends_the_output_there():
+    """The engine asks whether every row has finished every STOP_CHECK_INTERVAL steps and drops the steps after
+    the last row's end."""
     model = small_model()
     ids = torch.randint(3, 97, (2, 13), generator=torch.Generator().manual_seed(0))
     free = model.generate(ids, max_new_tokens=60, decode_engine=False, **GREEDY)[:, ids.shape[1] :]
-    # an end-of-sequence token that each row first generates inside the second graph of steps, at different steps
+    # an end-of-sequence token that each row first generates between the first and the second check, at two steps
+    interval = generation.STOP_CHECK_INTERVAL
     first_steps = {
         int(token): [int((row == token).nonzero()[0]) if (row == token).any() else None for row in free]
         for token in free.unique()
@@ -64,11 +66,9 @@ def test_every_row_ending_inside_a_graph_of_steps_ends_the_output_there():
     ending = [
         token
         for token, steps in first_steps.items()
-        if None not in steps
-        and all(generation.STEPS_PER_GRAPH + 1 < step < 2 * generation.STEPS_PER_GRAPH for step in steps)
-        and steps[0] != steps[1]
+        if None not in steps and all(interval + 1 < step < 2 * interval for step in steps) and steps[0] != steps[1]
     ]
-    assert ending, "no token ends both rows inside the second graph: change the prompt's seed"
+    assert ending, "no token ends both rows between the first two checks: change the prompt's seed"
     loop, engine = both_paths(model, ids, max_new_tokens=60, eos_token_id=ending[0], **GREEDY)
     assert torch.equal(loop, engine)
     assert engine.shape[1] == ids.shape[1] + max(first_steps[ending[0]]) + 1

@@ -6,11 +6,10 @@
   unless `generate(prefill_chunk_size=...)` says otherwise), eagerly: activation memory O(chunk + window)
   whatever the prompt's length, exact (each chunk continues from the state the last one left).
 - `_sample` (greedy search and sampling) hands the decoding loop to a `DecodeEngine` on CUDA. The engine
-  replays decode steps (every layer, the logits and the token choice) as captured CUDA graphs over static
-  buffers: the Mamba conv and SSM states and the sliding-window keys in ring buffers (`SambaStaticCache`),
-  STEPS_PER_GRAPH steps per replay where nothing needs the host at every step. transformers' loop spends
-  most of a small model's step on the host (launching hundreds of kernels, its logits processors, a
-  synchronisation per token); a graph replay is one launch.
+  replays each decode step (every layer, the logits and the token choice) as one captured CUDA graph over
+  static buffers: the Mamba conv and SSM states and the sliding-window keys in ring buffers
+  (`SambaStaticCache`). transformers' loop spends most of a small model's step on the host (launching
+  hundreds of kernels, its logits processors, a synchronisation per token); a graph replay is one launch.
 
 The engine covers greedy search and sampling with temperature, top-k, top-p, min-p, repetition penalty
 and minimum lengths, `num_return_sequences`, end-of-sequence and maximum-length stopping, time limits and
@@ -23,13 +22,13 @@ Switch: `generate(..., decode_engine=False)` (or `model.generation_config.decode
 runs transformers' loop; `decode_engine="eager"` runs the engine's step without capturing it, on any
 device (for debugging, and for the tests on the CPU).
 
-Memory: a captured step keeps its buffers (the window's keys and values and the Mamba states of its batch
-size: about 75 MB per sequence for samba-421m in bf16) and a private pool for the step's activations, which
-its two graphs (one step, and STEPS_PER_GRAPH steps) share. An engine keeps at most `MAX_GRAPHS` steps, one
-per (batch size, dtype, token choice), dropping the least recently used; `release_decode_graphs(model)`
-frees them all. Graphs are reused only while every parameter keeps its address and the model holds only
-plain modules; a model with adapter or quantized layers gets its graphs captured for each call (tens of ms),
-since their switches (an adapter turned off, say) would not show in a replayed graph.
+Memory: a captured graph keeps its buffers (the window's keys and values and the Mamba states of its batch
+size: about 75 MB per sequence for samba-421m in bf16) and a private pool for the step's activations. An
+engine keeps at most `MAX_GRAPHS` graphs, one per (batch size, dtype, token choice), dropping the least
+recently used; `release_decode_graphs(model)` frees them all. Graphs are reused only while every parameter
+keeps its address and the model holds only plain modules; a model with adapter or quantized layers gets a
+graph captured for each call (a few tens of ms), since their switches (an adapter turned off, say) would
+not show in a replayed graph.
 """
 
 import collections
@@ -67,11 +66,10 @@ from .kernel_dispatch import requested_implementation
 logger = logging.get_logger(__name__)
 
 MAX_GRAPHS = 4
-# Where nothing needs the host at every step (a streamer, a time limit, or a cache returned to the caller, whose
-# state must end at the last token), the engine replays a graph of this many steps at a time and then asks the
-# device whether every row has finished (asking waits for it); the tokens past the end are dropped. One replay per
-# step would leave the GPU idle between graphs and break the chain of dependent launches at every step.
-STEPS_PER_GRAPH = 16
+# How often, in steps, the host asks the device whether every row has finished, where nothing needs the tokens
+# on the host at every step (a streamer) or the state exactly at the end (a cache returned to the caller).
+# Asking waits for the device; the steps run past the end are dropped.
+STOP_CHECK_INTERVAL = 16
 # Logits processors whose work depends only on the scores: they run in the captured step as they are.
 SCORE_ONLY_PROCESSORS = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper)
 # Whether the fused step's kernels launch as programmatic dependents (Hopper and later): each starts while the
@@ -306,49 +304,45 @@ class DecodeEngine:
 
         max_new = stopping_criteria.max_length - input_ids.shape[1]
         cache_is_returned = generation_config.return_dict_in_generate or getattr(cache, "_is_user_defined", False)
-        tokens = [first[:, None]]
+        tokens = [first]
         if max_new > 1 and bool(chooser.unfinished.any()):
             step = self.step_for(chooser, input_ids.shape[0], generation_config)
             step.load(cache, model_kwargs.get("attention_mask"), model_kwargs.get("position_ids"), input_ids, first)
-            tokens.append(self.decode(step, max_new - 1, stopping_criteria, streamer, exact_end=cache_is_returned))
+            tokens += self.decode(step, max_new - 1, stopping_criteria, streamer, every_step=cache_is_returned)
             if cache_is_returned:
                 step.store(cache)
-        sequences = torch.cat([input_ids, *tokens], dim=1)
-        self.stats.new_tokens = sequences.shape[1] - input_ids.shape[1]
+        sequences = torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1)
+        self.stats.new_tokens = len(tokens)
         if streamer is not None:
             streamer.end()
         if generation_config.return_dict_in_generate:
             return GenerateDecoderOnlyOutput(sequences=sequences, cache=cache)
         return sequences
 
-    def decode(self, step: "DecodeStep", steps: int, stopping_criteria, streamer, exact_end: bool) -> torch.Tensor:
-        """Up to `steps` more tokens of each row, (batch, n), until every row has finished or time is up. Where
-        nothing needs the host at every step, the steps run STEPS_PER_GRAPH at a time and the host asks whether
-        every row has finished after each graph (and after the last steps); else one step at a time, asking
-        after each. `exact_end`: the state must end at the last token kept (a cache returned to the caller)."""
+    def decode(self, step: "DecodeStep", steps: int, stopping_criteria, streamer, every_step: bool) -> list:
+        """Up to `steps` more tokens (each a (batch,) tensor), until every row has finished or time is up.
+        Stops are checked every step where the tokens or the state are needed exactly; otherwise every
+        STOP_CHECK_INTERVAL steps, and the tokens past the end are dropped."""
         max_time = next((c for c in stopping_criteria if isinstance(c, MaxTimeCriteria)), None)
-        per_step = exact_end or streamer is not None or max_time is not None
-        chunks, unchecked, produced = [], [], 0
+        interval = 1 if every_step or streamer is not None else STOP_CHECK_INTERVAL
+        tokens, alive = [], []
         started = time.perf_counter()
-        while produced < steps:
-            count = STEPS_PER_GRAPH if not per_step and steps - produced >= STEPS_PER_GRAPH else 1
-            tokens, alive = step.run(count)
-            chunks.append(tokens)
-            unchecked.append(alive)
-            produced += count
+        for index in range(steps):
+            tokens.append(step.run())
+            alive.append(step.chooser.unfinished.any())
             if streamer is not None:
-                streamer.put(tokens[:, 0].cpu())
+                streamer.put(tokens[-1].cpu())
             if max_time is not None and time.time() - max_time.initial_timestamp > max_time.max_time:
                 break
-            if per_step or count > 1 or produced == steps:
-                flags = torch.cat(unchecked).tolist()
-                unchecked = []
-                if not all(flags):  # every row has finished at the first False: keep that step's token
-                    produced += flags.index(False) + 1 - len(flags)
+            if (index + 1) % interval == 0 or index + 1 == steps:
+                flags = torch.stack(alive).tolist()
+                if not all(flags):
+                    del tokens[len(tokens) - len(flags) + flags.index(False) + 1 :]
                     break
+                alive = []
         synchronize(step.device)
         self.stats.decode_s = time.perf_counter() - started
-        return torch.cat(chunks, dim=1)[:, :produced]
+        return tokens
 
     def step_for(self, chooser: "TokenChooser", batch: int, generation_config) -> "DecodeStep":
         model = self.model
@@ -495,10 +489,9 @@ class TokenChooser:
 
 
 class DecodeStep:
-    """Decode steps of `model` at a fixed batch size, over static buffers: the model's forward on the last
-    token (a `SambaStaticCache` with rings of `sliding_window` slots), then the token choice. Where `use_graph`,
-    one step and STEPS_PER_GRAPH steps are each captured as a CUDA graph (sharing a memory pool) and replayed;
-    else the steps run as they are."""
+    """One decode step of `model` at a fixed batch size, over static buffers: the model's forward on the last
+    token (a `SambaStaticCache` with rings of `sliding_window` slots), then the token choice. Captured as a
+    CUDA graph and replayed where `use_graph`, else run as it is."""
 
     def __init__(self, model, batch: int, chooser: TokenChooser, use_graph: bool):
         config, self.device = model.config, model.device
@@ -509,12 +502,9 @@ class DecodeStep:
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self.readable = torch.zeros(batch, window, dtype=torch.bool, device=self.device)
-        # Each step's token and whether any row is still unfinished after it, for the host to read after a run.
-        self.step_tokens = torch.zeros(batch, STEPS_PER_GRAPH, dtype=torch.long, device=self.device)
-        self.step_alive = torch.zeros(STEPS_PER_GRAPH, dtype=torch.bool, device=self.device)
         self.allocate(config, batch, model.dtype)
         self.fused = FusedStep(model, self) if FusedStep.applies(model, batch) else None
-        self.graphs = {}  # steps per replay -> graph
+        self.graph = None
         if use_graph:
             self.capture()
 
@@ -551,36 +541,27 @@ class DecodeStep:
         self.tokens.copy_(self.chooser(logits.float())[:, None])
         self.positions.add_(1)
 
-    def forward_steps(self, count: int) -> None:
-        for index in range(count):
-            self.forward()
-            self.step_tokens[:, index].copy_(self.tokens[:, 0])
-            self.step_alive[index].copy_(self.chooser.unfinished.any())
-
     def capture(self) -> None:
         # Warm-up runs on a side stream (kernels compiled, library workspaces allocated) before the capture;
         # they change the buffers, which `load` sets before every call.
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream), kernel_launches():
-            self.forward_steps(2)
+            for _ in range(2):
+                self.forward()
         torch.cuda.current_stream(self.device).wait_stream(stream)
-        pool = None
-        for count in (1, STEPS_PER_GRAPH):
-            graph = self.graphs[count] = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool), kernel_launches():
-                self.forward_steps(count)
-            pool = graph.pool()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), kernel_launches():
+            self.forward()
 
-    def run(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """`count` steps (1 or STEPS_PER_GRAPH): each row's tokens (batch, count), and after each step whether
-        any row is unfinished (count,)."""
-        if self.graphs:
-            self.graphs[count].replay()
+    def run(self) -> torch.Tensor:
+        """One step: the next token of each row (batch,)."""
+        if self.graph is not None:
+            self.graph.replay()
         else:
             with kernel_launches():
-                self.forward_steps(count)
-        return self.step_tokens[:, :count].clone(), self.step_alive[:count].clone()
+                self.forward()
+        return self.tokens[:, 0].clone()
 
     def load(self, cache: Cache, attention_mask, position_ids, input_ids, first_token) -> None:
         """Set the buffers to the state after the prompt (`cache`, filled by the prefill), with `first_token`
