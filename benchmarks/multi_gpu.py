@@ -1,6 +1,6 @@
 """multi_gpu: examples/finetune.py on one GPU, on two with DDP and with FSDP2, and an FSDP2 resume from a
-checkpoint, all with the same global batch, seed, data and steps: the loss curves must agree. And a short QLoRA
-run of examples/lora.py.
+checkpoint, all with the same global batch, seed, data and steps: the loss curves must agree. (QLoRA on one GPU:
+the lora suite.)
 
     python -m benchmarks.run multi_gpu                # two GPUs: 4-5 minutes on two H200s
     python -m benchmarks.run multi_gpu --smoke        # the CPU check: gloo processes, a tiny model, 8 steps
@@ -20,10 +20,8 @@ DDP), so the smoke run skips fsdp2 and resumes the ddp run instead.
 """
 
 import json
-import math
 import os
 import platform
-import re
 import shlex
 import signal
 import subprocess
@@ -244,56 +242,10 @@ def check_final_model(output_dir: Path) -> dict:
     }
 
 
-def run_lora(model_dir: Path, train_file: Path, work: Path, logs: Path, cpu: bool, timeout: float, env: dict) -> dict:
-    """A short adapter training with examples/lora.py: QLoRA on one GPU, plain LoRA on the CPU. It passes
-    when it trains (finite losses, some parameters trainable): a few steps need not lower the loss."""
-    if not cpu:
-        import importlib.util
-
-        if importlib.util.find_spec("bitsandbytes") is None:
-            return {"skipped": "bitsandbytes is not importable"}
-    cmd = [
-        sys.executable,
-        str(EXAMPLES / "lora.py"),
-        "--model",
-        str(model_dir),
-        "--train-file",
-        str(train_file),
-        "--output-dir",
-        str(work / "lora"),
-        "--block-size",
-        "512" if not cpu else "64",
-        "--batch-size",
-        "8",
-        "--max-steps",
-        "30" if not cpu else "4",
-        "--logging-steps",
-        "5" if not cpu else "1",
-        "--learning-rate",
-        "1e-3",
-        *([] if cpu else ["--qlora"]),
-    ]
-    result = run_logged(cmd, {**env, "CUDA_VISIBLE_DEVICES": "0"} if not cpu else env, logs / "lora.log", timeout)
-    text = Path(result["log"]).read_text(errors="replace")
-    trainable = re.search(r"trainable params: ([\d,]+) \|\| all params: ([\d,]+)", text)
-    losses = [float(value) for value in re.findall(r"'loss': '?([^',}]+)", text)]  # Trainer's printed logs
-    return {
-        **result,
-        "mode": "lora (CPU stand-in for QLoRA)" if cpu else "qlora",
-        "trainable_params": int(trainable[1].replace(",", "")) if trainable else None,
-        "all_params": int(trainable[2].replace(",", "")) if trainable else None,
-        "first_loss": losses[0] if losses else None,
-        "last_loss": losses[-1] if losses else None,
-        "passed": result["returncode"] == 0 and bool(trainable) and bool(losses) and all(map(math.isfinite, losses)),
-    }
-
-
 def render_case(name: str, entry: dict) -> list[str]:
     report = entry.get("report")
     if report is None:
         return []
-    if name == "qlora":
-        return [adapter_line(report)]
     settings, machine = report["settings"], report["machine"]
     lines = [
         f"Machine: {', '.join(machine.get('gpus', ['CPU']))}; torch {machine['torch']}, transformers "
@@ -342,16 +294,6 @@ def render_case(name: str, entry: dict) -> list[str]:
     return lines
 
 
-def adapter_line(lora: dict) -> str:
-    if "skipped" in lora:
-        return f"Adapter training (examples/lora.py): skipped: {lora['skipped']}."
-    return (
-        f"Adapter training (examples/lora.py): {lora['mode']}, {lora['trainable_params']:,} of "
-        f"{lora['all_params']:,} parameters trainable, loss {lora['first_loss']} -> {lora['last_loss']}, "
-        f"{lora['wall_s']} s: {'pass' if lora['passed'] else 'FAIL'}."
-    )
-
-
 def _fmt(value, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
@@ -393,22 +335,6 @@ def losses(ctx):
     ctx.save()
     if not report["passed"]:
         raise AssertionError("a run failed or its losses disagree: see the table")
-
-
-@case("qlora", "a short QLoRA run of examples/lora.py on one GPU (plain LoRA in the CPU check)")
-def qlora(ctx):
-    with tempfile.TemporaryDirectory(prefix="samba-qlora-") as scratch:
-        session = Session(ctx, Path(scratch))
-        model_dir, train_file, _, _ = build_inputs(session.work, session.cpu, session.settings)
-        timeout = session.time_left()
-        ctx.entry["report"] = report = (
-            run_lora(model_dir, train_file, session.work, session.logs, session.cpu, timeout, session.env)
-            if timeout
-            else {"skipped": "out of the run's budget"}
-        )
-    ctx.save()
-    if not report.get("passed", True):  # skipped (no bitsandbytes, no time) is not a failure
-        raise AssertionError(adapter_line(report))
 
 
 def compare_runs(session: Session) -> dict:
@@ -549,8 +475,6 @@ def summary(result: dict) -> list[str]:
     lines = []
     for name, entry in result.get("cases", {}).items():
         report = entry.get("report")
-        if report and name == "losses":
-            lines.append(f"losses: {'pass' if report['passed'] else 'FAIL'} ({', '.join(report['runs'])})")
-        elif report:
-            lines.append(adapter_line(report))
+        if report:
+            lines.append(f"{name}: {'pass' if report['passed'] else 'FAIL'} ({', '.join(report['runs'])})")
     return lines
