@@ -57,6 +57,17 @@ def continued_through(model, keyword: str) -> tuple[torch.Tensor, torch.Tensor]:
     return continued, main_output(model, input_ids=ids)[:, split:]
 
 
+@pytest.mark.parametrize("found, refused", [("5.23.0", False), ("5.24.0", False), ("5.25.0", True), ("6.0.0", True)])
+def test_a_transformers_whose_cache_continues_wrongly_is_refused_at_import(found, refused):
+    from samba_hf.modeling_samba import check_transformers_version
+
+    if refused:
+        with pytest.raises(ImportError, match=rf"found {found}\): .*pip install 'transformers>=5.23,<5.25'"):
+            check_transformers_version(found)
+    else:
+        check_transformers_version(found)
+
+
 @pytest.mark.parametrize("model_class", [SambaModel, SambaForCausalLM])
 def test_past_key_values_is_a_deprecated_name_of_cache(model_class):
     """transformers' models take `past_key_values=` until 5.40 with a FutureWarning, as PEFT still passes it."""

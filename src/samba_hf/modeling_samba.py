@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
@@ -39,6 +40,24 @@ from .generation import SambaGenerationMixin
 from .kernel_dispatch import SAMBA_SDPA, mamba_ops
 
 logger = logging.get_logger(__name__)
+
+# The transformers versions whose cache this model continues exactly (the tests' continuation checks): with 5.25 a
+# forward continued from a cache gives other logits than one forward over the whole sequence.
+SUPPORTED_TRANSFORMERS = (5, 23), (5, 25)
+
+
+def check_transformers_version(found: str) -> None:
+    """Refuse a transformers outside SUPPORTED_TRANSFORMERS, where generation would be silently wrong."""
+    low, high = SUPPORTED_TRANSFORMERS
+    if not low <= tuple(int(part) for part in found.split(".")[:2]) < high:
+        raise ImportError(
+            f"Samba needs transformers >= {low[0]}.{low[1]}, < {high[0]}.{high[1]} (found {found}): with other "
+            f"versions continuing from the cache (every generate() call) gives wrong logits. Install a supported "
+            f"one: pip install 'transformers>={low[0]}.{low[1]},<{high[0]}.{high[1]}'"
+        )
+
+
+check_transformers_version(transformers.__version__)
 
 # A time step that softplus maps to exactly 0 in float32: the SSM step is then the identity (decay 1, no input).
 SKIPPED_TIME_STEP = -1e4
