@@ -233,9 +233,15 @@ DEMO_UNTIL_SIGNALLED = [sys.executable, "-m", "samba_hf.cli", "demo", "--steps",
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
 def test_an_interrupted_run_removes_its_staging_folder(tmp_path, signum, code):
     """The signal comes once the training loop has taken a step (its progress bar on stderr says so), with the
-    staging folder open."""
+    staging folder open. The demo starts with Ctrl-C's default action, as from a terminal: a test run started in
+    the background by a shell would pass on an ignored SIGINT, which Python then leaves ignored."""
     process = subprocess.Popen(
-        DEMO_UNTIL_SIGNALLED, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        DEMO_UNTIL_SIGNALLED,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     chunks = []
     reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: process.stderr.read(64), "")), daemon=True)
