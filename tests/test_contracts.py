@@ -57,7 +57,17 @@ def continued_through(model, keyword: str) -> tuple[torch.Tensor, torch.Tensor]:
     return continued, main_output(model, input_ids=ids)[:, split:]
 
 
-@pytest.mark.parametrize("found, refused", [("5.23.0", False), ("5.24.0", False), ("5.25.0", True), ("6.0.0", True)])
+@pytest.mark.parametrize(
+    "found, refused",
+    [
+        ("5.23.0", False),
+        ("5.24.0", False),
+        ("5.24.1rc1", False),
+        ("5.25.0.dev0", True),
+        ("5.25.0", True),
+        ("6.0.0", True),
+    ],
+)
 def test_a_transformers_whose_cache_continues_wrongly_is_refused_at_import(found, refused):
     from samba_hf.modeling_samba import check_transformers_version
 

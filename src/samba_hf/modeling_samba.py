@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 import transformers
+from packaging.version import Version
 from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
@@ -49,7 +50,7 @@ SUPPORTED_TRANSFORMERS = (5, 23), (5, 25)
 def check_transformers_version(found: str) -> None:
     """Refuse a transformers outside SUPPORTED_TRANSFORMERS, where generation would be silently wrong."""
     low, high = SUPPORTED_TRANSFORMERS
-    if not low <= tuple(int(part) for part in found.split(".")[:2]) < high:
+    if not low <= Version(found).release[:2] < high:  # pre-releases of 5.25 (5.25.0.dev0) are 5.25
         raise ImportError(
             f"Samba needs transformers >= {low[0]}.{low[1]}, < {high[0]}.{high[1]} (found {found}): with other "
             f"versions continuing from the cache (every generate() call) gives wrong logits. Install a supported "
