@@ -55,7 +55,7 @@ NOT_APPLICABLE = {
     "test_custom_4d_attention_mask": "a 4D mask cannot say which tokens are padding to the Mamba layers, which need "
     "the 2D mask",
     "test_assisted_decoding / test_prompt_lookup_decoding / test_dola_decoding": "a recurrent state cannot be "
-    "rolled back to drop rejected draft tokens; transformers refuses it (test_generation)",
+    "rolled back to drop rejected draft tokens; generate() refuses it (test_generation)",
     "test_contrastive_generate": "moved out of transformers 5 to the Hub, and needs a cache that can be cropped",
     "test_generate_with_quant_cache": "a quantized cache quantizes keys and values only, not conv and SSM states",
     "test_flash_attn_* / test_sdpa_can_dispatch_on_flash / test_eager_matches_fa*_generate": "need a CUDA GPU; the "

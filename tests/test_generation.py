@@ -6,6 +6,7 @@ import threading
 import pytest
 import torch
 from transformers import DynamicCache, StaticCache, TextIteratorStreamer
+from transformers.cache_utils import DummyLayer
 from transformers.generation import CompileConfig
 
 from samba_hf import SambaConfig, SambaForCausalLM, SambaStaticCache
@@ -243,6 +244,22 @@ def test_assisted_decoding_is_refused_with_a_clear_error():
             max_new_tokens=4,
             **GREEDY,
         )
+
+
+def test_a_model_whose_first_layer_is_an_mlp_generates_or_refuses_clearly():
+    """transformers 5.25 reads the cache's token count from its first layer, which an MLP-only layer does not
+    keep: there generate() refuses, naming the fix; elsewhere it continues the prompt as one forward does."""
+    model = small_model(layer_types=["mlp", "sliding_attention"] * 2)
+    prompt = torch.randint(3, 97, (1, 6))
+    if not hasattr(DummyLayer, "get_seq_length"):
+        with pytest.raises(
+            ValueError, match=r"first layer is an MLP-only layer.*pip install 'transformers>=5.23,<5.25'"
+        ):
+            model.generate(prompt, max_new_tokens=2, **GREEDY)
+        return
+    generated = model.generate(prompt, max_new_tokens=1, decode_engine=False, **GREEDY)
+    with torch.no_grad():
+        assert generated[0, -1] == model(prompt).logits[0, -1].argmax()
 
 
 @pytest.mark.parametrize("chunk_size", [2, 5, WINDOW, WINDOW + 1])

@@ -5,7 +5,7 @@ for the Mamba mixers and windowed key/value layers for the sliding-window attent
 """
 
 import torch
-from transformers.cache_utils import StaticCache, StaticLayer, StaticSlidingWindowLayer
+from transformers.cache_utils import Cache, StaticCache, StaticLayer, StaticSlidingWindowLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from .configuration_samba import SambaConfig
@@ -98,6 +98,19 @@ def use_ring_buffers(cache: StaticCache, config: SambaConfig, max_cache_len: int
             for layer in cache.layers
         ]
     return cache
+
+
+def count_mamba_tokens(cache: Cache, layer_idx: int, tokens: int) -> None:
+    """Add `tokens` to the token count that transformers' cache keeps in a Mamba layer, where it keeps one.
+
+    From transformers 5.25 a Mamba layer of the cache counts one token per column of conv input that
+    `update_conv_state` is handed, and `get_seq_length()` (positions, generate's chunked prefill and
+    cache continuation) reads the count of layer 0. The mixer's one-token step updates its conv state
+    in place, and its multi-token step hands the cache the final conv state alone (padding-aware, and
+    narrower than the tokens it follows): what the cache did not count is added here."""
+    count = getattr(cache.layers[layer_idx], "cumulative_length_linear", None)
+    if count is not None:
+        count.add_(tokens)
 
 
 def ring_window_mask(config: SambaConfig, inputs_embeds: torch.Tensor, attention_mask, ring: SlidingWindowRingLayer):

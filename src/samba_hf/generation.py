@@ -39,8 +39,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, DynamicSlidingWindowLayer, LinearAttentionCacheLayerMixin
-from transformers.generation import GenerationMixin
+from transformers.cache_utils import Cache, DummyLayer, DynamicSlidingWindowLayer, LinearAttentionCacheLayerMixin
+from transformers.generation import GenerationMixin, GenerationMode
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     MinLengthLogitsProcessor,
@@ -60,7 +60,7 @@ from transformers.generation.stopping_criteria import (
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils import logging
 
-from .cache_samba import SambaStaticCache, SlidingWindowRingLayer
+from .cache_samba import SambaStaticCache, SlidingWindowRingLayer, count_mamba_tokens
 from .kernel_dispatch import requested_implementation
 
 logger = logging.get_logger(__name__)
@@ -112,6 +112,22 @@ class SambaGenerationMixin(GenerationMixin):
         if decode_engine is not None:
             generation_config.decode_engine = decode_engine
         return generation_config, model_kwargs
+
+    def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs):
+        if generation_mode == GenerationMode.ASSISTED_GENERATION:
+            # transformers 5.25 rolls a Mamba layer back through state histories that Samba's scan does not keep.
+            raise ValueError(
+                "Assisted generation is not supported with stateful models such as Samba: the Mamba layers' state "
+                "cannot be rolled back past rejected draft tokens. Generate without assistant_model / "
+                "prompt_lookup_num_tokens."
+            )
+        if self.config.layer_types[0] == "mlp" and not hasattr(DummyLayer, "get_seq_length"):
+            raise ValueError(
+                "This model's first layer is an MLP-only layer, which keeps no cache, and this transformers reads "
+                "the cache's token count from its first layer, so generate() cannot run. Install transformers "
+                "5.23 or 5.24 (pip install 'transformers>=5.23,<5.25') to generate with this layout."
+            )
+        super()._validate_generation_mode(generation_mode, generation_config, generation_mode_kwargs)
 
     def _prefill(self, input_ids, generation_config, model_kwargs, is_first_iteration: bool = True):
         """The prompt's forward; where the prompt is longer than `prefill_chunk_size`, in chunks through the
@@ -310,7 +326,7 @@ class DecodeEngine:
             step.load(cache, model_kwargs.get("attention_mask"), model_kwargs.get("position_ids"), input_ids, first)
             tokens += self.decode(step, max_new - 1, stopping_criteria, streamer, every_step=cache_is_returned)
             if cache_is_returned:
-                step.store(cache)
+                step.store(cache, decoded=len(tokens) - 1)  # the last token is not fed yet
         sequences = torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1)
         self.stats.new_tokens = len(tokens)
         if streamer is not None:
@@ -588,12 +604,14 @@ class DecodeStep:
         self.tokens.copy_(first_token[:, None])
         self.positions.copy_(position_ids[:, -1:] if position_ids is not None else seen)
 
-    def store(self, cache: Cache) -> None:
-        """Write the buffers' state back into `cache` (the caller's: it continues from there)."""
-        for target, source in zip(cache.layers, self.cache.layers):
+    def store(self, cache: Cache, decoded: int) -> None:
+        """Write the buffers' state back into `cache` (the caller's, left by the prompt: it continues from
+        there), `decoded` tokens after the prompt."""
+        for layer_idx, (target, source) in enumerate(zip(cache.layers, self.cache.layers)):
             if isinstance(source, LinearAttentionCacheLayerMixin):
                 target.conv_states[0].copy_(source.conv_states[0][..., -target.conv_states[0].shape[-1] :])
                 target.recurrent_states[0].copy_(source.recurrent_states[0])
+                count_mamba_tokens(cache, layer_idx, decoded)
             elif isinstance(source, SlidingWindowRingLayer):
                 seen = int(source.cumulative_length)
                 order = source.ordered_slots(seen)

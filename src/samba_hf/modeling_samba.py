@@ -35,25 +35,26 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from .cache_samba import SlidingWindowRingLayer, ring_window_mask, use_ring_buffers
+from .cache_samba import SlidingWindowRingLayer, count_mamba_tokens, ring_window_mask, use_ring_buffers
 from .configuration_samba import ATTENTION_TYPES, SambaConfig
 from .generation import SambaGenerationMixin
 from .kernel_dispatch import SAMBA_SDPA, mamba_ops
 
 logger = logging.get_logger(__name__)
 
-# The transformers versions whose cache this model continues exactly (the tests' continuation checks): with 5.25 a
-# forward continued from a cache gives other logits than one forward over the whole sequence.
-SUPPORTED_TRANSFORMERS = (5, 23), (5, 25)
+# The transformers versions this model is tested against. A minor release can change the cache's contract without
+# an error: 5.25 began reading the token count from the cache's first layer, a Mamba layer here, which a forward
+# continued from the cache then took for its position.
+SUPPORTED_TRANSFORMERS = (5, 23), (5, 26)
 
 
 def check_transformers_version(found: str) -> None:
     """Refuse a transformers outside SUPPORTED_TRANSFORMERS, where generation would be silently wrong."""
     low, high = SUPPORTED_TRANSFORMERS
-    if not low <= Version(found).release[:2] < high:  # pre-releases of 5.25 (5.25.0.dev0) are 5.25
+    if not low <= Version(found).release[:2] < high:  # pre-releases of 5.26 (5.26.0.dev0) are 5.26
         raise ImportError(
             f"Samba needs transformers >= {low[0]}.{low[1]}, < {high[0]}.{high[1]} (found {found}): with other "
-            f"versions continuing from the cache (every generate() call) gives wrong logits. Install a supported "
+            f"versions continuing from the cache (every generate() call) may give wrong logits. Install a supported "
             f"one: pip install 'transformers>={low[0]}.{low[1]},<{high[0]}.{high[1]}'"
         )
 
@@ -260,6 +261,7 @@ class SambaMambaMixer(nn.Module):
         ops = mamba_ops(self.config.kernel_implementation, hidden_states.device, decoding)
         if decoding:  # one token: the cached states are updated in place (static addresses for CUDA graphs)
             x = ops.causal_conv1d_update(x[..., 0], conv_state, conv_weight, conv_bias, "silu")[..., None]
+            count_mamba_tokens(cache, self.layer_idx, 1)
         else:
             x, new_conv_state = self.convolve(ops, x, conv_state, padding_mask, seq_idx)
 
@@ -303,6 +305,7 @@ class SambaMambaMixer(nn.Module):
             if cache is not None:
                 cache.update_conv_state(new_conv_state, self.layer_idx, conv_kernel_size=self.config.conv_kernel - 1)
                 cache.update_recurrent_state(last_ssm_state, self.layer_idx)
+                count_mamba_tokens(cache, self.layer_idx, x.shape[-1] - new_conv_state.shape[-1])
         return self.out_proj(y.transpose(1, 2))
 
     def convolve(self, ops, x, conv_state, padding_mask, seq_idx) -> tuple[torch.Tensor, torch.Tensor]:
@@ -457,8 +460,12 @@ class SambaModel(SambaPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList([SambaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = SambaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.has_attention = any(t in ATTENTION_TYPES for t in config.layer_types)
-        self.rotary_emb = SambaRotaryEmbedding(config) if config.use_rope and self.has_attention else None
+        # Positions continue from the token count of the first attention layer's cache (none without attention).
+        self.first_attention_layer = next(
+            (i for i, layer_type in enumerate(config.layer_types) if layer_type in ATTENTION_TYPES), None
+        )
+        has_attention = self.first_attention_layer is not None
+        self.rotary_emb = SambaRotaryEmbedding(config) if config.use_rope and has_attention else None
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -507,7 +514,9 @@ class SambaModel(SambaPreTrainedModel):
             cache = DynamicCache(config=self.config)
 
         if position_ids is None:
-            past_seen_tokens = cache.get_seq_length() if cache is not None and self.has_attention else 0
+            past_seen_tokens = 0
+            if cache is not None and self.first_attention_layer is not None:
+                past_seen_tokens = cache.get_seq_length(self.first_attention_layer)
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
