@@ -388,7 +388,11 @@ def test_samba_hf_serve_lets_transformers_serve_load_a_samba_folder(tiny, tiny_f
     name in the transformers namespace: a Samba folder fails there alone, and loads once `samba-hf
     serve` has exposed the classes; the loaded model generates what the original does."""
     import transformers
+    from transformers.cli.serving import model_manager
     from transformers.cli.serving.model_manager import ModelManager
+
+    if hasattr(model_manager, "ModelLoader"):
+        pytest.skip("this transformers loads each model in a process of its own (the test below)")
 
     from samba_hf.cli.serve import expose_to_transformers
 
@@ -409,8 +413,43 @@ def test_samba_hf_serve_lets_transformers_serve_load_a_samba_folder(tiny, tiny_f
     assert torch.equal(served.generate(ids, **greedy), model.generate(ids, **greedy))
 
 
+def test_samba_hf_serve_loads_a_samba_folder_in_the_process_transformers_serve_spawns(tiny, tiny_folder):
+    """transformers 5.25 and later load each model in a process that serve spawns (`EngineClient.start_process`),
+    from a fresh transformers namespace: transformers' own loader fails there, `samba-hf serve`'s loads; loaded
+    here, its model generates what the original does."""
+    import transformers
+    from transformers.cli.serving import model_manager
+
+    if not hasattr(model_manager, "ModelLoader"):
+        pytest.skip("this transformers loads models in the server's process (the test above)")
+    from transformers.cli.serving.model_manager import EngineClient, ModelLoader
+    from transformers.cli.serving.utils import GenerationState
+
+    from samba_hf.cli.serve_loader import SambaModelLoader
+
+    # There the folder's config type is unknown (it asks for its remote code) and the class is not in transformers.
+    with pytest.raises(RuntimeError, match="trust_remote_code|no attribute SambaForCausalLM"):
+        EngineClient.start_process(str(tiny_folder), ModelLoader(device="cpu"), GenerationState())
+    process, *_ = EngineClient.start_process(str(tiny_folder), SambaModelLoader(device="cpu"), GenerationState())
+    process.terminate()
+    process.join()
+    names = [name for name in dir(samba_hf) if name.startswith("Samba") and not hasattr(transformers, name)]
+    try:
+        served, processor = SambaModelLoader(device="cpu").load_model_and_processor(str(tiny_folder))
+    finally:
+        for name in names:
+            if hasattr(transformers, name):
+                delattr(transformers, name)
+    model, tokenizer = tiny
+    assert type(served) is SambaForCausalLM
+    ids = processor("the quick", return_tensors="pt")["input_ids"]
+    greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert torch.equal(served.generate(ids, **greedy), model.generate(ids, **greedy))
+
+
 def test_samba_hf_serve_passes_its_options_to_transformers_serve(monkeypatch):
     from transformers.cli import transformers as transformers_cli
+    from transformers.cli.serving import model_manager
     from transformers.utils import import_utils
 
     import samba_hf.cli.serve as serve
@@ -419,5 +458,12 @@ def test_samba_hf_serve_passes_its_options_to_transformers_serve(monkeypatch):
     monkeypatch.setattr(import_utils, "is_serve_available", lambda: True)
     monkeypatch.setattr(transformers_cli, "app", lambda **kwargs: calls.append(kwargs))
     monkeypatch.setattr(serve, "expose_to_transformers", lambda: calls.append("exposed") or [])
+    loader = getattr(model_manager, "ModelLoader", None)
+    if loader is not None:  # transformers 5.25 and later: serve's model processes load with samba-hf's loader
+        monkeypatch.setattr(model_manager, "ModelLoader", loader)
     assert samba_hf_main(["serve", "samba-demo", "--port", "8001"]) == 0
     assert calls == ["exposed", {"args": ["serve", "samba-demo", "--port", "8001"], "prog_name": "samba-hf"}]
+    if loader is not None:
+        from samba_hf.cli.serve_loader import SambaModelLoader
+
+        assert model_manager.ModelLoader is SambaModelLoader
