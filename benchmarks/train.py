@@ -127,19 +127,23 @@ def measure(ctx, name: str, mode: str, batch: int, length: int, checkpointing: b
             return ctx.skip(refusal, **cell, checkpointing=checkpointing)
         torch._dynamo.reset()
         free_memory()
-        model, out_of_memory = models.build(name, ctx.device, torch.float32, ctx.smoke), None
+        model, out_of_memory, refused = models.build(name, ctx.device, torch.float32, ctx.smoke), None, None
         if checkpointing:
             model.activation_checkpointing_enable()
         try:
             row = train_steps(model, batch, length, ctx.device, mode == "compiled", ctx.smoke)
         except torch.OutOfMemoryError as error:  # retried once with checkpointing, else recorded
             out_of_memory = f"out of memory ({str(error).splitlines()[0][:160]})"
+        except torch._dynamo.exc.Unsupported as error:  # recorded: a model that torch.compile refuses
+            refused = f"torch.compile refuses this model: {str(error).splitlines()[0][:160]}"
         finally:
             params = model.num_parameters()
             flops_per_token = model_flops_per_token(model, length)
             del model
             torch._dynamo.reset()
             free_memory()
+        if refused:
+            return ctx.skip(refused, **cell, checkpointing=checkpointing)
         if out_of_memory is None:
             break
         if checkpointing or attempt:

@@ -75,7 +75,15 @@ def test_prefill_case(tmp_path):
 def test_train_case_with_activation_checkpointing(tmp_path):
     result = smoke("train", "b1-64k", tmp_path)  # the smoke run checkpoints this shape, eager and compiled
     rows = measured(result, "b1-64k", "tokens_per_s")
-    assert {(row["model"], row["mode"]) for row in rows} == {
+    # transformers 5.25's Llama does not compile with activation checkpointing (dynamo: an unsafe side effect): a
+    # baseline that torch.compile refuses is recorded as such.
+    refused = {
+        (row["model"], row["mode"])
+        for row in result["cases"]["b1-64k"]["rows"]
+        if row.get("skipped", "").startswith("torch.compile refuses")
+    }
+    assert refused <= {("llama", "compiled")}
+    assert {(row["model"], row["mode"]) for row in rows} | refused == {
         (m, mode) for m in ("samba", "llama") for mode in ("eager", "compiled")
     }
     assert all(row["checkpointing"] for row in rows)
