@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from unittest import mock
 
 import torch
 from torch._inductor import config as inductor_config
@@ -66,6 +67,11 @@ of the run's time budget are skipped, with the prediction. `log` quotes what sam
 Case `first-call`: the batch-1, 4K-prompt engine row's calls in two new processes in turn, sharing a Triton cache
 folder that starts empty: the first process compiles every kernel (a new machine), the second finds them compiled
 (every later process). `process s` is the whole process: Python's imports, the model's build, the three calls.
+`Triton s`: the seconds Triton spent in its compilations (loads from its disk cache in the second process) during
+the calls, with the slowest kernels.
+
+Case `engine-profile`: the engine's batch-1 step at 4K, each kernel's GPU time under torch.profiler (launched one by
+one, ordinary launches) and the replay of the captured step with and without programmatic dependent launch.
 """
 
 
@@ -347,8 +353,49 @@ def first_call_child(batch: int, context: int, new_tokens: int, smoke: bool) -> 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = models.build("samba", device, dtype_for(device), smoke)
     built = time.perf_counter() - started
-    row = time_generate(model, {}, batch, context, new_tokens, device)
-    print(json.dumps(dict(build_s=built, **row)))
+    with triton_compilations() as compiled:
+        row = time_generate(model, {}, batch, context, new_tokens, device)
+    slowest = sorted(compiled, key=compiled.get, reverse=True)[:FIRST_CALL_SLOWEST]
+    triton_row = dict(
+        triton_compiles=len(compiled),
+        triton_compile_s=sum(compiled.values()),
+        slowest=", ".join(f"{name} {compiled[name]:.2f}" for name in slowest),
+    )
+    print(json.dumps(dict(build_s=built, **row, **triton_row)))
+
+
+FIRST_CALL_SLOWEST = 5
+
+
+@contextlib.contextmanager
+def triton_compilations():
+    """{kernel specialization: seconds} of every Triton compilation (or load from Triton's disk cache) in the
+    context, from Triton's hooks around a JIT function's compile; empty where Triton has no such hooks."""
+    compiled, started = {}, {}
+    try:
+        import triton
+
+        runtime = triton.knobs.runtime
+        runtime.jit_cache_hook, runtime.jit_post_compile_hook  # noqa: B018 (Triton 3.4 and later)
+    except (ImportError, AttributeError):
+        yield compiled
+        return
+
+    def before(*, key, repr, **_):
+        started[str(key)] = time.perf_counter()
+        return False  # compile as usual
+
+    def after(*, key, repr, **_):
+        name = f"{repr.split('[')[0]}#{len(compiled)}"
+        compiled[name] = time.perf_counter() - started.pop(str(key), time.perf_counter())
+        return False
+
+    saved = runtime.jit_cache_hook, runtime.jit_post_compile_hook
+    runtime.jit_cache_hook, runtime.jit_post_compile_hook = before, after
+    try:
+        yield compiled
+    finally:
+        runtime.jit_cache_hook, runtime.jit_post_compile_hook = saved
 
 
 STEP_VARIANTS = {
@@ -379,6 +426,87 @@ def step_case(ctx):
             torch._dynamo.reset()
             roofline_ms = plan.step_bytes(name, 1, context) / copy * 1e3
             ctx.add(**cell, **row, roofline_ms=roofline_ms, of_roofline=roofline_ms / row["ms_per_token"])
+
+
+PROFILE_STEPS = 20
+PROFILE_TOP = 12
+
+
+def dependent_launches(enabled: bool):
+    """samba_kernels' decode kernels launched as programmatic dependents or not (a no-op without samba_kernels)."""
+    try:
+        import samba_kernels
+    except ImportError:
+        return contextlib.nullcontext()
+    return samba_kernels.programmatic_dependent_launch(enabled)
+
+
+@case(
+    "engine-profile",
+    "the decode engine's batch-1 step at 4K context: each kernel's GPU time, and the captured step with and without "
+    "programmatic dependent launch",
+)
+def engine_profile_case(ctx):
+    """The step the engine captures for samba-421m after a real 4K prefill (generate() once): its kernels launched
+    one by one under torch.profiler, without programmatic dependent launch so that no kernel's time includes a wait
+    for the one before (µs per step, grouped by kernel), then the replay of its captured graph, and of the same step
+    captured without dependent launches (ms per step, medians of STEP_REPEATS x STEP_TOKENS replays)."""
+    from samba_hf import generation
+
+    context = SMOKE_CONTEXT[4096] if ctx.smoke else STEP_CONTEXT
+    model = models.build("samba", ctx.device, dtype_for(ctx.device), ctx.smoke)
+    prompt = random_prompt(model.config.vocab_size, 1, context, ctx.device)
+    engine = "eager" if ctx.device.type != "cuda" else True
+    model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0, decode_engine=engine)
+    step = next(reversed(generation.decode_engine(model).graphs.values()))
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if ctx.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.no_grad(), dependent_launches(False), torch.profiler.profile(activities=activities) as profile:
+        for _ in range(PROFILE_STEPS):
+            step.forward()
+        synchronize(ctx.device)
+    on_gpu = ctx.device.type == "cuda"
+    kernels = [  # on the CPU (smoke runs) there are no kernels: the ops' own times
+        (event.key, event.device_time_total if on_gpu else event.self_cpu_time_total, event.count)
+        for event in profile.key_averages()
+        if (event.device_type == torch.autograd.DeviceType.CUDA) == on_gpu and event.count
+    ]
+    kernels.sort(key=lambda row: row[1], reverse=True)
+    total_us = sum(us for _, us, _ in kernels) / PROFILE_STEPS
+    for name, us, count in kernels[:PROFILE_TOP]:
+        ctx.add(
+            row="kernel", kernel=name[:60], us_per_step=us / PROFILE_STEPS, launches_per_step=count / PROFILE_STEPS
+        )
+    ctx.add(
+        row="kernel",
+        kernel="all kernels, one after another",
+        us_per_step=total_us,
+        launches_per_step=sum(count for *_, count in kernels) / PROFILE_STEPS,
+    )
+    if step.graph is None:
+        return
+    for label, dependent in (("captured step, dependent launches", True), ("captured step, ordinary launches", False)):
+        with mock.patch.object(generation, "DEPENDENT_LAUNCH", dependent):
+            graph_step = generation.DecodeStep(model, 1, step.chooser, use_graph=True)
+        # The engine's state after the prompt and the profiled steps, not zeros.
+        for target, source in zip(
+            generation.cache_tensors(graph_step.cache)
+            + [graph_step.tokens, graph_step.positions, graph_step.readable],
+            generation.cache_tensors(step.cache) + [step.tokens, step.positions, step.readable],
+        ):
+            target.copy_(source)
+        ctx.add(row="graph", kernel=label, us_per_step=replay_seconds(graph_step.graph, ctx.device) * 1e6)
+
+
+def replay_seconds(graph, device: torch.device) -> float:
+    """Seconds per replay of a captured step: the median of STEP_REPEATS runs of STEP_TOKENS replays."""
+
+    def replays():
+        for _ in range(STEP_TOKENS):
+            graph.replay()
+
+    return statistics.median(wall_seconds(replays, device)[0] / STEP_TOKENS for _ in range(STEP_REPEATS))
 
 
 def best(rows: list[dict], model: str, mode: str | None = None) -> dict | None:
@@ -444,6 +572,12 @@ COLUMNS = {
         ("compile s", "compile_s", ".1f"),
         ("note", "skipped"),
     ],
+    "engine-profile": [
+        ("kernel or graph", "kernel"),
+        ("µs per step", "us_per_step", ".1f"),
+        ("launches per step", "launches_per_step", ".1f"),
+        ("note", "skipped"),
+    ],
     "first-call": [
         ("process", "process"),
         ("Triton cache", "about"),
@@ -453,6 +587,9 @@ COLUMNS = {
         ("warm-up s", "warmup_s", ".2f"),
         ("tokens/s", "tokens_per_s", ".1f"),
         ("process s", "process_s", ".1f"),
+        ("Triton compiles", "triton_compiles"),
+        ("Triton s", "triton_compile_s", ".2f"),
+        ("slowest (s)", "slowest"),
         ("note", "skipped"),
     ],
     "cell": [
