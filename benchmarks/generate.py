@@ -446,6 +446,7 @@ def dependent_launches(enabled: bool):
     "the decode engine's batch-1 step at 4K context: each kernel's GPU time, and the captured step with and without "
     "programmatic dependent launch",
 )
+@torch.no_grad()
 def engine_profile_case(ctx):
     """The step the engine captures for samba-421m after a real 4K prefill (generate() once): its kernels launched
     one by one under torch.profiler, without programmatic dependent launch so that no kernel's time includes a wait
@@ -462,7 +463,7 @@ def engine_profile_case(ctx):
     activities = [torch.profiler.ProfilerActivity.CPU]
     if ctx.device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.no_grad(), dependent_launches(False), torch.profiler.profile(activities=activities) as profile:
+    with dependent_launches(False), torch.profiler.profile(activities=activities) as profile:
         for _ in range(PROFILE_STEPS):
             step.forward()
         synchronize(ctx.device)
