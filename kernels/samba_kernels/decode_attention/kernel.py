@@ -30,9 +30,8 @@ from .._common import dependent_launch, gdc_launch_dependents, gdc_wait, use_tri
 from .naive import ring_decode_attention_ref
 
 # Slots per program of the first kernel, and per step of its loop. samba-421m's 2048-slot window over 12
-# key/value heads gives 768 programs of one tile each. 128 slots in four unrolled tiles (192 programs) took 2.7 s of a
-# new machine's first generate() to compile and about 10 µs a layer; not unrolled, 21 µs.
-SPLIT_SLOTS = 32
+# key/value heads gives 192 programs.
+SPLIT_SLOTS = 128
 TILE_SLOTS = 32
 
 
