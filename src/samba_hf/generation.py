@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, DummyLayer, DynamicSlidingWindowLayer, LinearAttentionCacheLayerMixin
+from transformers.cache_utils import Cache, DynamicCache, DynamicSlidingWindowLayer, LinearAttentionCacheLayerMixin
 from transformers.generation import GenerationMixin, GenerationMode
 from transformers.generation.logits_process import (
     LogitsProcessorList,
@@ -121,7 +121,7 @@ class SambaGenerationMixin(GenerationMixin):
                 "cannot be rolled back past rejected draft tokens. Generate without assistant_model / "
                 "prompt_lookup_num_tokens."
             )
-        if self.config.layer_types[0] == "mlp" and not hasattr(DummyLayer, "get_seq_length"):
+        if not counts_tokens(self.config):
             raise ValueError(
                 "This model's first layer is an MLP-only layer, which keeps no cache, and this transformers reads "
                 "the cache's token count from its first layer, so generate() cannot run. Install transformers "
@@ -180,6 +180,19 @@ class SambaGenerationMixin(GenerationMixin):
         return decode_engine(self).generate(
             input_ids, logits_processor, stopping_criteria, generation_config, streamer, model_kwargs
         )
+
+
+def counts_tokens(config) -> bool:
+    """Whether transformers' cache for `config` can say how many tokens it holds where generate() asks: transformers
+    5.25 asks the first layer, and an MLP-only layer keeps no count (earlier versions asked the first attention
+    layer)."""
+    if config.layer_types[0] != "mlp":
+        return True
+    try:
+        DynamicCache(config=config).get_seq_length()  # builds the layers only: no tensors yet
+    except AttributeError:
+        return False
+    return True
 
 
 def uncached_length(input_ids, generation_config, model_kwargs, is_first_iteration: bool) -> int | None:
