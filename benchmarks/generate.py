@@ -21,7 +21,7 @@ from transformers import StaticCache
 from samba_hf import SambaStaticCache
 
 from . import models
-from .harness import columns, free_memory, peak_gib, registry, rows_of, synchronize, wall_seconds
+from .harness import columns, free_memory, peak_gib, profiled, registry, rows_of, synchronize, wall_seconds
 
 TITLE = "Generation: `model.generate()`, samba-421m against the paper's 438M Llama"
 NEW_TOKENS = 128
@@ -460,30 +460,15 @@ def engine_profile_case(ctx):
     engine = "eager" if ctx.device.type != "cuda" else True
     model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0, decode_engine=engine)
     step = next(reversed(generation.decode_engine(model).graphs.values()))
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if ctx.device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with dependent_launches(False), torch.profiler.profile(activities=activities) as profile:
-        for _ in range(PROFILE_STEPS):
-            step.forward()
-        synchronize(ctx.device)
-    on_gpu = ctx.device.type == "cuda"
-    kernels = [  # on the CPU (smoke runs) there are no kernels: the ops' own times
-        (event.key, event.device_time_total if on_gpu else event.self_cpu_time_total, event.count)
-        for event in profile.key_averages()
-        if (event.device_type == torch.autograd.DeviceType.CUDA) == on_gpu and event.count
-    ]
-    kernels.sort(key=lambda row: row[1], reverse=True)
-    total_us = sum(us for _, us, _ in kernels) / PROFILE_STEPS
+    with dependent_launches(False):
+        kernels = profiled(step.forward, ctx.device, PROFILE_STEPS)["kernel"]
     for name, us, count in kernels[:PROFILE_TOP]:
-        ctx.add(
-            row="kernel", kernel=name[:60], us_per_step=us / PROFILE_STEPS, launches_per_step=count / PROFILE_STEPS
-        )
+        ctx.add(row="kernel", kernel=name[:60], us_per_step=us, launches_per_step=count)
     ctx.add(
         row="kernel",
         kernel="all kernels, one after another",
-        us_per_step=total_us,
-        launches_per_step=sum(count for *_, count in kernels) / PROFILE_STEPS,
+        us_per_step=sum(us for _, us, _ in kernels),
+        launches_per_step=sum(count for *_, count in kernels),
     )
     if step.graph is None:
         return

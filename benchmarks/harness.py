@@ -136,6 +136,40 @@ def kernel_ms(fn: Callable, device: torch.device | str) -> dict:
     return {"ms": triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"), "first_call_ms": first}
 
 
+def profiled(fn: Callable, device: torch.device | str, calls: int) -> dict[str, list[tuple[str, float, float]]]:
+    """`calls` calls of fn under torch.profiler: {"kernel": [(GPU kernel, µs per call, launches per call)], "op":
+    [(operator, µs of GPU time in the kernels it launched itself, calls per call)]}, the most time first. On the
+    CPU (smoke runs), where there are no kernels, both list the operators' own CPU times."""
+    on_gpu = torch.device(device).type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if on_gpu:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profile:
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+    events = [event for event in profile.key_averages() if event.count]
+    kernel_events = [event for event in events if (event.device_type == torch.autograd.DeviceType.CUDA) == on_gpu]
+    op_events = [event for event in events if event.device_type == torch.autograd.DeviceType.CPU]
+    found = {
+        "kernel": [
+            (event.key, event.device_time_total if on_gpu else event.self_cpu_time_total) for event in kernel_events
+        ],
+        "op": [
+            (event.key, event.self_device_time_total if on_gpu else event.self_cpu_time_total) for event in op_events
+        ],
+    }
+    counts = {event.key: event.count for event in events}
+    return {
+        kind: sorted(
+            ((key, us / calls, counts[key] / calls) for key, us in rows if us > 0),
+            key=lambda row: row[1],
+            reverse=True,
+        )
+        for kind, rows in found.items()
+    }
+
+
 def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():

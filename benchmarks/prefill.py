@@ -7,13 +7,14 @@ import torch
 
 from . import models
 from .generate import dtype_for, random_prompt
-from .harness import columns, free_memory, peak_gib, registry, rows_of, wall_seconds
+from .harness import columns, free_memory, peak_gib, profiled, registry, rows_of, wall_seconds
 
 TITLE = "Prefill: 128K and 1M-token prompts, samba-421m against the paper's 438M Llama"
 LENGTHS = {"128k": 131072, "1m": 1048576}
 SMOKE_LENGTHS = {"128k": 96, "1m": 768}
 WARMUP_TOKENS, SMOKE_WARMUP_TOKENS = 4096, 32
 REPEATS = 3
+PROFILE_TOP = 15
 INTRO = f"""
 Batch 1: `model.generate(prompt, attention_mask=ones, max_new_tokens=1, do_sample=False)` on a prompt of random
 tokens, wall-clock: the prefill and one token, as a user's call runs it (Samba: through its chunked prefill; the
@@ -96,6 +97,39 @@ case("128k", "prefill of a 128K-token prompt, both models")(prefill_case("128k")
 case("1m", "prefill of a 1M-token prompt, both models (the Llama where it fits)")(prefill_case("1m"))
 
 
+@case(
+    "profile",
+    "where samba-421m's 128K-token prefill goes: one generate() call under torch.profiler, its GPU time by "
+    "operator and by kernel",
+)
+@torch.no_grad()
+def profile_case(ctx):
+    """After a warm-up call, one unprofiled call (wall-clock) and one profiled: the operators that launched the
+    most GPU time (their own kernels), the kernels that took it, and the sum of every kernel's time against the
+    wall-clock (the rest is the GPU waiting on the host)."""
+    length = SMOKE_LENGTHS["128k"] if ctx.smoke else LENGTHS["128k"]
+    model = models.build("samba", ctx.device, dtype_for(ctx.device), ctx.smoke)
+    prompt = random_prompt(model.config.vocab_size, 1, length, ctx.device)
+    mask = torch.ones_like(prompt)
+
+    def call():
+        return model.generate(
+            prompt, attention_mask=mask, max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=0
+        )
+
+    warmup_s = wall_seconds(call, ctx.device)[0]
+    seconds = wall_seconds(call, ctx.device)[0]
+    found = profiled(call, ctx.device, 1)
+    for kind, rows in found.items():
+        for name, us, count in rows[:PROFILE_TOP]:
+            ctx.add(row=kind, name=name[:90], ms=us / 1e3, calls=count)
+    kernel_ms = sum(us for _, us, _ in found["kernel"]) / 1e3
+    ctx.add(
+        row="total", name="every kernel, one after another", ms=kernel_ms, calls=sum(c for *_, c in found["kernel"])
+    )
+    ctx.add(row="total", name="the call, wall-clock (unprofiled)", ms=seconds * 1e3, warmup_s=warmup_s)
+
+
 def measured(result: dict) -> dict:
     """{(model, length key): row} of the measured rows."""
     return {(row["model"], key): row for key in LENGTHS for row in rows_of(result, key) if "seconds" in row}
@@ -147,8 +181,17 @@ COLUMNS = [
 ]
 
 
+PROFILE_COLUMNS = [
+    ("what", "row"),
+    ("operator or kernel", "name"),
+    ("ms", "ms", ".2f"),
+    ("calls", "calls", ".0f"),
+    ("note", "skipped"),
+]
+
+
 def render_case(name: str, entry: dict) -> list[str]:
-    return columns(entry["rows"], COLUMNS)
+    return columns(entry["rows"], PROFILE_COLUMNS if name == "profile" else COLUMNS)
 
 
 def summary(result: dict) -> list[str]:

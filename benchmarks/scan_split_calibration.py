@@ -429,11 +429,13 @@ class constants:
         for k, v in self.values.items():
             setattr(ss, k, {**self.saved[k], **v} if isinstance(v, dict) else v)
         ss._best_split.cache_clear()
+        ss._gpu_plan.cache_clear()
 
     def __exit__(self, *exc):
         for k, v in self.saved.items():
             setattr(ss, k, v)
         ss._best_split.cache_clear()
+        ss._gpu_plan.cache_clear()
 
 
 def regret(setup, record, values):

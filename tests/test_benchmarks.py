@@ -72,6 +72,17 @@ def test_prefill_case(tmp_path):
     assert {row["model"] for row in measured(result, "128k", "seconds")} == {"samba", "llama"}
 
 
+def test_prefill_profile_case_accounts_for_the_call(tmp_path):
+    rows = smoke("prefill", "profile", tmp_path)["cases"]["profile"]["rows"]
+    ops = [row for row in rows if row["row"] == "op"]
+    assert ops and all(row["ms"] > 0 and row["calls"] > 0 for row in ops)
+    assert [row["ms"] for row in ops] == sorted((row["ms"] for row in ops), reverse=True)
+    assert any(row["name"] == "aten::mm" or row["name"] == "aten::addmm" for row in ops)
+    totals = {row["name"]: row["ms"] for row in rows if row["row"] == "total"}
+    assert set(totals) == {"every kernel, one after another", "the call, wall-clock (unprofiled)"}
+    assert all(ms > 0 for ms in totals.values())
+
+
 def test_train_case_with_activation_checkpointing(tmp_path):
     result = smoke("train", "b1-64k", tmp_path)  # the smoke run checkpoints this shape, eager and compiled
     rows = measured(result, "b1-64k", "tokens_per_s")

@@ -204,7 +204,7 @@ def _forward_cost(n_rows, dpg, L, kernel, block_d, chunk, slots):
 def _best_split(n_rows, dpg, L, align, slots, block_d):
     """(cost, BLOCK_D, chunk length) of the cheapest split forward of L steps that fills the GPU (BLOCK_D
     `block_d`, or any where None), or None where L is too short to split. Cached: a script that changes the
-    cost model's constants calls _best_split.cache_clear()."""
+    cost model's constants calls _best_split.cache_clear() (and _gpu_plan's)."""
     splits = set()
     for wanted in range(2, min(MAX_CHUNKS, L // MIN_CHUNK) + 1):
         chunk, chunks = _chunks(L, triton.cdiv(L, wanted), align)
@@ -1070,7 +1070,18 @@ def _plan(batch, dim, L, groups, N, train, gpu, sms) -> _Plan:
 def _configs(u, B, N, train) -> _Plan:
     """The launches of a scan over u (batch, dim, length) with B (batch, groups, d_state, length), and of its
     backward where `train`."""
-    return _plan(*u.shape, B.shape[1], N, train, u.is_cuda, _sm_count(u.device))
+    sizes = (*u.shape, B.shape[1], N, train)
+    if u.is_cuda:
+        return _gpu_plan(*sizes, _sm_count(u.device), _FORCED.get())
+    return _plan(*sizes, False, INTERPRETER_SMS)
+
+
+@functools.lru_cache(maxsize=1024)
+def _gpu_plan(batch, dim, L, groups, N, train, sms, forced) -> _Plan:
+    """_plan on a GPU, cached per sizes and forced layout (which _plan reads): planning takes about 45 µs of
+    Python, as long as a short scan's kernels. A script that changes the cost model's constants calls
+    _gpu_plan.cache_clear()."""
+    return _plan(batch, dim, L, groups, N, train, True, sms)
 
 
 def _tiles_of(u, B, N, train) -> _Tiles:
@@ -1246,8 +1257,9 @@ def _scan_bwd_outputs(u, delta, A, B, D, z, delta_bias, has_init, n_dblocks, chu
 
 
 def _bwd_launch(u, B, A):
-    """(launch, channel blocks) of the backward."""
-    launch = _tiles_of(u, B, A.shape[1], True).backward
+    """(launch, channel blocks) of the backward (its tiles alone where sizes are symbolic: torch.compile)."""
+    symbolic = any(isinstance(size, torch.SymInt) for size in u.shape)
+    launch = (_tiles_of if symbolic else _configs)(u, B, A.shape[1], True).backward
     return launch, triton.cdiv(u.shape[1] // B.shape[1], launch.meta["BLOCK_D"])
 
 
