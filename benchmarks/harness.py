@@ -138,35 +138,37 @@ def kernel_ms(fn: Callable, device: torch.device | str) -> dict:
 
 def profiled(fn: Callable, device: torch.device | str, calls: int) -> dict[str, list[tuple[str, float, float]]]:
     """`calls` calls of fn under torch.profiler: {"kernel": [(GPU kernel, µs per call, launches per call)], "op":
-    [(operator, µs of GPU time in the kernels it launched itself, calls per call)]}, the most time first. On the
-    CPU (smoke runs), where there are no kernels, both list the operators' own CPU times."""
+    [(operator and its input shapes, µs of GPU time in the kernels it launched itself, calls per call)]}, the most
+    time first. On the CPU (smoke runs), where there are no kernels, both list the operators' own CPU times."""
     on_gpu = torch.device(device).type == "cuda"
     activities = [torch.profiler.ProfilerActivity.CPU]
     if on_gpu:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as profile:
+    with torch.profiler.profile(activities=activities, record_shapes=True) as profile:
         for _ in range(calls):
             fn()
         synchronize(device)
-    events = [event for event in profile.key_averages() if event.count]
-    kernel_events = [event for event in events if (event.device_type == torch.autograd.DeviceType.CUDA) == on_gpu]
-    op_events = [event for event in events if event.device_type == torch.autograd.DeviceType.CPU]
-    found = {
-        "kernel": [
-            (event.key, event.device_time_total if on_gpu else event.self_cpu_time_total) for event in kernel_events
-        ],
-        "op": [
-            (event.key, event.self_device_time_total if on_gpu else event.self_cpu_time_total) for event in op_events
-        ],
-    }
-    counts = {event.key: event.count for event in events}
+
+    def own_us(event):
+        return event.self_device_time_total if on_gpu else event.self_cpu_time_total
+
+    kernels = [
+        (event.key, event.device_time_total if on_gpu else event.self_cpu_time_total, event.count)
+        for event in profile.key_averages()
+        if (event.device_type == torch.autograd.DeviceType.CUDA) == on_gpu and event.count
+    ]
+    ops = [
+        (f"{event.key} {[shape for shape in event.input_shapes if shape]}", own_us(event), event.count)
+        for event in profile.key_averages(group_by_input_shape=True)
+        if event.device_type == torch.autograd.DeviceType.CPU and event.count
+    ]
     return {
         kind: sorted(
-            ((key, us / calls, counts[key] / calls) for key, us in rows if us > 0),
+            ((name, us / calls, count / calls) for name, us, count in rows if us > 0),
             key=lambda row: row[1],
             reverse=True,
         )
-        for kind, rows in found.items()
+        for kind, rows in (("kernel", kernels), ("op", ops))
     }
 
 

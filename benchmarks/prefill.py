@@ -14,7 +14,7 @@ LENGTHS = {"128k": 131072, "1m": 1048576}
 SMOKE_LENGTHS = {"128k": 96, "1m": 768}
 WARMUP_TOKENS, SMOKE_WARMUP_TOKENS = 4096, 32
 REPEATS = 3
-PROFILE_TOP = 15
+PROFILE_TOP = 25
 INTRO = f"""
 Batch 1: `model.generate(prompt, attention_mask=ones, max_new_tokens=1, do_sample=False)` on a prompt of random
 tokens, wall-clock: the prefill and one token, as a user's call runs it (Samba: through its chunked prefill; the
@@ -122,7 +122,7 @@ def profile_case(ctx):
     found = profiled(call, ctx.device, 1)
     for kind, rows in found.items():
         for name, us, count in rows[:PROFILE_TOP]:
-            ctx.add(row=kind, name=name[:90], ms=us / 1e3, calls=count)
+            ctx.add(row=kind, name=name[:140], ms=us / 1e3, calls=count)
     kernel_ms = sum(us for _, us, _ in found["kernel"]) / 1e3
     ctx.add(
         row="total", name="every kernel, one after another", ms=kernel_ms, calls=sum(c for *_, c in found["kernel"])

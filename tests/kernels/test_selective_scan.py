@@ -91,6 +91,16 @@ def _grouped(BC):
     return BC if BC.dim() == 4 else BC.unsqueeze(1)
 
 
+def test_host_arithmetic_equals_tritons():
+    """The launchers' cdiv and next_power_of_2 (plain Python, for host code) against Triton's own."""
+    from samba_kernels._common import cdiv, next_power_of_2
+
+    for n in [*range(0, 300), 4095, 4096, 4097, 2**31 - 1, 2**31, 2**40 + 3]:
+        assert next_power_of_2(n) == triton.next_power_of_2(n)
+        for d in (1, 2, 7, 16, 376, 4096):
+            assert cdiv(n, d) == triton.cdiv(n, d)
+
+
 @pytest.mark.parametrize("sms", [132, 78])
 def test_selective_scan_splits_long_sequences_of_small_batches(sms):
     """The GPU launch plan on a device of `sms` SMs (shapes only, no launch): batch-1 and batch-2 sequences of

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import block_size, silu_grad, use_triton
+from .._common import block_size, cdiv, silu_grad, use_triton
 from .naive import causal_conv1d_ref, causal_conv1d_update_ref
 
 
@@ -255,7 +255,7 @@ def _conv_launch(kernel, x, weight, bias, seq_idx, init, activation, n_positions
     batch, dim, L = x.shape
     W = weight.shape[-1]
     BLOCK_D, BLOCK_L = _tiles(dim, n_positions)
-    grid = (batch, triton.cdiv(dim, BLOCK_D), triton.cdiv(n_positions, BLOCK_L))
+    grid = (batch, cdiv(dim, BLOCK_D), cdiv(n_positions, BLOCK_L))
     strides = init.stride() if init is not None else (0, 0, 0)
     kernel[grid](
         x,
@@ -325,7 +325,7 @@ def _conv_bwd_op(
     W = weight.shape[-1]
     dx, _, _, dinit = _conv_bwd_outputs(x, weight, initial_states)
     g_out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    parts = batch * triton.cdiv(L, _tiles(dim, L)[1])  # (batch, position block) rows of the partial sums
+    parts = batch * cdiv(L, _tiles(dim, L)[1])  # (batch, position block) rows of the partial sums
     dweight_part = torch.empty(parts, dim, W, dtype=torch.float32, device=x.device)
     dbias_part = torch.zeros(parts, dim, dtype=torch.float32, device=x.device)
     _conv_launch(

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import dependent_launch, gdc_launch_dependents, gdc_wait, use_triton
+from .._common import cdiv, dependent_launch, gdc_launch_dependents, gdc_wait, next_power_of_2, use_triton
 from .naive import ring_decode_attention_ref
 
 # Slots per program of the first kernel, and per step of its loop. samba-421m's 2048-slot window over 12
@@ -215,8 +215,8 @@ def ring_decode_attention(q, k, v, key_ring, value_ring, readable, tokens_seen, 
             "contiguous along head_dim"
         )
     group = heads // kv_heads
-    block_g = triton.next_power_of_2(group)
-    splits = triton.cdiv(slots, SPLIT_SLOTS)
+    block_g = next_power_of_2(group)
+    splits = cdiv(slots, SPLIT_SLOTS)
     part_max = q.new_empty(kv_heads * splits * block_g, dtype=torch.float32)
     part_sum = torch.empty_like(part_max)
     part_out = q.new_empty(kv_heads * splits * block_g, head_dim, dtype=torch.float32)
@@ -260,7 +260,7 @@ def ring_decode_attention(q, k, v, key_ring, value_ring, readable, tokens_seen, 
         GROUP=group,
         BLOCK_G=block_g,
         HEAD_DIM=head_dim,
-        BLOCK_SPLITS=triton.next_power_of_2(splits),
+        BLOCK_SPLITS=next_power_of_2(splits),
         num_warps=4,
         **dependent_launch(q),
     )

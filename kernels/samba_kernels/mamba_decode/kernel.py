@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import dependent_launch, gdc_launch_dependents, gdc_wait, use_triton
+from .._common import cdiv, dependent_launch, gdc_launch_dependents, gdc_wait, next_power_of_2, use_triton
 from .naive import mamba_decode_step_ref
 
 
@@ -288,11 +288,11 @@ def _launch(
         w if w.stride(-1) == 1 else w.contiguous() for w in (x_proj_weight, dt_proj_weight)
     )
     conv = dict(
-        WIDTH=width, BLOCK_W=triton.next_power_of_2(width), HAS_CONV_BIAS=conv_bias is not None, **dependent_launch(x)
+        WIDTH=width, BLOCK_W=next_power_of_2(width), HAS_CONV_BIAS=conv_bias is not None, **dependent_launch(x)
     )
     bias = conv_weight if conv_bias is None else conv_bias  # without a bias: any pointer, never read
     project, state = PROJECT_TILE, STATE_TILE
-    _project_kernel[(triton.cdiv(rank + 2 * d_state, project["BLOCK_N"]),)](
+    _project_kernel[(cdiv(rank + 2 * d_state, project["BLOCK_N"]),)](
         x,
         conv_state,
         conv_weight,
@@ -307,11 +307,11 @@ def _launch(
         conv_state.stride(2),
         x_proj_weight.stride(0),
         BLOCK_N=project["BLOCK_N"],
-        BLOCK_K=min(project["BLOCK_K"], triton.next_power_of_2(dim)),
+        BLOCK_K=min(project["BLOCK_K"], next_power_of_2(dim)),
         num_warps=project["num_warps"],
         **conv,
     )
-    _state_kernel[(triton.cdiv(dim, state["BLOCK_D"]),)](
+    _state_kernel[(cdiv(dim, state["BLOCK_D"]),)](
         x,
         z,
         conv_state,
@@ -336,9 +336,9 @@ def _launch(
         ssm_state.stride(2),
         dt_proj_weight.stride(0),
         BLOCK_D=state["BLOCK_D"],
-        BLOCK_R=triton.next_power_of_2(rank),
-        BLOCK_STATE=triton.next_power_of_2(d_state),
-        BLOCK_S=triton.next_power_of_2(S),
+        BLOCK_R=next_power_of_2(rank),
+        BLOCK_STATE=next_power_of_2(d_state),
+        BLOCK_S=next_power_of_2(S),
         num_warps=state["num_warps"],
         **conv,
     )

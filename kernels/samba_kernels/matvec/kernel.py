@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import dependent_launch, gdc_launch_dependents, gdc_wait, use_triton
+from .._common import cdiv, dependent_launch, gdc_launch_dependents, gdc_wait, next_power_of_2, use_triton
 from .naive import gated_matvec_ref, matvec_add_ref, matvec_ref, stacked_matvec_ref
 
 
@@ -127,7 +127,7 @@ def _tile(N: int, K: int) -> dict:
     K steps and eight warps, so that fewer programs still keep enough loads in flight."""
     if N >= 4096:
         return dict(BLOCK_N=2, BLOCK_K=512, num_warps=2)
-    block_k = min(2048, triton.next_power_of_2(K))
+    block_k = min(2048, next_power_of_2(K))
     block_n = min(16, max(1 if N < 1024 else 2, 2048 // block_k))
     return dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8 if block_k >= 1024 else 4)
 
@@ -154,7 +154,7 @@ def _launch_matvec(
     padded = weights + [weights[0]] * (3 - len(weights))  # the kernel's unused weights
     rows = [weights[0].shape[0]] + [w.shape[0] for w in stacked] + [0] * (2 - len(stacked))
     tile = _tile(out.shape[-1] * (2 if gated else 1), x_row.shape[0])
-    _matvec_kernel[(triton.cdiv(out.shape[-1], tile["BLOCK_N"]),)](
+    _matvec_kernel[(cdiv(out.shape[-1], tile["BLOCK_N"]),)](
         x_row,
         *padded,
         padded[0] if bias is None else bias,

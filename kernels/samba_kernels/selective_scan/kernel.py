@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import block_size, use_triton
+from .._common import block_size, cdiv, next_power_of_2, use_triton
 from .naive import selective_scan_ref, selective_state_update_ref
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x LOG2E)
@@ -169,22 +169,22 @@ def forced_layout(
 def _lanes_block(n_rows, dpg, sms):
     """BLOCK_D of the lanes forward over n_rows x dpg channels, or None where no BLOCK_D fills `sms` SMs."""
     slots = SUB_PARTITIONS_PER_SM * sms
-    warps = {bd: n_rows * triton.cdiv(dpg, bd) for bd in LANE_COST}
-    time = {bd: cost * triton.cdiv(warps[bd], slots) for bd, cost in LANE_COST.items() if warps[bd] >= slots}
+    warps = {bd: n_rows * cdiv(dpg, bd) for bd in LANE_COST}
+    time = {bd: cost * cdiv(warps[bd], slots) for bd, cost in LANE_COST.items() if warps[bd] >= slots}
     return min(time, key=time.get, default=None)
 
 
 def _chunks(L, chunk_length, align):
     """(chunk length rounded up to `align`, number of chunks) of a sequence of L steps."""
-    chunk = triton.cdiv(min(chunk_length, L), align) * align
-    return chunk, triton.cdiv(L, chunk)
+    chunk = cdiv(min(chunk_length, L), align) * align
+    return chunk, cdiv(L, chunk)
 
 
 def _summary_block(n_rows, dpg, chunks, slots):
     """(cost per step, BLOCK_D) of _chunk_summary_kernel over `chunks` chunks: the cheapest BLOCK_D of those that
     fill the GPU, else the one with the most warps."""
-    warps = {bd: n_rows * triton.cdiv(dpg, bd) * chunks for bd in SUMMARY_COST}
-    costs = {bd: (SUMMARY_COST[bd] * triton.cdiv(warps[bd], slots), bd) for bd in SUMMARY_COST if warps[bd] >= slots}
+    warps = {bd: n_rows * cdiv(dpg, bd) * chunks for bd in SUMMARY_COST}
+    costs = {bd: (SUMMARY_COST[bd] * cdiv(warps[bd], slots), bd) for bd in SUMMARY_COST if warps[bd] >= slots}
     return min(costs.values(), default=(SUMMARY_COST[min(SUMMARY_COST)], min(SUMMARY_COST)))
 
 
@@ -193,8 +193,8 @@ def _forward_cost(n_rows, dpg, L, kernel, block_d, chunk, slots):
     LANE_COST's unit: `kernel` "steps", or "lanes" at BLOCK_D `block_d` in chunks of `chunk` steps."""
     if kernel == "steps":
         return STEPS_COST * L
-    chunks = triton.cdiv(L, chunk)
-    cost = LANE_COST[block_d] * triton.cdiv(n_rows * triton.cdiv(dpg, block_d) * chunks, slots) * min(chunk, L)
+    chunks = cdiv(L, chunk)
+    cost = LANE_COST[block_d] * cdiv(n_rows * cdiv(dpg, block_d) * chunks, slots) * min(chunk, L)
     if chunks > 1:
         cost += _summary_block(n_rows, dpg, chunks - 1, slots)[0] * chunk + SPLIT_OVERHEAD
     return cost
@@ -207,9 +207,9 @@ def _best_split(n_rows, dpg, L, align, slots, block_d):
     cost model's constants calls _best_split.cache_clear() (and _gpu_plan's)."""
     splits = set()
     for wanted in range(2, min(MAX_CHUNKS, L // MIN_CHUNK) + 1):
-        chunk, chunks = _chunks(L, triton.cdiv(L, wanted), align)
+        chunk, chunks = _chunks(L, cdiv(L, wanted), align)
         for bd in LANE_COST if block_d is None else (block_d,):
-            if chunks > 1 and n_rows * triton.cdiv(dpg, bd) * chunks >= slots:
+            if chunks > 1 and n_rows * cdiv(dpg, bd) * chunks >= slots:
                 splits.add((_forward_cost(n_rows, dpg, L, "lanes", bd, chunk, slots), bd, chunk))
     return min(splits, key=lambda split: (split[0], -split[2]), default=None)  # at equal cost, fewer chunks
 
@@ -244,11 +244,11 @@ def _backward_chunk(n_rows, dpg, L, cap, sms):
     forced = _FORCED.get()
     if forced is not None and forced.backward_chunk_length is not None:
         return forced.backward_chunk_length
-    wanted = triton.cdiv(PROGRAMS_PER_SM * sms, n_rows * triton.cdiv(dpg, cap))
+    wanted = cdiv(PROGRAMS_PER_SM * sms, n_rows * cdiv(dpg, cap))
     if wanted < 4 or L < BWD_SPLIT_MIN_LENGTH:
         return L
-    n = min(triton.next_power_of_2(wanted), L // BWD_MIN_CHUNK, MAX_CHUNKS)
-    return L if n < 2 else triton.cdiv(L, n)
+    n = min(next_power_of_2(wanted), L // BWD_MIN_CHUNK, MAX_CHUNKS)
+    return L if n < 2 else cdiv(L, n)
 
 
 @triton.jit
@@ -943,7 +943,7 @@ def _grouped(BC: torch.Tensor) -> torch.Tensor:
 def _block_d(cap, n_rows, dpg, sms):
     """BLOCK_D: at most `cap`, halved while too few programs would fill `sms` SMs (small batches)."""
     bd = block_size(dpg, cap)
-    while bd > MIN_BLOCK_D and n_rows * triton.cdiv(dpg, bd) < PROGRAMS_PER_SM * sms:
+    while bd > MIN_BLOCK_D and n_rows * cdiv(dpg, bd) < PROGRAMS_PER_SM * sms:
         bd //= 2
     return bd
 
@@ -1002,7 +1002,7 @@ def _tiles(batch, dim, L, groups, N, train, gpu, sms) -> _Tiles:
     dpg, n_rows = dim // groups, batch * groups
 
     def tile(T):  # T shrinks for short sequences (decode: one step) but the states fill a tile's columns
-        return max(min(T, triton.next_power_of_2(L)), triton.next_power_of_2(N), 2)
+        return max(min(T, next_power_of_2(L)), next_power_of_2(N), 2)
 
     if not gpu:  # the interpreter: one small tile shape; the lanes forward's tiles half the
         # checkpoint spacing, as on a GPU
@@ -1013,7 +1013,7 @@ def _tiles(batch, dim, L, groups, N, train, gpu, sms) -> _Tiles:
     else:
         # The backward first: its chunks count as rows when BLOCK_D is chosen.
         bwd_chunk = _backward_chunk(n_rows, dpg, L, GPU_TRAIN["bwd"]["BLOCK_D"], sms) if train else L
-        chunk_rows = n_rows * triton.cdiv(L, bwd_chunk)
+        chunk_rows = n_rows * cdiv(L, bwd_chunk)
         configs = [GPU_TRAIN["fwd"], GPU_TRAIN["bwd"]] if train else [GPU_FWD]
         blocks = [_block_d(c["BLOCK_D"], chunk_rows, dpg, sms) for c in configs]
         # A thread holds runs of 8 steps (16 bytes of bf16): with fewer channels than lanes, T grows so that
@@ -1027,11 +1027,11 @@ def _tiles(batch, dim, L, groups, N, train, gpu, sms) -> _Tiles:
         forward, backward = metas[0], metas[-1]
         lanes = dict(LANES, T=min(LANES["T"], T))
         if train:
-            n_programs = n_rows * triton.cdiv(dpg, backward["BLOCK_D"]) * triton.cdiv(L, bwd_chunk)
+            n_programs = n_rows * cdiv(dpg, backward["BLOCK_D"]) * cdiv(L, bwd_chunk)
             backward.update(_bwd_occupancy(backward, n_programs, N, sms))
     bwd = None
     if train:
-        chunks = triton.cdiv(L, bwd_chunk)
+        chunks = cdiv(L, bwd_chunk)
         # the reverse summaries in the lanes forward's tiles, which divide the backward's
         bwd = _Launch(backward, chunk=bwd_chunk, chunks=chunks, summary=_summary_meta(n_rows, dpg, chunks, sms, lanes))
     return _Tiles(groups, dpg, forward, lanes, bwd)
@@ -1095,7 +1095,7 @@ def _summarize(x, delta, V, z, A, delta_bias, seq_idx, softplus, launch, reverse
     N, groups = A.shape[1], V.shape[1]
     meta = launch.summary
     ends, decays = (torch.empty(batch, dim, launch.chunks, N, dtype=torch.float32, device=x.device) for _ in range(2))
-    grid = (batch * groups, triton.cdiv(dim // groups, meta["BLOCK_D"]), launch.chunks - 1)
+    grid = (batch * groups, cdiv(dim // groups, meta["BLOCK_D"]), launch.chunks - 1)
     _chunk_summary_kernel[grid](
         x,
         delta,
@@ -1110,11 +1110,11 @@ def _summarize(x, delta, V, z, A, delta_bias, seq_idx, softplus, launch, reverse
         L,
         groups,
         dim // groups,
-        triton.cdiv(L, meta["T"]),
+        cdiv(L, meta["T"]),
         launch.chunk // meta["T"],
         launch.chunks,
         N=N,
-        BLOCK_N=max(2, triton.next_power_of_2(N)),
+        BLOCK_N=max(2, next_power_of_2(N)),
         HAS_Z=z is not None,
         HAS_BIAS=delta_bias is not None,
         SOFTPLUS=softplus,
@@ -1130,7 +1130,7 @@ def _new_outputs(u, A, backward):
     the launch and the shape-only (fake) implementation of the op below share them."""
     batch, dim, L = u.shape
     N = A.shape[1]
-    shape = (1,) if backward is None else (batch, dim, triton.cdiv(L, backward.meta["T"]), N)  # a state per tile
+    shape = (1,) if backward is None else (batch, dim, cdiv(L, backward.meta["T"]), N)  # a state per tile
     return torch.empty_like(u), u.new_empty(shape, dtype=torch.float32)
 
 
@@ -1147,7 +1147,7 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, 
     if launch.chunks > 1 and initial_state is last:  # every chunk reads the initial state, the last one writes
         raise ValueError("a scan split into chunks cannot write its last state over its initial state")
     out, ckpt = _new_outputs(u, A, plan.backward)
-    grid = (batch * groups, triton.cdiv(dpg, launch.meta["BLOCK_D"]))
+    grid = (batch * groups, cdiv(dpg, launch.meta["BLOCK_D"]))
     inputs = (
         u,
         delta,
@@ -1161,7 +1161,7 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, 
         last if initial_state is None else initial_state,
         last,
     )
-    n_tiles = triton.cdiv(L, launch.meta["T"])
+    n_tiles = cdiv(L, launch.meta["T"])
     flags = dict(
         N=N,
         HAS_D=D is not None,
@@ -1178,7 +1178,7 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, 
             if launch.chunks == 1
             else _summarize(u, delta, B, None, A, delta_bias, seq_idx, softplus, launch, reverse=False)
         )
-        block_n = max(2, triton.next_power_of_2(N))
+        block_n = max(2, next_power_of_2(N))
         _scan_fwd_lanes_kernel[grid + (launch.chunks,)](
             *inputs,
             ckpt,
@@ -1260,7 +1260,7 @@ def _bwd_launch(u, B, A):
     """(launch, channel blocks) of the backward (its tiles alone where sizes are symbolic: torch.compile)."""
     symbolic = any(isinstance(size, torch.SymInt) for size in u.shape)
     launch = (_tiles_of if symbolic else _configs)(u, B, A.shape[1], True).backward
-    return launch, triton.cdiv(u.shape[1] // B.shape[1], launch.meta["BLOCK_D"])
+    return launch, cdiv(u.shape[1] // B.shape[1], launch.meta["BLOCK_D"])
 
 
 @torch.library.custom_op("samba_kernels::selective_scan_bwd", mutates_args=())
@@ -1285,7 +1285,7 @@ def _scan_bwd_op(
     batch, dim, L = u.shape
     N, groups = A.shape[1], B.shape[1]
     launch, n_dblocks = _bwd_launch(u, B, A)
-    if ckpt.shape[2] != triton.cdiv(L, launch.meta["T"]):  # checkpoints of other tiles would give wrong gradients
+    if ckpt.shape[2] != cdiv(L, launch.meta["T"]):  # checkpoints of other tiles would give wrong gradients
         raise RuntimeError(
             f"the forward saved the states entering {ckpt.shape[2]} tiles, the backward plans tiles of "
             f"{launch.meta['T']} steps over {L}: the launch plan changed between the two"

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from .._common import use_triton
+from .._common import cdiv, use_triton
 from .naive import check_inputs, windowed_attention_ref
 
 
@@ -241,7 +241,7 @@ def _launch_window_fwd(query, key, value, window: int, scale: float | None, tile
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (query, key, value))
     out = _new_output(query)
     scale = head_dim**-0.5 if scale is None else scale
-    _window_fwd_kernel[(triton.cdiv(len_q, tile["BLOCK_M"]), batch * heads)](
+    _window_fwd_kernel[(cdiv(len_q, tile["BLOCK_M"]), batch * heads)](
         q,
         k,
         v,
