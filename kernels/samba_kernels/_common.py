@@ -62,6 +62,23 @@ def dependent_launch(x: torch.Tensor) -> dict:
     return {"PDL": True, "launch_pdl": True} if getattr(config.triton, "enable_pdl", False) else {"PDL": False}
 
 
+def eager_autograd(name: str, forward, setup_context, backward) -> type[torch.autograd.Function]:
+    """An autograd.Function of a custom op's implementation, setup_context and backward, for eager calls:
+    torch.library's dispatch of a custom op took 0.1-0.4 ms of host time per call on the H200's host
+    (docs/performance-notes.md), longer than a batch-1 scan's kernels. torch.compile traces the custom op.
+    Gradients of unused outputs reach `backward` as None, as the custom op's do. (A forward that takes ctx: with a
+    separate setup_context, Function.apply binds its arguments through inspect.signature on every call.)"""
+
+    def forward_with_context(ctx, *inputs):
+        output = forward(*inputs)
+        ctx.set_materialize_grads(False)
+        setup_context(ctx, inputs, output)
+        return output
+
+    methods = dict(forward=staticmethod(forward_with_context), backward=staticmethod(backward))
+    return type(name, (torch.autograd.Function,), methods)
+
+
 # Host-side arithmetic of the launchers. triton.cdiv and triton.next_power_of_2 are constexpr functions since
 # Triton 3.5, which unwrap their arguments on every call: about 4 µs each in host code, tens of them per scan.
 def cdiv(x: int, y: int) -> int:
@@ -78,6 +95,56 @@ def next_power_of_2(n: int) -> int:
 
 def block_size(n: int, cap: int) -> int:
     return min(next_power_of_2(max(n, 1)), cap)
+
+
+@triton.jit
+def _transposed_copy_kernel(
+    src_ptr, dst_ptr, dim, L, stride_sb, stride_sl, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr
+):
+    """dst (batch, dim, L) contiguous = src, whose channels are contiguous (element (b, d, l) at
+    b stride_sb + l stride_sl + d): a tile loaded along the channels and stored along the positions."""
+    b = tl.program_id(2).to(tl.int64)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    pos = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L).to(tl.int64)
+    mask = (d[:, None] < dim) & (pos[None, :] < L)
+    tile = tl.load(src_ptr + b * stride_sb + pos[None, :] * stride_sl + d[:, None], mask=mask)
+    tl.store(dst_ptr + b * dim * L + d[:, None] * L + pos[None, :], tile, mask=mask)
+
+
+COPY_TILE = 64  # (channels, positions) of a tile of `contiguous`'s copy
+
+
+def contiguous(x: torch.Tensor) -> torch.Tensor:
+    """x, contiguous. A (batch, channels, length) view of (batch, length, channels) memory, as the model's
+    projections hand the Mamba ops their outputs transposed, is copied in tiles by a Triton kernel: torch's copy
+    moves it an element at a time on one side, 159 µs for 1 x 3072 x 8192 bf16 on the H200
+    (docs/performance-notes.md). torch.compile makes its own copy kernels."""
+    if x.is_contiguous() or x.dim() != 3 or x.stride(1) != 1 or not use_triton(x) or torch.compiler.is_compiling():
+        return x.contiguous()
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _TransposedCopy.apply(x)
+    return _transposed_copy(x)
+
+
+def _transposed_copy(x: torch.Tensor) -> torch.Tensor:
+    batch, dim, L = x.shape
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _transposed_copy_kernel[(cdiv(L, COPY_TILE), cdiv(dim, COPY_TILE), batch)](
+        x, out, dim, L, x.stride(0), x.stride(2), BLOCK_D=COPY_TILE, BLOCK_L=COPY_TILE
+    )
+    return out
+
+
+class _TransposedCopy(torch.autograd.Function):
+    """A copy: the gradient passes through as it is."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return _transposed_copy(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
 
 
 @triton.jit

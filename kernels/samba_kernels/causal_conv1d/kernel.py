@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import block_size, cdiv, silu_grad, use_triton
+from .._common import block_size, cdiv, contiguous, eager_autograd, silu_grad, use_triton
 from .naive import causal_conv1d_ref, causal_conv1d_update_ref
 
 
@@ -284,9 +284,8 @@ def _conv_forward(x, weight, bias, seq_idx, init, activation):
     return out
 
 
-# Autograd and torch.compile see the kernels as custom ops (see selective_scan/kernel.py).
-@torch.library.custom_op("samba_kernels::causal_conv1d_fwd", mutates_args=())
-def _conv_fwd_op(
+# torch.compile sees the kernels as custom ops, eager calls as an autograd.Function (see selective_scan/kernel.py).
+def _conv_fwd_impl(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -295,6 +294,9 @@ def _conv_fwd_op(
     activation: str | None,
 ) -> torch.Tensor:
     return _conv_forward(x, weight, bias, seq_idx, initial_states, activation)
+
+
+_conv_fwd_op = torch.library.custom_op("samba_kernels::causal_conv1d_fwd", _conv_fwd_impl, mutates_args=())
 
 
 @_conv_fwd_op.register_fake
@@ -310,8 +312,7 @@ def _conv_bwd_outputs(x, weight, init):
     return [torch.empty_like(x), torch.empty(weight.shape, **f32), torch.empty(weight.shape[0], **f32), dinit]
 
 
-@torch.library.custom_op("samba_kernels::causal_conv1d_bwd", mutates_args=())
-def _conv_bwd_op(
+def _conv_bwd_impl(
     dout: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -358,6 +359,9 @@ def _conv_bwd_op(
     return [dx, dweight_part.sum(0), dbias_part.sum(0), dinit]
 
 
+_conv_bwd_op = torch.library.custom_op("samba_kernels::causal_conv1d_bwd", _conv_bwd_impl, mutates_args=())
+
+
 @_conv_bwd_op.register_fake
 def _(dout, x, weight, bias, seq_idx, initial_states, activation):
     return _conv_bwd_outputs(x, weight, initial_states)
@@ -368,9 +372,10 @@ def _conv_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, bias, seq_idx, init)
 
 
-def _conv_backward(ctx, dout):
+def _conv_grads(ctx, dout, backward):
+    """The inputs' gradients, the backward's kernels launched by `backward` (the custom op or its implementation)."""
     x, weight, bias, seq_idx, init = ctx.saved_tensors
-    dx, dweight, dbias, dinit = _conv_bwd_op(dout.contiguous(), x, weight, bias, seq_idx, init, ctx.activation)
+    dx, dweight, dbias, dinit = backward(contiguous(dout), x, weight, bias, seq_idx, init, ctx.activation)
     return (
         dx,
         dweight.to(weight.dtype),
@@ -381,7 +386,12 @@ def _conv_backward(ctx, dout):
     )
 
 
-_conv_fwd_op.register_autograd(_conv_backward, setup_context=_conv_setup_context)
+_conv_fwd_op.register_autograd(
+    lambda ctx, dout: _conv_grads(ctx, dout, _conv_bwd_op), setup_context=_conv_setup_context
+)
+_EagerConv = eager_autograd(
+    "_EagerConv", _conv_fwd_impl, _conv_setup_context, lambda ctx, dout: _conv_grads(ctx, dout, _conv_bwd_impl)
+)
 
 
 def causal_conv1d_fn(
@@ -410,8 +420,9 @@ def causal_conv1d_fn(
         return causal_conv1d_ref(x, weight, bias, seq_idx, initial_states, return_final_states, activation)
     W = weight.shape[-1]
     init = initial_states.contiguous() if initial_states is not None and W > 1 else None
-    out = _conv_fwd_op(
-        x.contiguous(),
+    conv = _conv_fwd_op if torch.compiler.is_compiling() else _EagerConv.apply
+    out = conv(
+        contiguous(x),
         weight.contiguous(),
         None if bias is None else bias.contiguous(),
         None if seq_idx is None else seq_idx.to(torch.int32).contiguous(),
@@ -420,8 +431,10 @@ def causal_conv1d_fn(
     )
     if not return_final_states:
         return out
+    if x.shape[-1] >= W - 1:  # the last W - 1 inputs (a copy: a view would keep all of x alive in a cache)
+        return out, x[:, :, x.shape[-1] - (W - 1) :].clone(memory_format=torch.contiguous_format)
     history = x.new_zeros(x.shape[0], x.shape[1], W - 1) if init is None else init.to(x.dtype)
-    return out, torch.cat([history, x], dim=-1)[:, :, x.shape[-1] :]  # the last W - 1 inputs
+    return out, torch.cat([history, x], dim=-1)[:, :, x.shape[-1] :]
 
 
 def _conv_update(

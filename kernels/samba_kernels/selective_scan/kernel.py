@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import block_size, cdiv, next_power_of_2, use_triton
+from .._common import block_size, cdiv, contiguous, eager_autograd, next_power_of_2, use_triton
 from .naive import selective_scan_ref, selective_state_update_ref
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x LOG2E)
@@ -96,12 +96,12 @@ SUMMARY_COST = {32: 0.8, 16: 0.45, 8: 0.4}
 SPLIT_OVERHEAD = 64
 MIN_CHUNK, BWD_MIN_CHUNK, MAX_CHUNKS = 256, 512, 64
 # The backward splits sequences of BWD_SPLIT_MIN_LENGTH steps or more where, unsplit, its programs would fill a
-# quarter of PROGRAMS_PER_SM per SM or less (batch 1 at the model's widths): into the power of two of chunks at or
-# above what makes PROGRAMS_PER_SM programs per SM. Measured on the H200, fwd+bwd of 1 x 3072 in bf16
-# (benchmarks/results/scan_split_calibration.json): 4K steps 1.62 ms unsplit, 1.82 to 2.22 split into 2 to 16
-# chunks; 16K 4.80 against 3.20 in 8 chunks (3.19 in 16); 64K 19.42 against 12.98 in 8 (12.57 in 16); chunk
-# counts that are not powers of two were slower. Larger batches were not timed split and stay unsplit.
-BWD_SPLIT_MIN_LENGTH = 16384
+# third of PROGRAMS_PER_SM per SM or less (batch 1 and 2 at the model's widths): into the power of two of chunks
+# at or above what makes PROGRAMS_PER_SM programs per SM. GPU time of fwd+bwd on the H200 in bf16 (torch.profiler,
+# commit 5141dde; docs/performance-notes.md): 1 x 3072 x 4K 1.20 ms unsplit, 0.84 in 8 chunks; 2 x 4K 1.87 against
+# 1.67 in 4; 1 x 16K 4.70 against 3.20 in 8; 8 x 4K 5.27 unsplit, 5.43 in 2 chunks. Chunk counts that are not
+# powers of two were slower (benchmarks/results/scan_split_calibration.json).
+BWD_SPLIT_MIN_LENGTH = 4096
 SUB_PARTITIONS_PER_SM = 4  # warp schedulers per SM (every NVIDIA architecture since Volta)
 # CPU tensors (the interpreter) plan their launches as the GPU the constants were measured on would
 # (benchmarks/results/kernels.md): 132 SMs.
@@ -245,7 +245,7 @@ def _backward_chunk(n_rows, dpg, L, cap, sms):
     if forced is not None and forced.backward_chunk_length is not None:
         return forced.backward_chunk_length
     wanted = cdiv(PROGRAMS_PER_SM * sms, n_rows * cdiv(dpg, cap))
-    if wanted < 4 or L < BWD_SPLIT_MIN_LENGTH:
+    if wanted < 3 or L < BWD_SPLIT_MIN_LENGTH:
         return L
     n = min(next_power_of_2(wanted), L // BWD_MIN_CHUNK, MAX_CHUNKS)
     return L if n < 2 else cdiv(L, n)
@@ -933,7 +933,7 @@ def _scan_bwd_kernel(
 
 
 def _contiguous(t):
-    return None if t is None else t.contiguous()
+    return None if t is None else contiguous(t)
 
 
 def _grouped(BC: torch.Tensor) -> torch.Tensor:
@@ -1206,11 +1206,11 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, 
     return out, ckpt
 
 
-# The kernels enter autograd and torch.compile as custom ops: opaque to the compiler (which traces
-# around them and fuses the code between them, with no graph break), shapes from the fake
-# implementations, gradients from the backward op. Absent optional inputs have empty gradients.
-@torch.library.custom_op("samba_kernels::selective_scan_fwd", mutates_args=())
-def _scan_fwd_op(
+# The kernels enter torch.compile as custom ops: opaque to the compiler (which traces around them and fuses the
+# code between them, with no graph break), shapes from the fake implementations, gradients from the backward op.
+# Eager calls take the same implementations through an autograd.Function (`eager_autograd`), without
+# torch.library's dispatch. Absent optional inputs have empty gradients.
+def _scan_fwd_impl(
     u: torch.Tensor,
     delta: torch.Tensor,
     A: torch.Tensor,
@@ -1228,6 +1228,9 @@ def _scan_fwd_op(
     last = u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=torch.float32)
     out, ckpt = _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, seq_idx, last, save_ckpt)
     return out, last, ckpt
+
+
+_scan_fwd_op = torch.library.custom_op("samba_kernels::selective_scan_fwd", _scan_fwd_impl, mutates_args=())
 
 
 @_scan_fwd_op.register_fake
@@ -1263,8 +1266,7 @@ def _bwd_launch(u, B, A):
     return launch, cdiv(u.shape[1] // B.shape[1], launch.meta["BLOCK_D"])
 
 
-@torch.library.custom_op("samba_kernels::selective_scan_bwd", mutates_args=())
-def _scan_bwd_op(
+def _scan_bwd_impl(
     dout: torch.Tensor,
     dlast: torch.Tensor | None,
     u: torch.Tensor,
@@ -1349,6 +1351,9 @@ def _scan_bwd_op(
     return [du, ddelta, dA_part, dB_part, dC_part, dD_part, dz, dbias_part, dinit]
 
 
+_scan_bwd_op = torch.library.custom_op("samba_kernels::selective_scan_bwd", _scan_bwd_impl, mutates_args=())
+
+
 @_scan_bwd_op.register_fake
 def _(dout, dlast, u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt, softplus, has_init):
     return _scan_bwd_outputs(u, delta, A, B, D, z, delta_bias, has_init, _bwd_launch(u, B, A)[1])
@@ -1363,12 +1368,13 @@ def _scan_setup_context(ctx, inputs, output):
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, output[2])
 
 
-def _scan_backward(ctx, dout, dlast, _):
+def _scan_grads(ctx, dout, dlast, backward):
+    """The inputs' gradients, the backward's kernels launched by `backward` (the custom op or its implementation)."""
     u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt = ctx.saved_tensors
     token = _FORCED.set(ctx.forced)
     try:
-        du, ddelta, dA, dB, dC, dD, dz, dbias, dinit = _scan_bwd_op(
-            torch.zeros_like(u) if dout is None else dout.contiguous(),
+        du, ddelta, dA, dB, dC, dD, dz, dbias, dinit = backward(
+            torch.zeros_like(u) if dout is None else contiguous(dout),
             None if dlast is None else dlast.float().contiguous(),
             u,
             delta,
@@ -1401,7 +1407,15 @@ def _scan_backward(ctx, dout, dlast, _):
     )
 
 
-_scan_fwd_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
+_scan_fwd_op.register_autograd(
+    lambda ctx, dout, dlast, _: _scan_grads(ctx, dout, dlast, _scan_bwd_op), setup_context=_scan_setup_context
+)
+_EagerScan = eager_autograd(
+    "_EagerScan",
+    _scan_fwd_impl,
+    _scan_setup_context,
+    lambda ctx, dout, dlast, _: _scan_grads(ctx, dout, dlast, _scan_bwd_impl),
+)
 
 
 def selective_scan_fn(
@@ -1465,7 +1479,8 @@ def selective_scan_fn(
     # Checkpoints for the backward only where a gradient will be asked for.
     save_ckpt = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     u, delta, A, D, z, delta_bias = map(_contiguous, (u, delta, A, D, z, delta_bias))
-    y, last, _ = _scan_fwd_op(
+    scan = _scan_fwd_op if torch.compiler.is_compiling() else _EagerScan.apply
+    y, last, _ = scan(
         u,
         delta,
         A,
