@@ -103,9 +103,9 @@ def _transposed_copy_kernel(
 ):
     """dst (batch, dim, L) contiguous = src, whose channels are contiguous (element (b, d, l) at
     b stride_sb + l stride_sl + d): a tile loaded along the channels and stored along the positions."""
-    b = tl.program_id(2).to(tl.int64)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    pos = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)  # offsets in int64: channels x length passes 2**31 at a 1M-token sequence
+    d = (tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
+    pos = (tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)
     mask = (d[:, None] < dim) & (pos[None, :] < L)
     tile = tl.load(src_ptr + b * stride_sb + pos[None, :] * stride_sl + d[:, None], mask=mask)
     tl.store(dst_ptr + b * dim * L + d[:, None] * L + pos[None, :], tile, mask=mask)
