@@ -282,6 +282,43 @@ def test_chunked_prefill_is_exact_with_left_padding(chunk_size):
     )
 
 
+class DeviceWaits(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the reads of a tensor's value by the host (`.item()`, `bool()`): on a GPU, each waits for the
+    device."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("chunks", [2, 6])
+def test_chunked_prefill_reads_the_position_ids_once_not_per_chunk(chunks):
+    """generate hands the prefill position ids without a mask. Checked once to number the tokens on from the
+    cache's count, the chunks run without them (the model would read each chunk's ids for packed documents, a
+    wait on the GPU per chunk), with the logits of one forward; packed ids still reach the model, which refuses
+    them with a cache."""
+    model = small_model()
+    ids = torch.randint(3, 97, (1, 6 * WINDOW))
+    position_ids = torch.arange(ids.shape[1])[None]
+    inputs = dict(input_ids=ids, position_ids=position_ids, logits_to_keep=1, use_cache=True)
+    with torch.no_grad():
+        whole = model(**inputs).logits
+        waits = DeviceWaits()
+        with waits:
+            chunked = chunked_forward(
+                model, dict(inputs, cache=DynamicCache(config=model.config)), ids.shape[1] // chunks
+            )
+        assert waits.count == 1
+        torch.testing.assert_close(chunked.logits, whole, rtol=1e-4, atol=5e-5)
+        packed = dict(inputs, position_ids=torch.cat([position_ids[:, :5], position_ids[:, 5:] - 5], 1))
+        with pytest.raises(ValueError, match="packed documents"):
+            chunked_forward(model, dict(packed, cache=DynamicCache(config=model.config)), ids.shape[1] // chunks)
+
+
 PEAK_MEMORY_PROBE = textwrap.dedent(
     """
     import resource, sys, torch

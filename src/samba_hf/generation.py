@@ -216,6 +216,9 @@ def chunked_forward(model, model_inputs: dict, chunk_size: int):
     tokens = model_inputs.get("input_ids")
     tokens = model_inputs["inputs_embeds"] if tokens is None else tokens
     length, mask = tokens.shape[1], model_inputs.get("attention_mask")
+    positions = model_inputs.get("position_ids")
+    if positions is not None and mask is None and numbered_from_the_cache(model, positions, model_inputs["cache"]):
+        model_inputs = {**model_inputs, "position_ids": None}
     outputs = None
     for start in range(0, length, chunk_size):
         end = min(start + chunk_size, length)
@@ -229,6 +232,17 @@ def chunked_forward(model, model_inputs: dict, chunk_size: int):
             chunk["attention_mask"] = mask[:, : mask.shape[1] - (length - end)]
         outputs = model(**chunk, return_dict=True)
     return outputs
+
+
+def numbered_from_the_cache(model, position_ids, cache) -> bool:
+    """Whether position_ids number the prompt's tokens on from the cache's count, as the model numbers them when
+    it gets none (without attention layers, where the count is not kept: whether they step by one). Checked once
+    for a chunked prompt, which then runs without them: given position ids and no mask, the model reads the ids of
+    every chunk for packed documents, a wait on the GPU per chunk (docs/performance-notes.md)."""
+    first_attention = model.model.first_attention_layer
+    steps = torch.arange(position_ids.shape[-1], device=position_ids.device)
+    start = position_ids[..., :1] if first_attention is None else cache.get_seq_length(first_attention)
+    return bool((position_ids == start + steps).all())
 
 
 _logged_paths = set()
