@@ -5,6 +5,7 @@ import threading
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache, StaticCache, TextIteratorStreamer
 from transformers.generation import CompileConfig
 
@@ -282,7 +283,7 @@ def test_chunked_prefill_is_exact_with_left_padding(chunk_size):
     )
 
 
-class DeviceWaits(torch.utils._python_dispatch.TorchDispatchMode):
+class DeviceWaits(TorchDispatchMode):
     """Counts the reads of a tensor's value by the host (`.item()`, `bool()`): on a GPU, each waits for the
     device."""
 
@@ -364,7 +365,6 @@ def test_a_32k_token_prompt_prefills_in_memory_of_one_chunk(how):
 def test_a_long_forward_holds_no_tensor_that_grows_faster_than_its_length():
     """A plain forward does not chunk, but none of its tensors grows faster than the input: no (queries x keys)
     window mask, no (length x channels x d_state) scan factors. Every tensor an op creates is recorded."""
-    from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
 
     class LargestTensor(TorchDispatchMode):

@@ -64,8 +64,8 @@ def dependent_launch(x: torch.Tensor) -> dict:
 
 def eager_autograd(name: str, forward, setup_context, backward) -> type[torch.autograd.Function]:
     """An autograd.Function of a custom op's implementation, setup_context and backward, for eager calls:
-    torch.library's dispatch of a custom op took 0.1-0.4 ms of host time per call on the H200's host
-    (docs/performance-notes.md), longer than a batch-1 scan's kernels. torch.compile traces the custom op.
+    torch.library's dispatch was the largest host cost of a scan on the H200's host (about 0.18 ms a forward
+    under cProfile; docs/performance-notes.md), as long as a batch-1 4K scan's kernels. torch.compile traces the custom op.
     Gradients of unused outputs reach `backward` as None, as the custom op's do. (A forward that takes ctx: with a
     separate setup_context, Function.apply binds its arguments through inspect.signature on every call.)"""
 
