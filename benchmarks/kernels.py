@@ -583,12 +583,19 @@ def ring_attention_inputs(config, device: torch.device, dtype: torch.dtype) -> t
     )
 
 
+# The first kernel's tilings the decode-attention case times beside the default: slots per program x warps.
+DECODE_ATTENTION_TILINGS = [(32, 2), (32, 4), (64, 2), (64, 4), (64, 8), (128, 4), (128, 8)]
+
+
 @case(
     "decode-attention",
-    "one token's attention over a ring buffer: ring_decode_attention against the same PyTorch ops compiled",
+    "one token's attention over a ring buffer: ring_decode_attention (each tiling of its first kernel) against the "
+    "same PyTorch ops compiled",
 )
 @torch.no_grad()
 def decode_attention(ctx):
+    from samba_kernels.decode_attention import kernel as ring_kernel
+
     config = models.config("samba", ctx.smoke)
     inputs = ring_attention_inputs(config, ctx.device, dtype_for(ctx.device))
     compiled = torch.compile(
@@ -596,17 +603,26 @@ def decode_attention(ctx):
     )
     calls = 3 if ctx.smoke else GRAPH_CALLS
     reference_us = graph_ms([lambda: compiled(*inputs)] * calls, ctx.device) * 1e3 / calls
-    ours_us = graph_ms([lambda: sk.ring_decode_attention(*inputs)] * calls, ctx.device) * 1e3 / calls
     ring_bytes = 2 * inputs[3].numel() * inputs[3].element_size()
-    ctx.add(
-        heads=config.num_attention_heads,
-        slots=config.sliding_window,
-        calls_per_graph=calls,
-        floor_us=ring_bytes / ctx.ceilings()["copy_bytes_per_s"] * 1e6,
-        compiled_ops_us=reference_us,
-        ring_decode_attention_us=ours_us,
-        speedup=reference_us / ours_us,
-    )
+    default = (ring_kernel.SPLIT_SLOTS, ring_kernel.WARPS)
+    for split_slots, warps in [default] + [
+        t for t in DECODE_ATTENTION_TILINGS[: 1 if ctx.smoke else None] if t != default
+    ]:
+
+        def call(split_slots=split_slots, warps=warps):
+            return ring_kernel._launch(*inputs, split_slots=split_slots, num_warps=warps)
+
+        ours_us = graph_ms([call] * calls, ctx.device) * 1e3 / calls
+        ctx.add(
+            heads=config.num_attention_heads,
+            slots=config.sliding_window,
+            tiling=f"{split_slots} slots x {warps} warps" + (" (default)" if (split_slots, warps) == default else ""),
+            calls_per_graph=calls,
+            floor_us=ring_bytes / ctx.ceilings()["copy_bytes_per_s"] * 1e6,
+            compiled_ops_us=reference_us,
+            ring_decode_attention_us=ours_us,
+            speedup=reference_us / ours_us,
+        )
 
 
 @case("decode-steps", "the one-token scan and conv updates at batch 8 (bound by launches: read as host overhead)")
@@ -739,6 +755,7 @@ COLUMNS = {
     "decode-attention": [
         ("heads", "heads"),
         ("slots", "slots"),
+        ("first kernel's tiling", "tiling"),
         ("calls per graph", "calls_per_graph"),
         ("rings' read floor µs", "floor_us", ".2f"),
         ("compiled PyTorch ops µs", "compiled_ops_us", ".2f"),

@@ -37,7 +37,9 @@ def test_kernels_one_token_cases(tmp_path):
     """The decode kernels' cases: each against the same PyTorch ops compiled, in graphs of several calls."""
     result = smoke("kernels", "decode-attention,mamba-decode", tmp_path)
     rows = measured(result, "decode-attention", "speedup") + measured(result, "mamba-decode", "speedup")
-    assert len(rows) == 2 and all(row["speedup"] > 0 for row in rows)
+    assert len(rows) == 3 and all(row["speedup"] > 0 for row in rows)
+    tilings = [row["tiling"] for row in measured(result, "decode-attention", "speedup")]
+    assert tilings[0].endswith("(default)") and tilings[1] == "32 slots x 2 warps"  # the sweep, smoke-sized
     assert "ring_decode_attention µs" in (tmp_path / "kernels.md").read_text()
 
 

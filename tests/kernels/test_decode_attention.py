@@ -21,7 +21,9 @@ def rotated(x, position, inv_freq):
     return x.double() * cos + torch.cat([-second, first], dim=-1) * sin
 
 
-@pytest.mark.parametrize("heads, kv_heads, slots, tokens_seen", [(4, 2, 40, 17), (4, 4, 300, 1234), (6, 2, 64, 0)])
+@pytest.mark.parametrize(
+    "heads, kv_heads, slots, tokens_seen", [(4, 2, 40, 17), (4, 4, 300, 1234), (6, 2, 64, 0), (6, 2, 200, 777)]
+)
 def test_ring_decode_attention_matches_float64_attention_over_the_window(heads, kv_heads, slots, tokens_seen):
     """The token's rotated key and value land at slot tokens_seen % slots; its query attends to the readable
     slots and itself; rotary embedding as the model applies it."""

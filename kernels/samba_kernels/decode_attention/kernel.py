@@ -18,8 +18,12 @@ It computes what the model's attention computes for the token (`ring_decode_atte
 k, the cache update, softmax(q K^T scale) V over the readable slots. The first kernel splits the slots
 between programs, each for one key/value head and its group of query heads (flash-decoding): it rotates
 the query and the new key itself, reads its share of the ring (the new slot from registers, and writes it),
-and leaves a partial softmax (max, sum, weighted values). The second combines each head's partials.
-Statistics in float32. No gradients.
+and leaves a partial softmax (max, sum, weighted values) for each query head of the group, from the keys and
+values it loaded once. The second combines each head's partials. Statistics in float32. No gradients.
+
+Launched as a programmatic dependent (`dependent_launch`), the first kernel reads its share of the rings before
+it waits for the kernels ahead of it: the rings' writer (this kernel, at the tokens before) must have finished
+when the kernel ahead began. In the decode engine's step it has: every step begins with ordinary launches.
 """
 
 import torch
@@ -29,20 +33,19 @@ import triton.language as tl
 from .._common import cdiv, dependent_launch, gdc_launch_dependents, gdc_wait, next_power_of_2, use_triton
 from .naive import ring_decode_attention_ref
 
-# Slots per program of the first kernel, and per step of its loop. samba-421m's 2048-slot window over 12
-# key/value heads gives 192 programs.
-SPLIT_SLOTS = 128
-TILE_SLOTS = 32
+# Slots per program of the first kernel (one tile, no loop: samba-421m's 2048-slot window over 12 key/value heads
+# gives 384 programs), and its warps.
+SPLIT_SLOTS = 64
+WARPS = 4
 
 
 @triton.jit
-def _rotated(x_ptr, heads, head_mask, cos, sin, HALF: tl.constexpr):
-    """The two halves of rows `heads` of x (head_dim = 2 HALF) after rotate-half RoPE, in float32."""
-    dims = tl.arange(0, HALF)
-    first = tl.load(x_ptr + heads[:, None] * (2 * HALF) + dims[None, :], mask=head_mask[:, None], other=0.0)
-    second = tl.load(x_ptr + heads[:, None] * (2 * HALF) + HALF + dims[None, :], mask=head_mask[:, None], other=0.0)
-    first, second = first.to(tl.float32), second.to(tl.float32)
-    return first * cos[None, :] - second * sin[None, :], second * cos[None, :] + first * sin[None, :]
+def _rotated(x_ptr, head, cos, sin, HALF: tl.constexpr):
+    """The two halves of row `head` of x (head_dim = 2 HALF) after rotate-half RoPE, in float32."""
+    half = tl.arange(0, HALF)
+    first = tl.load(x_ptr + head * 2 * HALF + half).to(tl.float32)
+    second = tl.load(x_ptr + head * 2 * HALF + HALF + half).to(tl.float32)
+    return first * cos - second * sin, second * cos + first * sin
 
 
 @triton.jit
@@ -67,68 +70,55 @@ def _partial_kernel(
     stride_vh,
     stride_vs,
     GROUP: tl.constexpr,
-    BLOCK_G: tl.constexpr,
     HALF: tl.constexpr,
     SPLIT: tl.constexpr,
-    TILE: tl.constexpr,
     PDL: tl.constexpr,
 ):
     kv_head, split = tl.program_id(0), tl.program_id(1)
-    if PDL:  # everything it reads may be written by the kernels before it
+    splits = tl.num_programs(1)
+    slot = split * SPLIT + tl.arange(0, SPLIT)
+    ring_mask = slot < slots
+    half = tl.arange(0, HALF)
+    dims = tl.arange(0, 2 * HALF)
+    # The rings' slots, before the wait: only this kernel writes them, at earlier tokens, and a step begins with
+    # ordinary launches (the engine's), so those writes have finished. The new token's slot is replaced below.
+    key_rows_ptr = key_ring_ptr + kv_head * stride_kh + slot[:, None] * stride_ks
+    key1_raw = tl.load(key_rows_ptr + half[None, :], mask=ring_mask[:, None], other=0.0)
+    key2_raw = tl.load(key_rows_ptr + HALF + half[None, :], mask=ring_mask[:, None], other=0.0)
+    value_rows_ptr = value_ring_ptr + kv_head * stride_vh + slot[:, None] * stride_vs
+    values_raw = tl.load(value_rows_ptr + dims[None, :], mask=ring_mask[:, None], other=0.0)
+    if PDL:  # q, k, v, the mask and the counters are written by the kernels before it
         gdc_launch_dependents()
         gdc_wait()
-    splits = tl.num_programs(1)
-    group = tl.arange(0, BLOCK_G)
-    group_mask = group < GROUP
-    heads = kv_head * GROUP + group
-    half = tl.arange(0, HALF)
     angle = tl.load(position_ptr).to(tl.float32) * tl.load(inv_freq_ptr + half)
     cos, sin = tl.cos(angle) * rope_scale, tl.sin(angle) * rope_scale
-    q1, q2 = _rotated(q_ptr, heads, group_mask, cos, sin, HALF)  # (BLOCK_G, HALF) each
-    one = tl.full((1,), kv_head, tl.int32)
-    k1, k2 = _rotated(k_ptr, one, one == kv_head, cos, sin, HALF)  # (1, HALF): the new key, rotated
-    v_new = tl.load(v_ptr + kv_head * 2 * HALF + tl.arange(0, 2 * HALF)).to(tl.float32)
+    k1, k2 = _rotated(k_ptr, kv_head, cos, sin, HALF)  # the new key, rotated
+    v_new = tl.load(v_ptr + kv_head * 2 * HALF + dims).to(tl.float32)
     new_slot = (tl.load(tokens_seen_ptr) % slots).to(tl.int32)
-
-    running_max = tl.full((BLOCK_G,), float("-inf"), tl.float32)
-    running_sum = tl.zeros((BLOCK_G,), tl.float32)
-    acc = tl.zeros((BLOCK_G, 2 * HALF), tl.float32)
-    dims = tl.arange(0, 2 * HALF)
-    for start in tl.static_range(0, SPLIT, TILE):
-        slot = split * SPLIT + start + tl.arange(0, TILE)
-        ring_mask = slot < slots
-        new_mask = slot == new_slot
-        key_rows_ptr = key_ring_ptr + kv_head * stride_kh + slot[:, None] * stride_ks
-        key1 = tl.load(key_rows_ptr + half[None, :], mask=ring_mask[:, None], other=0.0).to(tl.float32)
-        key2 = tl.load(key_rows_ptr + HALF + half[None, :], mask=ring_mask[:, None], other=0.0).to(tl.float32)
-        key1 = tl.where(new_mask[:, None], k1, key1)
-        key2 = tl.where(new_mask[:, None], k2, key2)
-        values = tl.load(
-            value_ring_ptr + kv_head * stride_vh + slot[:, None] * stride_vs + dims[None, :],
-            mask=ring_mask[:, None],
-            other=0.0,
-        ).to(tl.float32)
-        values = tl.where(new_mask[:, None], v_new[None, :], values)
-        # (BLOCK_G, TILE) scores, summed over the two halves of the head
-        scores = tl.sum(q1[:, None, :] * key1[None, :, :], axis=2) + tl.sum(q2[:, None, :] * key2[None, :, :], axis=2)
-        visible_mask = ring_mask & ((tl.load(readable_ptr + slot, mask=ring_mask, other=0) != 0) | new_mask)
-        scores = tl.where(visible_mask[None, :], scores * scale, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # no visible slot yet: nothing to rescale
-        weights = tl.exp(scores - shift[:, None])
-        correction = tl.exp(running_max - shift)
-        running_sum = running_sum * correction + tl.sum(weights, axis=1)
-        acc = acc * correction[:, None] + tl.sum(weights[:, :, None] * values[None, :, :], axis=1)
-        running_max = new_max
-    part_off = (kv_head * splits + split) * BLOCK_G + group
-    tl.store(part_max_ptr + part_off, running_max)
-    tl.store(part_sum_ptr + part_off, running_sum)
-    tl.store(part_out_ptr + part_off[:, None] * 2 * HALF + dims[None, :], acc)
-    # The program whose slots hold the new one writes it; no other program reads that slot.
+    is_new = slot == new_slot
+    key1 = tl.where(is_new[:, None], k1[None, :], key1_raw.to(tl.float32))
+    key2 = tl.where(is_new[:, None], k2[None, :], key2_raw.to(tl.float32))
+    values = tl.where(is_new[:, None], v_new[None, :], values_raw.to(tl.float32))
+    visible = ring_mask & ((tl.load(readable_ptr + slot, mask=ring_mask, other=0) != 0) | is_new)
+    # Scores in base 2 (exp2 is the hardware's); the combine kernel reads the maxima in the same base.
+    scale2 = scale * 1.4426950408889634
+    for member in range(GROUP):  # the group's query heads share the keys and values loaded above
+        head = kv_head * GROUP + member
+        q1, q2 = _rotated(q_ptr, head, cos * scale2, sin * scale2, HALF)
+        scores = tl.sum(key1 * q1[None, :], axis=1) + tl.sum(key2 * q2[None, :], axis=1)
+        scores = tl.where(visible, scores, float("-inf"))
+        top = tl.max(scores, axis=0)
+        shift = tl.where(top == float("-inf"), 0.0, top)  # no visible slot: weights 0, sum 0
+        weights = tl.exp2(scores - shift)
+        part = head * splits + split
+        tl.store(part_max_ptr + part, top)
+        tl.store(part_sum_ptr + part, tl.sum(weights, axis=0))
+        tl.store(part_out_ptr + part * 2 * HALF + dims, tl.sum(weights[:, None] * values, axis=0))
+    # The program whose slots hold the new one writes it; no other program reads that slot from the ring.
     if (new_slot >= split * SPLIT) & (new_slot < split * SPLIT + SPLIT):
         key_row_ptr = key_ring_ptr + kv_head * stride_kh + new_slot * stride_ks
-        tl.store(key_row_ptr + tl.arange(0, HALF)[None, :], k1.to(key_ring_ptr.dtype.element_ty))
-        tl.store(key_row_ptr + HALF + tl.arange(0, HALF)[None, :], k2.to(key_ring_ptr.dtype.element_ty))
+        tl.store(key_row_ptr + half, k1.to(key_ring_ptr.dtype.element_ty))
+        tl.store(key_row_ptr + HALF + half, k2.to(key_ring_ptr.dtype.element_ty))
         tl.store(
             value_ring_ptr + kv_head * stride_vh + new_slot * stride_vs + dims,
             v_new.to(value_ring_ptr.dtype.element_ty),
@@ -142,8 +132,6 @@ def _combine_kernel(
     part_out_ptr,
     out_ptr,
     splits,
-    GROUP: tl.constexpr,
-    BLOCK_G: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr,
     PDL: tl.constexpr,
@@ -152,16 +140,14 @@ def _combine_kernel(
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
-    kv_head, member = head // GROUP, head % GROUP
     split = tl.arange(0, BLOCK_SPLITS)
     split_mask = split < splits
-    part_off = (kv_head * splits + split) * BLOCK_G + member
-    maxima = tl.load(part_max_ptr + part_off, mask=split_mask, other=float("-inf"))
-    overall = tl.max(maxima, axis=0)
-    weights = tl.where(split_mask, tl.exp(maxima - overall), 0.0)
-    total = tl.sum(weights * tl.load(part_sum_ptr + part_off, mask=split_mask, other=0.0), axis=0)
+    part = head * splits + split
+    maxima = tl.load(part_max_ptr + part, mask=split_mask, other=float("-inf"))
+    weights = tl.where(split_mask, tl.exp2(maxima - tl.max(maxima, axis=0)), 0.0)
+    total = tl.sum(weights * tl.load(part_sum_ptr + part, mask=split_mask, other=0.0), axis=0)
     dims = tl.arange(0, HEAD_DIM)
-    outs = tl.load(part_out_ptr + part_off[:, None] * HEAD_DIM + dims[None, :], mask=split_mask[:, None], other=0.0)
+    outs = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], mask=split_mask[:, None], other=0.0)
     result = tl.sum(weights[:, None] * outs, axis=0) / total
     tl.store(out_ptr + head * HEAD_DIM + dims, result.to(out_ptr.dtype.element_ty))
 
@@ -214,21 +200,28 @@ def ring_decode_attention(q, k, v, key_ring, value_ring, readable, tokens_seen, 
             f"ring_decode_attention: the kernel takes a power-of-two head_dim ({head_dim}) and rings "
             "contiguous along head_dim"
         )
-    group = heads // kv_heads
-    block_g = next_power_of_2(group)
-    splits = cdiv(slots, SPLIT_SLOTS)
-    part_max = q.new_empty(kv_heads * splits * block_g, dtype=torch.float32)
+    return _launch(q, k, v, key_ring, value_ring, readable, tokens_seen, position, inv_freq, rope_scale, scale)
+
+
+def _launch(
+    q, k, v, key_ring, value_ring, readable, tokens_seen, position, inv_freq, rope_scale, scale,
+    split_slots=SPLIT_SLOTS, num_warps=WARPS,
+):  # fmt: skip
+    """The two kernels' launches (the tiling as arguments, for benchmarks/kernels.py's sweep)."""
+    _, kv_heads, slots, head_dim = key_ring.shape
+    heads = q.shape[-1] // head_dim
+    splits = cdiv(slots, split_slots)
+    part_max = q.new_empty(heads * splits, dtype=torch.float32)
     part_sum = torch.empty_like(part_max)
-    part_out = q.new_empty(kv_heads * splits * block_g, head_dim, dtype=torch.float32)
+    part_out = q.new_empty(heads * splits, head_dim, dtype=torch.float32)
     q, k, v = (t.reshape(-1).contiguous() for t in (q, k, v))
-    readable = readable.reshape(-1)
     _partial_kernel[(kv_heads, splits)](
         q,
         k,
         v,
         key_ring,
         value_ring,
-        readable,
+        readable.reshape(-1),
         tokens_seen,
         position,
         inv_freq.contiguous(),
@@ -242,12 +235,10 @@ def ring_decode_attention(q, k, v, key_ring, value_ring, readable, tokens_seen, 
         key_ring.stride(2),
         value_ring.stride(1),
         value_ring.stride(2),
-        GROUP=group,
-        BLOCK_G=block_g,
+        GROUP=heads // kv_heads,
         HALF=head_dim // 2,
-        SPLIT=SPLIT_SLOTS,
-        TILE=min(TILE_SLOTS, SPLIT_SLOTS),
-        num_warps=4,
+        SPLIT=split_slots,
+        num_warps=num_warps,
         **dependent_launch(q),
     )
     out = q.new_empty(1, heads * head_dim)
@@ -257,8 +248,6 @@ def ring_decode_attention(q, k, v, key_ring, value_ring, readable, tokens_seen, 
         part_out,
         out,
         splits,
-        GROUP=group,
-        BLOCK_G=block_g,
         HEAD_DIM=head_dim,
         BLOCK_SPLITS=next_power_of_2(splits),
         num_warps=4,
