@@ -9,9 +9,11 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, DynamicCache
 
+import samba_kernels
 from samba_hf import (
     SambaForCausalLM,
     SambaForSequenceClassification,
+    modeling_samba,
 )
 from samba_hf.modeling_samba import SambaAttention, SambaMambaMixer
 
@@ -175,6 +177,35 @@ def test_backward_and_gradient_checkpointing_give_the_same_gradients():
     checkpointed = gradients()
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_rope_runs_the_fused_kernel_on_cuda_and_the_model_formula_elsewhere():
+    from samba_hf.kernel_dispatch import rotary_embedding_op
+    from samba_hf.modeling_samba import apply_rotary_pos_emb
+
+    assert rotary_embedding_op("auto", torch.device("cuda"), apply_rotary_pos_emb) is samba_kernels.rotary_embedding
+    assert rotary_embedding_op("torch", torch.device("cuda"), apply_rotary_pos_emb) is apply_rotary_pos_emb
+    assert rotary_embedding_op("auto", torch.device("cpu"), apply_rotary_pos_emb) is apply_rotary_pos_emb
+
+
+def test_the_fused_rope_kernel_gives_the_formulas_logits_and_gradients(monkeypatch):
+    """The model with its attention's RoPE on samba_kernels' kernel (here in Triton's interpreter), over a cache and
+    past the window: the logits and every gradient of the model's own formula."""
+    model = small_model().train()
+    ids = torch.randint(0, 97, (2, 2 * WINDOW + 1), generator=torch.Generator().manual_seed(3))
+
+    def logits_and_gradients():
+        model.zero_grad()
+        logits = model(ids).logits
+        logits.square().mean().backward()
+        return logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    expected_logits, expected_grads = logits_and_gradients()
+    monkeypatch.setattr(modeling_samba, "rotary_embedding_op", lambda *_: samba_kernels.rotary_embedding)
+    logits, grads = logits_and_gradients()
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-5)
+    for name in expected_grads:
+        torch.testing.assert_close(grads[name], expected_grads[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_save_load_round_trip_keeps_tied_weights(tmp_path):

@@ -13,11 +13,12 @@ Imports torch and triton only, never transformers. Every op is a folder with the
                          matvec_add_
     mamba_decode         mamba_decode_step                              (a Mamba mixer's decode token)
     decode_attention     ring_decode_attention                          (a token's attention over a ring buffer)
+    rotary               rotary_embedding                               (rotate-half RoPE on queries and keys)
 
 and each reference is the op's name with `_ref`. The public ops run their Triton kernels on CUDA tensors, and on
 CPU tensors under TRITON_INTERPRET=1 (see `use_triton`); elsewhere they run the references. The kernels are
 registered as torch.library custom ops (`torch.ops.samba_kernels.*`), so torch.compile traces models that use
-them as one graph. Tests: tests/kernels/test_<op>.py.
+them as one graph; rotary has none: under torch.compile it runs its reference, which inductor fuses. Tests: tests/kernels/test_<op>.py.
 
 Kernel code names what it holds: pointers (arguments, and tensors of pointers) end in `_ptr`, offset tensors
 added to a pointer in `_off`, masks in `_mask`; loaded blocks have plain names (`u`, `dt`, `B_n`), `_raw` where a
@@ -38,6 +39,7 @@ from .matvec import (
     stacked_matvec,
     stacked_matvec_ref,
 )
+from .rotary import rotary_embedding, rotary_embedding_ref
 from .selective_scan import selective_scan_fn, selective_scan_ref, selective_state_update, selective_state_update_ref
 from .windowed_attention import window_mask, windowed_attention, windowed_attention_ref
 
@@ -57,6 +59,8 @@ __all__ = [
     "programmatic_dependent_launch",
     "ring_decode_attention",
     "ring_decode_attention_ref",
+    "rotary_embedding",
+    "rotary_embedding_ref",
     "selective_scan_fn",
     "selective_scan_ref",
     "selective_state_update",

@@ -1,4 +1,4 @@
-"""The one place where the ops of a Samba model are chosen: its Mamba ops, and its attention
+"""The one place where the ops of a Samba model are chosen: its Mamba ops, its RoPE, and its attention
 implementation "samba_sdpa" (the default), registered with transformers' attention interface.
 
 Mamba ops, `"auto"`: samba_kernels' Triton kernels for CUDA tensors, the PyTorch references elsewhere.
@@ -120,6 +120,16 @@ def mamba_ops(config_choice: str, device: torch.device, decoding: bool = False) 
         _logged.add((ops.name, device.type))
         logger.info("samba: Mamba ops on %s tensors use the %s implementation", device.type, ops.name)
     return ops
+
+
+def rotary_embedding_op(config_choice: str, device: torch.device, reference):
+    """RoPE on queries and keys for tensors on `device`: samba_kernels.rotary_embedding on CUDA (one kernel, with
+    gradients, where the formula takes five PyTorch ops that read strided queries element by element), unless
+    kernel implementation "torch" is chosen; elsewhere `reference`, the model's `apply_rotary_pos_emb`. Under
+    torch.compile the kernel's op runs the formula, which the compiler fuses itself."""
+    if device.type == "cuda" and samba_kernels is not None and requested_implementation(config_choice) != "torch":
+        return samba_kernels.rotary_embedding
+    return reference
 
 
 # ---------------------------------------------------------------------------------------- attention

@@ -4,7 +4,7 @@ Samba (Ren et al., 2024, arXiv 2406.07522) interleaves Mamba-1 selective state-s
 sliding-window attention, so it runs in linear time and extrapolates to unlimited context. The
 cache is transformers' own hybrid cache: `DynamicCache(config=config)` holds conv + SSM states for
 Mamba layers and at most `sliding_window - 1` keys for sliding-window layers. Kernels are chosen in
-`kernel_dispatch` (Mamba ops, and the default attention implementation "samba_sdpa"); fast decoding
+`kernel_dispatch` (Mamba ops, RoPE, and the default attention implementation "samba_sdpa"); fast decoding
 lives in `generation` (a CUDA-graph decode engine behind `generate`).
 """
 
@@ -38,7 +38,7 @@ from transformers.utils.output_capturing import capture_outputs
 from .cache_samba import SlidingWindowRingLayer, count_mamba_tokens, ring_window_mask, use_ring_buffers
 from .configuration_samba import ATTENTION_TYPES, SambaConfig
 from .generation import SambaGenerationMixin
-from .kernel_dispatch import SAMBA_SDPA, mamba_ops
+from .kernel_dispatch import SAMBA_SDPA, mamba_ops, rotary_embedding_op
 
 logger = logging.get_logger(__name__)
 
@@ -185,7 +185,8 @@ class SambaAttention(nn.Module):
         key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         if position_embeddings is not None:
-            query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+            rotary = rotary_embedding_op(self.config.kernel_implementation, query.device, apply_rotary_pos_emb)
+            query, key = rotary(query, key, *position_embeddings)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
 
