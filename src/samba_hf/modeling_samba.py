@@ -269,8 +269,9 @@ class SambaMambaMixer(nn.Module):
         time_step, B, C = self.x_proj(x.transpose(1, 2)).split(
             [self.time_step_rank, self.state_size, self.state_size], dim=-1
         )
-        # dt_proj is called as a module (bias included) so that LoRA on it takes effect.
-        delta = self.dt_proj(time_step).transpose(1, 2)
+        # dt_proj is called as a module (bias included) so that LoRA on it takes effect. Its input, a slice, is made
+        # contiguous: F.linear adds the bias inside the product only then (not as a pass over the output).
+        delta = self.dt_proj(time_step.contiguous()).transpose(1, 2)
         if padding_mask is not None:  # a zero time step leaves the SSM state as it was
             delta = delta.masked_fill(~padding_mask.bool()[:, None, :], SKIPPED_TIME_STEP)
         B, C = B.transpose(1, 2), C.transpose(1, 2)
