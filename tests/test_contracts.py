@@ -109,6 +109,24 @@ def test_packed_documents_longer_than_a_prefill_chunk_stay_separate():
     torch.testing.assert_close(packed, separate, **FP32)
 
 
+def test_a_document_starting_where_the_cache_ends_is_refused_like_one_inside_the_row():
+    """Position ids that restart at 0 right after cached tokens start a new document, which cannot continue the
+    cache: refused, as a restart inside the row is, whether the call continues a cache itself or is a chunk of
+    generate's prefill that ends where a document begins."""
+    model = small_model()
+    with torch.no_grad():
+        cache = model(random_ids(1, 13, seed=13), use_cache=True).cache
+        with pytest.raises(ValueError, match="cannot continue a cache"):
+            model(random_ids(1, 11, seed=11), position_ids=torch.arange(11)[None], cache=cache)
+
+    chunked = small_model(prefill_chunk_size=16)
+    ids = random_ids(1, 25, seed=2)
+    for first_document in (16, 14):  # the second starts at the chunk boundary, then inside the second chunk
+        position_ids = torch.cat([torch.arange(first_document), torch.arange(25 - first_document)])[None]
+        with pytest.raises(ValueError, match="cannot continue a cache"):
+            chunked.generate(ids, position_ids=position_ids, max_new_tokens=2, do_sample=False)
+
+
 def test_right_padding_is_refused_or_its_cache_continues_exactly():
     """A right-padded batch filling the cache the forward builds itself (no cache passed in): refused with a
     ValueError, as README promises, or else continuing from that cache gives each row's own logits."""

@@ -17,7 +17,7 @@ import transformers
 from packaging.version import Version
 from torch import nn
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, LinearAttentionCacheLayerMixin
 from transformers.integrations.accelerate import force_accelerate_hooks
 from transformers.masking_utils import (
     create_causal_mask,
@@ -568,14 +568,27 @@ def packed_documents(seq_idx, position_ids, attention_mask, cache) -> tuple[torc
                 "seq_idx and position_ids disagree on where documents start: pass one of them, or "
                 "both from the same collator."
             )
+    # A document may also start with the call (a chunk of generate's prefill ending where it begins).
+    restarts_after_the_cache = cache is not None and bool((position_ids[:, 0] == 0).any()) and holds_state(cache)
+    if cache is not None and (packed is not None or restarts_after_the_cache):
+        raise ValueError(
+            "position_ids restart inside a row, or at its start after cached tokens (packed documents), which cannot "
+            "continue a cache: run packed rows without one (use_cache=False), or unpack them."
+        )
     if packed is None:
         return None, position_ids
-    if cache is not None:
-        raise ValueError(
-            "position_ids restart inside a row (packed documents), which cannot continue a cache: run packed rows "
-            "without one (use_cache=False), or unpack them."
-        )
     return packed.to(torch.int32).contiguous(), position_ids
+
+
+def holds_state(cache: Cache) -> bool:
+    """Whether `cache` holds what tokens before left: a Mamba layer's states or an attention layer's keys (an
+    MLP-only layer's placeholder holds none)."""
+    return any(
+        layer.has_previous_state[0]
+        if isinstance(layer, LinearAttentionCacheLayerMixin)
+        else layer.keys is not None and bool(layer.get_seq_length() > 0)
+        for layer in cache.layers
+    )
 
 
 def document_positions(seq_idx: torch.Tensor) -> torch.Tensor:
