@@ -127,9 +127,11 @@ def rotary_embedding_op(config_choice: str, device: torch.device, reference):
     gradients, where the formula takes five PyTorch ops that read strided queries element by element), unless
     kernel implementation "torch" is chosen; elsewhere `reference`, the model's `apply_rotary_pos_emb`. Under
     torch.compile the kernel's op runs the formula, which the compiler fuses itself."""
-    if device.type == "cuda" and samba_kernels is not None and requested_implementation(config_choice) != "torch":
-        return samba_kernels.rotary_embedding
-    return reference
+    return samba_kernels.rotary_embedding if fused_rotary_embedding(config_choice, device) else reference
+
+
+def fused_rotary_embedding(config_choice: str, device: torch.device) -> bool:
+    return device.type == "cuda" and samba_kernels is not None and requested_implementation(config_choice) != "torch"
 
 
 # ---------------------------------------------------------------------------------------- attention
@@ -213,16 +215,21 @@ AttentionMaskInterface.register(SAMBA_SDPA, samba_sdpa_mask)
 
 
 def describe(config_choice: str = "auto") -> dict:
-    """{op: {device: the implementation it would use here}}, for `samba-hf env`: the Mamba ops, the
+    """{op: {device: the implementation it would use here}}, for `samba-hf env`: the Mamba ops, RoPE, the
     sliding-window layers' attention under the default "samba_sdpa" (inputs without padding that reach
     past the window) and generate()'s decoding loop."""
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    report = {"Mamba ops": {}, "sliding-window attention": {}, "generate() decoding": {}}
+    report = {"Mamba ops": {}, "RoPE": {}, "sliding-window attention": {}, "generate() decoding": {}}
     for device in devices:
         try:
             report["Mamba ops"][device] = mamba_ops(config_choice, torch.device(device)).name
         except (RuntimeError, ValueError) as error:
             report["Mamba ops"][device] = f"unavailable: {error}"
+        report["RoPE"][device] = (
+            "samba_kernels.rotary_embedding (Triton; the formula under torch.compile)"
+            if fused_rotary_embedding(config_choice, torch.device(device))
+            else "the formula"
+        )
         fused = device == "cuda" and samba_kernels is not None and requested_implementation(config_choice) != "torch"
         report["sliding-window attention"][device] = (
             "samba_kernels.windowed_attention (Triton forward without gradients, compiled FlexAttention with them)"
