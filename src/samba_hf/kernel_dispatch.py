@@ -127,10 +127,12 @@ def rotary_embedding_op(config_choice: str, device: torch.device, reference):
     gradients, where the formula takes five PyTorch ops that read strided queries element by element), unless
     kernel implementation "torch" is chosen; elsewhere `reference`, the model's `apply_rotary_pos_emb`. Under
     torch.compile the kernel's op runs the formula, which the compiler fuses itself."""
-    return samba_kernels.rotary_embedding if fused_rotary_embedding(config_choice, device) else reference
+    return samba_kernels.rotary_embedding if kernels_serve(config_choice, device) else reference
 
 
-def fused_rotary_embedding(config_choice: str, device: torch.device) -> bool:
+def kernels_serve(config_choice: str, device: torch.device) -> bool:
+    """Whether samba_kernels' kernels serve tensors on `device` beside the Mamba ops (RoPE, the window attention): CUDA
+    tensors, samba_kernels installed, and kernel implementation "torch" not chosen."""
     return device.type == "cuda" and samba_kernels is not None and requested_implementation(config_choice) != "torch"
 
 
@@ -181,7 +183,7 @@ def fused_window_kernel(config, query: torch.Tensor) -> bool:
     """Whether sliding-window attention on `query` runs samba_kernels.windowed_attention: CUDA tensors, unless
     config.windowed_attention_kernel is off (it compiles FlexAttention for training, which short sequences of
     many shapes pay for at every new shape) or kernel implementation "torch" is forced."""
-    if not query.is_cuda or samba_kernels is None or requested_implementation(config.kernel_implementation) == "torch":
+    if not kernels_serve(config.kernel_implementation, query.device):
         return False
     return config.windowed_attention_kernel and query.shape[2] >= MIN_KERNEL_QUERIES
 
@@ -227,13 +229,12 @@ def describe(config_choice: str = "auto") -> dict:
             report["Mamba ops"][device] = f"unavailable: {error}"
         report["RoPE"][device] = (
             "samba_kernels.rotary_embedding (Triton; the formula under torch.compile)"
-            if fused_rotary_embedding(config_choice, torch.device(device))
+            if kernels_serve(config_choice, torch.device(device))
             else "the formula"
         )
-        fused = device == "cuda" and samba_kernels is not None and requested_implementation(config_choice) != "torch"
         report["sliding-window attention"][device] = (
             "samba_kernels.windowed_attention (Triton forward without gradients, compiled FlexAttention with them)"
-            if fused
+            if kernels_serve(config_choice, torch.device(device))
             else "sdpa over blocks of queries against the keys their window reaches"
         )
         report["generate() decoding"][device] = (
