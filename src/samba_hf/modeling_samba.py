@@ -569,7 +569,7 @@ def packed_documents(seq_idx, position_ids, attention_mask, cache) -> tuple[torc
                 "both from the same collator."
             )
     # A document may also start with the call (a chunk of generate's prefill ending where it begins).
-    restarts_after_the_cache = cache is not None and bool((position_ids[:, 0] == 0).any()) and holds_state(cache)
+    restarts_after_the_cache = cache is not None and holds_state(cache) and bool((position_ids[:, 0] == 0).any())
     if cache is not None and (packed is not None or restarts_after_the_cache):
         raise ValueError(
             "position_ids restart inside a row, or at its start after cached tokens (packed documents), which cannot "
