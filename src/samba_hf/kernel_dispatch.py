@@ -227,14 +227,13 @@ def describe(config_choice: str = "auto") -> dict:
             report["Mamba ops"][device] = mamba_ops(config_choice, torch.device(device)).name
         except (RuntimeError, ValueError) as error:
             report["Mamba ops"][device] = f"unavailable: {error}"
+        serve = kernels_serve(config_choice, torch.device(device))
         report["RoPE"][device] = (
-            "samba_kernels.rotary_embedding (Triton; the formula under torch.compile)"
-            if kernels_serve(config_choice, torch.device(device))
-            else "the formula"
+            "samba_kernels.rotary_embedding (Triton; the formula under torch.compile)" if serve else "the formula"
         )
         report["sliding-window attention"][device] = (
             "samba_kernels.windowed_attention (Triton forward without gradients, compiled FlexAttention with them)"
-            if kernels_serve(config_choice, torch.device(device))
+            if serve
             else "sdpa over blocks of queries against the keys their window reaches"
         )
         report["generate() decoding"][device] = (
