@@ -96,6 +96,32 @@ def test_logits_processors_run_inside_the_step_as_transformers_runs_them():
     assert torch.equal(loop, engine)
 
 
+def test_the_steps_run_before_a_call_leave_its_token_choice_alone(monkeypatch):
+    """A new step runs before the call's state is loaded (on a GPU, the warm-up runs before a graph's capture):
+    those runs must not count tokens, end rows or mark tokens seen for the call."""
+    model = small_model()
+    ids, mask = left_padded_prompt()
+    eos = int(model.generate(ids, attention_mask=mask, max_new_tokens=3, decode_engine=False, **GREEDY)[0, -1])
+    built = generation.DecodeStep.__init__
+
+    def built_and_run_twice(step, *args, **kwargs):
+        built(step, *args, **kwargs)
+        for _ in range(2):  # what capture() runs before it captures
+            step.forward()
+
+    monkeypatch.setattr(generation.DecodeStep, "__init__", built_and_run_twice)
+    kwargs = dict(
+        attention_mask=mask,
+        max_new_tokens=2 * WINDOW,
+        eos_token_id=eos,
+        repetition_penalty=1.7,
+        min_new_tokens=WINDOW,
+        **GREEDY,
+    )
+    loop, engine = both_paths(model, ids, **kwargs)
+    assert torch.equal(loop, engine)
+
+
 def test_the_returned_cache_continues_a_second_turn_exactly():
     model = small_model()
     first = torch.randint(3, 97, (2, 11))

@@ -33,6 +33,7 @@ not show in a replayed graph.
 
 import collections
 import contextlib
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -395,16 +396,18 @@ class DecodeEngine:
         step = self.graphs.get(key) if reusable else None
         if step is not None:
             self.graphs.move_to_end(key)
-            step.chooser.adopt(chooser)
             self.stats.graph_replayed = True
-            return step
-        started = time.perf_counter()
-        step = DecodeStep(model, batch, chooser, use_graph)
-        self.stats.capture_s = time.perf_counter() - started
-        if reusable:
-            self.graphs[key] = step
-            while len(self.graphs) > MAX_GRAPHS:
-                self.graphs.popitem(last=False)
+        else:
+            started = time.perf_counter()
+            # The step's own chooser: the capture's warm-up runs choose tokens too, and must not count them for
+            # this call.
+            step = DecodeStep(model, batch, chooser.copy(), use_graph)
+            self.stats.capture_s = time.perf_counter() - started
+            if reusable:
+                self.graphs[key] = step
+                while len(self.graphs) > MAX_GRAPHS:
+                    self.graphs.popitem(last=False)
+        step.chooser.adopt(chooser)
         return step
 
 
@@ -443,6 +446,8 @@ class TokenChooser:
     sampling, and the end-of-sequence rule (a finished row takes the pad token). Its state (which rows have
     finished, the tokens seen so far for a repetition penalty, the sequence length, the length from which
     end-of-sequence is allowed) is kept in tensors that it updates in place."""
+
+    STATE = ("unfinished", "length", "eos_allowed_from", "seen")
 
     def __init__(
         self,
@@ -524,9 +529,17 @@ class TokenChooser:
         self.length.add_(1)
         return tokens
 
+    def copy(self) -> "TokenChooser":
+        """A chooser of the same settings with a state of its own."""
+        twin = copy.copy(self)
+        for name in self.STATE:
+            if getattr(self, name) is not None:
+                setattr(twin, name, getattr(self, name).clone())
+        return twin
+
     def adopt(self, other: "TokenChooser") -> None:
-        """Take the state of `other`, a chooser of the same settings (a kept graph's chooser starts a new call)."""
-        for name in ("unfinished", "length", "eos_allowed_from", "seen"):
+        """Take the state of `other`, a chooser of the same settings (a step's chooser starts a new call)."""
+        for name in self.STATE:
             if getattr(self, name) is not None:
                 getattr(self, name).copy_(getattr(other, name))
 

@@ -42,3 +42,22 @@ def test_engine_left_padded_rows_equal_each_row_alone(model):
     for i, row in enumerate(rows):
         alone = model.generate(row[None], attention_mask=torch.ones_like(row[None]), **options)[:, len(row) :]
         assert torch.equal(batched[i : i + 1], alone), f"row {i} differs from the row generated alone"
+
+
+@torch.no_grad()
+def test_the_capture_leaves_the_first_calls_token_choice_alone(model):
+    """The capture's warm-up runs choose tokens: they must not count towards min_new_tokens, end rows or mark
+    tokens seen for the repetition penalty of the call that captures."""
+    prompt = torch.randint(1, 1024, (3, 50), device="cuda")
+    options = dict(
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=48,
+        min_new_tokens=16,
+        eos_token_id=list(range(0, 1024, 2)),  # half the vocabulary ends a row: where it may, a row soon ends
+        repetition_penalty=1.5,
+        do_sample=False,
+        pad_token_id=1,
+    )
+    engine = model.generate(prompt, **options)
+    eager = model.generate(prompt, decode_engine=False, **options)
+    assert torch.equal(engine, eager)
