@@ -67,8 +67,9 @@ of the run's time budget are skipped, with the prediction. `log` quotes what sam
 Case `first-call`: the batch-1, 4K-prompt engine row's calls in two new processes in turn, sharing a Triton cache
 folder that starts empty: the first process compiles every kernel (a new machine), the second finds them compiled
 (every later process). `process s` is the whole process: Python's imports, the model's build, the three calls.
-`Triton s`: the seconds Triton spent in its compilations (loads from its disk cache in the second process) during
-the calls, with the slowest kernels.
+`of which compiled ahead s`: the engine's dry run that compiles the call's kernels in threads before it runs;
+`capture s`: the step's graph capture. `Triton s`: the seconds Triton spent in its compilations (loads from its disk
+cache in the second process) during the calls, summed over kernels that compile concurrently, with the slowest.
 
 Case `engine-profile`: the engine's batch-1 step at 4K, each kernel's GPU time under torch.profiler (launched one by
 one, ordinary launches) and the replay of the captured step with and without programmatic dependent launch.
@@ -198,9 +199,13 @@ def time_generate(model, kwargs: dict, batch: int, context: int, new_tokens: int
             )
         return seconds
 
-    first, steady, ttft = call(new_tokens), call(new_tokens), call(1)
+    first = call(new_tokens)
+    engine = model.__dict__.get("_decode_engine")  # samba's: what its first call spent once
+    once = {} if engine is None else dict(compile_ahead_s=engine.stats.compile_s, capture_s=engine.stats.capture_s)
+    steady, ttft = call(new_tokens), call(1)
     step = (steady - ttft) / (new_tokens - 1)
     return dict(
+        **once,
         first_s=first,
         steady_s=steady,
         ttft_s=ttft,
@@ -571,6 +576,8 @@ COLUMNS = {
         ("first s", "first_s", ".2f"),
         ("steady s", "steady_s", ".3f"),
         ("warm-up s", "warmup_s", ".2f"),
+        ("of which compiled ahead s", "compile_ahead_s", ".2f"),
+        ("capture s", "capture_s", ".2f"),
         ("tokens/s", "tokens_per_s", ".1f"),
         ("process s", "process_s", ".1f"),
         ("Triton compiles", "triton_compiles"),

@@ -2,12 +2,14 @@
 from the same distributions. On the CPU the engine runs its step without capturing a CUDA graph
 (`decode_engine="eager"`); the captured step is checked on a GPU (tests/gpu)."""
 
+import contextlib
 import logging
 
 import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, TextStreamer
 
+import samba_kernels
 from samba_hf import generation
 from samba_hf.generation import counts_tokens, decode_engine
 
@@ -120,6 +122,57 @@ def test_the_steps_run_before_a_call_leave_its_token_choice_alone(monkeypatch):
     )
     loop, engine = both_paths(model, ids, **kwargs)
     assert torch.equal(loop, engine)
+
+
+def test_the_dry_run_that_compiles_kernels_ahead_leaves_the_call_alone(monkeypatch):
+    """Before a new step is captured, the engine runs the prompt's first chunks and one step on scratch buffers (on
+    CUDA, to compile the kernels in threads: kernels that do not run leave garbage). Run here on the CPU with every
+    mixer's output garbage during the dry run: the call's tokens, its token choice and the cache it returns are
+    those of transformers' loop."""
+    dry = []
+
+    @contextlib.contextmanager
+    def dry_run(threads=None):
+        dry.append(True)
+        try:
+            yield
+        finally:
+            dry.pop()
+
+    def garbage_while_dry(module, inputs, output):
+        if dry:
+            first = output[0] if isinstance(output, tuple) else output
+            garbage = torch.randn_like(first) * 100
+            return (garbage, *output[1:]) if isinstance(output, tuple) else garbage
+
+    monkeypatch.setattr(samba_kernels, "compile_ahead", dry_run)
+    monkeypatch.setattr(generation, "kernels_serve", lambda config_choice, device: True)
+    monkeypatch.setattr(generation.DecodeEngine, "captures_new_step", lambda self, *args: True)
+    model = small_model()
+    for layer in model.model.layers:
+        layer.mixer.register_forward_hook(garbage_while_dry)
+    ids, mask = left_padded_prompt(length=3 * WINDOW + 1)
+    kwargs = dict(
+        attention_mask=mask,
+        max_new_tokens=2 * WINDOW,
+        eos_token_id=[token for token in range(model.config.vocab_size) if token != 5],  # rows end once allowed
+        min_new_tokens=WINDOW,
+        repetition_penalty=1.7,
+        prefill_chunk_size=WINDOW,  # the dry run's two chunks are not the whole prompt
+        return_dict_in_generate=True,
+        **GREEDY,
+    )
+    loop, engine = both_paths(model, ids, **kwargs)
+    assert decode_engine(model).stats.compile_s > 0
+    assert torch.equal(loop.sequences, engine.sequences)
+    more = torch.randint(3, 97, (ids.shape[0], 3))
+    turn = dict(kwargs, attention_mask=torch.ones(ids.shape[0], loop.sequences.shape[1] + 3, dtype=torch.long))
+    turn["attention_mask"][:, : mask.shape[1]] = mask
+    second = [
+        model.generate(torch.cat([out.sequences, more], 1), cache=out.cache, decode_engine=mode, **turn).sequences
+        for out, mode in ((loop, False), (engine, "eager"))
+    ]
+    assert torch.equal(*second)
 
 
 def test_the_returned_cache_continues_a_second_turn_exactly():

@@ -443,9 +443,10 @@ def test_generate_command_streams_and_reports_speed_and_cache_memory(
     assert "graph capture" not in err  # on the CPU, transformers' loop ran
 
 
-def test_generate_command_reports_the_engines_capture_cost():
+def test_generate_command_reports_the_engines_one_time_costs():
     from samba_hf.cli.generate import report
     from samba_hf.generation import GenerateStats
 
-    line = report(4, 6, 0.0, 0.5, 1.0, GenerateStats(capture_s=0.04), cache_mib=1.0)
+    line = report(4, 6, 0.0, 0.5, 1.0, GenerateStats(compile_s=1.5, capture_s=0.04), cache_mib=1.0)
     assert "first token after 0.500 s" in line and "10.0 tokens/s" in line and "graph capture 0.040 s" in line
+    assert "kernels compiled ahead 1.500 s" in line

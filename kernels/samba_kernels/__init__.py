@@ -15,7 +15,8 @@ Imports torch and triton only, never transformers. Every op is a folder with the
     decode_attention     ring_decode_attention                          (a token's attention over a ring buffer)
     rotary               rotary_embedding                               (rotate-half RoPE on queries and keys)
 
-and each reference is the op's name with `_ref`. The public ops run their Triton kernels on CUDA tensors, and on
+and each reference is the op's name with `_ref`. `compile_ahead` (_compile_ahead.py) compiles a computation's kernels in
+threads before it runs, from a dry run. The public ops run their Triton kernels on CUDA tensors, and on
 CPU tensors under TRITON_INTERPRET=1 (see `use_triton`); elsewhere they run the references. The kernels are
 registered as torch.library custom ops (`torch.ops.samba_kernels.*`), so torch.compile traces models that use
 them as one graph; rotary has none: under torch.compile it runs its reference, which inductor fuses. Tests: tests/kernels/test_<op>.py.
@@ -26,6 +27,7 @@ block is still in its stored dtype; index vectors are named after what they inde
 """
 
 from ._common import programmatic_dependent_launch, use_triton
+from ._compile_ahead import compile_ahead
 from .causal_conv1d import causal_conv1d_fn, causal_conv1d_ref, causal_conv1d_update, causal_conv1d_update_ref
 from .decode_attention import ring_decode_attention, ring_decode_attention_ref
 from .mamba_decode import mamba_decode_step, mamba_decode_step_ref
@@ -48,6 +50,7 @@ __all__ = [
     "causal_conv1d_ref",
     "causal_conv1d_update",
     "causal_conv1d_update_ref",
+    "compile_ahead",
     "gated_matvec",
     "gated_matvec_ref",
     "mamba_decode_step",

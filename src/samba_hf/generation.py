@@ -22,6 +22,10 @@ Switch: `generate(..., decode_engine=False)` (or `model.generation_config.decode
 runs transformers' loop; `decode_engine="eager"` runs the engine's step without capturing it, on any
 device (for debugging, and for the tests on the CPU).
 
+First call: before a new step is captured, a dry run of the call (its prompt's chunks on a scratch cache, one step
+on scratch buffers) compiles the Triton kernels it launches in threads (`samba_kernels.compile_ahead`): on a new
+machine Triton would otherwise compile them one after another at their first launch.
+
 Memory: a captured graph keeps its buffers (the window's keys and values and the Mamba states of its batch
 size: about 75 MB per sequence for samba-421m in bf16) and a private pool for the step's activations. An
 engine keeps at most `MAX_GRAPHS` graphs, one per (batch size, dtype, token choice), dropping the least
@@ -62,7 +66,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils import logging
 
 from .cache_samba import SambaStaticCache, SlidingWindowRingLayer, count_mamba_tokens
-from .kernel_dispatch import requested_implementation
+from .kernel_dispatch import kernels_serve, requested_implementation
 
 logger = logging.get_logger(__name__)
 
@@ -317,6 +321,7 @@ def release_decode_graphs(model) -> None:
 class GenerateStats:
     """Timings of the last `generate` call that ran on the decode engine (seconds)."""
 
+    compile_s: float = 0.0  # compiling the call's Triton kernels ahead, in threads (0 when a kept graph was replayed)
     prefill_s: float = 0.0  # the prompt's forward, to the first token's logits
     capture_s: float = 0.0  # capturing the step's graph (0 when a kept graph was replayed)
     decode_s: float = 0.0  # the decoding steps after the first token
@@ -334,19 +339,22 @@ class DecodeEngine:
 
     def generate(self, input_ids, logits_processor, stopping_criteria, generation_config, streamer, model_kwargs):
         model, device = self.model, input_ids.device
+        self.stats = GenerateStats(new_tokens=1)
+        chooser = TokenChooser(logits_processor, stopping_criteria, generation_config, input_ids, model.config)
+        max_new = stopping_criteria.max_length - input_ids.shape[1]
+        if max_new > 1 and self.captures_new_step(chooser, input_ids.shape[0], generation_config):
+            self.compile_kernels_ahead(input_ids, chooser, generation_config, model_kwargs)
         started = time.perf_counter()
         outputs = model._prefill(input_ids, generation_config, model_kwargs)
         model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs)
         cache = model_kwargs["cache"]
-        chooser = TokenChooser(logits_processor, stopping_criteria, generation_config, input_ids, model.config)
         first = chooser(outputs.logits[:, -1].to(dtype=torch.float32, device=device))
         del outputs
         synchronize(device)
-        self.stats = GenerateStats(prefill_s=time.perf_counter() - started, new_tokens=1)
+        self.stats.prefill_s = time.perf_counter() - started
         if streamer is not None:
             streamer.put(first.cpu())
 
-        max_new = stopping_criteria.max_length - input_ids.shape[1]
         cache_is_returned = generation_config.return_dict_in_generate or getattr(cache, "_is_user_defined", False)
         tokens = [first]
         if max_new > 1 and bool(chooser.unfinished.any()):
@@ -388,12 +396,51 @@ class DecodeEngine:
         self.stats.decode_s = time.perf_counter() - started
         return tokens
 
+    def step_key(self, chooser: "TokenChooser", batch: int, generation_config) -> tuple | None:
+        """What a kept step is found by; None where steps are not kept (see the module docstring)."""
+        model = self.model
+        if not plain_modules(model, type(model).__module__):
+            return None
+        use_graph = getattr(generation_config, "decode_engine", True) is True
+        return (use_graph, batch, model.dtype, chooser.key, tuple(p.data_ptr() for p in model.parameters()))
+
+    def captures_new_step(self, chooser: "TokenChooser", batch: int, generation_config) -> bool:
+        key = self.step_key(chooser, batch, generation_config)
+        return getattr(generation_config, "decode_engine", True) is True and key not in self.graphs
+
+    def compile_kernels_ahead(self, input_ids, chooser: "TokenChooser", generation_config, model_kwargs) -> None:
+        """Compile the Triton kernels this call launches, in threads, before it runs (`samba_kernels.compile_ahead`):
+        a dry run on a scratch cache of the prompt's chunks as the prefill cuts them, less the middle ones (the
+        first, one that continues a state, and a last as long as the prompt's last), and of one decode step on
+        scratch buffers. Run before a step is captured: a kept step's kernels are compiled."""
+        model = self.model
+        if not kernels_serve(model.config.kernel_implementation, input_ids.device):
+            return
+        import samba_kernels
+
+        started = time.perf_counter()
+        chunk = generation_config.prefill_chunk_size or model.config.prefill_chunk_size or input_ids.shape[1]
+        prompt = input_ids.shape[1]
+        length = min(prompt, 2 * chunk + (prompt - 1) % chunk + 1)
+        scratch = {**model_kwargs, "cache": DynamicCache(config=model.config)}
+        for name in ("attention_mask", "position_ids"):
+            if isinstance(scratch.get(name), torch.Tensor):
+                scratch[name] = scratch[name][..., :length]
+        if isinstance(scratch.get("inputs_embeds"), torch.Tensor):
+            scratch["inputs_embeds"] = scratch["inputs_embeds"][:, :length]
+        with samba_kernels.compile_ahead():
+            if length > 0:
+                model._prefill(input_ids[:, :length], generation_config, scratch)
+            step = DecodeStep(model, input_ids.shape[0], chooser.copy(), use_graph=False)
+            with kernel_launches():
+                step.forward()
+        self.stats.compile_s = time.perf_counter() - started
+
     def step_for(self, chooser: "TokenChooser", batch: int, generation_config) -> "DecodeStep":
         model = self.model
         use_graph = getattr(generation_config, "decode_engine", True) is True
-        reusable = plain_modules(model, type(model).__module__)
-        key = (use_graph, batch, model.dtype, chooser.key, tuple(p.data_ptr() for p in model.parameters()))
-        step = self.graphs.get(key) if reusable else None
+        key = self.step_key(chooser, batch, generation_config)
+        step = self.graphs.get(key) if key is not None else None
         if step is not None:
             self.graphs.move_to_end(key)
             self.stats.graph_replayed = True
@@ -403,7 +450,7 @@ class DecodeEngine:
             # this call.
             step = DecodeStep(model, batch, chooser.copy(), use_graph)
             self.stats.capture_s = time.perf_counter() - started
-            if reusable:
+            if key is not None:
                 self.graphs[key] = step
                 while len(self.graphs) > MAX_GRAPHS:
                     self.graphs.popitem(last=False)

@@ -119,7 +119,10 @@ def report(
         rate = (new_tokens - 1) / (finished - first_token_at) if new_tokens > 1 and finished > first_token_at else None
         parts.append(f"then {rate:.1f} tokens/s" if rate else f"{new_tokens / (finished - started):.1f} tokens/s")
     if engine_stats is not None:
-        parts.append(f"decode engine, graph capture {engine_stats.capture_s:.3f} s (once per batch size)")
+        parts.append(
+            f"decode engine, kernels compiled ahead {engine_stats.compile_s:.3f} s and graph capture "
+            f"{engine_stats.capture_s:.3f} s (once per batch size)"
+        )
     parts.append(f"cache {cache_mib:.2f} MiB")
     return "[" + "; ".join(parts) + "]"
 
