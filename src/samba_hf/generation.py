@@ -520,6 +520,9 @@ class TokenChooser:
             if isinstance(processor, (MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor)):
                 eos_ids = processor.eos_token_id.to(device)
         self.eos_mask = None if eos_ids is None else torch.isin(vocab, eos_ids)
+        # Which tokens end a row, looked up by token: for a long list of ids, torch.isin(tokens, eos) takes a path
+        # that a CUDA graph cannot capture (1,023 ids failed the capture on the H200).
+        self.ends = None if self.eos is None else torch.isin(vocab, self.eos)
         minimum = [p.min_length for p in logits_processor if isinstance(p, MinLengthLogitsProcessor)]
         minimum += [
             p.prompt_length_to_skip + p.min_new_tokens
@@ -569,8 +572,9 @@ class TokenChooser:
         else:
             tokens = scores.argmax(dim=-1)
         if self.eos is not None:
+            ended = self.ends[tokens]
             tokens = tokens * self.unfinished + self.pad * (1 - self.unfinished)
-            self.unfinished.mul_(~torch.isin(tokens, self.eos))
+            self.unfinished.mul_(~ended)
         if self.seen is not None:
             self.seen.scatter_(1, tokens[:, None], True)
         self.length.add_(1)
