@@ -61,6 +61,23 @@ def _compile(function, specialization_data: str, device: int) -> None:
     kernel._init_handles()  # what the first launch would do: build the C launcher, load the binary
 
 
+def _prime_triton() -> None:
+    """Triton's one-time work before its first compile, done here once: its caches of it (functools' lru_cache) do
+    not lock, so every pool thread would do it at once (measured on the H200: each load from Triton's disk cache then
+    took 0.5 s, not 0.01). It hashes its own files (triton_key), asks ptxas for its version (the backend's hash) and
+    loads its CUDA helpers (which find libcuda, for the launchers' builds). Internals: skipped where they moved."""
+    try:
+        from triton.compiler.compiler import make_backend
+        from triton.runtime.cache import triton_key
+
+        driver = triton.runtime.driver.active
+        triton_key()
+        make_backend(driver.get_current_target()).hash()
+        driver.utils  # noqa: B018 (loaded on first access)
+    except (ImportError, AttributeError):
+        return
+
+
 class _DryRun:
     def __init__(self, threads: int):
         self.pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="samba-compile")
@@ -76,6 +93,7 @@ def compile_ahead(threads: int | None = None):
         yield
         return
     dry_run = _DryRun(threads or min(os.cpu_count() or 1, MAX_THREADS))
+    _prime_triton()
     with _dry_runs_lock:
         if _dry_runs == 0:
             _replaced_hook, knobs.runtime.jit_cache_hook = knobs.runtime.jit_cache_hook, _start_compiling
