@@ -66,7 +66,8 @@ of the run's time budget are skipped, with the prediction. `log` quotes what sam
 
 Case `first-call`: the batch-1, 4K-prompt engine row's calls in two new processes in turn, sharing a Triton cache
 folder that starts empty: the first process compiles every kernel (a new machine), the second finds them compiled
-(every later process). `process s` is the whole process: Python's imports, the model's build, the three calls.
+(every later process). Twice: with the kernels compiled ahead in threads (the default), and each at its first
+launch (SAMBA_COMPILE_AHEAD=0), each pair with its own empty cache. `process s` is the whole process: Python's imports, the model's build, the three calls.
 `of which compiled ahead s`: the engine's dry run that compiles the call's kernels in threads before it runs;
 `capture s`: the step's graph capture. `Triton s`: the seconds Triton spent in its compilations (loads from its disk
 cache in the second process) during the calls, summed over kernels that compile concurrently, with the slowest.
@@ -322,6 +323,8 @@ FIRST_CALL_PROCESSES = (
     ("new machine", "an empty Triton cache: every kernel is compiled"),
     ("new process", "Triton's disk cache as the process before left it"),
 )
+# The engine's dry run compiling the kernels in threads (its default), and each kernel compiled at its first launch.
+FIRST_CALL_COMPILATION = (("ahead", "1"), ("at launch", "0"))
 FIRST_CALL_PROCESS_S = 40.0  # a planning guess: Python's imports, the model, two calls
 
 
@@ -332,24 +335,26 @@ def first_call_case(ctx):
     first left (every later process of a user)."""
     batch, context = (SMOKE_BATCH[1], SMOKE_CONTEXT[4096]) if ctx.smoke else (1, 4096)
     new_tokens = SMOKE_NEW_TOKENS if ctx.smoke else NEW_TOKENS
-    with tempfile.TemporaryDirectory() as triton_cache:
-        for process, about in FIRST_CALL_PROCESSES:
-            cell = dict(model="samba", process=process, about=about, batch=batch, context=context)
-            refusal = ctx.budget.refuses(FIRST_CALL_PROCESS_S)
-            if refusal:
-                ctx.skip(refusal, **cell)
-                continue
-            command = [sys.executable, "-m", "benchmarks.generate", "first-call", str(batch), str(context)]
-            command += [str(new_tokens), "smoke" if ctx.smoke else "full"]
-            started = time.perf_counter()
-            child = subprocess.run(
-                command, capture_output=True, text=True, env=dict(os.environ, TRITON_CACHE_DIR=triton_cache)
-            )
-            if child.returncode:
-                ctx.skip(f"the process failed: {(child.stderr or child.stdout)[-300:]}", **cell)
-                continue
-            row = json.loads(child.stdout.strip().splitlines()[-1])
-            ctx.add(**cell, **row, process_s=time.perf_counter() - started)
+    for compiled, switch in FIRST_CALL_COMPILATION:
+        with tempfile.TemporaryDirectory() as triton_cache:
+            environment = dict(os.environ, TRITON_CACHE_DIR=triton_cache, SAMBA_COMPILE_AHEAD=switch)
+            for process, about in FIRST_CALL_PROCESSES:
+                cell = dict(
+                    model="samba", process=process, about=about, compiled=compiled, batch=batch, context=context
+                )
+                refusal = ctx.budget.refuses(FIRST_CALL_PROCESS_S)
+                if refusal:
+                    ctx.skip(refusal, **cell)
+                    continue
+                command = [sys.executable, "-m", "benchmarks.generate", "first-call", str(batch), str(context)]
+                command += [str(new_tokens), "smoke" if ctx.smoke else "full"]
+                started = time.perf_counter()
+                child = subprocess.run(command, capture_output=True, text=True, env=environment)
+                if child.returncode:
+                    ctx.skip(f"the process failed: {(child.stderr or child.stdout)[-300:]}", **cell)
+                    continue
+                row = json.loads(child.stdout.strip().splitlines()[-1])
+                ctx.add(**cell, **row, process_s=time.perf_counter() - started)
 
 
 def first_call_child(batch: int, context: int, new_tokens: int, smoke: bool) -> None:
@@ -572,6 +577,7 @@ COLUMNS = {
     "first-call": [
         ("process", "process"),
         ("Triton cache", "about"),
+        ("kernels compiled", "compiled"),
         ("build s", "build_s", ".1f"),
         ("first s", "first_s", ".2f"),
         ("steady s", "steady_s", ".3f"),
@@ -622,7 +628,10 @@ def summary(result: dict) -> list[str]:
             )
     for row in rows_of(result, "first-call"):
         if "warmup_s" in row:
-            lines.append(f"first call, {row['process']}: {row['warmup_s']:.2f} s more than the steady call")
+            lines.append(
+                f"first call, {row['process']}, kernels compiled {row.get('compiled', 'at launch')}: "
+                f"{row['warmup_s']:.2f} s more than the steady call"
+            )
     for row in rows_of(result, "step"):
         if "ms_per_token" in row:
             lines.append(

@@ -16,7 +16,8 @@ anything from what a kernel writes (it holds garbage), nor write state the real 
 
 It works through Triton's `knobs.runtime.jit_cache_hook`, which Triton asks before it compiles. A hook set before
 (a profiler's, say) is kept: it is asked about every compilation, in the pool's threads too, as Triton would ask
-it. Under Triton's interpreter the context does nothing.
+it. Under Triton's interpreter, and where the environment sets SAMBA_COMPILE_AHEAD=0, the context does nothing:
+kernels compile at their launch.
 """
 
 import concurrent.futures
@@ -89,7 +90,8 @@ def compile_ahead(threads: int | None = None):
     """Within: Triton kernels not compiled yet compile in `threads` threads (default: the CPUs, at most
     MAX_THREADS) instead of launching; on exit, waits for them (see the module docstring)."""
     global _dry_runs, _replaced_hook
-    if interpreter_enabled() or _started.get() is not None:
+    switched_off = os.environ.get("SAMBA_COMPILE_AHEAD", "1").strip().lower() in ("0", "false", "off", "no")
+    if interpreter_enabled() or switched_off or _started.get() is not None:
         yield
         return
     dry_run = _DryRun(threads or min(os.cpu_count() or 1, MAX_THREADS))

@@ -116,8 +116,9 @@ def test_a_hook_set_before_is_asked_about_every_compile_and_set_back(driver, mon
     assert [(key, thread.startswith("samba-compile")) for key, thread in asked] == [("spec-a", True)]
 
 
-def test_nothing_changes_under_the_interpreter(driver, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+@pytest.mark.parametrize("variable", ["TRITON_INTERPRET=1", "SAMBA_COMPILE_AHEAD=0"])
+def test_nothing_changes_under_the_interpreter_or_switched_off(driver, monkeypatch, variable):
+    monkeypatch.setenv(*variable.split("="))
     with compile_ahead():
-        assert knobs.runtime.jit_cache_hook is None
+        assert launch(FakeJitFunction(), "a") is None
     assert compile_ahead_module._dry_runs == 0
