@@ -31,7 +31,7 @@ _measured_scale: dict[str, float] = {}
 
 
 @torch.no_grad()
-def prefill_row(ctx, name: str, model, length: int, repeats: int) -> dict:
+def prefill_row(ctx, name: str, model, length: int, repeats: int, **options) -> dict:
     prompt = random_prompt(model.config.vocab_size, 1, length, ctx.device)
     mask = torch.ones_like(prompt)
     free_memory()
@@ -39,7 +39,13 @@ def prefill_row(ctx, name: str, model, length: int, repeats: int) -> dict:
     for _ in range(repeats):
         seconds, out = wall_seconds(
             lambda: model.generate(
-                prompt, attention_mask=mask, max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=0
+                prompt,
+                attention_mask=mask,
+                max_new_tokens=1,
+                min_new_tokens=1,
+                do_sample=False,
+                pad_token_id=0,
+                **options,
             ),
             ctx.device,
         )
@@ -95,6 +101,30 @@ def prefill_case(length_key: str):
 
 case("128k", "prefill of a 128K-token prompt, both models")(prefill_case("128k"))
 case("1m", "prefill of a 1M-token prompt, both models (the Llama where it fits)")(prefill_case("1m"))
+
+
+CHUNK_SIZES = (8192, 16384, 32768)  # the default first
+
+
+@case("chunk-size", "samba-421m's 1M-token prefill with generate(prefill_chunk_size=...) of 8K (the default) to 32K")
+def chunk_size_case(ctx):
+    """One model; per chunk size a warm-up call of two chunks (the kernel variants of a first chunk and of one that
+    continues; the prompt is a whole number of chunks), then REPEATS calls: the cost a chunk pays whatever its
+    length (per-layer small ops, the window's keys carried over) against the memory of a longer chunk's
+    activations."""
+    length = SMOKE_LENGTHS["1m"] if ctx.smoke else LENGTHS["1m"]
+    sizes = [size // 256 for size in CHUNK_SIZES] if ctx.smoke else CHUNK_SIZES
+    model = models.build("samba", ctx.device, dtype_for(ctx.device), ctx.smoke)
+    for size in sizes:
+        cell = dict(model="samba", length=length, chunk=size)
+        refusal = ctx.budget.refuses(
+            (REPEATS + 1) * models.prefill_seconds("samba", 1, length) * _measured_scale.get("samba", 1.0)
+        )
+        if refusal:
+            ctx.skip(refusal, **cell)
+            continue
+        prefill_row(ctx, "samba", model, 2 * size, 1, prefill_chunk_size=size)
+        ctx.add(**prefill_row(ctx, "samba", model, length, REPEATS, prefill_chunk_size=size), chunk=size)
 
 
 @case(
@@ -190,8 +220,12 @@ PROFILE_COLUMNS = [
 ]
 
 
+CHUNK_COLUMNS = [*COLUMNS[:2], ("prefill chunk", "chunk"), *COLUMNS[2:]]
+
+
 def render_case(name: str, entry: dict) -> list[str]:
-    return columns(entry["rows"], PROFILE_COLUMNS if name == "profile" else COLUMNS)
+    spec = {"profile": PROFILE_COLUMNS, "chunk-size": CHUNK_COLUMNS}.get(name, COLUMNS)
+    return columns(entry["rows"], spec)
 
 
 def summary(result: dict) -> list[str]:

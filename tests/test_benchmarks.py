@@ -237,3 +237,9 @@ def test_multi_gpu_loss_comparison_tolerances():
     assert multi_gpu.compare_losses({1: 6.0, 2: 5.004}, reference, [1, 2], dict(mean=1e-3, max=1e-3))["passed"]
     failed = multi_gpu.compare_losses({1: 6.0, 2: 5.2}, reference, [1, 2], dict(mean=1e-2, max=3e-2))
     assert not failed["passed"] and failed["max_rel"] == pytest.approx(0.04)
+
+
+def test_prefill_chunk_size_case(tmp_path):
+    rows = measured(smoke("prefill", "chunk-size", tmp_path), "chunk-size", "seconds")
+    assert [row["chunk"] for row in rows] == [32, 64, 128]
+    assert all(row["seconds"] > 0 and row["length"] == 768 for row in rows)
