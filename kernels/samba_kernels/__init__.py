@@ -14,12 +14,14 @@ Imports torch and triton only, never transformers. Every op is a folder with the
     mamba_decode         mamba_decode_step                              (a Mamba mixer's decode token)
     decode_attention     ring_decode_attention                          (a token's attention over a ring buffer)
     rotary               rotary_embedding                               (rotate-half RoPE on queries and keys)
+    norm_swiglu          rms_norm, swiglu                               (RMSNorm with its cast; silu(gate) * up)
 
 and each reference is the op's name with `_ref`. `compile_ahead` (_compile_ahead.py) compiles a computation's kernels in
 threads before it runs, from a dry run. The public ops run their Triton kernels on CUDA tensors, and on
 CPU tensors under TRITON_INTERPRET=1 (see `use_triton`); elsewhere they run the references. The kernels are
 registered as torch.library custom ops (`torch.ops.samba_kernels.*`), so torch.compile traces models that use
-them as one graph; rotary has none: under torch.compile it runs its reference, which inductor fuses. Tests: tests/kernels/test_<op>.py.
+them as one graph; rotary and norm_swiglu have none: under torch.compile they run their references, which inductor
+fuses. Tests: tests/kernels/test_<op>.py.
 
 Kernel code names what it holds: pointers (arguments, and tensors of pointers) end in `_ptr`, offset tensors
 added to a pointer in `_off`, masks in `_mask`; loaded blocks have plain names (`u`, `dt`, `B_n`), `_raw` where a
@@ -41,6 +43,7 @@ from .matvec import (
     stacked_matvec,
     stacked_matvec_ref,
 )
+from .norm_swiglu import rms_norm, rms_norm_ref, swiglu, swiglu_ref
 from .rotary import rotary_embedding, rotary_embedding_ref
 from .selective_scan import selective_scan_fn, selective_scan_ref, selective_state_update, selective_state_update_ref
 from .windowed_attention import window_mask, windowed_attention, windowed_attention_ref
@@ -61,6 +64,8 @@ __all__ = [
     "matvec_ref",
     "programmatic_dependent_launch",
     "ring_decode_attention",
+    "rms_norm",
+    "rms_norm_ref",
     "ring_decode_attention_ref",
     "rotary_embedding",
     "rotary_embedding_ref",
@@ -70,6 +75,8 @@ __all__ = [
     "selective_state_update_ref",
     "stacked_matvec",
     "stacked_matvec_ref",
+    "swiglu",
+    "swiglu_ref",
     "use_triton",
     "window_mask",
     "windowed_attention",
