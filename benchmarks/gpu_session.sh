@@ -7,6 +7,7 @@
 #              (GPU_TESTS=0: not), then the kernels suite in the time left
 #   generate   the generate suite: its cells in order of priority, as many as fit
 #   long       the prefill suite, then train, then memory
+#   prefill    the prefill suite alone
 #   lora       the lora suite: examples/lora.py on samba-421m, LoRA (fp32, bf16 base) and QLoRA, a process each
 #   tests      tests/gpu alone
 #
@@ -17,7 +18,7 @@
 # PART-logs.tar.gz, PART-summary.txt; the summary is also printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part=${1:?usage: bash benchmarks/gpu_session.sh kernels|generate|long|lora|tests}
+part=${1:?usage: bash benchmarks/gpu_session.sh kernels|generate|long|prefill|lora|tests}
 start=$(date +%s)
 limit=${PART_SECONDS:-540}
 out=${OUT:-/tmp/samba-gpu-session}
@@ -71,9 +72,10 @@ case $part in
         run_suite train 80
         run_suite memory 100
         ;;
+    prefill) run_suite prefill 100 ;;
     lora) run_suite lora 100 ;;
     tests) gpu_tests ;;
-    *) echo "unknown part $part: kernels, generate, long, lora or tests" >&2; exit 2 ;;
+    *) echo "unknown part $part: kernels, generate, long, prefill, lora or tests" >&2; exit 2 ;;
 esac
 
 # Only this part's results files, so that extracting one part's archive leaves the other parts' files as they are.

@@ -179,18 +179,22 @@ def test_backward_and_gradient_checkpointing_give_the_same_gradients():
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_rope_runs_the_fused_kernel_on_cuda_and_the_model_formula_elsewhere():
-    from samba_hf.kernel_dispatch import rotary_embedding_op
-    from samba_hf.modeling_samba import apply_rotary_pos_emb
+@pytest.mark.parametrize("name", ["rotary_embedding", "rms_norm", "swiglu"])
+def test_the_fused_kernels_run_on_cuda_and_the_model_formulas_elsewhere(name):
+    from samba_hf.kernel_dispatch import kernel_op
 
-    assert rotary_embedding_op("auto", torch.device("cuda"), apply_rotary_pos_emb) is samba_kernels.rotary_embedding
-    assert rotary_embedding_op("torch", torch.device("cuda"), apply_rotary_pos_emb) is apply_rotary_pos_emb
-    assert rotary_embedding_op("auto", torch.device("cpu"), apply_rotary_pos_emb) is apply_rotary_pos_emb
+    def formula():
+        pass
+
+    assert kernel_op(name, "auto", torch.device("cuda"), formula) is getattr(samba_kernels, name)
+    assert kernel_op(name, "torch", torch.device("cuda"), formula) is formula
+    assert kernel_op(name, "auto", torch.device("cpu"), formula) is formula
 
 
-def test_the_fused_rope_kernel_gives_the_formulas_logits_and_gradients(monkeypatch):
-    """The model with its attention's RoPE on samba_kernels' kernel (here in Triton's interpreter), over a cache and
-    past the window: the logits and every gradient of the model's own formula."""
+def test_the_fused_kernels_give_the_formulas_logits_and_gradients(monkeypatch):
+    """The model with RoPE, RMSNorm and SwiGLU on samba_kernels' kernels (here in Triton's interpreter; the last two
+    run their references where autograd records), past the window: the logits and every gradient of the model's
+    own formulas."""
     model = small_model().train()
     ids = torch.randint(0, 97, (2, 2 * WINDOW + 1), generator=torch.Generator().manual_seed(3))
 
@@ -201,11 +205,16 @@ def test_the_fused_rope_kernel_gives_the_formulas_logits_and_gradients(monkeypat
         return logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
     expected_logits, expected_grads = logits_and_gradients()
-    monkeypatch.setattr(modeling_samba, "rotary_embedding_op", lambda *_: samba_kernels.rotary_embedding)
+    monkeypatch.setattr(modeling_samba, "kernel_op", lambda name, *_: getattr(samba_kernels, name))
     logits, grads = logits_and_gradients()
     torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-5)
     for name in expected_grads:
         torch.testing.assert_close(grads[name], expected_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+    with torch.no_grad():  # the norm's and SwiGLU's kernels too, over a cache
+        cache = DynamicCache(config=model.config)
+        first = model(ids[:, :WINDOW], cache=cache).logits
+        rest = model(ids[:, WINDOW:], cache=cache).logits
+    torch.testing.assert_close(torch.cat([first, rest], dim=1), expected_logits, rtol=1e-5, atol=1e-5)
 
 
 def test_save_load_round_trip_keeps_tied_weights(tmp_path):

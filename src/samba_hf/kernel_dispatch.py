@@ -1,5 +1,5 @@
-"""The one place where the ops of a Samba model are chosen: its Mamba ops, its RoPE, and its attention
-implementation "samba_sdpa" (the default), registered with transformers' attention interface.
+"""The one place where the ops of a Samba model are chosen: its Mamba ops, its RoPE, RMSNorm and SwiGLU, and its
+attention implementation "samba_sdpa" (the default), registered with transformers' attention interface.
 
 Mamba ops, `"auto"`: samba_kernels' Triton kernels for CUDA tensors, the PyTorch references elsewhere.
 `"triton"` / `"torch"` / `"mamba_ssm"` force one implementation (`config.kernel_implementation`,
@@ -122,17 +122,19 @@ def mamba_ops(config_choice: str, device: torch.device, decoding: bool = False) 
     return ops
 
 
-def rotary_embedding_op(config_choice: str, device: torch.device, reference):
-    """RoPE on queries and keys for tensors on `device`: samba_kernels.rotary_embedding on CUDA (one kernel, with
-    gradients, where the formula takes five PyTorch ops that read strided queries element by element), unless
-    kernel implementation "torch" is chosen; elsewhere `reference`, the model's `apply_rotary_pos_emb`. Under
-    torch.compile the kernel's op runs the formula, which the compiler fuses itself."""
-    return samba_kernels.rotary_embedding if kernels_serve(config_choice, device) else reference
+def kernel_op(name: str, config_choice: str, device: torch.device, reference):
+    """samba_kernels.<name> for tensors on `device` where samba_kernels serve it (`kernels_serve`), else `reference`,
+    the model's own formula of the same semantics. The kernels that stand in for a formula this way: RoPE
+    (`rotary_embedding`, where the formula takes five PyTorch ops that read strided queries element by element), RMSNorm
+    with its cast (`rms_norm`) and SwiGLU's gate (`swiglu`), where the formulas take two or three kernels. Under
+    torch.compile each runs its reference, which the compiler fuses itself; rms_norm and swiglu also do where
+    autograd records (their kernels have no backward)."""
+    return getattr(samba_kernels, name) if kernels_serve(config_choice, device) else reference
 
 
 def kernels_serve(config_choice: str, device: torch.device) -> bool:
-    """Whether samba_kernels' kernels serve tensors on `device` beside the Mamba ops (RoPE, the window attention): CUDA
-    tensors, samba_kernels installed, and kernel implementation "torch" not chosen."""
+    """Whether samba_kernels' kernels serve tensors on `device` beside the Mamba ops (`kernel_op`'s, the window
+    attention): CUDA tensors, samba_kernels installed, and kernel implementation "torch" not chosen."""
     return device.type == "cuda" and samba_kernels is not None and requested_implementation(config_choice) != "torch"
 
 
@@ -221,7 +223,13 @@ def describe(config_choice: str = "auto") -> dict:
     sliding-window layers' attention under the default "samba_sdpa" (inputs without padding that reach
     past the window) and generate()'s decoding loop."""
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    report = {"Mamba ops": {}, "RoPE": {}, "sliding-window attention": {}, "generate() decoding": {}}
+    report = {
+        "Mamba ops": {},
+        "RoPE": {},
+        "RMSNorm and SwiGLU": {},
+        "sliding-window attention": {},
+        "generate() decoding": {},
+    }
     for device in devices:
         try:
             report["Mamba ops"][device] = mamba_ops(config_choice, torch.device(device)).name
@@ -230,6 +238,12 @@ def describe(config_choice: str = "auto") -> dict:
         serve = kernels_serve(config_choice, torch.device(device))
         report["RoPE"][device] = (
             "samba_kernels.rotary_embedding (Triton; the formula under torch.compile)" if serve else "the formula"
+        )
+        report["RMSNorm and SwiGLU"][device] = (
+            "samba_kernels.rms_norm and swiglu (Triton without gradients; the formulas with them and under "
+            "torch.compile)"
+            if serve
+            else "the formulas"
         )
         report["sliding-window attention"][device] = (
             "samba_kernels.windowed_attention (Triton forward without gradients, compiled FlexAttention with them)"

@@ -38,7 +38,7 @@ from transformers.utils.output_capturing import capture_outputs
 from .cache_samba import SlidingWindowRingLayer, count_mamba_tokens, ring_window_mask, use_ring_buffers
 from .configuration_samba import ATTENTION_TYPES, SambaConfig
 from .generation import SambaGenerationMixin
-from .kernel_dispatch import SAMBA_SDPA, mamba_ops, rotary_embedding_op
+from .kernel_dispatch import SAMBA_SDPA, kernel_op, mamba_ops
 
 logger = logging.get_logger(__name__)
 
@@ -65,20 +65,29 @@ check_transformers_version(transformers.__version__)
 SKIPPED_TIME_STEP = -1e4
 
 
+def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+    # Normalise in float32 and return the layers' dtype, since the residual stream may be float32 while the layers
+    # that read the output are bf16.
+    return F.rms_norm(hidden_states.float(), weight.shape, weight.float(), eps).to(out_dtype)
+
+
 class SambaRMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float = 1e-5):
+    def __init__(self, hidden_size: int, eps: float = 1e-5, kernel_implementation: str = "auto"):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
+        self.kernel_implementation = kernel_implementation
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32; return the weight's dtype, since the residual stream may be float32
-        # while the layers that read the output are bf16. F.rms_norm is one fused kernel on CUDA.
-        normalized = F.rms_norm(hidden_states.float(), self.weight.shape, self.weight.float(), self.variance_epsilon)
-        return normalized.to(self.weight.dtype)
+        normalize = kernel_op("rms_norm", self.kernel_implementation, hidden_states.device, rms_norm)
+        return normalize(hidden_states, self.weight, self.variance_epsilon, self.weight.dtype)
 
     def extra_repr(self):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
 
 
 class SambaMLP(nn.Module):
@@ -89,9 +98,11 @@ class SambaMLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
+        self.kernel_implementation = config.kernel_implementation
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+        gated = kernel_op("swiglu", self.kernel_implementation, hidden_states.device, swiglu)
+        return self.down_proj(gated(self.gate_proj(hidden_states), self.up_proj(hidden_states)))
 
 
 class SambaRotaryEmbedding(nn.Module):
@@ -185,7 +196,9 @@ class SambaAttention(nn.Module):
         key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         if position_embeddings is not None:
-            rotary = rotary_embedding_op(self.config.kernel_implementation, query.device, apply_rotary_pos_emb)
+            rotary = kernel_op(
+                "rotary_embedding", self.config.kernel_implementation, query.device, apply_rotary_pos_emb
+            )
             query, key = rotary(query, key, *position_embeddings)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
@@ -342,7 +355,7 @@ class SambaDecoderLayer(GradientCheckpointingLayer):
         super().__init__()
         self.mixer_type = config.layer_types[layer_idx]
         self.residual_in_fp32 = config.residual_in_fp32
-        self.mixer_norm = SambaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mixer_norm = SambaRMSNorm(config.hidden_size, config.rms_norm_eps, config.kernel_implementation)
         if self.mixer_type == "linear_attention":
             self.mixer = SambaMambaMixer(config, layer_idx)
         elif self.mixer_type == "mlp":
@@ -350,7 +363,7 @@ class SambaDecoderLayer(GradientCheckpointingLayer):
         else:
             self.mixer = SambaAttention(config, layer_idx)
         if config.use_mlp[layer_idx]:
-            self.mlp_norm = SambaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.mlp_norm = SambaRMSNorm(config.hidden_size, config.rms_norm_eps, config.kernel_implementation)
             self.mlp = SambaMLP(config, config.intermediate_size)
         else:
             self.mlp_norm = self.mlp = None
@@ -461,7 +474,7 @@ class SambaModel(SambaPreTrainedModel):
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList([SambaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = SambaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = SambaRMSNorm(config.hidden_size, config.rms_norm_eps, config.kernel_implementation)
         # Positions continue from the token count of the first attention layer's cache (none without attention).
         self.first_attention_layer = next(
             (i for i, layer_type in enumerate(config.layer_types) if layer_type in ATTENTION_TYPES), None
