@@ -336,6 +336,46 @@ def conv(ctx):
         )
 
 
+# (rows, width): a prefill chunk of samba-421m's residual stream and MLP, and a batch-16 decode step's.
+NORM_SWIGLU_ROWS = {"prefill chunk": 8192, "decode, batch 16": 16}
+
+
+@case(
+    "norm-swiglu",
+    "RMSNorm (float32 residual in, bf16 out) and SwiGLU's silu(gate) * up: samba_kernels against the model's formulas",
+)
+@torch.no_grad()
+def norm_swiglu(ctx):
+    config = models.config("samba", ctx.smoke)
+    dtype, hidden, inner = dtype_for(ctx.device), config.hidden_size, config.intermediate_size
+    for label, rows in NORM_SWIGLU_ROWS.items():
+        rows = min(rows, 64) if ctx.smoke else rows
+        residual = torch.randn(rows, hidden, device=ctx.device)
+        weight = torch.randn(hidden, device=ctx.device, dtype=dtype)
+        gate, up = (torch.randn(rows, inner, device=ctx.device, dtype=dtype) for _ in range(2))
+        element = weight.element_size()
+        timed_against_reference(
+            ctx,
+            f"rms_norm, {label}",
+            "samba",
+            (1, hidden, rows),
+            rows * hidden * (4 + element),  # read float32, write the layers' dtype
+            lambda: sk.rms_norm(residual, weight, 1e-5),
+            lambda: sk.rms_norm_ref(residual, weight, 1e-5, dtype),
+            1.0,
+        )
+        timed_against_reference(
+            ctx,
+            f"swiglu, {label}",
+            "samba",
+            (1, inner, rows),
+            3 * rows * inner * element,
+            lambda: sk.swiglu(gate, up),
+            lambda: sk.swiglu_ref(gate, up),
+            1.0,
+        )
+
+
 def window_block_mask(length: int, window: int, device) -> object:
     """FlexAttention's block mask of causal attention to the `window` latest keys (the query's own included)."""
 
@@ -771,6 +811,14 @@ COLUMNS = {
     ],
 }
 COLUMNS["decode-steps"] = COLUMNS["conv"]
+COLUMNS["norm-swiglu"] = [
+    ("op", "op"),
+    ("rows", "length"),
+    ("width", "dim"),
+    *[column for column in COLUMNS["conv"] if column[0] in ("ms", "floor ms", "x floor", "first ms")],
+    ("the formula ms", "reference_ms", ".3f"),
+    ("x faster than the formula", "x_faster_than_reference", ".2f"),
+]
 
 
 def render_case(name: str, entry: dict) -> list[str]:

@@ -43,6 +43,12 @@ def test_kernels_one_token_cases(tmp_path):
     assert "ring_decode_attention µs" in (tmp_path / "kernels.md").read_text()
 
 
+def test_kernels_norm_swiglu_case(tmp_path):
+    rows = measured(smoke("kernels", "norm-swiglu", tmp_path), "norm-swiglu", "ms")
+    assert [row["op"].split(",")[0] for row in rows] == ["rms_norm", "swiglu"] * 2
+    assert all(row["ms"] > 0 and row["reference_ms"] > 0 for row in rows)
+
+
 def test_generate_case_times_every_mode(tmp_path):
     result = smoke("generate", "b1-4k", tmp_path)
     rows = result["cases"]["b1-4k"]["rows"]
