@@ -28,6 +28,15 @@ def left_padded_prompt(batch: int = 3, length: int = WINDOW + 5):
     return ids, mask
 
 
+_built = generation.DecodeStep.__init__
+
+
+def built_and_warmed_up(step, *args, **kwargs):
+    """A new step, run as capture() runs it before it captures (on the CPU the step is not captured)."""
+    _built(step, *args, **kwargs)
+    step.warm_up()
+
+
 def both_paths(model, ids, **kwargs):
     """generate() through transformers' loop and through the engine."""
     return model.generate(ids, decode_engine=False, **kwargs), model.generate(ids, decode_engine="eager", **kwargs)
@@ -104,14 +113,7 @@ def test_the_steps_run_before_a_call_leave_its_token_choice_alone(monkeypatch):
     model = small_model()
     ids, mask = left_padded_prompt()
     eos = int(model.generate(ids, attention_mask=mask, max_new_tokens=3, decode_engine=False, **GREEDY)[0, -1])
-    built = generation.DecodeStep.__init__
-
-    def built_and_run_twice(step, *args, **kwargs):
-        built(step, *args, **kwargs)
-        for _ in range(2):  # what capture() runs before it captures
-            step.forward()
-
-    monkeypatch.setattr(generation.DecodeStep, "__init__", built_and_run_twice)
+    monkeypatch.setattr(generation.DecodeStep, "__init__", built_and_warmed_up)
     kwargs = dict(
         attention_mask=mask,
         max_new_tokens=2 * WINDOW,
@@ -122,6 +124,23 @@ def test_the_steps_run_before_a_call_leave_its_token_choice_alone(monkeypatch):
     )
     loop, engine = both_paths(model, ids, **kwargs)
     assert torch.equal(loop, engine)
+
+
+def test_a_seeded_first_call_samples_as_a_later_call_does(monkeypatch):
+    """A first call runs steps that draw random numbers before its own decoding (on a GPU, the dry run that compiles
+    the kernels and the capture's warm-up runs): they must leave the random state as the caller seeded it."""
+    monkeypatch.setattr(generation.DecodeStep, "__init__", built_and_warmed_up)
+    monkeypatch.setattr(generation, "kernels_serve", lambda config_choice, device: True)
+    monkeypatch.setattr(generation.DecodeEngine, "captures_new_step", lambda self, *args: True)
+    model = small_model()
+    ids, mask = left_padded_prompt()
+    kwargs = dict(attention_mask=mask, max_new_tokens=WINDOW, do_sample=True, pad_token_id=0, decode_engine="eager")
+    torch.manual_seed(0)
+    first = model.generate(ids, **kwargs)
+    monkeypatch.setattr(generation.DecodeEngine, "captures_new_step", lambda self, *args: False)
+    torch.manual_seed(0)
+    later = model.generate(ids, **kwargs)  # the kept step: no dry run, no warm-up runs
+    assert decode_engine(model).stats.graph_replayed and torch.equal(first, later)
 
 
 def test_the_dry_run_that_compiles_kernels_ahead_leaves_the_call_alone(monkeypatch):

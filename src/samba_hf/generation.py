@@ -428,7 +428,7 @@ class DecodeEngine:
                 scratch[name] = scratch[name][..., :length]
         if isinstance(scratch.get("inputs_embeds"), torch.Tensor):
             scratch["inputs_embeds"] = scratch["inputs_embeds"][:, :length]
-        with samba_kernels.compile_ahead():
+        with samba_kernels.compile_ahead(), random_state_kept(input_ids.device):
             if length > 0:
                 model._prefill(input_ids[:, :length], generation_config, scratch)
             step = DecodeStep(model, input_ids.shape[0], chooser.copy(), use_graph=False)
@@ -466,6 +466,12 @@ def kernel_launches():
     except ImportError:
         return contextlib.nullcontext()
     return samba_kernels.programmatic_dependent_launch(DEPENDENT_LAUNCH)
+
+
+def random_state_kept(device: torch.device):
+    """A context whose random draws leave the random state (the CPU's, and `device`'s) as it was: a seeded first
+    call then samples as a later call does, whatever the engine ran before its own steps."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type)
 
 
 def synchronize(device: torch.device) -> None:
@@ -648,14 +654,19 @@ class DecodeStep:
         self.tokens.copy_(self.chooser(logits.float())[:, None])
         self.positions.add_(1)
 
-    def capture(self) -> None:
-        # Warm-up runs on a side stream (kernels compiled, library workspaces allocated) before the capture;
-        # they change the buffers, which `load` sets before every call.
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream), kernel_launches():
+    def warm_up(self) -> None:
+        """Two runs before the capture (kernels compiled, library workspaces allocated). They change the buffers,
+        which `load` sets before every call, and leave the random state as it was, so that a seeded first call
+        samples as a later call does."""
+        with random_state_kept(self.device), kernel_launches():
             for _ in range(2):
                 self.forward()
+
+    def capture(self) -> None:
+        stream = torch.cuda.Stream(self.device)  # the warm-up runs on a side stream, as CUDA graphs ask
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self.warm_up()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph), kernel_launches():

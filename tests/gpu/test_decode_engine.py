@@ -61,3 +61,16 @@ def test_the_capture_leaves_the_first_calls_token_choice_alone(model):
     engine = model.generate(prompt, **options)
     eager = model.generate(prompt, decode_engine=False, **options)
     assert torch.equal(engine, eager)
+
+
+@torch.no_grad()
+def test_a_seeded_first_call_samples_as_the_next_call_does(model):
+    """The first call's dry run and the capture's warm-up runs draw random numbers: the seeded draws of the first
+    call (which captures) and of the next (which replays) are the same."""
+    prompt = torch.randint(1, 1024, (2, 50), device="cuda")
+    options = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=32, do_sample=True, pad_token_id=0)
+    calls = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        calls.append(model.generate(prompt, **options))
+    assert torch.equal(*calls)
