@@ -3,6 +3,7 @@ from the same distributions. On the CPU the engine runs its step without capturi
 (`decode_engine="eager"`); the captured step is checked on a GPU (tests/gpu)."""
 
 import contextlib
+import copy
 import logging
 
 import pytest
@@ -131,13 +132,13 @@ def test_a_seeded_first_call_samples_as_a_later_call_does(monkeypatch):
     the kernels and the capture's warm-up runs): they must leave the random state as the caller seeded it."""
     monkeypatch.setattr(generation.DecodeStep, "__init__", built_and_warmed_up)
     monkeypatch.setattr(generation, "kernels_serve", lambda config_choice, device: True)
-    monkeypatch.setattr(generation.DecodeEngine, "captures_new_step", lambda self, *args: True)
+    monkeypatch.setattr(generation.DecodeEngine, "compiles_ahead", lambda self, *args: True)
     model = small_model()
     ids, mask = left_padded_prompt()
     kwargs = dict(attention_mask=mask, max_new_tokens=WINDOW, do_sample=True, pad_token_id=0, decode_engine="eager")
     torch.manual_seed(0)
     first = model.generate(ids, **kwargs)
-    monkeypatch.setattr(generation.DecodeEngine, "captures_new_step", lambda self, *args: False)
+    monkeypatch.setattr(generation.DecodeEngine, "compiles_ahead", lambda self, *args: False)
     torch.manual_seed(0)
     later = model.generate(ids, **kwargs)  # the kept step: no dry run, no warm-up runs
     assert decode_engine(model).stats.graph_replayed and torch.equal(first, later)
@@ -166,7 +167,7 @@ def test_the_dry_run_that_compiles_kernels_ahead_leaves_the_call_alone(monkeypat
 
     monkeypatch.setattr(samba_kernels, "compile_ahead", dry_run)
     monkeypatch.setattr(generation, "kernels_serve", lambda config_choice, device: True)
-    monkeypatch.setattr(generation.DecodeEngine, "captures_new_step", lambda self, *args: True)
+    monkeypatch.setattr(generation.DecodeEngine, "compiles_ahead", lambda self, *args: True)
     model = small_model()
     for layer in model.model.layers:
         layer.mixer.register_forward_hook(garbage_while_dry)
@@ -192,6 +193,32 @@ def test_the_dry_run_that_compiles_kernels_ahead_leaves_the_call_alone(monkeypat
         for out, mode in ((loop, False), (engine, "eager"))
     ]
     assert torch.equal(*second)
+
+
+def test_kernels_are_compiled_ahead_once_per_batch_size_dtype_and_token_choice(monkeypatch):
+    calls = []
+    engine_generate = generation.DecodeEngine.generate
+
+    def recorded(engine, input_ids, logits_processor, stopping_criteria, generation_config, streamer, model_kwargs):
+        calls.append((input_ids, logits_processor, stopping_criteria, generation_config, dict(model_kwargs)))
+        return engine_generate(
+            engine, input_ids, logits_processor, stopping_criteria, generation_config, streamer, model_kwargs
+        )
+
+    monkeypatch.setattr(generation.DecodeEngine, "generate", recorded)
+    monkeypatch.setattr(generation, "kernels_serve", lambda config_choice, device: True)
+    model = small_model()
+    ids, mask = left_padded_prompt(batch=2)
+    model.generate(ids, attention_mask=mask, max_new_tokens=3, decode_engine="eager", **GREEDY)
+    input_ids, processors, criteria, config, model_kwargs = calls[0]
+    chooser = generation.TokenChooser(processors, criteria, config, input_ids, model.config)
+    engine = decode_engine(model)
+    graph = copy.copy(config)
+    graph.decode_engine = True
+    assert engine.compiles_ahead(chooser, 2, graph) and not engine.compiles_ahead(chooser, 2, config)  # eager
+    engine.compile_kernels_ahead(input_ids, chooser, graph, model_kwargs)
+    assert engine.stats.compile_s > 0
+    assert not engine.compiles_ahead(chooser, 2, graph) and engine.compiles_ahead(chooser, 3, graph)
 
 
 def test_the_returned_cache_continues_a_second_turn_exactly():

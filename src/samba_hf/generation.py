@@ -335,6 +335,7 @@ class DecodeEngine:
     def __init__(self, model):
         self.model = model
         self.graphs: collections.OrderedDict = collections.OrderedDict()
+        self.compiled: set = set()  # (batch, dtype, token choice) of the calls whose kernels were compiled ahead
         self.stats = GenerateStats()
 
     def generate(self, input_ids, logits_processor, stopping_criteria, generation_config, streamer, model_kwargs):
@@ -342,7 +343,7 @@ class DecodeEngine:
         self.stats = GenerateStats(new_tokens=1)
         chooser = TokenChooser(logits_processor, stopping_criteria, generation_config, input_ids, model.config)
         max_new = stopping_criteria.max_length - input_ids.shape[1]
-        if max_new > 1 and self.captures_new_step(chooser, input_ids.shape[0], generation_config):
+        if max_new > 1 and self.compiles_ahead(chooser, input_ids.shape[0], generation_config):
             self.compile_kernels_ahead(input_ids, chooser, generation_config, model_kwargs)
         started = time.perf_counter()
         outputs = model._prefill(input_ids, generation_config, model_kwargs)
@@ -404,15 +405,17 @@ class DecodeEngine:
         use_graph = getattr(generation_config, "decode_engine", True) is True
         return (use_graph, batch, model.dtype, chooser.key, tuple(p.data_ptr() for p in model.parameters()))
 
-    def captures_new_step(self, chooser: "TokenChooser", batch: int, generation_config) -> bool:
-        key = self.step_key(chooser, batch, generation_config)
-        return getattr(generation_config, "decode_engine", True) is True and key not in self.graphs
+    def compiles_ahead(self, chooser: "TokenChooser", batch: int, generation_config) -> bool:
+        """Whether this call first compiles its kernels ahead: the engine's first call that captures a step at this
+        batch size, dtype and token choice (a model with adapters captures at every call, but compiles once)."""
+        graph = getattr(generation_config, "decode_engine", True) is True
+        return graph and (batch, self.model.dtype, chooser.key) not in self.compiled
 
     def compile_kernels_ahead(self, input_ids, chooser: "TokenChooser", generation_config, model_kwargs) -> None:
         """Compile the Triton kernels this call launches, in threads, before it runs (`samba_kernels.compile_ahead`):
         a dry run on a scratch cache of the prompt's chunks as the prefill cuts them, less the middle ones (the
         first, one that continues a state, and a last as long as the prompt's last), and of one decode step on
-        scratch buffers. Run before a step is captured: a kept step's kernels are compiled."""
+        scratch buffers. A later prompt's chunks of other lengths may still compile a kernel variant at launch."""
         model = self.model
         if not kernels_serve(model.config.kernel_implementation, input_ids.device):
             return
@@ -434,6 +437,7 @@ class DecodeEngine:
             step = DecodeStep(model, input_ids.shape[0], chooser.copy(), use_graph=False)
             with kernel_launches():
                 step.forward()
+        self.compiled.add((input_ids.shape[0], model.dtype, chooser.key))
         self.stats.compile_s = time.perf_counter() - started
 
     def step_for(self, chooser: "TokenChooser", batch: int, generation_config) -> "DecodeStep":
