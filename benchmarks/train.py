@@ -4,7 +4,7 @@ under torch.compile, from 8 x 4K tokens to one 64K-token sequence."""
 import torch
 
 from . import models
-from .harness import columns, free_memory, peak_gib, registry, rows_of, synchronize, wall_seconds
+from .harness import columns, free_memory, peak_gib, profiled, registry, rows_of, synchronize, wall_seconds
 
 TITLE = "Training: tokens/s and peak memory, samba-421m against the paper's 438M Llama"
 # (batch, length) per case, in the order of priority: the long single sequences first.
@@ -73,8 +73,8 @@ def predicted_peak(name: str, mode: str, batch: int, length: int) -> float:
     return batch * length * per_token
 
 
-def train_steps(model, batch: int, length: int, device: torch.device, compiled: bool, smoke: bool) -> dict:
-    """tokens/s, step seconds, peak GiB, the last loss and the first step's seconds of AdamW steps."""
+def training_step(model, batch: int, length: int, device: torch.device, compiled: bool, smoke: bool):
+    """One AdamW step on random tokens (see INTRO), as a function that returns the loss."""
     model.train()
     if compiled:  # smoke runs trace with dynamo only: inductor's CPU compile takes minutes
         forward = torch.compile(model, fullgraph=True, **({"backend": "eager"} if smoke else {}))
@@ -94,6 +94,12 @@ def train_steps(model, batch: int, length: int, device: torch.device, compiled: 
         optimizer.zero_grad(set_to_none=True)
         return loss
 
+    return step
+
+
+def train_steps(model, batch: int, length: int, device: torch.device, compiled: bool, smoke: bool) -> dict:
+    """tokens/s, step seconds, peak GiB, the last loss and the first step's seconds of AdamW steps."""
+    step = training_step(model, batch, length, device, compiled, smoke)
     warmup, steps = (1, 1) if smoke else (WARMUP_STEPS, STEPS)
     first_s, _ = wall_seconds(step, device)
     for _ in range(warmup - 1):
@@ -175,6 +181,47 @@ for _key, (_batch, _length) in SHAPES.items():
     )
 
 
+PROFILE_SHAPE, SMOKE_PROFILE_SHAPE = (1, 16384), (1, 48)
+PROFILE_TOP = 15
+
+
+@case(
+    "profile",
+    "where samba-421m's training step at batch 1 x 16K goes, eager and compiled: GPU time by kernel, and the step's "
+    "wall-clock against the sum of its kernels",
+)
+def profile_case(ctx):
+    """Compiled steps at long sequences ran slower than eager ones, for both models (train.md, b1-64k): this case
+    says where, per mode, after the warm-up steps (the compilation)."""
+    batch, length = SMOKE_PROFILE_SHAPE if ctx.smoke else PROFILE_SHAPE
+    for mode in MODES:
+        cell = dict(model="samba", mode=mode, batch=batch, length=length)
+        refusal = ctx.budget.refuses(
+            (WARMUP_STEPS + 2) * guessed_step_s("samba", mode, batch, length, False)
+            + (COMPILE_S if mode == "compiled" else 0.0)
+        )
+        if refusal:
+            ctx.skip(refusal, **cell)
+            continue
+        torch._dynamo.reset()
+        free_memory()
+        model = models.build("samba", ctx.device, torch.float32, ctx.smoke)
+        try:
+            step = training_step(model, batch, length, ctx.device, mode == "compiled", ctx.smoke)
+            for _ in range(WARMUP_STEPS):
+                step()
+            seconds = wall_seconds(step, ctx.device)[0]
+            kernels = profiled(step, ctx.device, 1)["kernel"]
+        finally:
+            del model
+            torch._dynamo.reset()
+            free_memory()
+        for name, us, count in kernels[:PROFILE_TOP]:
+            ctx.add(**cell, kernel=name[:120], ms=us / 1e3, launches=count)
+        ctx.add(**cell, kernel="every kernel, one after another", ms=sum(us for _, us, _ in kernels) / 1e3)
+        ctx.add(**cell, kernel="the step, wall-clock (unprofiled)", ms=seconds * 1e3)
+
+
 def pairs(result: dict) -> list[tuple[str, str, dict | None, dict | None]]:
     """(shape, mode, samba's row, llama's row) of every shape and mode with a measured row."""
     found = []
@@ -228,8 +275,19 @@ COLUMNS = [
 ]
 
 
+PROFILE_COLUMNS = [
+    ("mode", "mode"),
+    ("batch", "batch"),
+    ("length", "length"),
+    ("kernel", "kernel"),
+    ("ms", "ms", ".2f"),
+    ("launches", "launches", ".0f"),
+    ("note", "skipped"),
+]
+
+
 def render_case(name: str, entry: dict) -> list[str]:
-    return columns(entry["rows"], COLUMNS)
+    return columns(entry["rows"], PROFILE_COLUMNS if name == "profile" else COLUMNS)
 
 
 def summary(result: dict) -> list[str]:

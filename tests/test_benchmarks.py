@@ -249,3 +249,10 @@ def test_prefill_chunk_size_case(tmp_path):
     rows = measured(smoke("prefill", "chunk-size", tmp_path), "chunk-size", "seconds")
     assert [row["chunk"] for row in rows] == [32, 64, 128]
     assert all(row["seconds"] > 0 and row["length"] == 768 for row in rows)
+
+
+def test_train_profile_case(tmp_path):
+    rows = measured(smoke("train", "profile", tmp_path), "profile", "ms")
+    assert {row["mode"] for row in rows} == {"eager", "compiled"}
+    totals = [row for row in rows if row["kernel"] == "the step, wall-clock (unprofiled)"]
+    assert len(totals) == 2 and all(row["ms"] > 0 for row in totals)
