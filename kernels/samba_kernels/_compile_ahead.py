@@ -63,10 +63,11 @@ def _compile(function, specialization_data: str, device: int) -> None:
 
 
 def _prime_triton() -> None:
-    """Triton's one-time work before its first compile, done here once: its caches of it (functools' lru_cache) do
-    not lock, so every pool thread would do it at once (measured on the H200: each load from Triton's disk cache then
-    took 0.5 s, not 0.01). It hashes its own files (triton_key), asks ptxas for its version (the backend's hash) and
-    loads its CUDA helpers (which find libcuda, for the launchers' builds). Internals: skipped where they moved."""
+    """Triton's one-time work before its first compile, done here once, before the pool starts: Triton caches its
+    results with functools' lru_cache, which does not lock, so every pool thread would do it at once (on the H200,
+    each load from Triton's disk cache then took 0.5 s instead of 0.01). It hashes Triton's own files (triton_key),
+    asks ptxas for its version (the backend's hash) and loads Triton's CUDA helpers (which find libcuda, for the
+    launchers' builds). These are Triton's internals: skipped where they moved."""
     try:
         from triton.compiler.compiler import make_backend
         from triton.runtime.cache import triton_key
