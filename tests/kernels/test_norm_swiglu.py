@@ -98,5 +98,13 @@ def test_bad_shapes_are_refused():
     g = gen(6)
     with pytest.raises(ValueError, match="last dimension"):
         samba_kernels.rms_norm(randn(g, 3, 24), randn(g, 23), 1e-5)
-    with pytest.raises(ValueError, match="must agree"):
+    with pytest.raises(ValueError, match="same shape"):
         samba_kernels.swiglu(randn(g, 3, 8), randn(g, 3, 9))
+
+
+def test_swiglu_of_mixed_dtypes_promotes_as_the_formula_does():
+    g = gen(7)
+    gate, up = randn(g, 3, 8).to(BF16), randn(g, 3, 8)
+    out = samba_kernels.swiglu(gate, up)
+    assert out.dtype == F32
+    torch.testing.assert_close(out, samba_kernels.swiglu_ref(gate, up), rtol=0, atol=0)

@@ -80,13 +80,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up (semantics: `swiglu_ref`, but computed in float32 and rounded once): one Triton kernel where
-    `use_triton(gate)`, outside torch.compile and without gradients to record; the reference elsewhere. gate and up:
-    the same shape and dtype; the output: theirs, contiguous."""
-    if gate.shape != up.shape or gate.dtype != up.dtype:
-        raise ValueError(
-            f"swiglu: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} must agree"
-        )
-    if torch.compiler.is_compiling() or not use_triton(gate) or _records_gradients(gate, up):
+    `use_triton(gate)`, outside torch.compile and without gradients to record, for gate and up of one dtype; the
+    reference elsewhere (which promotes mixed dtypes, as projections quantized differently may give). gate and up:
+    the same shape; the output: their shape, contiguous."""
+    if gate.shape != up.shape:
+        raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
+    kernel_serves = use_triton(gate) and gate.dtype == up.dtype
+    if torch.compiler.is_compiling() or not kernel_serves or _records_gradients(gate, up):
         return swiglu_ref(gate, up)
     gate, up = gate.contiguous(), up.contiguous()
     out = torch.empty_like(gate)
