@@ -191,6 +191,20 @@ def test_the_fused_kernels_run_on_cuda_and_the_model_formulas_elsewhere(name):
     assert kernel_op(name, "auto", torch.device("cpu"), formula) is formula
 
 
+def test_every_op_follows_the_configs_kernel_choice_at_call_time(monkeypatch):
+    """RoPE, RMSNorm and SwiGLU, like the Mamba ops, ask the model's config at each call: a choice set after
+    loading holds for all of them."""
+    asked = []
+    monkeypatch.setattr(
+        modeling_samba, "kernel_op", lambda name, choice, device, formula: asked.append(choice) or formula
+    )
+    model = small_model()
+    model.config.kernel_implementation = "torch"
+    with torch.no_grad():
+        model(torch.randint(0, 97, (1, 5)))
+    assert asked and set(asked) == {"torch"}
+
+
 def test_the_fused_kernels_give_the_formulas_logits_and_gradients(monkeypatch):
     """The model with RoPE, RMSNorm and SwiGLU on samba_kernels' kernels (here in Triton's interpreter; the last two
     run their references where autograd records), past the window: the logits and every gradient of the model's

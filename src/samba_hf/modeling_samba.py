@@ -72,14 +72,14 @@ def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float, out_
 
 
 class SambaRMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float = 1e-5, kernel_implementation: str = "auto"):
+    def __init__(self, config: SambaConfig):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
-        self.kernel_implementation = kernel_implementation
+        self.config = config
+        self.weight = nn.Parameter(torch.ones(config.hidden_size))
+        self.variance_epsilon = config.rms_norm_eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        normalize = kernel_op("rms_norm", self.kernel_implementation, hidden_states.device, rms_norm)
+        normalize = kernel_op("rms_norm", self.config.kernel_implementation, hidden_states.device, rms_norm)
         return normalize(hidden_states, self.weight, self.variance_epsilon, self.weight.dtype)
 
     def extra_repr(self):
@@ -98,10 +98,10 @@ class SambaMLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
-        self.kernel_implementation = config.kernel_implementation
+        self.config = config
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        gated = kernel_op("swiglu", self.kernel_implementation, hidden_states.device, swiglu)
+        gated = kernel_op("swiglu", self.config.kernel_implementation, hidden_states.device, swiglu)
         return self.down_proj(gated(self.gate_proj(hidden_states), self.up_proj(hidden_states)))
 
 
@@ -355,7 +355,7 @@ class SambaDecoderLayer(GradientCheckpointingLayer):
         super().__init__()
         self.mixer_type = config.layer_types[layer_idx]
         self.residual_in_fp32 = config.residual_in_fp32
-        self.mixer_norm = SambaRMSNorm(config.hidden_size, config.rms_norm_eps, config.kernel_implementation)
+        self.mixer_norm = SambaRMSNorm(config)
         if self.mixer_type == "linear_attention":
             self.mixer = SambaMambaMixer(config, layer_idx)
         elif self.mixer_type == "mlp":
@@ -363,7 +363,7 @@ class SambaDecoderLayer(GradientCheckpointingLayer):
         else:
             self.mixer = SambaAttention(config, layer_idx)
         if config.use_mlp[layer_idx]:
-            self.mlp_norm = SambaRMSNorm(config.hidden_size, config.rms_norm_eps, config.kernel_implementation)
+            self.mlp_norm = SambaRMSNorm(config)
             self.mlp = SambaMLP(config, config.intermediate_size)
         else:
             self.mlp_norm = self.mlp = None
@@ -474,7 +474,7 @@ class SambaModel(SambaPreTrainedModel):
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList([SambaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = SambaRMSNorm(config.hidden_size, config.rms_norm_eps, config.kernel_implementation)
+        self.norm = SambaRMSNorm(config)
         # Positions continue from the token count of the first attention layer's cache (none without attention).
         self.first_attention_layer = next(
             (i for i, layer_type in enumerate(config.layer_types) if layer_type in ATTENTION_TYPES), None
