@@ -90,7 +90,12 @@ def test_every_row_ending_between_two_checks_ends_the_output_there():
     assert engine.shape[1] == ids.shape[1] + max(first_steps[ending[0]]) + 1
 
 
-def test_logits_processors_run_inside_the_step_as_transformers_runs_them():
+@pytest.mark.parametrize("warmed_up", [False, True])
+def test_logits_processors_run_inside_the_step_as_transformers_runs_them(monkeypatch, warmed_up):
+    """warmed_up: a new step first runs as capture() runs it before it captures (on a GPU); those runs must not
+    count tokens, end rows or mark tokens seen for the call."""
+    if warmed_up:
+        monkeypatch.setattr(generation.DecodeStep, "__init__", built_and_warmed_up)
     model = small_model()
     ids, mask = left_padded_prompt()
     eos = int(model.generate(ids, attention_mask=mask, max_new_tokens=3, decode_engine=False, **GREEDY)[0, -1])
@@ -105,25 +110,6 @@ def test_logits_processors_run_inside_the_step_as_transformers_runs_them():
     loop, engine = both_paths(model, ids, **kwargs)
     assert torch.equal(loop, engine)
     loop, engine = both_paths(model, ids, **dict(kwargs, min_length=ids.shape[1] + 4, min_new_tokens=None))
-    assert torch.equal(loop, engine)
-
-
-def test_the_steps_run_before_a_call_leave_its_token_choice_alone(monkeypatch):
-    """A new step runs before the call's state is loaded (on a GPU, the warm-up runs before a graph's capture):
-    those runs must not count tokens, end rows or mark tokens seen for the call."""
-    model = small_model()
-    ids, mask = left_padded_prompt()
-    eos = int(model.generate(ids, attention_mask=mask, max_new_tokens=3, decode_engine=False, **GREEDY)[0, -1])
-    monkeypatch.setattr(generation.DecodeStep, "__init__", built_and_warmed_up)
-    kwargs = dict(
-        attention_mask=mask,
-        max_new_tokens=2 * WINDOW,
-        eos_token_id=eos,
-        repetition_penalty=1.7,
-        min_new_tokens=WINDOW,
-        **GREEDY,
-    )
-    loop, engine = both_paths(model, ids, **kwargs)
     assert torch.equal(loop, engine)
 
 

@@ -22,7 +22,7 @@ Switch: `generate(..., decode_engine=False)` (or `model.generation_config.decode
 runs transformers' loop; `decode_engine="eager"` runs the engine's step without capturing it, on any
 device (for debugging, and for the tests on the CPU).
 
-First call: before a new step is captured, a dry run of the call (its prompt's chunks on a scratch cache, one step
+First call: before the engine's first capture at a batch size, dtype and token choice, a dry run of the call (its prompt's chunks on a scratch cache, one step
 on scratch buffers) compiles the Triton kernels it launches in threads (`samba_kernels.compile_ahead`): on a new
 machine Triton would otherwise compile them one after another at their first launch.
 
@@ -321,7 +321,7 @@ def release_decode_graphs(model) -> None:
 class GenerateStats:
     """Timings of the last `generate` call that ran on the decode engine (seconds)."""
 
-    compile_s: float = 0.0  # compiling the call's Triton kernels ahead, in threads (0 when a kept graph was replayed)
+    compile_s: float = 0.0  # compiling the call's Triton kernels ahead, in threads (0 after the first such call)
     prefill_s: float = 0.0  # the prompt's forward, to the first token's logits
     capture_s: float = 0.0  # capturing the step's graph (0 when a kept graph was replayed)
     decode_s: float = 0.0  # the decoding steps after the first token
