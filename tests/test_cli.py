@@ -346,7 +346,7 @@ def test_env_reports_versions_and_each_op_implementation(capsys):
     printed = capsys.readouterr().out
     assert "transformers" in printed and "cpu    tensors -> torch" in printed
     assert "RoPE" in printed and "cpu    tensors -> the formula" in printed
-    assert "RMSNorm and SwiGLU" in printed and "cpu    tensors -> the formulas" in printed
+    assert "RMSNorm, SwiGLU and the residual add" in printed and "cpu    tensors -> the formulas" in printed
     assert "sliding-window attention" in printed and "cpu    tensors -> sdpa over blocks" in printed
     assert "generate() decoding" in printed and "cpu    tensors -> transformers' decoding loop" in printed
 

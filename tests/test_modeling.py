@@ -192,7 +192,7 @@ def test_the_fused_kernels_run_on_cuda_and_the_model_formulas_elsewhere(name):
 
 
 def test_every_op_follows_the_configs_kernel_choice_at_call_time(monkeypatch):
-    """RoPE, RMSNorm and SwiGLU, like the Mamba ops, ask the model's config at each call: a choice set after
+    """RoPE, RMSNorm, SwiGLU and the residual add, like the Mamba ops, ask the model's config at each call: a choice set after
     loading holds for all of them."""
     asked = []
     monkeypatch.setattr(
@@ -206,9 +206,9 @@ def test_every_op_follows_the_configs_kernel_choice_at_call_time(monkeypatch):
 
 
 def test_the_fused_kernels_give_the_formulas_logits_and_gradients(monkeypatch):
-    """The model with RoPE, RMSNorm and SwiGLU on samba_kernels' kernels (here in Triton's interpreter; the last two
-    run their references where autograd records), past the window: the logits and every gradient of the model's
-    own formulas."""
+    """The model with RoPE, RMSNorm, SwiGLU and the residual add on samba_kernels' kernels (here in Triton's
+    interpreter; the last three run their references where autograd records), past the window: the logits and every
+    gradient of the model's own formulas."""
     model = small_model().train()
     ids = torch.randint(0, 97, (2, 2 * WINDOW + 1), generator=torch.Generator().manual_seed(3))
 
@@ -224,7 +224,7 @@ def test_the_fused_kernels_give_the_formulas_logits_and_gradients(monkeypatch):
     torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-5)
     for name in expected_grads:
         torch.testing.assert_close(grads[name], expected_grads[name], rtol=1e-4, atol=1e-5, msg=name)
-    with torch.no_grad():  # the norm's and SwiGLU's kernels too, over a cache
+    with torch.no_grad():  # the norm's, SwiGLU's and the residual add's kernels too, over a cache
         cache = DynamicCache(config=model.config)
         first = model(ids[:, :WINDOW], cache=cache).logits
         rest = model(ids[:, WINDOW:], cache=cache).logits

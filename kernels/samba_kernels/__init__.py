@@ -14,7 +14,8 @@ Imports torch and triton only, never transformers. Every op is a folder with the
     mamba_decode         mamba_decode_step                              (a Mamba mixer's decode token)
     decode_attention     ring_decode_attention                          (a token's attention over a ring buffer)
     rotary               rotary_embedding                               (rotate-half RoPE on queries and keys)
-    norm_swiglu          rms_norm, swiglu                               (RMSNorm with its cast; silu(gate) * up)
+    norm_swiglu          rms_norm, swiglu, residual_add                 (RMSNorm with its cast; silu(gate) * up;
+                                                                        the float32 residual add)
 
 and each reference is the op's name with `_ref`. `compile_ahead` (_compile_ahead.py) compiles a computation's kernels in
 threads before it runs, from a dry run. The public ops run their Triton kernels on CUDA tensors, and on
@@ -43,7 +44,7 @@ from .matvec import (
     stacked_matvec,
     stacked_matvec_ref,
 )
-from .norm_swiglu import rms_norm, rms_norm_ref, swiglu, swiglu_ref
+from .norm_swiglu import residual_add, residual_add_ref, rms_norm, rms_norm_ref, swiglu, swiglu_ref
 from .rotary import rotary_embedding, rotary_embedding_ref
 from .selective_scan import selective_scan_fn, selective_scan_ref, selective_state_update, selective_state_update_ref
 from .windowed_attention import window_mask, windowed_attention, windowed_attention_ref
@@ -63,6 +64,8 @@ __all__ = [
     "matvec_add_ref",
     "matvec_ref",
     "programmatic_dependent_launch",
+    "residual_add",
+    "residual_add_ref",
     "ring_decode_attention",
     "rms_norm",
     "rms_norm_ref",

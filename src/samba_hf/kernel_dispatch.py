@@ -1,5 +1,5 @@
-"""The one place where the ops of a Samba model are chosen: its Mamba ops, its RoPE, RMSNorm and SwiGLU, and its
-attention implementation "samba_sdpa" (the default), registered with transformers' attention interface.
+"""The one place where the ops of a Samba model are chosen: its Mamba ops, its RoPE, RMSNorm, SwiGLU and residual
+add, and its attention implementation "samba_sdpa" (the default), registered with transformers' attention interface.
 
 Mamba ops, `"auto"`: samba_kernels' Triton kernels for CUDA tensors, the PyTorch references elsewhere.
 `"triton"` / `"torch"` / `"mamba_ssm"` force one implementation (`config.kernel_implementation`,
@@ -126,9 +126,10 @@ def kernel_op(name: str, config_choice: str, device: torch.device, reference):
     """samba_kernels.<name> for tensors on `device` where samba_kernels serve it (`kernels_serve`), else `reference`,
     the model's own formula of the same semantics. The kernels that stand in for a formula this way: RoPE
     (`rotary_embedding`, where the formula takes five PyTorch ops that read strided queries element by element), RMSNorm
-    with its cast (`rms_norm`) and SwiGLU's gate (`swiglu`), where the formulas take two or three kernels. Under
-    torch.compile each runs its reference, which the compiler fuses itself; rms_norm and swiglu also do where
-    autograd records (their kernels have no backward)."""
+    with its cast (`rms_norm`) and SwiGLU's gate (`swiglu`), where the formulas take two or three kernels, and the
+    float32 residual add (`residual_add`), which PyTorch runs unvectorised for mixed dtypes. Under torch.compile each
+    runs its reference, which the compiler fuses itself; rms_norm, swiglu and residual_add also do where autograd
+    records (their kernels have no backward)."""
     return getattr(samba_kernels, name) if kernels_serve(config_choice, device) else reference
 
 
@@ -226,7 +227,7 @@ def describe(config_choice: str = "auto") -> dict:
     report = {
         "Mamba ops": {},
         "RoPE": {},
-        "RMSNorm and SwiGLU": {},
+        "RMSNorm, SwiGLU and the residual add": {},
         "sliding-window attention": {},
         "generate() decoding": {},
     }
@@ -239,9 +240,9 @@ def describe(config_choice: str = "auto") -> dict:
         report["RoPE"][device] = (
             "samba_kernels.rotary_embedding (Triton; the formula under torch.compile)" if serve else "the formula"
         )
-        report["RMSNorm and SwiGLU"][device] = (
-            "samba_kernels.rms_norm and swiglu (Triton without gradients; the formulas with them and under "
-            "torch.compile)"
+        report["RMSNorm, SwiGLU and the residual add"][device] = (
+            "samba_kernels.rms_norm, swiglu and residual_add (Triton without gradients; the formulas with them and "
+            "under torch.compile)"
             if serve
             else "the formulas"
         )

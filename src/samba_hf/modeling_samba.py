@@ -90,6 +90,10 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def float32_residual_add(residual: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    return residual.float() + update  # the add promotes a bf16 update to float32 itself, without a cast copy
+
+
 class SambaMLP(nn.Module):
     """SwiGLU without bias: down(silu(gate(x)) * up(x))."""
 
@@ -353,6 +357,7 @@ class SambaDecoderLayer(GradientCheckpointingLayer):
 
     def __init__(self, config: SambaConfig, layer_idx: int):
         super().__init__()
+        self.config = config
         self.mixer_type = config.layer_types[layer_idx]
         self.residual_in_fp32 = config.residual_in_fp32
         self.mixer_norm = SambaRMSNorm(config)
@@ -369,8 +374,9 @@ class SambaDecoderLayer(GradientCheckpointingLayer):
             self.mlp_norm = self.mlp = None
 
     def add_residual(self, residual: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
-        if self.residual_in_fp32:  # the add promotes a bf16 update to float32 itself, without a cast copy
-            return residual.float() + update
+        if self.residual_in_fp32:
+            add = kernel_op("residual_add", self.config.kernel_implementation, residual.device, float32_residual_add)
+            return add(residual, update)
         return residual + update
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")

@@ -1,4 +1,4 @@
-"""RMSNorm and SwiGLU (samba_kernels.norm_swiglu) against float64 computations, in float32 and bf16, at odd sizes and
+"""RMSNorm, SwiGLU and the float32 residual add (samba_kernels.norm_swiglu) against float64 computations, in float32 and bf16, at odd sizes and
 strides; the paths that take the references (gradients recorded, torch.compile, CPU tensors without the
 interpreter), and the errors."""
 
@@ -66,6 +66,27 @@ def test_swiglu_reads_strided_inputs():
     torch.testing.assert_close(samba_kernels.swiglu(gate, up), samba_kernels.swiglu_ref(gate, up), **ONE_ROUNDING[F32])
 
 
+@pytest.mark.parametrize(
+    "shape, residual_dtype, update_dtype",
+    [((3, 5, 24), F32, BF16), ((2, 7, 1000), F32, F32), ((4, 9), BF16, BF16), ((0, 8), F32, BF16)],
+)
+def test_residual_add_sums_in_float32(shape, residual_dtype, update_dtype):
+    g = gen(8)
+    residual, update = randn(g, *shape).to(residual_dtype) * 3, randn(g, *shape).to(update_dtype)
+    out = samba_kernels.residual_add(residual, update)
+    assert out.shape == residual.shape and out.dtype == F32
+    # float32 sums of values that float32 holds exactly: one rounding of the float64 sum
+    torch.testing.assert_close(out, (residual.double() + update.double()).float(), rtol=0, atol=0)
+
+
+def test_residual_add_of_strided_or_broadcast_inputs_takes_the_reference():
+    g = gen(9)
+    residual, update = randn(g, 6, 10).t(), randn(g, 10, 6).to(BF16)
+    torch.testing.assert_close(samba_kernels.residual_add(residual, update), residual + update.float(), rtol=0, atol=0)
+    residual, update = randn(g, 4, 6), randn(g, 6)
+    torch.testing.assert_close(samba_kernels.residual_add(residual, update), residual + update, rtol=0, atol=0)
+
+
 class NoKernel:
     def __getitem__(self, grid):
         pytest.fail("a kernel was launched")
@@ -75,6 +96,7 @@ class NoKernel:
 def test_reference_paths_launch_no_kernel(monkeypatch, path):
     monkeypatch.setattr(norm_swiglu_kernel, "_rms_norm_kernel", NoKernel())
     monkeypatch.setattr(norm_swiglu_kernel, "_swiglu_kernel", NoKernel())
+    monkeypatch.setattr(norm_swiglu_kernel, "_residual_add_kernel", NoKernel())
     device = DEVICE
     if path == "torch.compile":
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
@@ -90,8 +112,10 @@ def test_reference_paths_launch_no_kernel(monkeypatch, path):
     out = samba_kernels.rms_norm(x, weight, 1e-5)
     torch.testing.assert_close(out, samba_kernels.rms_norm_ref(x, weight, 1e-5, weight.dtype), rtol=0, atol=0)
     torch.testing.assert_close(samba_kernels.swiglu(gate, up), samba_kernels.swiglu_ref(gate, up), rtol=0, atol=0)
+    summed = samba_kernels.residual_add(x, weight.expand_as(x).contiguous())
+    torch.testing.assert_close(summed, x + weight, rtol=0, atol=0)
     if path == "gradients":
-        assert out.requires_grad
+        assert out.requires_grad and summed.requires_grad
 
 
 def test_bad_shapes_are_refused():
