@@ -12,7 +12,7 @@ from transformers.generation import CompileConfig
 from samba_hf import SambaConfig, SambaForCausalLM, SambaStaticCache
 from samba_hf.cli import main as samba_hf_main
 from samba_hf.demo import train_tokenizer
-from samba_hf.generation import cache_nbytes, chunked_forward, counts_tokens
+from samba_hf.generation import cache_nbytes, chunked_forward, counts_tokens, windows_joined_by_copies
 from samba_hf.hub import save_hub_folder
 
 from .helpers import small_model
@@ -281,6 +281,27 @@ def test_chunked_prefill_is_exact_with_left_padding(chunk_size):
         model.generate(ids, prefill_chunk_size=chunk_size, **kwargs),
         model.generate(ids, prefill_chunk_size=ids.shape[1], **kwargs),
     )
+
+
+def test_the_prefills_window_layers_update_as_transformers_layers_do():
+    """Inside the chunked prefill the sliding-window layers join keys by copies (`ChunkWindowLayer`): each update
+    returns the keys and values of transformers' own layer fed the same strided chunks, keeps the same, and the
+    layers are transformers' again afterwards (after an error too)."""
+    config = small_model().config
+    reference, cache = DynamicCache(config=config), DynamicCache(config=config)
+    layer = config.layer_types.index("sliding_attention")
+    g = torch.Generator().manual_seed(0)
+    with windows_joined_by_copies(cache):
+        for tokens in (3, 1, WINDOW + 2, 2):
+            keys, values = (torch.randn(2, tokens, 2, 4, generator=g).transpose(1, 2) for _ in range(2))
+            for got, expected in zip(cache.update(keys, values, layer), reference.update(keys, values, layer)):
+                assert torch.equal(got, expected)
+            assert torch.equal(cache.layers[layer].keys, reference.layers[layer].keys)
+            assert cache.get_seq_length(layer) == reference.get_seq_length(layer)
+    assert type(cache.layers[layer]) is type(reference.layers[layer])
+    with pytest.raises(RuntimeError, match="a chunk failed"), windows_joined_by_copies(cache):
+        raise RuntimeError("a chunk failed")
+    assert type(cache.layers[layer]) is type(reference.layers[layer])
 
 
 class DeviceWaits(TorchDispatchMode):

@@ -226,18 +226,60 @@ def chunked_forward(model, model_inputs: dict, chunk_size: int):
     if positions is not None and mask is None and numbered_from_the_cache(model, positions, model_inputs["cache"]):
         model_inputs = {**model_inputs, "position_ids": None}
     outputs = None
-    for start in range(0, length, chunk_size):
-        end = min(start + chunk_size, length)
-        chunk = dict(model_inputs)
-        for name in ("input_ids", "inputs_embeds"):
-            if chunk.get(name) is not None:
-                chunk[name] = chunk[name][:, start:end]
-        if chunk.get("position_ids") is not None:
-            chunk["position_ids"] = chunk["position_ids"][..., start:end]
-        if isinstance(mask, torch.Tensor):
-            chunk["attention_mask"] = mask[:, : mask.shape[1] - (length - end)]
-        outputs = model(**chunk, return_dict=True)
+    with windows_joined_by_copies(model_inputs["cache"]):
+        for start in range(0, length, chunk_size):
+            end = min(start + chunk_size, length)
+            chunk = dict(model_inputs)
+            for name in ("input_ids", "inputs_embeds"):
+                if chunk.get(name) is not None:
+                    chunk[name] = chunk[name][:, start:end]
+            if chunk.get("position_ids") is not None:
+                chunk["position_ids"] = chunk["position_ids"][..., start:end]
+            if isinstance(mask, torch.Tensor):
+                chunk["attention_mask"] = mask[:, : mask.shape[1] - (length - end)]
+            outputs = model(**chunk, return_dict=True)
     return outputs
+
+
+class ChunkWindowLayer(DynamicSlidingWindowLayer):
+    """transformers' dynamic sliding-window layer, except that an update joins the kept keys and the new ones by two
+    copies into one new tensor. `torch.cat` of the kept keys (a slice of the last join) and a chunk's values (a
+    transposed view of their projection) takes PyTorch's generic gather for strided inputs, which moved 0.7 TB/s on
+    the H200: 16 ms of a 128K-token prefill's 278 (docs/performance-notes.md). The keys, values and count are
+    transformers' layer's, so the layer goes back to its class after the prefill (`windows_joined_by_copies`)."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.record_past:
+            return super().update(key_states, value_states, *args, **kwargs)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        keys, values = joined(self.keys, key_states), joined(self.values, value_states)
+        self.keys, self.values = keys[:, :, -self.sliding_window + 1 :], values[:, :, -self.sliding_window + 1 :]
+        return keys, values
+
+
+def joined(kept: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """torch.cat([kept, new], dim=2) of (batch, heads, tokens, head_dim) tensors, by a copy of each (kept: also the
+    empty 1-D tensor of a layer that holds no keys yet)."""
+    kept = kept if kept.dim() == 4 else new[:, :, :0]
+    out = new.new_empty(*new.shape[:2], kept.shape[2] + new.shape[2], new.shape[3])
+    out[:, :, : kept.shape[2]].copy_(kept)
+    out[:, :, kept.shape[2] :].copy_(new)
+    return out
+
+
+@contextlib.contextmanager
+def windows_joined_by_copies(cache: Cache):
+    """The cache's transformers sliding-window layers update as `ChunkWindowLayer`s inside the block."""
+    layers = [layer for layer in cache.layers if type(layer) is DynamicSlidingWindowLayer]
+    for layer in layers:
+        layer.__class__ = ChunkWindowLayer
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.__class__ = DynamicSlidingWindowLayer
 
 
 def numbered_from_the_cache(model, position_ids, cache) -> bool:
