@@ -14,6 +14,7 @@ or one skipped cell with `ctx.skip`. The results file keeps one entry per case, 
 run that measured it, so a run of some cases leaves the others' numbers as they were.
 """
 
+import collections
 import dataclasses
 import datetime
 import functools
@@ -36,6 +37,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 # A cell whose predicted peak memory passes this share of the device's memory is skipped: the allocator's
 # fragmentation and the CUDA context take the rest.
 MEMORY_HEADROOM = 0.92
+# The shortest wait between two kernels that `idle_gaps` counts: longer than a launch queued behind another.
+IDLE_GAP_US = 20.0
 GiB = 2**30
 
 
@@ -162,7 +165,7 @@ def profiled(fn: Callable, device: torch.device | str, calls: int) -> dict[str, 
         for event in profile.key_averages(group_by_input_shape=True)
         if event.device_type == torch.autograd.DeviceType.CPU and event.count
     ]
-    return {
+    found = {
         kind: sorted(
             ((name, us / calls, count / calls) for name, us, count in rows if us > 0),
             key=lambda row: row[1],
@@ -170,6 +173,29 @@ def profiled(fn: Callable, device: torch.device | str, calls: int) -> dict[str, 
         )
         for kind, rows in (("kernel", kernels), ("op", ops))
     }
+    if on_gpu:
+        found["idle"] = idle_gaps(profile.events(), calls)
+    return found
+
+
+def idle_gaps(events, calls: int) -> list[tuple[str, float, float]]:
+    """Where the GPU waited between kernels: [("after <kernel>", µs idle after it per call, gaps per call)] over
+    gaps of IDLE_GAP_US or more, the most first, and ("any gap", µs, gaps) for them all."""
+    kernels = sorted(
+        (event for event in events if event.device_type == torch.autograd.DeviceType.CUDA),
+        key=lambda event: event.time_range.start,
+    )
+    after, busy_until, previous = collections.defaultdict(lambda: [0.0, 0]), None, None
+    for event in kernels:
+        if busy_until is not None and event.time_range.start - busy_until >= IDLE_GAP_US:
+            gap = after[f"after {previous.name[:100]}"]
+            gap[0] += event.time_range.start - busy_until
+            gap[1] += 1
+        if busy_until is None or event.time_range.end > busy_until:
+            busy_until, previous = event.time_range.end, event
+    total = ("any gap", sum(us for us, _ in after.values()), sum(count for _, count in after.values()))
+    rows = sorted(((name, us, count) for name, (us, count) in after.items()), key=lambda row: row[1], reverse=True)
+    return [(name, us / calls, count / calls) for name, us, count in [total, *rows]]
 
 
 def free_memory() -> None:

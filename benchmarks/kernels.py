@@ -10,6 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import samba_kernels as sk
+from samba_hf.generation import joined
 
 from . import mamba_ssm_cuda, models
 from .harness import columns, drawer, fmt, free_memory, kernel_ms, registry, rows_of, scan_inputs
@@ -342,7 +343,8 @@ NORM_SWIGLU_ROWS = {"prefill chunk": 8192, "decode, batch 16": 16}
 
 @case(
     "norm-swiglu",
-    "RMSNorm (float32 residual in, bf16 out) and SwiGLU's silu(gate) * up: samba_kernels against the model's formulas",
+    "RMSNorm (float32 residual in, bf16 out), SwiGLU's silu(gate) * up and the float32 residual add: samba_kernels "
+    "against the model's formulas; the chunked prefill's window join (generation.joined) against torch.cat",
 )
 @torch.no_grad()
 def norm_swiglu(ctx):
@@ -353,7 +355,18 @@ def norm_swiglu(ctx):
         residual = torch.randn(rows, hidden, device=ctx.device)
         weight = torch.randn(hidden, device=ctx.device, dtype=dtype)
         gate, up = (torch.randn(rows, inner, device=ctx.device, dtype=dtype) for _ in range(2))
+        update = torch.randn(rows, hidden, device=ctx.device, dtype=dtype)
         element = weight.element_size()
+        timed_against_reference(
+            ctx,
+            f"residual_add, {label}",
+            "samba",
+            (1, hidden, rows),
+            rows * hidden * (4 + element + 4),  # read float32 and the update, write float32
+            lambda: sk.residual_add(residual, update),
+            lambda: sk.residual_add_ref(residual, update),
+            1.0,
+        )
         timed_against_reference(
             ctx,
             f"rms_norm, {label}",
@@ -374,6 +387,28 @@ def norm_swiglu(ctx):
             lambda: sk.swiglu_ref(gate, up),
             1.0,
         )
+    window_join(ctx, config, dtype)
+
+
+def window_join(ctx, config, dtype) -> None:
+    """A prefill chunk's values joined to the kept ones, as the sliding-window cache does at every attention layer
+    and chunk: the kept values a slice of the last join, the chunk's a transposed view of their projection."""
+    chunk = 64 if ctx.smoke else config.prefill_chunk_size
+    kept, heads, head_dim = config.sliding_window - 1, config.num_key_value_heads, config.head_dim
+    last_join = torch.randn(1, heads, kept + chunk, head_dim, device=ctx.device, dtype=dtype)
+    kept_values = last_join[:, :, -kept:]
+    projection = torch.randn(1, chunk, heads * head_dim, device=ctx.device, dtype=dtype)
+    values = projection.view(1, chunk, heads, head_dim).transpose(1, 2)
+    timed_against_reference(
+        ctx,
+        "window join, prefill chunk",
+        "samba",
+        (1, heads * head_dim, kept + chunk),
+        2 * (kept + chunk) * heads * head_dim * last_join.element_size(),  # read both, write the join
+        lambda: joined(kept_values, values),
+        lambda: torch.cat([kept_values, values], dim=2),
+        1.0,
+    )
 
 
 def window_block_mask(length: int, window: int, device) -> object:

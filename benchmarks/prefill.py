@@ -138,8 +138,8 @@ def chunk_size_case(ctx):
 @torch.no_grad()
 def profile_case(ctx):
     """After a warm-up call, one unprofiled call (wall-clock) and one profiled: the operators that launched the
-    most GPU time (their own kernels), the kernels that took it, and the sum of every kernel's time against the
-    wall-clock (the rest is the GPU waiting on the host)."""
+    most GPU time (their own kernels), the kernels that took it, the sum of every kernel's time against the
+    wall-clock (the rest is the GPU waiting on the host), and the kernels after which the GPU waited longest."""
     length = SMOKE_LENGTHS["128k"] if ctx.smoke else LENGTHS["128k"]
     model = models.build("samba", ctx.device, dtype_for(ctx.device), ctx.smoke)
     prompt = random_prompt(model.config.vocab_size, 1, length, ctx.device)

@@ -45,7 +45,8 @@ def test_kernels_one_token_cases(tmp_path):
 
 def test_kernels_norm_swiglu_case(tmp_path):
     rows = measured(smoke("kernels", "norm-swiglu", tmp_path), "norm-swiglu", "ms")
-    assert [row["op"].split(",")[0] for row in rows] == ["rms_norm", "swiglu"] * 2
+    ops = ["residual_add", "rms_norm", "swiglu"]
+    assert [row["op"].split(",")[0] for row in rows] == ops * 2 + ["window join"]
     assert all(row["ms"] > 0 and row["reference_ms"] > 0 for row in rows)
 
 
@@ -256,3 +257,28 @@ def test_train_profile_case(tmp_path):
     assert {row["mode"] for row in rows} == {"eager", "compiled"}
     totals = [row for row in rows if row["kernel"] == "the step, wall-clock (unprofiled)"]
     assert len(totals) == 2 and all(row["ms"] > 0 for row in totals)
+
+
+def test_idle_gaps_sum_the_waits_between_kernels_after_each_kernel():
+    """Kernels overlapping or queued back to back leave no gap; waits of IDLE_GAP_US or more count against the
+    kernel that ran last before them (the one that ended last), per call."""
+
+    def kernel(name, start, end):
+        return types.SimpleNamespace(
+            name=name,
+            device_type=torch.autograd.DeviceType.CUDA,
+            time_range=types.SimpleNamespace(start=start, end=end),
+        )
+
+    host_op = types.SimpleNamespace(name="cpu op", device_type=torch.autograd.DeviceType.CPU, time_range=None)
+    events = [
+        kernel("b", 100, 150),  # ends before "a", which it overlaps
+        kernel("a", 0, 200),
+        host_op,
+        kernel("c", 210, 300),  # 10 µs after "a": a launch queued behind it
+        kernel("d", 400, 450),  # 100 µs after "c"
+        kernel("c", 500, 600),  # 50 µs after "d"
+        kernel("e", 700, 710),  # 100 µs after "c"
+    ]
+    gaps = harness.idle_gaps(events, calls=2)
+    assert gaps == [("any gap", 125.0, 1.5), ("after c", 100.0, 1.0), ("after d", 25.0, 0.5)]
