@@ -92,9 +92,10 @@ class SambaConfig(PreTrainedConfig):
             training) when the attention implementation is sdpa or eager. `False` keeps them on the
             attention interface with a window mask, which needs no compilation (short training
             sequences of many different shapes).
-        prefill_chunk_size (`int`, *optional*, defaults to 8192): Inputs longer than this that fill a cache
+        prefill_chunk_size (`int`, *optional*, defaults to 16384): Inputs longer than this that fill a cache
             (prompts in `generate`) run through the model in chunks of this many tokens, so activation
-            memory stays O(chunk + window) whatever the prompt length. `None` disables chunking; the
+            memory stays O(chunk + window) whatever the prompt length. Each chunk costs the host a fixed
+            launch time, which shorter chunks do not hide behind the GPU's work (docs/performance-notes.md). `None` disables chunking; the
             `prefill_chunk_size=` argument of `forward` overrides it per call (that of `generate` has
             transformers chunk the prompt before the forward sees it).
 
@@ -142,7 +143,7 @@ class SambaConfig(PreTrainedConfig):
     initializer_range: float = 0.02
     kernel_implementation: str = "auto"
     windowed_attention_kernel: bool = True
-    prefill_chunk_size: int | None = 8192
+    prefill_chunk_size: int | None = 16384
     use_cache: bool = True
     pad_token_id: int | None = None
     bos_token_id: int | None = 1
