@@ -109,9 +109,15 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def residual_add(residual: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
     """residual + update in float32 whatever their dtypes (semantics: `residual_add_ref`; float32 sums of the same
     values, so equal to it): one Triton kernel where `use_triton(residual)`, outside torch.compile and without
-    gradients to record, for contiguous inputs of one shape; the reference elsewhere (which also broadcasts)."""
+    gradients to record, for a float32 residual and an update of its shape, both contiguous; the reference elsewhere
+    (which also broadcasts). A 16-bit residual (the embeddings, once per forward) takes the reference too: a second
+    variant of the kernel would cost a compilation on a new machine for one add."""
     kernel_serves = (
-        use_triton(residual) and residual.shape == update.shape and residual.is_contiguous() and update.is_contiguous()
+        use_triton(residual)
+        and residual.dtype == torch.float32
+        and residual.shape == update.shape
+        and residual.is_contiguous()
+        and update.is_contiguous()
     )
     if torch.compiler.is_compiling() or not kernel_serves or _records_gradients(residual, update):
         return residual_add_ref(residual, update)
