@@ -95,9 +95,9 @@ class SambaConfig(PreTrainedConfig):
         prefill_chunk_size (`int`, *optional*, defaults to 16384): Inputs longer than this that fill a cache
             (prompts in `generate`) run through the model in chunks of this many tokens, so activation
             memory stays O(chunk + window) whatever the prompt length. Each chunk costs the host a fixed
-            launch time, which shorter chunks do not hide behind the GPU's work (docs/performance-notes.md). `None` disables chunking; the
-            `prefill_chunk_size=` argument of `forward` overrides it per call (that of `generate` has
-            transformers chunk the prompt before the forward sees it).
+            launch time, which shorter chunks do not hide behind the GPU's work (docs/performance-notes.md).
+            `None` disables chunking; the `prefill_chunk_size=` argument of `forward` overrides it per call
+            (that of `generate` has transformers chunk the prompt before the forward sees it).
 
     Example:
 

@@ -1,6 +1,6 @@
 """PyTorch references of RMSNorm (normalised in float32, returned in the output dtype), of SwiGLU's gate,
-silu(gate) * up, and of the float32 residual add: the model's formulas, the path of CPU tensors, of gradients and of torch.compile (whose kernels
-fuse them), and the oracle of the kernel tests beside float64 computations."""
+silu(gate) * up, and of the float32 residual add: the model's formulas, the path of CPU tensors, of gradients and of
+torch.compile (whose kernels fuse them), and the oracle of the kernel tests beside float64 computations."""
 
 import torch
 import torch.nn.functional as F
