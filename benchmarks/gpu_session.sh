@@ -32,8 +32,8 @@ python3 -m benchmarks.wheels verify /tmp/site || exit 1
 export SAMBA_COMMIT=${SAMBA_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 suites=()
 
-left() {  # seconds left of the part, less a minute for the archives and the summary (at least 1: timeout 0 never stops)
-    local seconds=$((start + limit - $(date +%s) - 60))
+left() {  # seconds left of the part, less 25 s for the archives and the summary (at least 1: timeout 0 never stops)
+    local seconds=$((start + limit - $(date +%s) - 25))
     echo $((seconds > 1 ? seconds : 1))
 }
 
