@@ -2,12 +2,13 @@
 paper's 438M Llama in one process, with peak memory and Samba's linearity from 128K to 1M tokens."""
 
 import statistics
+import time
 
 import torch
 
 from . import models
 from .generate import dtype_for, random_prompt
-from .harness import columns, free_memory, peak_gib, profiled, registry, rows_of, wall_seconds
+from .harness import columns, free_memory, peak_gib, profiled, registry, rows_of, synchronize, wall_seconds
 
 TITLE = "Prefill: 128K and 1M-token prompts, samba-421m against the paper's 438M Llama"
 LENGTHS = {"128k": 131072, "1m": 1048576}
@@ -117,7 +118,8 @@ def chunk_size_case(ctx):
     """One model; per chunk size a warm-up call of two chunks (the kernel variants of a first chunk and of one that
     continues; the prompt is a whole number of chunks), then REPEATS calls per length: the cost a chunk pays whatever
     its length (the host's launches, the window's keys carried over) against the memory of a longer chunk's
-    activations."""
+    activations. At 128K, one more call timed chunk by chunk says which of the host and the GPU the chunks wait on
+    (`chunk_times`)."""
     lengths = SMOKE_LENGTHS if ctx.smoke else LENGTHS
     sizes = [size // 256 for size in CHUNK_SIZES] if ctx.smoke else CHUNK_SIZES
     model = models.build("samba", ctx.device, dtype_for(ctx.device), ctx.smoke)
@@ -131,7 +133,38 @@ def chunk_size_case(ctx):
             if refusal:
                 ctx.skip(refusal, **cell)
                 continue
-            ctx.add(**prefill_row(ctx, "samba", model, length, REPEATS, prefill_chunk_size=size), chunk=size)
+            row = prefill_row(ctx, "samba", model, length, REPEATS, prefill_chunk_size=size)
+            if length == lengths["128k"]:
+                row.update(chunk_times(model, length, size, ctx.device))
+            ctx.add(**row, chunk=size)
+
+
+@torch.no_grad()
+def chunk_times(model, length: int, chunk: int, device: torch.device) -> dict:
+    """Medians over the chunks of one prefill of `length` tokens: the host's milliseconds from one chunk's forward
+    returning to the next's (its launches), and the GPU's between CUDA events recorded at the same points (its
+    work, or, where it is the shorter, the host's launches again: the GPU waited)."""
+    marks = []
+
+    def mark(*_):
+        event = torch.cuda.Event(enable_timing=True) if device.type == "cuda" else None
+        if event is not None:
+            event.record()
+        marks.append((time.perf_counter(), event))
+
+    prompt = random_prompt(model.config.vocab_size, 1, length, device)
+    handle = model.register_forward_hook(mark)
+    try:
+        synchronize(device)
+        mark()
+        model.generate(prompt, max_new_tokens=1, do_sample=False, pad_token_id=0, prefill_chunk_size=chunk)
+        synchronize(device)
+    finally:
+        handle.remove()
+    times = dict(host_ms_per_chunk=statistics.median(1e3 * (b[0] - a[0]) for a, b in zip(marks, marks[1:])))
+    if device.type == "cuda":
+        times["gpu_ms_per_chunk"] = statistics.median(a[1].elapsed_time(b[1]) for a, b in zip(marks, marks[1:]))
+    return times
 
 
 @case(
@@ -227,7 +260,14 @@ PROFILE_COLUMNS = [
 ]
 
 
-CHUNK_COLUMNS = [*COLUMNS[:2], ("prefill chunk", "chunk"), *COLUMNS[2:]]
+CHUNK_COLUMNS = [
+    *COLUMNS[:2],
+    ("prefill chunk", "chunk"),
+    *COLUMNS[2:-1],
+    ("host ms per chunk", "host_ms_per_chunk", ".1f"),
+    ("GPU ms per chunk", "gpu_ms_per_chunk", ".1f"),
+    COLUMNS[-1],
+]
 
 
 def render_case(name: str, entry: dict) -> list[str]:

@@ -252,6 +252,8 @@ def test_prefill_chunk_size_case(tmp_path):
         (chunk, length) for chunk in (64, 32, 128) for length in (96, 768)
     ]
     assert all(row["seconds"] > 0 for row in rows)
+    timed = [row for row in rows if "host_ms_per_chunk" in row]
+    assert [row["length"] for row in timed] == [96] * 3 and all(row["host_ms_per_chunk"] > 0 for row in timed)
 
 
 def test_train_profile_case(tmp_path):
