@@ -10,7 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import samba_kernels as sk
-from samba_hf.generation import joined
+from samba_hf.cache_samba import joined
 
 from . import mamba_ssm_cuda, models
 from .harness import columns, drawer, fmt, free_memory, kernel_ms, registry, rows_of, scan_inputs
@@ -344,7 +344,7 @@ NORM_SWIGLU_ROWS = {"prefill chunk": 8192, "decode, batch 16": 16}
 @case(
     "norm-swiglu",
     "RMSNorm (float32 residual in, bf16 out), SwiGLU's silu(gate) * up and the float32 residual add: samba_kernels "
-    "against the model's formulas; the chunked prefill's window join (generation.joined) against torch.cat",
+    "against the model's formulas; the chunked prefill's window join (cache_samba.joined) against torch.cat",
 )
 @torch.no_grad()
 def norm_swiglu(ctx):

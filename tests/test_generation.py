@@ -10,9 +10,10 @@ from transformers import DynamicCache, StaticCache, TextIteratorStreamer
 from transformers.generation import CompileConfig
 
 from samba_hf import SambaConfig, SambaForCausalLM, SambaStaticCache
+from samba_hf.cache_samba import windows_joined_by_copies
 from samba_hf.cli import main as samba_hf_main
 from samba_hf.demo import train_tokenizer
-from samba_hf.generation import cache_nbytes, chunked_forward, counts_tokens, windows_joined_by_copies
+from samba_hf.generation import cache_nbytes, chunked_forward, counts_tokens
 from samba_hf.hub import save_hub_folder
 
 from .helpers import small_model

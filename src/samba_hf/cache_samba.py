@@ -1,11 +1,21 @@
-"""Samba's static cache: transformers' `StaticCache` with the sliding-window layers in ring buffers.
+"""Samba's cache layers: transformers' `StaticCache` with the sliding-window layers in ring buffers, and the
+chunked prefill's sliding-window layer (`ChunkWindowLayer`).
 
-The dynamic cache needs nothing of our own: `DynamicCache(config=config)` builds conv + SSM state layers
-for the Mamba mixers and windowed key/value layers for the sliding-window attention from `layer_types`.
+The dynamic cache is transformers' own: `DynamicCache(config=config)` builds conv + SSM state layers for the
+Mamba mixers and windowed key/value layers for the sliding-window attention from `layer_types`; the chunked
+prefill only changes how those window layers join keys, for its duration.
 """
 
+import contextlib
+
 import torch
-from transformers.cache_utils import Cache, StaticCache, StaticLayer, StaticSlidingWindowLayer
+from transformers.cache_utils import (
+    Cache,
+    DynamicSlidingWindowLayer,
+    StaticCache,
+    StaticLayer,
+    StaticSlidingWindowLayer,
+)
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from .configuration_samba import SambaConfig
@@ -146,3 +156,44 @@ def ring_window_mask(config: SambaConfig, inputs_embeds: torch.Tensor, attention
 
 
 __all__ = ["SambaStaticCache", "SlidingWindowRingLayer"]
+
+
+class ChunkWindowLayer(DynamicSlidingWindowLayer):
+    """transformers' dynamic sliding-window layer, except that an update joins the kept keys and the new ones by two
+    copies into one new tensor. `torch.cat` of the kept keys (a slice of the last join) and a chunk's values (a
+    transposed view of their projection) takes PyTorch's generic gather for strided inputs, which moved 0.7 TB/s on
+    the H200: 16 ms of a 128K-token prefill's 278 (docs/performance-notes.md). The keys, values and count are
+    transformers' layer's, so the layer goes back to its class after the prefill (`windows_joined_by_copies`)."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.record_past:
+            return super().update(key_states, value_states, *args, **kwargs)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        keys, values = joined(self.keys, key_states), joined(self.values, value_states)
+        self.keys, self.values = keys[:, :, -self.sliding_window + 1 :], values[:, :, -self.sliding_window + 1 :]
+        return keys, values
+
+
+def joined(kept: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """torch.cat([kept, new], dim=2) of (batch, heads, tokens, head_dim) tensors, by a copy of each (kept: also the
+    empty 1-D tensor of a layer that holds no keys yet)."""
+    kept = kept if kept.dim() == 4 else new[:, :, :0]
+    out = new.new_empty(*new.shape[:2], kept.shape[2] + new.shape[2], new.shape[3])
+    out[:, :, : kept.shape[2]].copy_(kept)
+    out[:, :, kept.shape[2] :].copy_(new)
+    return out
+
+
+@contextlib.contextmanager
+def windows_joined_by_copies(cache: Cache):
+    """The cache's transformers sliding-window layers update as `ChunkWindowLayer`s inside the block."""
+    layers = [layer for layer in cache.layers if type(layer) is DynamicSlidingWindowLayer]
+    for layer in layers:
+        layer.__class__ = ChunkWindowLayer
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.__class__ = DynamicSlidingWindowLayer

@@ -66,7 +66,7 @@ from transformers.generation.stopping_criteria import (
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils import logging
 
-from .cache_samba import SambaStaticCache, SlidingWindowRingLayer, count_mamba_tokens
+from .cache_samba import SambaStaticCache, SlidingWindowRingLayer, count_mamba_tokens, windows_joined_by_copies
 from .kernel_dispatch import kernels_serve, requested_implementation
 
 logger = logging.get_logger(__name__)
@@ -239,47 +239,6 @@ def chunked_forward(model, model_inputs: dict, chunk_size: int):
                 chunk["attention_mask"] = mask[:, : mask.shape[1] - (length - end)]
             outputs = model(**chunk, return_dict=True)
     return outputs
-
-
-class ChunkWindowLayer(DynamicSlidingWindowLayer):
-    """transformers' dynamic sliding-window layer, except that an update joins the kept keys and the new ones by two
-    copies into one new tensor. `torch.cat` of the kept keys (a slice of the last join) and a chunk's values (a
-    transposed view of their projection) takes PyTorch's generic gather for strided inputs, which moved 0.7 TB/s on
-    the H200: 16 ms of a 128K-token prefill's 278 (docs/performance-notes.md). The keys, values and count are
-    transformers' layer's, so the layer goes back to its class after the prefill (`windows_joined_by_copies`)."""
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if self.record_past:
-            return super().update(key_states, value_states, *args, **kwargs)
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self.cumulative_length += key_states.shape[-2]
-        keys, values = joined(self.keys, key_states), joined(self.values, value_states)
-        self.keys, self.values = keys[:, :, -self.sliding_window + 1 :], values[:, :, -self.sliding_window + 1 :]
-        return keys, values
-
-
-def joined(kept: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    """torch.cat([kept, new], dim=2) of (batch, heads, tokens, head_dim) tensors, by a copy of each (kept: also the
-    empty 1-D tensor of a layer that holds no keys yet)."""
-    kept = kept if kept.dim() == 4 else new[:, :, :0]
-    out = new.new_empty(*new.shape[:2], kept.shape[2] + new.shape[2], new.shape[3])
-    out[:, :, : kept.shape[2]].copy_(kept)
-    out[:, :, kept.shape[2] :].copy_(new)
-    return out
-
-
-@contextlib.contextmanager
-def windows_joined_by_copies(cache: Cache):
-    """The cache's transformers sliding-window layers update as `ChunkWindowLayer`s inside the block."""
-    layers = [layer for layer in cache.layers if type(layer) is DynamicSlidingWindowLayer]
-    for layer in layers:
-        layer.__class__ = ChunkWindowLayer
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.__class__ = DynamicSlidingWindowLayer
 
 
 def numbered_from_the_cache(model, position_ids, cache) -> bool:
