@@ -392,10 +392,11 @@ def norm_swiglu(ctx):
 
 def window_join(ctx, config, dtype) -> None:
     """A prefill chunk's values joined to the kept ones, as the sliding-window cache does at every attention layer
-    and chunk: the kept values a slice of the last join, the chunk's a transposed view of their projection."""
+    and chunk: the kept values a slice of the last join, the chunk's a transposed view of their projection (both
+    (batch, tokens, heads, head_dim) memory)."""
     chunk = 64 if ctx.smoke else config.prefill_chunk_size
     kept, heads, head_dim = config.sliding_window - 1, config.num_key_value_heads, config.head_dim
-    last_join = torch.randn(1, heads, kept + chunk, head_dim, device=ctx.device, dtype=dtype)
+    last_join = torch.randn(1, kept + chunk, heads, head_dim, device=ctx.device, dtype=dtype).transpose(1, 2)
     kept_values = last_join[:, :, -kept:]
     projection = torch.randn(1, chunk, heads * head_dim, device=ctx.device, dtype=dtype)
     values = projection.view(1, chunk, heads, head_dim).transpose(1, 2)

@@ -284,19 +284,29 @@ def test_chunked_prefill_is_exact_with_left_padding(chunk_size):
     )
 
 
-def test_the_prefills_window_layers_update_as_transformers_layers_do():
+@pytest.mark.parametrize("transposed", [True, False], ids=["model's chunks", "contiguous chunks"])
+def test_the_prefills_window_layers_update_as_transformers_layers_do(transposed):
     """Inside the chunked prefill the sliding-window layers join keys by copies (`ChunkWindowLayer`): each update
-    returns the keys and values of transformers' own layer fed the same strided chunks, keeps the same, and the
-    layers are transformers' again afterwards (after an error too)."""
+    returns the keys and values of transformers' own layer fed the same chunks (the model's: transposed views),
+    laid out in memory as the chunk is, keeps the same, and the layers are transformers' again afterwards (after an
+    error too)."""
     config = small_model().config
     reference, cache = DynamicCache(config=config), DynamicCache(config=config)
     layer = config.layer_types.index("sliding_attention")
     g = torch.Generator().manual_seed(0)
+
+    def chunk(tokens):
+        if transposed:  # (batch, tokens, heads, head_dim) memory
+            return torch.randn(2, tokens, 2, 4, generator=g).transpose(1, 2)
+        return torch.randn(2, 2, tokens, 4, generator=g)
+
     with windows_joined_by_copies(cache):
         for tokens in (3, 1, WINDOW + 2, 2):
-            keys, values = (torch.randn(2, tokens, 2, 4, generator=g).transpose(1, 2) for _ in range(2))
+            keys, values = chunk(tokens), chunk(tokens)
             for got, expected in zip(cache.update(keys, values, layer), reference.update(keys, values, layer)):
                 assert torch.equal(got, expected)
+                assert got.transpose(1, 2).is_contiguous() == transposed
+                assert got.is_contiguous() != transposed
             assert torch.equal(cache.layers[layer].keys, reference.layers[layer].keys)
             assert cache.get_seq_length(layer) == reference.get_seq_length(layer)
     assert type(cache.layers[layer]) is type(reference.layers[layer])
