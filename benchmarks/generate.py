@@ -66,11 +66,13 @@ of the run's time budget are skipped, with the prediction. `log` quotes what sam
 
 Case `first-call`: the batch-1, 4K-prompt engine row's calls in two new processes in turn, sharing a Triton cache
 folder that starts empty: the first process compiles every kernel (a new machine), the second finds them compiled
-(every later process). Twice: with the kernels compiled ahead in threads (the default), and each at its first
-launch (SAMBA_COMPILE_AHEAD=0), each pair with its own empty cache. `process s` is the whole process: Python's imports, the model's build, the three calls.
-`of which compiled ahead s`: the engine's dry run that compiles the call's kernels in threads before it runs;
-`capture s`: the step's graph capture. `Triton s`: the seconds Triton spent in its compilations (loads from its disk
-cache in the second process) during the calls, summed over kernels that compile concurrently, with the slowest.
+(every later process). Three times, each pair with its own empty cache: with the kernels compiled ahead in forked
+processes (the default on Linux), ahead in threads only (SAMBA_COMPILE_AHEAD=threads), and each at its first
+launch (SAMBA_COMPILE_AHEAD=0). `process s` is the whole process: Python's imports, the model's build, the three calls.
+`of which compiled ahead s`: the engine's dry run that compiles the call's kernels before it runs;
+`capture s`: the step's graph capture. `Triton s`: the seconds Triton spent in the process's compilations (loads from
+its disk cache in the second process, and where children compiled), summed over kernels that compile concurrently,
+with the slowest; a forked child's compile is not seen there.
 
 Case `engine-profile`: the engine's batch-1 step at 4K, each kernel's GPU time under torch.profiler (launched one by
 one, ordinary launches) and the replay of the captured step with and without programmatic dependent launch.
@@ -323,8 +325,9 @@ FIRST_CALL_PROCESSES = (
     ("new machine", "an empty Triton cache: every kernel is compiled"),
     ("new process", "Triton's disk cache as the process before left it"),
 )
-# The engine's dry run compiling the kernels in threads (its default), and each kernel compiled at its first launch.
-FIRST_CALL_COMPILATION = (("ahead", "1"), ("at launch", "0"))
+# The engine's dry run compiling the kernels in forked processes (its default on Linux) or in threads, and each
+# kernel compiled at its first launch.
+FIRST_CALL_COMPILATION = (("ahead, processes", "1"), ("ahead, threads", "threads"), ("at launch", "0"))
 FIRST_CALL_PROCESS_S = 40.0  # a planning guess: Python's imports, the model, two calls
 
 

@@ -1,30 +1,41 @@
-"""Compiling a computation's Triton kernels in threads, before it runs.
+"""Compiling a computation's Triton kernels in parallel, before it runs.
 
 Triton compiles a kernel at its first launch, one after another, then builds a C launcher for it with the host's C
-compiler: a first `generate()` on a new machine spends seconds there. Both steps release the GIL for most of
-their time (MLIR's passes, ptxas and gcc run outside Python), so they run concurrently in threads, if the kernels
-and their specialisations are known before the first launch. `compile_ahead` finds them by a dry run:
+compiler: a first `generate()` on a new machine spends seconds there. `compile_ahead` finds the kernels and their
+specialisations by a dry run, and compiles them all at once:
 
     with compile_ahead():
         run_the_computation()   # kernels not compiled yet are not launched: their outputs hold garbage
     run_the_computation()       # every kernel compiled: the real run
 
-Within the context, a launch of a Triton kernel whose specialisation is not compiled yet starts its compilation
-(Triton's `JITFunction.preload`) and its launcher's build in a thread pool, and returns without launching; kernels
-already compiled run. The exit waits for every compilation and raises the first error. A dry run must not decide
-anything from what a kernel writes (it holds garbage), nor write state the real run reads.
+Within the context, a launch of a Triton kernel whose specialisation is not compiled yet is skipped, and starts its
+compilation; kernels already compiled run. The exit waits for every compilation and raises the first error. A dry
+run must not decide anything from what a kernel writes (it holds garbage), nor write state the real run reads.
+
+Where the process can fork (Linux), each compilation runs in a forked child: it compiles the kernel (`JITFunction.
+preload`) and builds its launcher into Triton's disk cache, and exits; after the dry run, a pool thread waits for the
+child and loads what it left (`preload` again, now a read of the disk cache, and `_init_handles`). Threads alone
+compile about 2.5 at a time, however many there are: Triton's front end is Python, under the interpreter's lock
+(docs/performance-notes.md). A child uses no CUDA (a fork of a process that has initialised CUDA cannot), and
+children are forked while the pool's threads still wait, so no thread of this context holds a lock a child needs
+(as PyTorch's DataLoader forks its workers). A child that fails, or runs past CHILD_TIMEOUT_S, leaves its kernel
+to its thread, which compiles it after the dry run and raises its error. Elsewhere, and where the environment sets
+SAMBA_COMPILE_AHEAD=threads, the pool's threads compile.
 
 It works through Triton's `knobs.runtime.jit_cache_hook`, which Triton asks before it compiles. A hook set before
-(a profiler's, say) is kept: it is asked about every compilation, in the pool's threads too, as Triton would ask
-it. Under Triton's interpreter, and where the environment sets SAMBA_COMPILE_AHEAD=0, the context does nothing:
-kernels compile at their launch.
+(a profiler's, say) is kept: it is asked about every compilation, in the pool's threads (and the children) too, as
+Triton would ask it. Under Triton's interpreter, and where the environment sets SAMBA_COMPILE_AHEAD=0, the context
+does nothing: kernels compile at their launch.
 """
 
 import concurrent.futures
 import contextlib
 import contextvars
 import os
+import signal
+import sys
 import threading
+import time
 
 import triton
 from triton import knobs
@@ -32,6 +43,8 @@ from triton import knobs
 from ._common import interpreter_enabled
 
 MAX_THREADS = 16
+CHILD_TIMEOUT_S = 300.0  # a child compiling longer is taken for hung: its thread compiles the kernel instead
+CHILD_POLL_S = 0.005
 
 # The current dry run (None outside one). A context variable: the pool's threads, which compile through the same
 # hook, and other threads of the process see None, and launch as usual.
@@ -44,22 +57,81 @@ _replaced_hook = None
 
 
 def _start_compiling(**hook_arguments):
-    """Triton's jit_cache_hook: True (skip the launch) where this dry run compiles the kernel in its pool."""
+    """Triton's jit_cache_hook: True (skip the launch) where this dry run compiles the kernel."""
     started = _started.get()
     if started is None or hook_arguments["is_manual_warmup"]:
         return _replaced_hook(**hook_arguments) if _replaced_hook is not None else None
     key, fn, compile = hook_arguments["key"], hook_arguments["fn"], hook_arguments["compile"]
-    function, device = fn.jit_function, compile["device"]
+    function, specialization, device = fn.jit_function, compile["specialization_data"], compile["device"]
     job = (id(function), device, key)
     if job not in started.jobs:
-        started.jobs[job] = started.pool.submit(_compile, function, compile["specialization_data"], device)
+        child = started.children.start(function, specialization, device) if started.children else None
+        started.jobs[job] = started.pool.submit(_load, started, function, specialization, device, child)
     return True
 
 
-def _compile(function, specialization_data: str, device: int) -> None:
+def _load(started, function, specialization_data: str, device: int, child: int | None) -> None:
+    """A pool thread's job: the kernel loaded from what its child left in Triton's disk cache, or compiled here."""
+    if started.children is not None:
+        started.forks_done.wait()  # no thread works while the dry run may still fork
+        if child is not None:
+            started.children.wait(child)  # a failed child leaves the compile, and its error, to preload
     triton.runtime.driver.active.set_current_device(device)
     kernel = function.preload(specialization_data)  # compiled (or read from Triton's disk cache) and kept
     kernel._init_handles()  # what the first launch would do: build the C launcher, load the binary
+
+
+def _compile_in_child(function, specialization_data: str, device: int) -> None:
+    """A forked child's work: the kernel and its launcher into Triton's disk cache; never returns."""
+    status = 1
+    try:
+        _started.set(None)  # the child compiles as Triton would, outside any dry run
+        driver = triton.runtime.driver.active
+        driver.get_current_device = lambda: device  # PyTorch's answer would initialise CUDA, which a fork cannot
+        kernel = function.preload(specialization_data)
+        status = 0
+        launcher = getattr(driver, "launcher_cls", None)  # Triton's internals: its thread builds what this leaves
+        if launcher is not None:
+            launcher(kernel.src, kernel.metadata)
+    finally:
+        os._exit(status)  # no exit handlers: they are the parent's
+
+
+class _Children:
+    """Forked compilations: at most `limit` at once, each with its deadline; exit statuses by process id."""
+
+    def __init__(self, limit: int):
+        self.limit, self.deadlines, self.statuses = limit, {}, {}
+
+    def start(self, function, specialization_data: str, device: int) -> int | None:
+        while len(self.deadlines) >= self.limit:
+            for child in list(self.deadlines):
+                self._poll(child)
+            time.sleep(CHILD_POLL_S)
+        try:
+            child = os.fork()
+        except OSError:  # out of processes or memory: its thread compiles it
+            return None
+        if child == 0:
+            _compile_in_child(function, specialization_data, device)
+        self.deadlines[child] = time.monotonic() + CHILD_TIMEOUT_S
+        return child
+
+    def wait(self, child: int) -> None:
+        while child not in self.statuses:
+            self._poll(child)
+            time.sleep(CHILD_POLL_S)
+
+    def _poll(self, child: int) -> None:
+        if child in self.statuses:
+            return
+        finished, status = os.waitpid(child, os.WNOHANG)
+        if not finished and time.monotonic() > self.deadlines[child]:
+            os.kill(child, signal.SIGKILL)
+            finished, status = os.waitpid(child, 0)
+        if finished:
+            del self.deadlines[child]
+            self.statuses[child] = status
 
 
 def _prime_triton() -> None:
@@ -81,21 +153,25 @@ def _prime_triton() -> None:
 
 
 class _DryRun:
-    def __init__(self, threads: int):
+    def __init__(self, threads: int, fork: bool):
         self.pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="samba-compile")
         self.jobs: dict = {}
+        self.children = _Children(threads) if fork else None
+        self.forks_done = threading.Event()
 
 
 @contextlib.contextmanager
 def compile_ahead(threads: int | None = None):
-    """Within: Triton kernels not compiled yet compile in `threads` threads (default: the CPUs, at most
-    MAX_THREADS) instead of launching; on exit, waits for them (see the module docstring)."""
+    """Within: Triton kernels not compiled yet compile, in up to `threads` forked children or threads at once
+    (default: the CPUs, at most MAX_THREADS), instead of launching; on exit, waits for them (see the module
+    docstring)."""
     global _dry_runs, _replaced_hook
-    switched_off = os.environ.get("SAMBA_COMPILE_AHEAD", "1").strip().lower() in ("0", "false", "off", "no")
-    if interpreter_enabled() or switched_off or _started.get() is not None:
+    mode = os.environ.get("SAMBA_COMPILE_AHEAD", "1").strip().lower()
+    if interpreter_enabled() or mode in ("0", "false", "off", "no") or _started.get() is not None:
         yield
         return
-    dry_run = _DryRun(threads or min(os.cpu_count() or 1, MAX_THREADS))
+    fork = mode != "threads" and sys.platform == "linux"
+    dry_run = _DryRun(threads or min(os.cpu_count() or 1, MAX_THREADS), fork)
     _prime_triton()
     with _dry_runs_lock:
         if _dry_runs == 0:
@@ -110,6 +186,7 @@ def compile_ahead(threads: int | None = None):
             _dry_runs -= 1
             if _dry_runs == 0:
                 knobs.runtime.jit_cache_hook, _replaced_hook = _replaced_hook, None
+        dry_run.forks_done.set()
         with dry_run.pool:
             errors = [job.exception() for job in dry_run.jobs.values()]
     error = next((e for e in errors if e is not None), None)

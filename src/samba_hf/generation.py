@@ -24,7 +24,7 @@ device (for debugging, and for the tests on the CPU).
 
 First call: before the engine's first capture at a batch size, dtype and token choice, a dry run of the call
 (its prompt's chunks on a scratch cache, one step on scratch buffers) compiles the Triton kernels it launches in
-threads (`samba_kernels.compile_ahead`): on a new machine Triton would otherwise compile them one after another at
+parallel, in forked processes on Linux (`samba_kernels.compile_ahead`): on a new machine Triton would otherwise compile them one after another at
 their first launch.
 
 Memory: a captured graph keeps its buffers (the window's keys and values and the Mamba states of its batch
@@ -323,7 +323,7 @@ def release_decode_graphs(model) -> None:
 class GenerateStats:
     """Timings of the last `generate` call that ran on the decode engine (seconds)."""
 
-    compile_s: float = 0.0  # compiling the call's Triton kernels ahead, in threads (0 after the first such call)
+    compile_s: float = 0.0  # compiling the call's Triton kernels ahead, in parallel (0 after the first such call)
     prefill_s: float = 0.0  # the prompt's forward, to the first token's logits
     capture_s: float = 0.0  # capturing the step's graph (0 when a kept graph was replayed)
     decode_s: float = 0.0  # the decoding steps after the first token
@@ -414,7 +414,7 @@ class DecodeEngine:
         return graph and (batch, self.model.dtype, chooser.key) not in self.compiled
 
     def compile_kernels_ahead(self, input_ids, chooser: "TokenChooser", generation_config, model_kwargs) -> None:
-        """Compile the Triton kernels this call launches, in threads, before it runs (`samba_kernels.compile_ahead`):
+        """Compile the Triton kernels this call launches, in parallel, before it runs (`samba_kernels.compile_ahead`):
         a dry run on a scratch cache of the prompt's chunks as the prefill cuts them, less the middle ones (the
         first, one that continues a state, and a last as long as the prompt's last), and of one decode step on
         scratch buffers. A later prompt's chunks of other lengths may still compile a kernel variant at launch."""

@@ -1,5 +1,6 @@
 """A first generate() in a new process, with Triton's disk cache empty, compiles every kernel it launches ahead, in
-the compile-ahead threads, and none at its launch; its tokens are the eager loop's."""
+forked children whose results the compile-ahead threads load from Triton's disk cache, and none at its launch; its
+tokens are the eager loop's."""
 
 import json
 import os
@@ -18,8 +19,9 @@ FIRST_CALLS = textwrap.dedent(
     from triton import knobs
     from tests.gpu.helpers import random_model
 
-    compiled = []
+    compiled, cache_hits = [], []
     knobs.runtime.jit_post_compile_hook = lambda **kw: compiled.append((kw["fn"].name, threading.current_thread().name))
+    knobs.compilation.listener = lambda **kw: cache_hits.append(kw["cache_hit"])
     model = random_model()
     report = {}
     with torch.no_grad():
@@ -27,9 +29,10 @@ FIRST_CALLS = textwrap.dedent(
             prompt = torch.randint(1, 1024, (batch, 500), device="cuda")
             options = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=32, min_new_tokens=32,
                            do_sample=False, pad_token_id=0, prefill_chunk_size=128)
-            del compiled[:]
+            del compiled[:], cache_hits[:]
             engine = model.generate(prompt, **options)
             report[batch] = {"compiled": list(compiled), "compile_s": model._decode_engine.stats.compile_s,
+                             "cache_hits": list(cache_hits),
                              "equal": bool(torch.equal(engine, model.generate(prompt, decode_engine=False, **options)))}
     print(json.dumps(report))
     """
@@ -48,3 +51,5 @@ def test_a_first_generate_compiles_its_kernels_ahead(tmp_path):
         assert call["equal"], f"batch {batch}: the engine's tokens differ from the eager loop's"
         assert not at_launch, f"batch {batch}: compiled at their launch: {at_launch}"
     assert len(report["1"]["compiled"]) >= 8  # the prompt's kernels and the fused step's, all new
+    hits = report["1"]["cache_hits"]
+    assert hits and all(hits), "the process compiled a kernel itself: its child did not"

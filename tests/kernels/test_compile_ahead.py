@@ -1,8 +1,11 @@
 """samba_kernels.compile_ahead: within a dry run, Triton's pre-compile hook starts each new specialisation's compile
-once, in a pool thread, and skips its launch; the exit waits for them and raises their errors; outside, and under
-the interpreter, launches are Triton's own; a hook set before is kept. Triton's side is faked here (no GPU); tests/gpu checks that a first
-generate() compiles nothing at a launch."""
+once, in a forked child (Linux) or a pool thread, and skips its launch; after the dry run a pool thread loads what
+the child left, or compiles where the child failed or hung; the exit waits for them and raises their errors;
+outside, and under the interpreter, launches are Triton's own; a hook set before is kept. Triton's side is faked
+here (no GPU); tests/gpu checks that a first generate() compiles nothing at a launch."""
 
+import os
+import sys
 import threading
 import time
 import types
@@ -114,6 +117,65 @@ def test_a_hook_set_before_is_asked_about_every_compile_and_set_back(driver, mon
         assert launch(PreloadAsksTheHook(), "a")
     assert knobs.runtime.jit_cache_hook is profilers_hook
     assert [(key, thread.startswith("samba-compile")) for key, thread in asked] == [("spec-a", True)]
+
+
+class ProcessLog(FakeJitFunction):
+    """Writes each preload's specialisation and process id to a file, which the parent reads after children exit."""
+
+    def __init__(self, path, in_child=None):
+        super().__init__()
+        self.path, self.parent, self.in_child = path, os.getpid(), in_child
+
+    def preload(self, specialization_data):
+        if os.getpid() != self.parent and self.in_child is not None:
+            self.in_child()
+        with open(self.path, "a") as log:
+            log.write(f"{specialization_data} {'child' if os.getpid() != self.parent else 'parent'}\n")
+        return super().preload(specialization_data)
+
+    def lines(self):
+        return open(self.path).read().split("\n")[:-1] if os.path.exists(self.path) else []
+
+
+forks = pytest.mark.skipif(sys.platform != "linux", reason="children are forked on Linux")
+
+
+@forks
+def test_children_compile_and_threads_load_after_the_dry_run(driver, tmp_path):
+    function = ProcessLog(tmp_path / "log")
+    with compile_ahead(threads=2):
+        assert launch(function, "a") and launch(function, "b") and launch(function, "c")
+        time.sleep(0.3)
+        assert "parent" not in " ".join(function.lines())  # the threads wait while the dry run may fork
+    lines = function.lines()
+    for spec in ("spec-a", "spec-b", "spec-c"):
+        assert lines.index(f"{spec} child") < lines.index(f"{spec} parent")  # loaded after its child exited
+    assert len(lines) == 6
+
+
+@forks
+@pytest.mark.parametrize("child_fails", ["raises", "hangs"])
+def test_a_failed_or_hung_child_leaves_the_compile_to_its_thread(driver, tmp_path, monkeypatch, child_fails):
+    def in_child():
+        if child_fails == "raises":
+            raise RuntimeError("a child's compile failed")
+        time.sleep(60)
+
+    monkeypatch.setattr(compile_ahead_module, "CHILD_TIMEOUT_S", 0.5)
+    function = ProcessLog(tmp_path / "log", in_child)
+    started = time.monotonic()
+    with compile_ahead(threads=2):
+        assert launch(function, "a")
+    assert function.lines() == ["spec-a parent"] and time.monotonic() - started < 10
+
+
+def test_threads_compile_where_children_are_switched_off(driver, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAMBA_COMPILE_AHEAD", "threads")
+    function = ProcessLog(tmp_path / "log")
+    with compile_ahead(threads=2):
+        assert launch(function, "a")
+    assert function.lines() == ["spec-a parent"]
+    assert [thread.startswith("samba-compile") for _, thread in function.log if _ != "launcher"] == [True]
 
 
 @pytest.mark.parametrize("variable", ["TRITON_INTERPRET=1", "SAMBA_COMPILE_AHEAD=0"])
