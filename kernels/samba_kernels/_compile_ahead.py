@@ -12,14 +12,15 @@ Within the context, a launch of a Triton kernel whose specialisation is not comp
 compilation; kernels already compiled run. The exit waits for every compilation and raises the first error. A dry
 run must not decide anything from what a kernel writes (it holds garbage), nor write state the real run reads.
 
-Where the process can fork (Linux), each compilation runs in a forked child: it compiles the kernel (`JITFunction.
-preload`) and builds its launcher into Triton's disk cache, and exits; after the dry run, a pool thread waits for the
-child and loads what it left (`preload` again, now a read of the disk cache, and `_init_handles`). Threads alone
-compile about 2.5 at a time, however many there are: Triton's front end is Python, under the interpreter's lock
-(docs/performance-notes.md). A child uses no CUDA (a fork of a process that has initialised CUDA cannot), and
-children are forked while the pool's threads still wait, so no thread of this context holds a lock a child needs
-(as PyTorch's DataLoader forks its workers). A child that fails, or runs past CHILD_TIMEOUT_S, leaves its kernel
-to its thread, which compiles it after the dry run and raises its error. Elsewhere, and where the environment sets
+Where the process can fork (Linux), a kernel that no earlier dry run compiled compiles in a forked child: its
+`JITFunction.preload` writes Triton's disk cache, and a pool thread waits for the child, then loads what it left
+(`preload` again, now a read of the disk cache) and builds its launcher (`_init_handles`). Threads alone compile about
+2.5 at a time, however many there are: Triton's front end is Python, under the interpreter's lock
+(docs/performance-notes.md). A kernel that an earlier dry run compiled (its marker is in Triton's cache folder) loads
+in a thread without a fork: there, the fork would cost more than the load. A child uses no CUDA (a fork of a process
+that has initialised CUDA cannot) and builds no launcher: the pool's threads may be loading one when it is forked,
+and a child must need no lock that they hold. A child that fails, or runs past CHILD_TIMEOUT_S, leaves its kernel to
+its thread, which compiles it and raises its error. Elsewhere, and where the environment sets
 SAMBA_COMPILE_AHEAD=threads, the pool's threads compile.
 
 It works through Triton's `knobs.runtime.jit_cache_hook`, which Triton asks before it compiles. A hook set before
@@ -31,7 +32,9 @@ does nothing: kernels compile at their launch.
 import concurrent.futures
 import contextlib
 import contextvars
+import hashlib
 import os
+import pathlib
 import signal
 import sys
 import threading
@@ -65,34 +68,41 @@ def _start_compiling(**hook_arguments):
     function, specialization, device = fn.jit_function, compile["specialization_data"], compile["device"]
     job = (id(function), device, key)
     if job not in started.jobs:
-        child = started.children.start(function, specialization, device) if started.children else None
-        started.jobs[job] = started.pool.submit(_load, started, function, specialization, device, child)
+        child = None
+        if started.children is not None and not _marker(function, specialization).exists():
+            child = started.children.start(function, specialization, device)
+        started.jobs[job] = started.pool.submit(_load, started.children, function, specialization, device, child)
     return True
 
 
-def _load(started, function, specialization_data: str, device: int, child: int | None) -> None:
+def _load(children, function, specialization_data: str, device: int, child: int | None) -> None:
     """A pool thread's job: the kernel loaded from what its child left in Triton's disk cache, or compiled here."""
-    if started.children is not None:
-        started.forks_done.wait()  # no thread works while the dry run may still fork
-        if child is not None:
-            started.children.wait(child)  # a failed child leaves the compile, and its error, to preload
+    if child is not None:
+        children.wait(child)  # a failed child leaves the compile, and its error, to preload
     triton.runtime.driver.active.set_current_device(device)
     kernel = function.preload(specialization_data)  # compiled (or read from Triton's disk cache) and kept
     kernel._init_handles()  # what the first launch would do: build the C launcher, load the binary
+    marker = _marker(function, specialization_data)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+
+
+def _marker(function, specialization_data: str) -> pathlib.Path:
+    """The file that says a dry run compiled this specialisation into Triton's disk cache: a hint only (a kernel
+    missing from the cache compiles in its thread)."""
+    key = f"{triton.__version__}\0{function.cache_key}\0{specialization_data}"
+    return pathlib.Path(knobs.cache.dir) / "samba_compile_ahead" / hashlib.sha256(key.encode()).hexdigest()
 
 
 def _compile_in_child(function, specialization_data: str, device: int) -> None:
-    """A forked child's work: the kernel and its launcher into Triton's disk cache; never returns."""
+    """A forked child's work: the kernel into Triton's disk cache; never returns."""
     status = 1
     try:
         _started.set(None)  # the child compiles as Triton would, outside any dry run
         driver = triton.runtime.driver.active
         driver.get_current_device = lambda: device  # PyTorch's answer would initialise CUDA, which a fork cannot
-        kernel = function.preload(specialization_data)
+        function.preload(specialization_data)
         status = 0
-        launcher = getattr(driver, "launcher_cls", None)  # Triton's internals: its thread builds what this leaves
-        if launcher is not None:
-            launcher(kernel.src, kernel.metadata)
     finally:
         os._exit(status)  # no exit handlers: they are the parent's
 
@@ -102,6 +112,7 @@ class _Children:
 
     def __init__(self, limit: int):
         self.limit, self.deadlines, self.statuses = limit, {}, {}
+        self.lock = threading.Lock()  # the dry run's thread and the pool's poll the children
 
     def start(self, function, specialization_data: str, device: int) -> int | None:
         while len(self.deadlines) >= self.limit:
@@ -123,15 +134,16 @@ class _Children:
             time.sleep(CHILD_POLL_S)
 
     def _poll(self, child: int) -> None:
-        if child in self.statuses:
-            return
-        finished, status = os.waitpid(child, os.WNOHANG)
-        if not finished and time.monotonic() > self.deadlines[child]:
-            os.kill(child, signal.SIGKILL)
-            finished, status = os.waitpid(child, 0)
-        if finished:
-            del self.deadlines[child]
-            self.statuses[child] = status
+        with self.lock:
+            if child in self.statuses:
+                return
+            finished, status = os.waitpid(child, os.WNOHANG)
+            if not finished and time.monotonic() > self.deadlines[child]:
+                os.kill(child, signal.SIGKILL)
+                finished, status = os.waitpid(child, 0)
+            if finished:
+                del self.deadlines[child]
+                self.statuses[child] = status
 
 
 def _prime_triton() -> None:
@@ -157,7 +169,6 @@ class _DryRun:
         self.pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="samba-compile")
         self.jobs: dict = {}
         self.children = _Children(threads) if fork else None
-        self.forks_done = threading.Event()
 
 
 @contextlib.contextmanager
@@ -186,7 +197,6 @@ def compile_ahead(threads: int | None = None):
             _dry_runs -= 1
             if _dry_runs == 0:
                 knobs.runtime.jit_cache_hook, _replaced_hook = _replaced_hook, None
-        dry_run.forks_done.set()
         with dry_run.pool:
             errors = [job.exception() for job in dry_run.jobs.values()]
     error = next((e for e in errors if e is not None), None)
