@@ -11,7 +11,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import samba_kernels as sk
 from samba_hf.cache_samba import joined
-from samba_kernels._common import COPY_TILES, contiguous
+from samba_kernels._common import contiguous
 
 from . import mamba_ssm_cuda, models
 from .harness import columns, drawer, fmt, free_memory, kernel_ms, registry, rows_of, scan_inputs
@@ -346,7 +346,7 @@ NORM_SWIGLU_ROWS = {"prefill chunk": 8192, "decode, batch 16": 16}
     "norm-swiglu",
     "RMSNorm (float32 residual in, bf16 out), SwiGLU's silu(gate) * up and the float32 residual add: samba_kernels "
     "against the model's formulas; the chunked prefill's window join (cache_samba.joined) against torch.cat; the "
-    "Mamba input's transposed copy (samba_kernels' contiguous) at each tile against torch's copy",
+    "Mamba input's transposed copy (samba_kernels' contiguous) against torch's copy",
 )
 @torch.no_grad()
 def norm_swiglu(ctx):
@@ -390,7 +390,7 @@ def norm_swiglu(ctx):
             1.0,
         )
     window_join(ctx, config, dtype)
-    transposed_copies(ctx, config, dtype)
+    transposed_copy(ctx, config, dtype)
 
 
 def window_join(ctx, config, dtype) -> None:
@@ -415,23 +415,22 @@ def window_join(ctx, config, dtype) -> None:
     )
 
 
-def transposed_copies(ctx, config, dtype) -> None:
+def transposed_copy(ctx, config, dtype) -> None:
     """The Mamba mixer's input as the scan reads it: a prefill chunk's in_proj output, (batch, length, 2 x inner)
-    memory, seen as (batch, inner, length) and copied contiguous, by each of COPY_TILES against torch's copy."""
+    memory, seen as (batch, inner, length) and copied contiguous, against torch's copy."""
     chunk, inner = (64 if ctx.smoke else config.prefill_chunk_size), config.mamba_intermediate_size
     projection = torch.randn(1, chunk, 2 * inner, device=ctx.device, dtype=dtype)
     x = projection.transpose(1, 2)[:, :inner]
-    for tile in COPY_TILES[:2] if ctx.smoke else COPY_TILES:
-        timed_against_reference(
-            ctx,
-            f"transposed copy, tile {tile['BLOCK_D']}x{tile['BLOCK_L']}, {tile['num_warps']} warps",
-            "samba",
-            (1, inner, chunk),
-            2 * x.numel() * x.element_size(),  # read and write
-            lambda tile=tile: contiguous(x, tile),
-            x.contiguous,
-            1.0,
-        )
+    timed_against_reference(
+        ctx,
+        "transposed copy, prefill chunk",
+        "samba",
+        (1, inner, chunk),
+        2 * x.numel() * x.element_size(),  # read and write
+        lambda: contiguous(x),
+        x.contiguous,
+        1.0,
+    )
 
 
 def window_block_mask(length: int, window: int, device) -> object:

@@ -111,17 +111,10 @@ def _transposed_copy_kernel(
     tl.store(dst_ptr + b * dim * L + d[:, None] * L + pos[None, :], tile, mask=mask)
 
 
-# `contiguous`'s copy: a program's tile of (channels, positions), and its warps. The kernels benchmark's norm-swiglu
-# case sweeps COPY_TILES.
-COPY_TILE = dict(BLOCK_D=64, BLOCK_L=64, num_warps=4)
-COPY_TILES = tuple(
-    dict(BLOCK_D=channels, BLOCK_L=positions, num_warps=warps)
-    for channels, positions in ((64, 64), (64, 128), (128, 64), (128, 128))
-    for warps in (4, 8)
-)
+COPY_TILE = 64  # (channels, positions) of a tile of `contiguous`'s copy
 
 
-def contiguous(x: torch.Tensor, tile: dict = COPY_TILE) -> torch.Tensor:
+def contiguous(x: torch.Tensor) -> torch.Tensor:
     """x, contiguous. A (batch, channels, length) view of (batch, length, channels) memory, as the model's
     projections hand the Mamba ops their outputs transposed, is copied in tiles by a Triton kernel: torch's copy
     moves it an element at a time on one side, 159 µs for 1 x 3072 x 8192 bf16 on the H200
@@ -130,14 +123,14 @@ def contiguous(x: torch.Tensor, tile: dict = COPY_TILE) -> torch.Tensor:
         return x.contiguous()
     if torch.is_grad_enabled() and x.requires_grad:
         return _TransposedCopy.apply(x)
-    return _transposed_copy(x, tile)
+    return _transposed_copy(x)
 
 
-def _transposed_copy(x: torch.Tensor, tile: dict = COPY_TILE) -> torch.Tensor:
+def _transposed_copy(x: torch.Tensor) -> torch.Tensor:
     batch, dim, L = x.shape
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    _transposed_copy_kernel[(cdiv(L, tile["BLOCK_L"]), cdiv(dim, tile["BLOCK_D"]), batch)](
-        x, out, dim, L, x.stride(0), x.stride(2), **tile
+    _transposed_copy_kernel[(cdiv(L, COPY_TILE), cdiv(dim, COPY_TILE), batch)](
+        x, out, dim, L, x.stride(0), x.stride(2), BLOCK_D=COPY_TILE, BLOCK_L=COPY_TILE
     )
     return out
 
