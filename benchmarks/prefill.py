@@ -157,7 +157,14 @@ def chunk_times(model, length: int, chunk: int, device: torch.device) -> dict:
     try:
         synchronize(device)
         mark()
-        model.generate(prompt, max_new_tokens=1, do_sample=False, pad_token_id=0, prefill_chunk_size=chunk)
+        model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),  # else generate masks the prompt's pad ids: another path
+            max_new_tokens=1,
+            do_sample=False,
+            pad_token_id=0,
+            prefill_chunk_size=chunk,
+        )
         synchronize(device)
     finally:
         handle.remove()
