@@ -39,6 +39,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 
 import triton
 from triton import knobs
@@ -120,7 +121,11 @@ class _Children:
                 self._poll(child)
             time.sleep(CHILD_POLL_S)
         try:
-            child = os.fork()
+            with warnings.catch_warnings():
+                # Python 3.12 warns of any fork in a process with threads; the child's work needs no lock a thread
+                # may hold (the module docstring), and a hung child is killed at its deadline.
+                warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
+                child = os.fork()
         except OSError:  # out of processes or memory: its thread compiles it
             return None
         if child == 0:
