@@ -181,10 +181,20 @@ def chunk_times(model, length: int, chunk: int, device: torch.device) -> dict:
 )
 @torch.no_grad()
 def profile_case(ctx):
+    profile_prefill(ctx, "128k")
+
+
+@case("profile-1m", "where samba-421m's 1M-token prefill goes: as the profile case, at 1M tokens")
+@torch.no_grad()
+def profile_1m_case(ctx):
+    profile_prefill(ctx, "1m")
+
+
+def profile_prefill(ctx, key: str) -> None:
     """After a warm-up call, one unprofiled call (wall-clock) and one profiled: the operators that launched the
     most GPU time (their own kernels), the kernels that took it, the sum of every kernel's time against the
     wall-clock (the rest is the GPU waiting on the host), and the kernels after which the GPU waited longest."""
-    length = SMOKE_LENGTHS["128k"] if ctx.smoke else LENGTHS["128k"]
+    length = SMOKE_LENGTHS[key] if ctx.smoke else LENGTHS[key]
     model = models.build("samba", ctx.device, dtype_for(ctx.device), ctx.smoke)
     prompt = random_prompt(model.config.vocab_size, 1, length, ctx.device)
     mask = torch.ones_like(prompt)
@@ -278,7 +288,7 @@ CHUNK_COLUMNS = [
 
 
 def render_case(name: str, entry: dict) -> list[str]:
-    spec = {"profile": PROFILE_COLUMNS, "chunk-size": CHUNK_COLUMNS}.get(name, COLUMNS)
+    spec = {"profile": PROFILE_COLUMNS, "profile-1m": PROFILE_COLUMNS, "chunk-size": CHUNK_COLUMNS}.get(name, COLUMNS)
     return columns(entry["rows"], spec)
 
 

@@ -84,8 +84,9 @@ def test_prefill_case(tmp_path):
     assert {row["model"] for row in measured(result, "128k", "seconds")} == {"samba", "llama"}
 
 
-def test_prefill_profile_case_accounts_for_the_call(tmp_path):
-    rows = smoke("prefill", "profile", tmp_path)["cases"]["profile"]["rows"]
+@pytest.mark.parametrize("case", ["profile", "profile-1m"])
+def test_prefill_profile_case_accounts_for_the_call(tmp_path, case):
+    rows = smoke("prefill", case, tmp_path)["cases"][case]["rows"]
     ops = [row for row in rows if row["row"] == "op"]
     assert ops and all(row["ms"] > 0 and row["calls"] > 0 for row in ops)
     assert [row["ms"] for row in ops] == sorted((row["ms"] for row in ops), reverse=True)
