@@ -47,7 +47,7 @@ from triton import knobs
 from ._common import interpreter_enabled
 
 MAX_THREADS = 16
-CHILD_TIMEOUT_S = 300.0  # a child compiling longer is taken for hung: its thread compiles the kernel instead
+CHILD_TIMEOUT_S = 120.0  # a child compiling longer is taken for hung: its thread compiles the kernel instead
 CHILD_POLL_S = 0.005
 
 # The current dry run (None outside one). A context variable: the pool's threads, which compile through the same
@@ -69,8 +69,8 @@ def _start_compiling(**hook_arguments):
     function, specialization, device = fn.jit_function, compile["specialization_data"], compile["device"]
     job = (id(function), device, key)
     if job not in started.jobs:
-        child = None
-        if started.children is not None and not _marker(function, specialization).exists():
+        child, marker = None, _marker(function, specialization)
+        if started.children is not None and not (marker is not None and marker.exists()):
             child = started.children.start(function, specialization, device)
         started.jobs[job] = started.pool.submit(_load, started.children, function, specialization, device, child)
     return True
@@ -84,14 +84,19 @@ def _load(children, function, specialization_data: str, device: int, child: int 
     kernel = function.preload(specialization_data)  # compiled (or read from Triton's disk cache) and kept
     kernel._init_handles()  # what the first launch would do: build the C launcher, load the binary
     marker = _marker(function, specialization_data)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.touch()
+    if marker is not None:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
 
 
-def _marker(function, specialization_data: str) -> pathlib.Path:
+def _marker(function, specialization_data: str) -> pathlib.Path | None:
     """The file that says a dry run compiled this specialisation into Triton's disk cache: a hint only (a kernel
-    missing from the cache compiles in its thread)."""
-    key = f"{triton.__version__}\0{function.cache_key}\0{specialization_data}"
+    missing from the cache compiles in its thread). None where Triton's JIT function has no source hash (its
+    internals moved): every kernel then compiles in a child."""
+    source = getattr(function, "cache_key", None)
+    if source is None:
+        return None
+    key = f"{triton.__version__}\0{source}\0{specialization_data}"
     return pathlib.Path(knobs.cache.dir) / "samba_compile_ahead" / hashlib.sha256(key.encode()).hexdigest()
 
 

@@ -158,6 +158,16 @@ def test_children_compile_threads_load_and_a_later_dry_run_forks_no_more(driver,
 
 
 @forks
+def test_without_a_source_hash_every_dry_run_forks(driver, tmp_path):
+    function = ProcessLog(tmp_path / "log")
+    del function.cache_key  # a Triton whose JIT functions no longer say their source's hash
+    for _ in range(2):
+        with compile_ahead(threads=2):
+            assert launch(function, "a")
+    assert function.lines() == ["spec-a child", "spec-a parent"] * 2
+
+
+@forks
 @pytest.mark.parametrize("child_fails", ["raises", "hangs"])
 def test_a_failed_or_hung_child_leaves_the_compile_to_its_thread(driver, tmp_path, monkeypatch, child_fails):
     def in_child():
