@@ -56,16 +56,18 @@ def test_windowed_attention_matches_explicit_softmax(heads, kv_heads, len_q, len
 
 
 @pytest.mark.parametrize(
-    "heads, kv_heads, len_q, len_kv, window, head_dim",
+    "heads, kv_heads, len_q, len_kv, window, head_dim, memory",
     [
-        (2, 1, 400, 400, 300, 16),  # a tile's keys in all three ranges: unmasked bulk, trailing edge, diagonal
-        (2, 2, 70, 333, 200, 32),  # a chunk continuing cached keys
-        (4, 2, 130, 130, 5, 16),  # a window narrower than a tile of keys
-        (1, 1, 1, 50, 64, 16),  # one query
+        (2, 1, 400, 400, 300, 16, "contiguous"),  # a tile's keys in the unmasked bulk, trailing edge, diagonal
+        (2, 2, 70, 333, 200, 32, "contiguous"),  # a chunk continuing cached keys
+        (2, 2, 70, 333, 200, 32, "model's"),  # the same, (batch, tokens, heads, head_dim) memory as the prefill's
+        (4, 2, 130, 130, 5, 16, "contiguous"),  # a window narrower than a tile of keys
+        (1, 1, 1, 50, 64, 16, "contiguous"),  # one query
     ],
 )
-def test_windowed_attention_forward_kernel(monkeypatch, heads, kv_heads, len_q, len_kv, window, head_dim):
-    """Without gradients the op runs its own Triton forward (never flex nor the reference)."""
+def test_windowed_attention_forward_kernel(monkeypatch, heads, kv_heads, len_q, len_kv, window, head_dim, memory):
+    """Without gradients the op runs its own Triton forward (never flex nor the reference), on inputs of either
+    memory layout (the chunked prefill's joined keys are laid out as the model's projections)."""
     module = window_kernel
 
     def other_path(*args, **kwargs):
@@ -74,8 +76,13 @@ def test_windowed_attention_forward_kernel(monkeypatch, heads, kv_heads, len_q, 
     monkeypatch.setattr(module, "windowed_attention_ref", other_path)
     monkeypatch.setattr(module, "_compiled_flex", other_path)
     g = gen(len_q + window)
-    q = randn(g, 2, heads, len_q, head_dim)
-    k, v = randn(g, 2, kv_heads, len_kv, head_dim), randn(g, 2, kv_heads, len_kv, head_dim)
+
+    def inputs(heads, length):
+        if memory == "model's":
+            return randn(g, 2, length, heads, head_dim).transpose(1, 2)
+        return randn(g, 2, heads, length, head_dim)
+
+    q, k, v = inputs(heads, len_q), inputs(kv_heads, len_kv), inputs(kv_heads, len_kv)
     with torch.no_grad():
         out = samba_kernels.windowed_attention(q, k, v, window)
     ref = _explicit_window_attention(q.cpu(), k.cpu(), v.cpu(), window)
