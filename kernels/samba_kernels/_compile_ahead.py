@@ -20,8 +20,8 @@ Where the process can fork (Linux), a kernel that no earlier dry run compiled co
 in a thread without a fork: there, the fork would cost more than the load. A child uses no CUDA (a fork of a process
 that has initialised CUDA cannot) and builds no launcher: the pool's threads may be loading one when it is forked,
 and a child must need no lock that they hold. A child that fails, or runs past CHILD_TIMEOUT_S, leaves its kernel to
-its thread, which compiles it and raises its error. Elsewhere, and where the environment sets
-SAMBA_COMPILE_AHEAD=threads, the pool's threads compile.
+its thread, which compiles it and raises its error. After a fork slower than SLOW_FORK_S (a process holding much
+memory), and elsewhere, and where the environment sets SAMBA_COMPILE_AHEAD=threads, the pool's threads compile.
 
 It works through Triton's `knobs.runtime.jit_cache_hook`, which Triton asks before it compiles. A hook set before
 (a profiler's, say) is kept: it is asked about every compilation, in the pool's threads (and the children) too, as
@@ -49,6 +49,9 @@ from ._common import interpreter_enabled
 MAX_THREADS = 16
 CHILD_TIMEOUT_S = 120.0  # a child compiling longer is taken for hung: its thread compiles the kernel instead
 CHILD_POLL_S = 0.005
+# A fork copies the process's page tables: 11-21 ms on the H200 beside samba-421m. A fork slower than this (a process
+# holding tens of GB) would cost more than the parallel compile saves: the dry run's later kernels compile in threads.
+SLOW_FORK_S = 0.1
 
 # The current dry run (None outside one). A context variable: the pool's threads, which compile through the same
 # hook, and other threads of the process see None, and launch as usual.
@@ -114,13 +117,16 @@ def _compile_in_child(function, specialization_data: str, device: int) -> None:
 
 
 class _Children:
-    """Forked compilations: at most `limit` at once, each with its deadline; exit statuses by process id."""
+    """Forked compilations: at most `limit` at once (none after a slow fork), each with its deadline; exit statuses
+    by process id."""
 
     def __init__(self, limit: int):
         self.limit, self.deadlines, self.statuses = limit, {}, {}
         self.lock = threading.Lock()  # the dry run's thread and the pool's poll the children
 
     def start(self, function, specialization_data: str, device: int) -> int | None:
+        if self.limit == 0:
+            return None
         while len(self.deadlines) >= self.limit:
             for child in list(self.deadlines):
                 self._poll(child)
@@ -130,12 +136,16 @@ class _Children:
                 # Python 3.12 warns of any fork in a process with threads; the child's work needs no lock a thread
                 # may hold (the module docstring), and a hung child is killed at its deadline.
                 warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
+                forked = time.monotonic()
                 child = os.fork()
         except OSError:  # out of processes or memory: its thread compiles it
             return None
         if child == 0:
             _compile_in_child(function, specialization_data, device)
-        self.deadlines[child] = time.monotonic() + CHILD_TIMEOUT_S
+        now = time.monotonic()
+        if now - forked > SLOW_FORK_S:
+            self.limit = 0
+        self.deadlines[child] = now + CHILD_TIMEOUT_S
         return child
 
     def wait(self, child: int) -> None:

@@ -158,6 +158,15 @@ def test_children_compile_threads_load_and_a_later_dry_run_forks_no_more(driver,
 
 
 @forks
+def test_after_a_slow_fork_the_dry_run_compiles_in_threads(driver, tmp_path, monkeypatch):
+    monkeypatch.setattr(compile_ahead_module, "SLOW_FORK_S", 0.0)
+    function = ProcessLog(tmp_path / "log")
+    with compile_ahead(threads=2):
+        assert launch(function, "a") and launch(function, "b")
+    assert sorted(function.lines()) == ["spec-a child", "spec-a parent", "spec-b parent"]
+
+
+@forks
 def test_without_a_source_hash_every_dry_run_forks(driver, tmp_path):
     function = ProcessLog(tmp_path / "log")
     del function.cache_key  # a Triton whose JIT functions no longer say their source's hash
