@@ -145,9 +145,12 @@ def test_the_dry_run_that_compiles_kernels_ahead_leaves_the_call_alone(monkeypat
         finally:
             dry.pop()
 
+    dry_lengths = []
+
     def garbage_while_dry(module, inputs, output):
         if dry:
             first = output[0] if isinstance(output, tuple) else output
+            dry_lengths.append(first.shape[1])
             garbage = torch.randn_like(first) * 100
             return (garbage, *output[1:]) if isinstance(output, tuple) else garbage
 
@@ -170,6 +173,7 @@ def test_the_dry_run_that_compiles_kernels_ahead_leaves_the_call_alone(monkeypat
     )
     loop, engine = both_paths(model, ids, **kwargs)
     assert decode_engine(model).stats.compile_s > 0
+    assert dry_lengths[0] == 1 and max(dry_lengths) == WINDOW  # the step's kernels first, then the prompt's
     assert torch.equal(loop.sequences, engine.sequences)
     more = torch.randint(3, 97, (ids.shape[0], 3))
     turn = dict(kwargs, attention_mask=torch.ones(ids.shape[0], loop.sequences.shape[1] + 3, dtype=torch.long))

@@ -415,9 +415,10 @@ class DecodeEngine:
 
     def compile_kernels_ahead(self, input_ids, chooser: "TokenChooser", generation_config, model_kwargs) -> None:
         """Compile the Triton kernels this call launches, in parallel, before it runs (`samba_kernels.compile_ahead`):
-        a dry run on a scratch cache of the prompt's chunks as the prefill cuts them, less the middle ones (the
-        first, one that continues a state, and a last as long as the prompt's last), and of one decode step on
-        scratch buffers. A later prompt's chunks of other lengths may still compile a kernel variant at launch."""
+        a dry run of one decode step on scratch buffers, then on a scratch cache of the prompt's chunks as the
+        prefill cuts them, less the middle ones (the first, one that continues a state, and a last as long as the
+        prompt's last). The step goes first: its kernels compile while the prompt's dry run, the longer, goes on. A
+        later prompt's chunks of other lengths may still compile a kernel variant at launch."""
         model = self.model
         if not kernels_serve(model.config.kernel_implementation, input_ids.device):
             return
@@ -434,11 +435,11 @@ class DecodeEngine:
         if isinstance(scratch.get("inputs_embeds"), torch.Tensor):
             scratch["inputs_embeds"] = scratch["inputs_embeds"][:, :length]
         with samba_kernels.compile_ahead(), random_state_kept(input_ids.device):
-            if length > 0:
-                model._prefill(input_ids[:, :length], generation_config, scratch)
             step = DecodeStep(model, input_ids.shape[0], chooser.copy(), use_graph=False)
             with kernel_launches():
                 step.forward()
+            if length > 0:
+                model._prefill(input_ids[:, :length], generation_config, scratch)
         self.compiled.add((input_ids.shape[0], model.dtype, chooser.key))
         self.stats.compile_s = time.perf_counter() - started
 
