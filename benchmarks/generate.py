@@ -69,7 +69,8 @@ folder that starts empty: the first process compiles every kernel (a new machine
 (every later process). Three times, each pair with its own empty cache: with the kernels compiled ahead in forked
 processes (the default on Linux), ahead in threads only (SAMBA_COMPILE_AHEAD=threads), and each at its first
 launch (SAMBA_COMPILE_AHEAD=0). `process s` is the whole process: Python's imports, the model's build, the three calls.
-`of which compiled ahead s`: the engine's dry run that compiles the call's kernels before it runs;
+`of which compiled ahead s`: the engine's dry run that compiles the call's kernels before it runs, and the wait for
+them (`of which the dry run s`: the dry run alone);
 `capture s`: the step's graph capture. `Triton s`: the seconds Triton spent in the process's compilations (loads from
 its disk cache in the second process, and where children compiled), summed over kernels that compile concurrently,
 with the slowest; a forked child's compile is not seen there.
@@ -204,7 +205,10 @@ def time_generate(model, kwargs: dict, batch: int, context: int, new_tokens: int
 
     first = call(new_tokens)
     engine = model.__dict__.get("_decode_engine")  # samba's: what its first call spent once
-    once = {} if engine is None else dict(compile_ahead_s=engine.stats.compile_s, capture_s=engine.stats.capture_s)
+    once = {}
+    if engine is not None:
+        stats = engine.stats
+        once = dict(compile_ahead_s=stats.compile_s, dry_run_s=stats.dry_run_s, capture_s=stats.capture_s)
     steady, ttft = call(new_tokens), call(1)
     step = (steady - ttft) / (new_tokens - 1)
     return dict(
@@ -586,6 +590,7 @@ COLUMNS = {
         ("steady s", "steady_s", ".3f"),
         ("warm-up s", "warmup_s", ".2f"),
         ("of which compiled ahead s", "compile_ahead_s", ".2f"),
+        ("of which the dry run s", "dry_run_s", ".2f"),
         ("capture s", "capture_s", ".2f"),
         ("tokens/s", "tokens_per_s", ".1f"),
         ("process s", "process_s", ".1f"),

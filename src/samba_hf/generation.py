@@ -324,6 +324,7 @@ class GenerateStats:
     """Timings of the last `generate` call that ran on the decode engine (seconds)."""
 
     compile_s: float = 0.0  # compiling the call's Triton kernels ahead, in parallel (0 after the first such call)
+    dry_run_s: float = 0.0  # of compile_s, the dry run itself, before the wait for the compilations it started
     prefill_s: float = 0.0  # the prompt's forward, to the first token's logits
     capture_s: float = 0.0  # capturing the step's graph (0 when a kept graph was replayed)
     decode_s: float = 0.0  # the decoding steps after the first token
@@ -440,6 +441,7 @@ class DecodeEngine:
                 step.forward()
             if length > 0:
                 model._prefill(input_ids[:, :length], generation_config, scratch)
+            self.stats.dry_run_s = time.perf_counter() - started
         self.compiled.add((input_ids.shape[0], model.dtype, chooser.key))
         self.stats.compile_s = time.perf_counter() - started
 
