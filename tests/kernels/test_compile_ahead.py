@@ -122,7 +122,8 @@ def test_a_hook_set_before_is_asked_about_every_compile_and_set_back(driver, mon
 
 
 class ProcessLog(FakeJitFunction):
-    """Writes each preload's specialisation and process id to a file, which the parent reads after children exit."""
+    """Writes each preload's specialisation and whether a child or the parent ran it to a file, which the parent reads
+    after the children exit."""
 
     def __init__(self, path, in_child=None):
         super().__init__()
@@ -198,7 +199,7 @@ def test_threads_compile_where_children_are_switched_off(driver, tmp_path, monke
     with compile_ahead(threads=2):
         assert launch(function, "a")
     assert function.lines() == ["spec-a parent"]
-    assert [thread.startswith("samba-compile") for _, thread in function.log if _ != "launcher"] == [True]
+    assert [thread.startswith("samba-compile") for spec, thread in function.log if spec != "launcher"] == [True]
 
 
 @pytest.mark.parametrize("variable", ["TRITON_INTERPRET=1", "SAMBA_COMPILE_AHEAD=0"])
