@@ -68,10 +68,9 @@ Case `first-call`: the batch-1, 4K-prompt engine row's calls in two new processe
 folder that starts empty: the first process compiles every kernel (a new machine), the second finds them compiled
 (every later process). Three times, each pair with its own empty cache: with the kernels compiled ahead in forked
 processes (the default on Linux), ahead in threads only (SAMBA_COMPILE_AHEAD=threads), and each at its first
-launch (SAMBA_COMPILE_AHEAD=0). `process s` is the whole process: Python's imports, the model's build, the three calls.
-`of which compiled ahead s`: the engine's dry run that compiles the call's kernels before it runs, and the wait for
-them (`of which the dry run s`: the dry run alone);
-`capture s`: the step's graph capture. `Triton s`: the seconds Triton spent in the process's compilations (loads from
+launch (SAMBA_COMPILE_AHEAD=0). `process s` is the whole process: Python's imports, the model's build, the three
+calls. `of which compiled ahead s`: the engine's dry run that compiles the call's kernels before it runs, and the
+wait for them (`of which the dry run s`: the dry run alone); `capture s`: the step's graph capture. `Triton s`: the seconds Triton spent in the process's compilations (loads from
 its disk cache in the second process, and where children compiled), summed over kernels that compile concurrently,
 with the slowest; a forked child's compile is not seen there.
 

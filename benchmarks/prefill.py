@@ -288,7 +288,7 @@ CHUNK_COLUMNS = [
 
 
 def render_case(name: str, entry: dict) -> list[str]:
-    spec = {"profile": PROFILE_COLUMNS, "profile-1m": PROFILE_COLUMNS, "chunk-size": CHUNK_COLUMNS}.get(name, COLUMNS)
+    spec = {"chunk-size": CHUNK_COLUMNS}.get(name, PROFILE_COLUMNS if name.startswith("profile") else COLUMNS)
     return columns(entry["rows"], spec)
 
 

@@ -18,8 +18,8 @@ Imports torch and triton only, never transformers. Every op is a folder with the
                                                                         the float32 residual add)
 
 and each reference is the op's name with `_ref`. `compile_ahead` (_compile_ahead.py) compiles a computation's kernels in
-parallel (forked children on Linux, or threads) before it runs, from a dry run. The public ops run their Triton kernels on CUDA tensors, and on
-CPU tensors under TRITON_INTERPRET=1 (see `use_triton`); elsewhere they run the references. The kernels are
+parallel (forked children on Linux, or threads) before it runs, from a dry run. The public ops run their Triton
+kernels on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (see `use_triton`); elsewhere they run the references. The kernels are
 registered as torch.library custom ops (`torch.ops.samba_kernels.*`), so torch.compile traces models that use
 them as one graph; rotary and norm_swiglu have none: under torch.compile they run their references, which inductor
 fuses. Tests: tests/kernels/test_<op>.py.

@@ -23,9 +23,9 @@ runs transformers' loop; `decode_engine="eager"` runs the engine's step without 
 device (for debugging, and for the tests on the CPU).
 
 First call: before the engine's first capture at a batch size, dtype and token choice, a dry run of the call
-(its prompt's chunks on a scratch cache, one step on scratch buffers) compiles the Triton kernels it launches in
-parallel, in forked processes on Linux (`samba_kernels.compile_ahead`): on a new machine Triton would otherwise compile them one after another at
-their first launch.
+(one step on scratch buffers, then its prompt's chunks on a scratch cache) compiles the Triton kernels it launches
+in parallel, in forked processes on Linux (`samba_kernels.compile_ahead`): on a new machine Triton would otherwise
+compile them one after another at their first launch.
 
 Memory: a captured graph keeps its buffers (the window's keys and values and the Mamba states of its batch
 size: about 75 MB per sequence for samba-421m in bf16) and a private pool for the step's activations. An
