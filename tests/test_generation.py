@@ -13,8 +13,9 @@ from samba_hf import SambaConfig, SambaForCausalLM, SambaStaticCache
 from samba_hf.cache_samba import windows_joined_by_copies
 from samba_hf.cli import main as samba_hf_main
 from samba_hf.demo import train_tokenizer
-from samba_hf.generation import cache_nbytes, chunked_forward, counts_tokens
+from samba_hf.generation import cache_nbytes, cache_tensors, chunked_forward, counts_tokens
 from samba_hf.hub import save_hub_folder
+from samba_hf.modeling_samba import SambaAttention, SambaMLP
 
 from .helpers import small_model
 
@@ -282,6 +283,43 @@ def test_chunked_prefill_is_exact_with_left_padding(chunk_size):
         model.generate(ids, prefill_chunk_size=chunk_size, **kwargs),
         model.generate(ids, prefill_chunk_size=ids.shape[1], **kwargs),
     )
+
+
+@pytest.mark.parametrize("last_layer", ["sliding_attention", "full_attention", "linear_attention", "mlp"])
+@pytest.mark.parametrize("hooked", [False, True], ids=["plain", "a hook on the last MLP"])
+def test_the_chunks_before_the_last_run_the_last_layer_for_its_cache_only(monkeypatch, last_layer, hooked):
+    """Nothing reads the outputs of a chunked prefill's chunks before the last: there the last layer runs neither
+    its MLP nor its attention, and leaves the cache as one forward over the whole prompt does (the last position's
+    logits too). A hook on the layer would see another output: with one, the layer runs whole."""
+    model = small_model(layer_types=["linear_attention", "sliding_attention", last_layer], num_hidden_layers=3)
+    last = model.model.layers[-1]
+    ran = []
+    for module_class in (SambaMLP, SambaAttention):
+        monkeypatch.setattr(module_class, "forward", recording(module_class.forward, ran))
+    if hooked:
+        last.mlp.register_forward_hook(lambda *args: None)
+    ids, chunks = torch.randint(3, 97, (2, 3 * WINDOW + 2)), 4
+    inputs = dict(input_ids=ids, logits_to_keep=1, use_cache=True)
+    with torch.no_grad():
+        whole = model(**inputs)
+        ran.clear()
+        chunked = chunked_forward(model, dict(inputs, cache=DynamicCache(config=model.config)), WINDOW)
+    torch.testing.assert_close(chunked.logits, whole.logits, rtol=1e-4, atol=5e-5)
+    for got, expected in zip(cache_tensors(chunked.cache), cache_tensors(whole.cache), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=5e-5)
+    last_modules = [last.mlp] + ([last.mixer] if last_layer != "linear_attention" else [])
+    for module in last_modules:
+        assert sum(m is module for m in ran) == (chunks if hooked else 1)
+    for module in (layer.mlp for layer in model.model.layers[:-1]):
+        assert sum(m is module for m in ran) == chunks
+
+
+def recording(forward, modules: list):
+    def record(self, *args, **kwargs):
+        modules.append(self)
+        return forward(self, *args, **kwargs)
+
+    return record
 
 
 @pytest.mark.parametrize("transposed", [True, False], ids=["model's chunks", "contiguous chunks"])

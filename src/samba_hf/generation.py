@@ -39,6 +39,7 @@ not show in a replayed graph.
 import collections
 import contextlib
 import copy
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -218,27 +219,66 @@ def uncached_length(input_ids, generation_config, model_kwargs, is_first_iterati
 def chunked_forward(model, model_inputs: dict, chunk_size: int):
     """`model(**model_inputs)` run `chunk_size` tokens at a time through `model_inputs["cache"]`, each chunk
     continuing from the state the one before left: the output of the last chunk. The 2D attention mask
-    (past and new tokens) is cut at each chunk's end, counted from the mask's end."""
+    (past and new tokens) is cut at each chunk's end, counted from the mask's end. Nothing reads the outputs of
+    the chunks before the last: in those the model's last layer only fills the cache (`last_layer_fills_the_cache`)."""
     tokens = model_inputs.get("input_ids")
     tokens = model_inputs["inputs_embeds"] if tokens is None else tokens
     length, mask = tokens.shape[1], model_inputs.get("attention_mask")
     positions = model_inputs.get("position_ids")
     if positions is not None and mask is None and numbered_from_the_cache(model, positions, model_inputs["cache"]):
         model_inputs = {**model_inputs, "position_ids": None}
-    outputs = None
+    chunks = []
+    for start in range(0, length, chunk_size):
+        end = min(start + chunk_size, length)
+        chunk = dict(model_inputs)
+        for name in ("input_ids", "inputs_embeds"):
+            if chunk.get(name) is not None:
+                chunk[name] = chunk[name][:, start:end]
+        if chunk.get("position_ids") is not None:
+            chunk["position_ids"] = chunk["position_ids"][..., start:end]
+        if isinstance(mask, torch.Tensor):
+            chunk["attention_mask"] = mask[:, : mask.shape[1] - (length - end)]
+        chunks.append(chunk)
     with windows_joined_by_copies(model_inputs["cache"]):
-        for start in range(0, length, chunk_size):
-            end = min(start + chunk_size, length)
-            chunk = dict(model_inputs)
-            for name in ("input_ids", "inputs_embeds"):
-                if chunk.get(name) is not None:
-                    chunk[name] = chunk[name][:, start:end]
-            if chunk.get("position_ids") is not None:
-                chunk["position_ids"] = chunk["position_ids"][..., start:end]
-            if isinstance(mask, torch.Tensor):
-                chunk["attention_mask"] = mask[:, : mask.shape[1] - (length - end)]
-            outputs = model(**chunk, return_dict=True)
-    return outputs
+        with last_layer_fills_the_cache(model):
+            for chunk in chunks[:-1]:
+                model(**chunk, return_dict=True)
+        return model(**chunks[-1], return_dict=True)
+
+
+@contextlib.contextmanager
+def last_layer_fills_the_cache(model):
+    """Inside the block the model's last decoder layer only fills the cache (`fill_cache`) and returns its input,
+    for forwards whose outputs nothing reads: the last layer's MLP, and in an attention layer the attention and its
+    output projection, are about 6% of samba-421m's work per token (docs/performance-notes.md). Where the layer's
+    forward is wrapped (accelerate's hooks) or anything hooks the layer or its modules, nothing changes: a hook
+    would see another output."""
+    layer = model.model.layers[-1]
+    hooked = "forward" in vars(layer) or any(
+        module._forward_hooks or module._forward_pre_hooks for module in layer.modules()
+    )
+    if hooked or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        yield
+        return
+    layer.forward = functools.partial(fill_cache, layer)
+    try:
+        yield
+    finally:
+        del layer.forward
+
+
+def fill_cache(
+    layer, hidden_states, attention_mask=None, position_embeddings=None, cache=None, seq_idx=None, **kwargs
+):
+    """What the decoder layer `layer` leaves in `cache` for `hidden_states`, without its output: a Mamba mixer's
+    states, an attention layer's keys and values (not its attention). Returns `hidden_states`."""
+    mixer, mixer_input = layer.mixer, layer.mixer_norm(hidden_states)
+    if layer.mixer_type == "linear_attention":
+        mixer(mixer_input, cache=cache, padding_mask=attention_mask, seq_idx=seq_idx)
+    elif layer.mixer_type != "mlp":  # an MLP-only layer keeps nothing in the cache
+        _, key, value = mixer.project(mixer_input, position_embeddings)
+        cache.update(key, value, mixer.layer_idx)
+    return hidden_states
 
 
 def numbered_from_the_cache(model, position_ids, cache) -> bool:

@@ -195,15 +195,7 @@ class SambaAttention(nn.Module):
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        if position_embeddings is not None:
-            rotary = kernel_op(
-                "rotary_embedding", self.config.kernel_implementation, query.device, apply_rotary_pos_emb
-            )
-            query, key = rotary(query, key, *position_embeddings)
+        query, key, value = self.project(hidden_states, position_embeddings)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
 
@@ -223,6 +215,21 @@ class SambaAttention(nn.Module):
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         return self.o_proj(attn_output), attn_weights
+
+    def project(
+        self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The query, key and value heads of `hidden_states`, (batch, heads, length, head_dim), RoPE applied."""
+        hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        if position_embeddings is not None:
+            rotary = kernel_op(
+                "rotary_embedding", self.config.kernel_implementation, query.device, apply_rotary_pos_emb
+            )
+            query, key = rotary(query, key, *position_embeddings)
+        return query, key, value
 
 
 def mamba_A_log(channels: int, state_size: int) -> torch.Tensor:
