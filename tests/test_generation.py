@@ -13,7 +13,13 @@ from samba_hf import SambaConfig, SambaForCausalLM, SambaStaticCache
 from samba_hf.cache_samba import windows_joined_by_copies
 from samba_hf.cli import main as samba_hf_main
 from samba_hf.demo import train_tokenizer
-from samba_hf.generation import cache_nbytes, cache_tensors, chunked_forward, counts_tokens
+from samba_hf.generation import (
+    cache_nbytes,
+    cache_tensors,
+    chunked_forward,
+    counts_tokens,
+    last_layer_fills_the_cache,
+)
 from samba_hf.hub import save_hub_folder
 from samba_hf.modeling_samba import SambaAttention, SambaMLP
 
@@ -312,6 +318,23 @@ def test_the_chunks_before_the_last_run_the_last_layer_for_its_cache_only(monkey
         assert sum(m is module for m in ran) == (chunks if hooked else 1)
     for module in (layer.mlp for layer in model.model.layers[:-1]):
         assert sum(m is module for m in ran) == chunks
+
+
+def test_a_forward_in_another_thread_runs_the_last_layer_whole_meanwhile():
+    """While one thread's prefill runs the last layer for its cache only, a forward of the same model in another
+    thread (a server's second request, say) gets its whole output."""
+    model = small_model()
+    ids = torch.randint(3, 97, (2, 5))
+    results = {}
+    with torch.no_grad():
+        expected = model(ids).logits
+        with last_layer_fills_the_cache(model):
+            worker = threading.Thread(target=lambda: results.setdefault("logits", model(ids).logits))
+            worker.start()
+            worker.join()
+            unread = model(ids).logits  # this thread's forward: the last layer only filled the cache
+    torch.testing.assert_close(results["logits"], expected)
+    assert not torch.allclose(unread, expected)
 
 
 def recording(forward, modules: list):

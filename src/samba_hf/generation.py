@@ -39,8 +39,8 @@ not show in a replayed graph.
 import collections
 import contextlib
 import copy
-import functools
 import math
+import threading
 import time
 from dataclasses import dataclass
 
@@ -252,15 +252,21 @@ def last_layer_fills_the_cache(model):
     for forwards whose outputs nothing reads: the last layer's MLP, and in an attention layer the attention and its
     output projection, are about 6% of samba-421m's work per token (docs/performance-notes.md). Where the layer's
     forward is wrapped (accelerate's hooks) or anything hooks the layer or its modules, nothing changes: a hook
-    would see another output."""
-    layer = model.model.layers[-1]
+    would see another output. Forwards of the same model in other threads meanwhile run the layer whole."""
+    layer, owner = model.model.layers[-1], threading.get_ident()
     hooked = "forward" in vars(layer) or any(
         module._forward_hooks or module._forward_pre_hooks for module in layer.modules()
     )
     if hooked or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         yield
         return
-    layer.forward = functools.partial(fill_cache, layer)
+
+    def forward(*args, **kwargs):
+        if threading.get_ident() != owner:
+            return type(layer).forward(layer, *args, **kwargs)
+        return fill_cache(layer, *args, **kwargs)
+
+    layer.forward = forward
     try:
         yield
     finally:
@@ -275,7 +281,7 @@ def fill_cache(
     mixer, mixer_input = layer.mixer, layer.mixer_norm(hidden_states)
     if layer.mixer_type == "linear_attention":
         mixer(mixer_input, cache=cache, padding_mask=attention_mask, seq_idx=seq_idx)
-    elif layer.mixer_type != "mlp":  # an MLP-only layer keeps nothing in the cache
+    elif layer.mixer_type != "mlp" and cache is not None:  # an MLP-only layer keeps nothing in the cache
         _, key, value = mixer.project(mixer_input, position_embeddings)
         cache.update(key, value, mixer.layer_idx)
     return hidden_states
