@@ -292,22 +292,25 @@ def test_chunked_prefill_is_exact_with_left_padding(chunk_size):
 
 
 @pytest.mark.parametrize("last_layer", ["sliding_attention", "full_attention", "linear_attention", "mlp"])
-@pytest.mark.parametrize("hooked", [False, True], ids=["plain", "a hook on the last MLP"])
-def test_the_chunks_before_the_last_run_the_last_layer_for_its_cache_only(monkeypatch, last_layer, hooked):
+@pytest.mark.parametrize("hook", ["none", "a user's hook", "output capturing"])
+def test_the_chunks_before_the_last_run_the_last_layer_for_its_cache_only(monkeypatch, last_layer, hook):
     """Nothing reads the outputs of a chunked prefill's chunks before the last: there the last layer runs neither
     its MLP nor its attention, and leaves the cache as one forward over the whole prompt does (the last position's
-    logits too). A hook on the layer would see another output: with one, the layer runs whole."""
+    logits too). A user's hook on the layer would see another output: with one, the layer runs whole.
+    transformers' output-capturing hooks, installed by a forward that asked for hidden states, record nothing
+    here."""
     model = small_model(layer_types=["linear_attention", "sliding_attention", last_layer], num_hidden_layers=3)
     last = model.model.layers[-1]
     ran = []
     for module_class in (SambaMLP, SambaAttention):
         monkeypatch.setattr(module_class, "forward", recording(module_class.forward, ran))
-    if hooked:
+    if hook == "a user's hook":
         last.mlp.register_forward_hook(lambda *args: None)
     ids, chunks = torch.randint(3, 97, (2, 3 * WINDOW + 2)), 4
     inputs = dict(input_ids=ids, logits_to_keep=1, use_cache=True)
     with torch.no_grad():
-        whole = model(**inputs)
+        whole = model(**inputs, output_hidden_states=hook == "output capturing")
+        assert bool(last._forward_hooks) == (hook == "output capturing")
         ran.clear()
         chunked = chunked_forward(model, dict(inputs, cache=DynamicCache(config=model.config)), WINDOW)
     torch.testing.assert_close(chunked.logits, whole.logits, rtol=1e-4, atol=5e-5)
@@ -315,7 +318,7 @@ def test_the_chunks_before_the_last_run_the_last_layer_for_its_cache_only(monkey
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=5e-5)
     last_modules = [last.mlp] + ([last.mixer] if last_layer != "linear_attention" else [])
     for module in last_modules:
-        assert sum(m is module for m in ran) == (chunks if hooked else 1)
+        assert sum(m is module for m in ran) == (chunks if hook == "a user's hook" else 1)
     for module in (layer.mlp for layer in model.model.layers[:-1]):
         assert sum(m is module for m in ran) == chunks
 

@@ -252,12 +252,17 @@ def last_layer_fills_the_cache(model):
     for forwards whose outputs nothing reads: the last layer's MLP, and in an attention layer the attention and its
     output projection, are about 6% of samba-421m's work per token (docs/performance-notes.md). Where the layer's
     forward is wrapped (accelerate's hooks) or anything hooks the layer or its modules, nothing changes: a hook
-    would see another output. Forwards of the same model in other threads meanwhile run the layer whole."""
+    would see another output (transformers' output capturing records only where a forward asks for hidden states
+    or attentions, never in a chunked prefill). Forwards of the same model in other threads meanwhile run the layer
+    whole."""
     layer, owner = model.model.layers[-1], threading.get_ident()
-    hooked = "forward" in vars(layer) or any(
-        module._forward_hooks or module._forward_pre_hooks for module in layer.modules()
-    )
-    if hooked or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+    hooks = [
+        *nn.modules.module._global_forward_hooks.values(),
+        *nn.modules.module._global_forward_pre_hooks.values(),
+        *(hook for module in layer.modules() for hook in module._forward_hooks.values()),
+        *(hook for module in layer.modules() for hook in module._forward_pre_hooks.values()),
+    ]
+    if "forward" in vars(layer) or any(hook.__module__ != "transformers.utils.output_capturing" for hook in hooks):
         yield
         return
 
