@@ -25,6 +25,8 @@ from .harness import columns, free_memory, peak_gib, profiled, registry, rows_of
 
 TITLE = "Generation: `model.generate()`, samba-421m against the paper's 438M Llama"
 NEW_TOKENS = 128
+# A row's steady and TTFT calls are repeated where a pair of them is short, and their medians taken (see INTRO).
+REPEATED_PAIRS, REPEAT_BELOW_S = 3, 2.0
 # (batch, context) of each case, in the order of priority: the targets' cells first.
 CELLS = {
     "b1-4k": (1, 4096),
@@ -56,8 +58,11 @@ after `torch._dynamo.reset()`. The modes:
 - samba `eager`: `decode_engine=False` (dynamic cache, eager steps);
 - llama `static`: `cache_implementation="static"` (compiled step); llama `eager`: its defaults (dynamic cache).
 
-Three calls per row: the first (`first s`: it pays compilation or graph capture), the same call again
-(`steady s`), and one with N = 1 (`TTFT s`: prefill plus the first token). Warm-up = first - steady.
+Calls per row: the first (`first s`: it pays compilation or graph capture), then the same call (`steady s`) and
+one with N = 1 (`TTFT s`: prefill plus the first token) in turn, {REPEATED_PAIRS} times each where such a pair takes
+under {REPEAT_BELOW_S:g} s (a short prompt's prefill is bound by the host's launches and moves by milliseconds from
+call to call), else once (runs dated 2026-12-04 or earlier: once); `steady s` and `TTFT s` are the medians.
+Warm-up = first - steady.
 ms/step = (steady - TTFT) / (N - 1); tokens/s = batch / that; e2e tokens/s = batch x N / steady.
 Roofline (batch 1) = (weight bytes + the cache's bytes at that context, measured on a real prefill) / the measured
 copy bandwidth; `of roofline` = roofline / ms per step. Cells predicted not to fit the GPU's memory or what is left
@@ -145,6 +150,11 @@ def samba_hf_logs():
         logger.setLevel(level)
 
 
+def pairs_for(pair_s: float) -> int:
+    """How many (steady, TTFT) pairs a row measures, where one pair takes `pair_s` seconds."""
+    return REPEATED_PAIRS if pair_s < REPEAT_BELOW_S else 1
+
+
 class Planner:
     """Predicts a row's seconds from guesses that each measured row corrects (per model, and per mode)."""
 
@@ -166,7 +176,8 @@ class Planner:
         prefill = models.prefill_seconds(mode.model, batch, context) * self.prefill_scale.get(mode.model, 1.0)
         step = self._step_guess(mode, batch, context) * self.step_scale.get((mode.model, mode.name), 1.0)
         first = self.first_extra.get((mode.model, mode.name), FIRST_CALL_EXTRA_S[mode.name])
-        return 3 * prefill + 2 * (new_tokens - 1) * step + first + BUILD_S
+        pair = 2 * prefill + (new_tokens - 1) * step  # a steady call and a TTFT call
+        return prefill + (new_tokens - 1) * step + pairs_for(pair) * pair + first + BUILD_S
 
     def learn(self, mode: Mode, batch: int, context: int, row: dict) -> None:
         self.prefill_scale[mode.model] = row["ttft_s"] / models.prefill_seconds(mode.model, batch, context)
@@ -208,13 +219,19 @@ def time_generate(model, kwargs: dict, batch: int, context: int, new_tokens: int
     if engine is not None:
         stats = engine.stats
         once = dict(compile_ahead_s=stats.compile_s, dry_run_s=stats.dry_run_s, capture_s=stats.capture_s)
-    steady, ttft = call(new_tokens), call(1)
+    steadies, ttfts = [call(new_tokens)], [call(1)]
+    while len(steadies) < pairs_for(steadies[0] + ttfts[0]):
+        steadies.append(call(new_tokens))
+        ttfts.append(call(1))
+    steady, ttft = statistics.median(steadies), statistics.median(ttfts)
     step = (steady - ttft) / (new_tokens - 1)
     return dict(
         **once,
         first_s=first,
         steady_s=steady,
         ttft_s=ttft,
+        steady_runs_s=steadies,
+        ttft_runs_s=ttfts,
         warmup_s=first - steady,
         ms_per_step=step * 1e3,
         tokens_per_s=batch / step,
