@@ -1,3 +1,4 @@
+import functools
 import subprocess
 import sys
 import textwrap
@@ -338,6 +339,16 @@ def test_a_forward_in_another_thread_runs_the_last_layer_whole_meanwhile():
             unread = model(ids).logits  # this thread's forward: the last layer only filled the cache
     torch.testing.assert_close(results["logits"], expected)
     assert not torch.allclose(unread, expected)
+
+
+def test_a_block_ending_leaves_another_threads_forward_in_place():
+    """Two threads may both enter the block before either puts in its forward: the one that ends first leaves the
+    other's in place, for the other to remove."""
+    model = small_model()
+    layer = model.model.layers[-1]
+    with last_layer_fills_the_cache(model):
+        layer.forward = others = functools.partial(type(layer).forward, layer)  # the other thread's block
+    assert vars(layer).get("forward") is others
 
 
 def recording(forward, modules: list):

@@ -275,7 +275,8 @@ def last_layer_fills_the_cache(model):
     try:
         yield
     finally:
-        del layer.forward
+        if vars(layer).get("forward") is forward:  # another thread's block may have put its own in meanwhile
+            del layer.forward
 
 
 def fill_cache(
