@@ -311,13 +311,14 @@ def test_what_the_engine_cannot_run_goes_to_transformers_loop_and_says_why(caplo
 
 def test_batch_one_runs_the_fused_kernels_with_the_tokens_of_transformers_loop(monkeypatch):
     """A batch-1 step on the one-row kernels (Triton's interpreter here): norms folded into the products,
-    a Mamba mixer's token in mamba_decode_step, attention over the ring in ring_decode_attention."""
+    a Mamba mixer's token in mamba_decode_step, attention over the ring in ring_decode_attention, the greedy
+    choice in greedy_token_."""
     import samba_kernels
 
     if not samba_kernels.use_triton(torch.empty(0)):
         pytest.skip("TRITON_INTERPRET is off and there is no GPU")
     calls = []
-    for name in ("mamba_decode_step", "ring_decode_attention", "gated_matvec", "matvec_add_"):
+    for name in ("mamba_decode_step", "ring_decode_attention", "gated_matvec", "matvec_add_", "greedy_token_"):
         kernel = getattr(samba_kernels, name)
         monkeypatch.setattr(samba_kernels, name, lambda *a, _n=name, _k=kernel, **kw: calls.append(_n) or _k(*a, **kw))
     model = small_model()
@@ -326,6 +327,7 @@ def test_batch_one_runs_the_fused_kernels_with_the_tokens_of_transformers_loop(m
     assert torch.equal(loop, engine)
     steps = WINDOW + 1
     assert calls.count("ring_decode_attention") == calls.count("mamba_decode_step") == 2 * steps
+    assert calls.count("greedy_token_") == steps
 
 
 def test_an_adapted_layer_keeps_its_modules_in_the_fused_step():

@@ -16,13 +16,15 @@ Imports torch and triton only, never transformers. Every op is a folder with the
     rotary               rotary_embedding                               (rotate-half RoPE on queries and keys)
     norm_swiglu          rms_norm, swiglu, residual_add                 (RMSNorm with its cast; silu(gate) * up;
                                                                         the float32 residual add)
+    token_choice         greedy_token_                                  (a decode step's greedy token and its
+                                                                        end-of-sequence rule)
 
 and each reference is the op's name with `_ref`. `compile_ahead` (_compile_ahead.py) compiles a computation's kernels in
 parallel (forked children on Linux, or threads) before it runs, from a dry run. The public ops run their Triton
 kernels on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (see `use_triton`); elsewhere they run the references. The kernels are
 registered as torch.library custom ops (`torch.ops.samba_kernels.*`), so torch.compile traces models that use
 them as one graph; rotary and norm_swiglu have none: under torch.compile they run their references, which inductor
-fuses. Tests: tests/kernels/test_<op>.py.
+fuses; nor has token_choice, which only the decode engine's eager step calls. Tests: tests/kernels/test_<op>.py.
 
 Kernel code names what it holds: pointers (arguments, and tensors of pointers) end in `_ptr`, offset tensors
 added to a pointer in `_off`, masks in `_mask`; loaded blocks have plain names (`u`, `dt`, `B_n`), `_raw` where a
@@ -47,6 +49,7 @@ from .matvec import (
 from .norm_swiglu import residual_add, residual_add_ref, rms_norm, rms_norm_ref, swiglu, swiglu_ref
 from .rotary import rotary_embedding, rotary_embedding_ref
 from .selective_scan import selective_scan_fn, selective_scan_ref, selective_state_update, selective_state_update_ref
+from .token_choice import greedy_token_, greedy_token_ref
 from .windowed_attention import window_mask, windowed_attention, windowed_attention_ref
 
 __all__ = [
@@ -57,6 +60,8 @@ __all__ = [
     "compile_ahead",
     "gated_matvec",
     "gated_matvec_ref",
+    "greedy_token_",
+    "greedy_token_ref",
     "mamba_decode_step",
     "mamba_decode_step_ref",
     "matvec",

@@ -605,6 +605,13 @@ class TokenChooser:
             counted = torch.arange(length, device=device)[None, :] >= ignored
             seen = torch.zeros(batch, config.vocab_size + 1, dtype=torch.bool, device=device)
             self.seen = seen.scatter_(1, torch.where(counted, input_ids, config.vocab_size), True)[:, :-1]
+        self.kernels = None  # samba_kernels, where a step's choice is its greedy_token_: no processor to apply
+        if not self.do_sample and not self.steps:
+            try:
+                import samba_kernels
+            except ImportError:  # a remote-code install may lack it
+                samba_kernels = None
+            self.kernels = samba_kernels
         self.key = (
             self.do_sample,
             tuple(processor_key(p) for p in logits_processor),
@@ -646,6 +653,16 @@ class TokenChooser:
             self.seen.scatter_(1, tokens[:, None], True)
         self.length.add_(1)
         return tokens
+
+    def choose_into(self, logits: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor) -> None:
+        """A decode step's choice: each row's next token from the last position's logits written into `tokens`
+        (batch, 1), and `positions` (batch, 1) counted up; the state updated as by a call."""
+        if self.kernels is not None:  # one launch, where PyTorch's argmax and bookkeeping take six to eight
+            eos = (self.unfinished, self.ends, self.pad) if self.eos is not None else ()
+            self.kernels.greedy_token_(logits, tokens, positions, self.length, *eos)
+            return
+        tokens.copy_(self(logits.float())[:, None])
+        positions.add_(1)
 
     def copy(self) -> "TokenChooser":
         """A chooser of the same settings with a state of its own."""
@@ -712,8 +729,9 @@ class DecodeStep:
                 use_cache=True,
                 logits_to_keep=1,
             ).logits[:, -1]
-        self.tokens.copy_(self.chooser(logits.float())[:, None])
-        self.positions.add_(1)
+        self.chooser.choose_into(logits, self.tokens, self.positions)
+        if self.fused is not None:
+            self.fused.count_ring_tokens()
 
     def warm_up(self) -> None:
         """Two runs before the capture (kernels compiled, library workspaces allocated). They change the buffers,
@@ -919,10 +937,14 @@ class FusedStep:
                 kernels.matvec_add_(residual, out, mixer.o_proj.weight)
             if layer.mlp is not None:
                 self.swiglu(layer.mlp_norm, layer.mlp)
-        if self.ring_counts:  # a layer's own forward counts its ring's tokens itself
-            torch._foreach_add_(self.ring_counts, 1)
         norm, head = base.norm, self.model.lm_head
         return kernels.matvec(residual, head.weight, head.bias, norm_weight=norm.weight, eps=norm.variance_epsilon)
+
+    def count_ring_tokens(self) -> None:
+        """The rings' token counts, one more. Called after the step's last kernel: this ordinary launch would keep
+        the kernel after it from starting early (a dependent launch)."""
+        if self.ring_counts:  # a layer's own forward counts its ring's tokens itself
+            torch._foreach_add_(self.ring_counts, 1)
 
     def swiglu(self, norm, mlp) -> None:
         hidden = self.kernels.gated_matvec(
