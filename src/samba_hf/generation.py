@@ -830,8 +830,8 @@ def plain_modules(module: nn.Module, model_module: str) -> bool:
 class FusedStep:
     """A batch-1 decode step on samba_kernels' one-row kernels: each norm folded into the product that reads
     it, each residual update into the product that writes it, a Mamba mixer's token in two launches
-    (`mamba_decode_step`) and an attention layer's token, with its RoPE and ring update, in two
-    (`ring_decode_attention`): six or seven launches a layer, where the modules launch dozens. A layer whose
+    (`mamba_decode_step`) and an attention layer's token, with its RoPE and ring update, in one
+    (`ring_decode_attention`): five or six launches a layer, where the modules launch dozens. A layer whose
     modules are not plain (`plain_modules`) runs its own forward over the same buffers. The step computes the
     model's function with float32 intermediates (the modules round some to bf16): tokens agree with the
     modules' up to ties within rounding."""
@@ -867,6 +867,9 @@ class FusedStep:
         self.residual = torch.zeros(
             1, config.hidden_size, device=step.device, dtype=torch.float32 if config.residual_in_fp32 else model.dtype
         )
+        # ring_decode_attention's count of finished programs, which its last program sets back to 0: the layers,
+        # one after another, share it
+        self.attention_finished = torch.zeros(config.num_key_value_heads, dtype=torch.int32, device=step.device)
         rotary = base.rotary_emb
         half = (config.head_dim or 2) // 2
         self.inv_freq = rotary.inv_freq if rotary is not None else torch.zeros(half, device=step.device)
@@ -933,6 +936,7 @@ class FusedStep:
                     self.inv_freq,
                     self.rope_scale,
                     mixer.scaling,
+                    self.attention_finished,
                 )
                 kernels.matvec_add_(residual, out, mixer.o_proj.weight)
             if layer.mlp is not None:

@@ -62,3 +62,31 @@ def test_ring_decode_attention_matches_float64_attention_over_the_window(heads, 
         torch.testing.assert_close(out.double().cpu(), expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(keys.double().cpu(), expected_keys, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(values.double().cpu(), expected_values)
+
+
+def test_a_kept_count_of_finished_programs_serves_call_after_call():
+    """The last program of each key/value head combines its partials and sets the count back to 0, so one count
+    serves every call (a captured step keeps one): calls after the first give the reference's output too."""
+    g = torch.Generator().manual_seed(5)
+    heads, kv_heads, slots, head_dim = 4, 2, 200, 16  # 4 programs per key/value head
+    rings = [randn(1, kv_heads, slots, head_dim, generator=g) for _ in range(2)]
+    readable = torch.ones(1, slots, dtype=torch.bool)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, head_dim, 2) / head_dim)
+    finished = torch.zeros(kv_heads, dtype=torch.int32, device=DEVICE)
+    kernel_rings, reference_rings = [r.clone().to(DEVICE) for r in rings], [r.clone() for r in rings]
+    for seen in range(slots, slots + 3):
+        token = [randn(1, n * head_dim, generator=g) for n in (heads, kv_heads, kv_heads)]
+        where = (readable, torch.tensor(seen), torch.tensor([[seen]]), inv_freq, 1.0, head_dim**-0.5)
+        with torch.no_grad():
+            out = samba_kernels.ring_decode_attention(
+                *(t.to(DEVICE) for t in token), *kernel_rings, *(w.to(DEVICE) if torch.is_tensor(w) else w for w in where),
+                finished,
+            )  # fmt: skip
+            expected = ring_decode_attention_ref(*token, *reference_rings, *where)
+        torch.testing.assert_close(out.cpu(), expected, rtol=1e-5, atol=1e-5)
+        assert finished.tolist() == [0, 0]
+    with pytest.raises(ValueError, match="finished"):
+        samba_kernels.ring_decode_attention(
+            *(t.to(DEVICE) for t in token), *kernel_rings, *(w.to(DEVICE) if torch.is_tensor(w) else w for w in where),
+            torch.zeros(kv_heads, device=DEVICE),
+        )  # fmt: skip

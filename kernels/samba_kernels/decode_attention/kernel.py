@@ -1,5 +1,5 @@
 """One token's sliding-window attention over a ring buffer of keys and values: the attention half of a
-batch-1 decode step, with the token's RoPE and the ring's update, in two launches.
+batch-1 decode step, with the token's RoPE and the ring's update, in one launch.
 
     ring_decode_attention(q, k, v, key_ring, value_ring, readable, tokens_seen, position, inv_freq,
                           rope_scale, scale) -> out (1, heads * head_dim)
@@ -19,7 +19,9 @@ k, the cache update, softmax(q K^T scale) V over the readable slots. The first k
 between programs, each for one key/value head and its group of query heads (flash-decoding): it rotates
 the query and the new key itself, reads its share of the ring (the new slot from registers, and writes it),
 and leaves a partial softmax (max, sum, weighted values) for each query head of the group, from the keys and
-values it loaded once. The second combines each head's partials. Statistics in float32. No gradients.
+values it loaded once. The last program of a key/value head to finish (a counter each program adds to) combines
+its group's partials into the output: a separate combine kernel cost a launch of its own in the decode step's
+chain. Statistics in float32. No gradients.
 
 Launched as a programmatic dependent (`dependent_launch`), the first kernel reads its share of the rings before
 it waits for the kernels ahead of it: the rings' writer (this kernel, at the tokens before) must have finished
@@ -63,6 +65,8 @@ def _partial_kernel(
     part_max_ptr,
     part_sum_ptr,
     part_out_ptr,
+    finished_ptr,
+    out_ptr,
     rope_scale,
     scale,
     slots,
@@ -73,6 +77,7 @@ def _partial_kernel(
     GROUP: tl.constexpr,
     HALF: tl.constexpr,
     SPLIT: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr,
     PDL: tl.constexpr,
 ):
     kv_head, split = tl.program_id(0), tl.program_id(1)
@@ -101,7 +106,7 @@ def _partial_kernel(
     key2 = tl.where(is_new[:, None], k2[None, :], key2_raw.to(tl.float32))
     values = tl.where(is_new[:, None], v_new[None, :], values_raw.to(tl.float32))
     visible = ring_mask & ((tl.load(readable_ptr + slot, mask=ring_mask, other=0) != 0) | is_new)
-    # Scores in base 2 (exp2 is the hardware's); the combine kernel reads the maxima in the same base.
+    # Scores in base 2 (exp2 is the hardware's); the combine reads the maxima in the same base.
     scale2 = scale * 1.4426950408889634
     for member in range(GROUP):  # the group's query heads share the keys and values loaded above
         head = kv_head * GROUP + member
@@ -124,36 +129,39 @@ def _partial_kernel(
             value_ring_ptr + kv_head * stride_vh + new_slot * stride_vs + dims,
             v_new.to(value_ring_ptr.dtype.element_ty),
         )
+    # Every thread's partials are stored before the count (the barrier); the count's release and acquire order
+    # them before the last program's loads, which bypass L1 (".cg"), where no stale line can be.
+    tl.debug_barrier()
+    if tl.atomic_add(finished_ptr + kv_head, 1, sem="acq_rel", scope="gpu") == splits - 1:
+        tl.store(finished_ptr + kv_head, 0)  # ready for the next call (a CUDA graph replays this one)
+        for member in range(GROUP):
+            _combine(part_max_ptr, part_sum_ptr, part_out_ptr, out_ptr, kv_head * GROUP + member, splits,
+                     2 * HALF, BLOCK_SPLITS)  # fmt: skip
 
 
 @triton.jit
-def _combine_kernel(
-    part_max_ptr,
-    part_sum_ptr,
-    part_out_ptr,
-    out_ptr,
-    splits,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_SPLITS: tl.constexpr,
-    PDL: tl.constexpr,
-):
-    head = tl.program_id(0)
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
+def _combine(part_max_ptr, part_sum_ptr, part_out_ptr, out_ptr, head, splits, HEAD_DIM: tl.constexpr,
+             BLOCK_SPLITS: tl.constexpr):  # fmt: skip
+    """out[head] = the softmax-weighted values of all the head's splits, from their partials."""
     split = tl.arange(0, BLOCK_SPLITS)
     split_mask = split < splits
     part = head * splits + split
-    maxima = tl.load(part_max_ptr + part, mask=split_mask, other=float("-inf"))
+    maxima = tl.load(part_max_ptr + part, mask=split_mask, other=float("-inf"), cache_modifier=".cg")
     weights = tl.where(split_mask, tl.exp2(maxima - tl.max(maxima, axis=0)), 0.0)
-    total = tl.sum(weights * tl.load(part_sum_ptr + part, mask=split_mask, other=0.0), axis=0)
+    sums = tl.load(part_sum_ptr + part, mask=split_mask, other=0.0, cache_modifier=".cg")
+    total = tl.sum(weights * sums, axis=0)
     dims = tl.arange(0, HEAD_DIM)
-    outs = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], mask=split_mask[:, None], other=0.0)
+    outs = tl.load(
+        part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], mask=split_mask[:, None], other=0.0,
+        cache_modifier=".cg",
+    )  # fmt: skip
     result = tl.sum(weights[:, None] * outs, axis=0) / total
     tl.store(out_ptr + head * HEAD_DIM + dims, result.to(out_ptr.dtype.element_ty))
 
 
-def ring_decode_attention(q, k, v, key_ring, value_ring, readable, tokens_seen, position, inv_freq, rope_scale, scale):
+def ring_decode_attention(
+    q, k, v, key_ring, value_ring, readable, tokens_seen, position, inv_freq, rope_scale, scale, finished=None
+):
     """One token's attention over a ring buffer (semantics: `ring_decode_attention_ref`; see the module docstring),
     without gradients: the Triton kernels where `use_triton(q)`, the reference elsewhere.
 
@@ -170,6 +178,9 @@ def ring_decode_attention(q, k, v, key_ring, value_ring, readable, tokens_seen, 
         inv_freq (torch.Tensor): `[head_dim / 2]` float32, RoPE's inverse frequencies; rope_scale (float): its
             attention scaling.
         scale (float): the scores' scale.
+        finished (torch.Tensor | None): `[kv_heads]` int32 zeros, the kernel's count of finished programs per
+            key/value head, which its last program sets back to 0: a caller that captures the call in a CUDA graph
+            keeps one (calls one after another on one stream may share it). None: a new one per call.
 
     Returns:
         `[1, heads * head_dim]` in q's dtype.
@@ -201,14 +212,21 @@ def ring_decode_attention(q, k, v, key_ring, value_ring, readable, tokens_seen, 
             f"ring_decode_attention: the kernel takes a power-of-two head_dim ({head_dim}) and rings "
             "contiguous along head_dim"
         )
-    return _launch(q, k, v, key_ring, value_ring, readable, tokens_seen, position, inv_freq, rope_scale, scale)
+    if finished is None:
+        finished = torch.zeros(kv_heads, dtype=torch.int32, device=q.device)
+    elif finished.shape != (kv_heads,) or finished.dtype != torch.int32:
+        raise ValueError(f"ring_decode_attention: finished must be ({kv_heads},) int32 zeros, got "
+                         f"{tuple(finished.shape)} {finished.dtype}")  # fmt: skip
+    return _launch(
+        q, k, v, key_ring, value_ring, readable, tokens_seen, position, inv_freq, rope_scale, scale, finished
+    )
 
 
 def _launch(
-    q, k, v, key_ring, value_ring, readable, tokens_seen, position, inv_freq, rope_scale, scale,
+    q, k, v, key_ring, value_ring, readable, tokens_seen, position, inv_freq, rope_scale, scale, finished,
     split_slots=SPLIT_SLOTS, num_warps=WARPS,
 ):  # fmt: skip
-    """The two kernels' launches (the tiling as arguments, for benchmarks/kernels.py's sweep)."""
+    """The kernel's launch (the tiling as arguments, for benchmarks/kernels.py's sweep)."""
     _, kv_heads, slots, head_dim = key_ring.shape
     heads = q.shape[-1] // head_dim
     splits = cdiv(slots, split_slots)
@@ -216,6 +234,7 @@ def _launch(
     part_sum = torch.empty_like(part_max)
     part_out = q.new_empty(heads * splits, head_dim, dtype=torch.float32)
     q, k, v = (t.reshape(-1).contiguous() for t in (q, k, v))
+    out = q.new_empty(1, heads * head_dim)
     _partial_kernel[(kv_heads, splits)](
         q,
         k,
@@ -229,6 +248,8 @@ def _launch(
         part_max,
         part_sum,
         part_out,
+        finished,
+        out,
         float(rope_scale),
         float(scale),
         slots,
@@ -239,19 +260,8 @@ def _launch(
         GROUP=heads // kv_heads,
         HALF=head_dim // 2,
         SPLIT=split_slots,
-        num_warps=num_warps,
-        **dependent_launch(q),
-    )
-    out = q.new_empty(1, heads * head_dim)
-    _combine_kernel[(heads,)](
-        part_max,
-        part_sum,
-        part_out,
-        out,
-        splits,
-        HEAD_DIM=head_dim,
         BLOCK_SPLITS=next_power_of_2(splits),
-        num_warps=4,
+        num_warps=num_warps,
         **dependent_launch(q),
     )
     return out
