@@ -67,6 +67,25 @@ def test_rows_stop_at_their_end_of_sequence_and_the_output_ends_with_the_last_ro
     assert (engine[:, ids.shape[1] :] == eos).any()
 
 
+def test_a_minimum_length_keeps_the_greedy_choice_in_one_kernel(monkeypatch):
+    """Greedy search with min_new_tokens and an end token the first row would generate early: every step chooses
+    in greedy_token_ (the end token blocked up to the minimum), with the tokens of transformers' loop."""
+    if not samba_kernels.use_triton(torch.empty(0)):
+        pytest.skip("TRITON_INTERPRET is off and there is no GPU")
+    calls = []
+    kernel = samba_kernels.greedy_token_
+    monkeypatch.setattr(samba_kernels, "greedy_token_", lambda *a, **kw: calls.append(a) or kernel(*a, **kw))
+    model = small_model()
+    ids, mask = left_padded_prompt()
+    free = model.generate(ids, attention_mask=mask, max_new_tokens=12, decode_engine=False, **GREEDY)
+    eos = int(free[0, ids.shape[1] + 2])
+    kwargs = dict(attention_mask=mask, max_new_tokens=24, min_new_tokens=8, eos_token_id=eos, **GREEDY)
+    loop, engine = both_paths(model, ids, **kwargs)
+    assert torch.equal(loop, engine)
+    assert not (engine[:, ids.shape[1] : ids.shape[1] + 8] == eos).any()
+    assert calls and all(call[-2] is not None for call in calls)  # the minimum length's blocked tokens
+
+
 def test_every_row_ending_between_two_checks_ends_the_output_there():
     """The engine asks whether every row has finished every STOP_CHECK_INTERVAL steps and drops the steps after
     the last row's end."""

@@ -78,6 +78,7 @@ MAX_GRAPHS = 4
 # Asking waits for the device; the steps run past the end are dropped.
 STOP_CHECK_INTERVAL = 16
 # Logits processors whose work depends only on the scores: they run in the captured step as they are.
+MIN_LENGTH_PROCESSORS = (MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor)
 SCORE_ONLY_PROCESSORS = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper)
 # Whether the fused step's kernels launch as programmatic dependents (Hopper and later): each starts while the
 # one before it finishes and loads its weights meanwhile (docs/performance-notes.md has the measurement).
@@ -545,7 +546,7 @@ def processor_key(processor) -> tuple:
     change from call to call (a prompt's length, its padding) live in the chooser's state instead."""
     if isinstance(processor, RepetitionPenaltyLogitsProcessor):
         return (type(processor).__name__, processor.penalty)
-    if isinstance(processor, (MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor)):
+    if isinstance(processor, MIN_LENGTH_PROCESSORS):
         return (type(processor).__name__,)
 
     def plain(value):
@@ -584,7 +585,7 @@ class TokenChooser:
         vocab = torch.arange(config.vocab_size, device=device)
         eos_ids = self.eos
         for processor in logits_processor:  # the processors' own end-of-sequence ids where they have them
-            if isinstance(processor, (MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor)):
+            if isinstance(processor, MIN_LENGTH_PROCESSORS):
                 eos_ids = processor.eos_token_id.to(device)
         self.eos_mask = None if eos_ids is None else torch.isin(vocab, eos_ids)
         # Which tokens end a row, looked up by token: for a long list of ids, torch.isin(tokens, eos) takes a path
@@ -605,8 +606,9 @@ class TokenChooser:
             counted = torch.arange(length, device=device)[None, :] >= ignored
             seen = torch.zeros(batch, config.vocab_size + 1, dtype=torch.bool, device=device)
             self.seen = seen.scatter_(1, torch.where(counted, input_ids, config.vocab_size), True)[:, :-1]
-        self.kernels = None  # samba_kernels, where a step's choice is its greedy_token_: no processor to apply
-        if not self.do_sample and not self.steps:
+        # samba_kernels, where a step's choice is its greedy_token_: greedy, with a minimum length at most
+        self.kernels = None
+        if not self.do_sample and all(type(p) in MIN_LENGTH_PROCESSORS for p in logits_processor):
             try:
                 import samba_kernels
             except ImportError:  # a remote-code install may lack it
@@ -629,7 +631,7 @@ class TokenChooser:
             return lambda chooser, scores: torch.where(
                 chooser.seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores
             )
-        if type(processor) in (MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor):
+        if type(processor) in MIN_LENGTH_PROCESSORS:
             return lambda chooser, scores: torch.where(
                 (chooser.length < chooser.eos_allowed_from) & chooser.eos_mask, -math.inf, scores
             )
@@ -654,15 +656,23 @@ class TokenChooser:
         self.length.add_(1)
         return tokens
 
-    def choose_into(self, logits: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor) -> None:
+    def choose_into(
+        self, logits: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, counters: list = ()
+    ) -> None:
         """A decode step's choice: each row's next token from the last position's logits written into `tokens`
-        (batch, 1), and `positions` (batch, 1) counted up; the state updated as by a call."""
-        if self.kernels is not None:  # one launch, where PyTorch's argmax and bookkeeping take six to eight
-            eos = (self.unfinished, self.ends, self.pad) if self.eos is not None else ()
-            self.kernels.greedy_token_(logits, tokens, positions, self.length, *eos)
+        (batch, 1), `positions` (batch, 1) counted up, and `counters` (0-dim tensors of the step's) with the
+        chooser's length; the state updated as by a call."""
+        if self.kernels is None:
+            tokens.copy_(self(logits.float())[:, None])
+            positions.add_(1)
+            if counters:
+                torch._foreach_add_(list(counters), 1)
             return
-        tokens.copy_(self(logits.float())[:, None])
-        positions.add_(1)
+        # Two launches, where PyTorch's argmax and bookkeeping take six to eight
+        eos = (self.unfinished, self.ends, self.pad) if self.eos is not None else (None,) * 3
+        min_length = (self.eos_mask, self.eos_allowed_from) if self.steps else (None,) * 2
+        self.kernels.greedy_token_(logits, tokens, positions, self.length, *eos, *min_length)
+        torch._foreach_add_([self.length, *counters], 1)
 
     def copy(self) -> "TokenChooser":
         """A chooser of the same settings with a state of its own."""
@@ -729,9 +739,8 @@ class DecodeStep:
                 use_cache=True,
                 logits_to_keep=1,
             ).logits[:, -1]
-        self.chooser.choose_into(logits, self.tokens, self.positions)
-        if self.fused is not None:
-            self.fused.count_ring_tokens()
+        # the rings' counts of the fused step's layers (the others count their own), after its last kernel
+        self.chooser.choose_into(logits, self.tokens, self.positions, self.fused.ring_counts if self.fused else ())
 
     def warm_up(self) -> None:
         """Two runs before the capture (kernels compiled, library workspaces allocated). They change the buffers,
@@ -943,12 +952,6 @@ class FusedStep:
                 self.swiglu(layer.mlp_norm, layer.mlp)
         norm, head = base.norm, self.model.lm_head
         return kernels.matvec(residual, head.weight, head.bias, norm_weight=norm.weight, eps=norm.variance_epsilon)
-
-    def count_ring_tokens(self) -> None:
-        """The rings' token counts, one more. Called after the step's last kernel: this ordinary launch would keep
-        the kernel after it from starting early (a dependent launch)."""
-        if self.ring_counts:  # a layer's own forward counts its ring's tokens itself
-            torch._foreach_add_(self.ring_counts, 1)
 
     def swiglu(self, norm, mlp) -> None:
         hidden = self.kernels.gated_matvec(

@@ -163,3 +163,31 @@ def test_matvec_add_updates_the_residual_in_place(bias):
         returned = samba_kernels.matvec_add_(residual, x, w, b if bias else None)
     assert returned is residual
     torch.testing.assert_close(residual.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("programs", [1, 3, 64])
+def test_every_kind_of_product_walks_its_row_tiles_and_column_blocks(monkeypatch, programs):
+    """Narrow column blocks (K = 200 in four blocks of 64, the last partial) and few programs (each walking several
+    tiles of rows, the last tile partial), or more programs than tiles: plain, stacked, gated, norm-fused and
+    residual products against float64."""
+    monkeypatch.setattr(matvec_kernel, "MAX_BLOCK_K", 64)
+    monkeypatch.setattr(matvec_kernel, "INTERPRETER_PROGRAMS", programs)
+    if DEVICE == "cuda":
+        monkeypatch.setattr(matvec_kernel, "PROGRAMS_PER_SM", 1)
+    g = gen(32 + programs)
+    x, norm_weight, bias = randn(g, 1, 200), 1 + 0.1 * randn(g, 200), randn(g, 37)
+    w, k, gate, up = (randn(g, rows, 200) for rows in (37, 6, 29, 29))
+    normed = reference_norm(x, norm_weight)
+    residual = randn(g, 1, 37)
+    expected_residual = residual.double() + x.double() @ w.double().T
+    tol = dict(rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(samba_kernels.matvec(x, w, bias).double(), F.linear(x, w, bias).double(), **tol)
+        stacked = samba_kernels.stacked_matvec(x, [w, k], norm_weight=norm_weight)
+        gated = samba_kernels.gated_matvec(x, gate, up, norm_weight=norm_weight)
+        samba_kernels.matvec_add_(residual, x, w)
+    torch.testing.assert_close(stacked[0].double(), normed @ w.double().T, **tol)
+    torch.testing.assert_close(stacked[1].double(), normed @ k.double().T, **tol)
+    expected_gated = F.silu(normed @ gate.double().T) * (normed @ up.double().T)
+    torch.testing.assert_close(gated.double(), expected_gated, rtol=1e-4, atol=1e-4)  # a product of two sums
+    torch.testing.assert_close(residual.double(), expected_residual, **tol)

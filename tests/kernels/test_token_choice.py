@@ -51,9 +51,33 @@ def test_greedy_token_matches_argmax_and_the_end_of_sequence_rule(vocab, dtype, 
         tokens = torch.full((batch, 1), -1, device=DEVICE)
         choose(logits.to(DEVICE), tokens, state[0], state[1], *(state[2:] if eos else ()))
         assert tokens[:, 0].tolist() == [token for token, _ in expected], choose
-        assert torch.equal(state[0].cpu(), positions + 1) and int(state[1]) == 34
+        assert torch.equal(state[0].cpu(), positions + 1) and int(state[1]) == 33  # the caller counts length
         if eos:
             assert state[2].tolist() == [flag for _, flag in expected]
+
+
+@pytest.mark.parametrize("vocab", [97, 9000])  # one tile, and two
+@pytest.mark.parametrize("length, allowed_from", [(10, 12), (12, 12)])
+def test_blocked_tokens_are_not_chosen_below_the_minimum_length(vocab, length, allowed_from):
+    """Below the minimum length the blocked tokens (a row's maximum among them, a NaN among them) score -inf, as
+    transformers' minimum-length processors make them; from it on they count again."""
+    g = gen(vocab + length)
+    logits = torch.randn(3, vocab, generator=g)
+    logits[0, [4, vocab - 1]] = 50.0  # the maximum, blocked, and the second best, not
+    logits[0, 9] = 40.0
+    logits[1, 4] = float("nan")
+    logits[2] = float("-inf")
+    blocked = torch.zeros(vocab, dtype=torch.bool)
+    blocked[[4, 9]] = True
+    below = length < allowed_from
+    masked = logits.masked_fill(blocked & below, float("-inf"))
+    expected = [expected_row(row, 1, None, 0)[0] for row in masked]
+    assert expected[0] == (vocab - 1 if below else 4)
+    for choose in (samba_kernels.greedy_token_, greedy_token_ref):
+        tokens, positions = torch.full((3, 1), -1, device=DEVICE), torch.zeros(3, 1, dtype=torch.long, device=DEVICE)
+        where = [torch.tensor(length), None, None, None, blocked, torch.tensor(allowed_from)]
+        choose(logits.to(DEVICE), tokens, positions, *(t if t is None else t.to(DEVICE) for t in where))
+        assert tokens[:, 0].tolist() == expected, choose
 
 
 def test_greedy_token_runs_the_reference_on_the_cpu_without_the_interpreter(monkeypatch):
@@ -64,7 +88,7 @@ def test_greedy_token_runs_the_reference_on_the_cpu_without_the_interpreter(monk
         torch.tensor(0),
     )
     kernel.greedy_token_(torch.tensor([[0.0, 2.0, 1.0], [3.0, 3.0, 1.0]]), tokens, positions, length)
-    assert tokens[:, 0].tolist() == [1, 0] and positions[:, 0].tolist() == [1, 1] and int(length) == 1
+    assert tokens[:, 0].tolist() == [1, 0] and positions[:, 0].tolist() == [1, 1] and int(length) == 0
 
 
 def test_greedy_token_refuses_mismatched_state():

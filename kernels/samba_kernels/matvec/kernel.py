@@ -2,10 +2,10 @@
 decoding, where every token reads all of the model's weights once.
 
 cuBLAS runs such a product as a general matrix product, tiled for many rows, often split over K with a
-second kernel that sums the splits. Here each program takes BLOCK_N rows of the weight and walks K in
-BLOCK_K-wide steps, accumulating in fp32, and sums across K once at the end: one pass over the weight,
-one kernel. The weight is read with an evict-first hint, as nothing reads it again before the next
-token.
+second kernel that sums the splits. Here a few programs per SM each walk a stream of weight blocks (its tiles
+of BLOCK_N rows in turn, each tile's columns in BLOCK_K-wide blocks, the whole row where it fits), loading the
+next block before reducing the current one, accumulating in fp32: one pass over the weight, one kernel. The
+weight is read with an evict-first hint, as nothing reads it again before the next token.
 
 A kernel launch has a fixed cost of a few µs at these sizes (ramp-up, tail), so products that share
 their input also run as one launch: `stacked_matvec` (the rows of several weights, as for q/k/v) and
@@ -14,7 +14,7 @@ products of samba-421m, so grouped, take fewer launches and less time than cuBLA
 the matvec case).
 
 Where torch.compile's kernels launch as programmatic dependents (`torch._inductor.config.triton.enable_pdl`
-on sm90 and later; see `dependent_launch`), these do too: a product loads its first weight tile while
+on sm90 and later; see `dependent_launch`), these do too: a product loads its first weight block while
 the kernel before it finishes, and reads x only after `gdc_wait()`, which shortens a decode step
 (docs/performance-notes.md, Decoding).
 
@@ -22,6 +22,7 @@ The references (`naive.py`: F.linear, after F.rms_norm where a norm is fused) ar
 without Triton's interpreter.
 """
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -30,6 +31,30 @@ import triton.language as tl
 
 from .._common import cdiv, dependent_launch, gdc_launch_dependents, gdc_wait, next_power_of_2, use_triton
 from .naive import gated_matvec_ref, matvec_add_ref, matvec_ref, stacked_matvec_ref
+
+
+@triton.jit
+def _weight_tile(
+    w0_ptr, w1_ptr, w2_ptr, tile, k0, N0, N1, N2, K, stride0, stride1, stride2,
+    WEIGHTS: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """The weight block of output rows tile * BLOCK_N.. and columns k0..: (w, up), up the up weight's same rows
+    where GATED (else w again). Rows past the outputs load nothing (a tile past the last is all masked)."""
+    rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_idx = rows.to(tl.int64)  # int64: vocabulary x hidden may pass 2**31
+    w_rows_ptr = w0_ptr + row_idx * stride0
+    if WEIGHTS > 1:
+        w_rows_ptr = tl.where(rows < N0, w_rows_ptr, w1_ptr + (row_idx - N0) * stride1)
+    if WEIGHTS > 2:
+        w_rows_ptr = tl.where(rows < N0 + N1, w_rows_ptr, w2_ptr + (row_idx - N0 - N1) * stride2)
+    cols = k0 + tl.arange(0, BLOCK_K)
+    mask = (rows < N0 + N1 + N2)[:, None] & (cols < K)[None, :]
+    w = tl.load(w_rows_ptr[:, None] + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+    up = w
+    if GATED:
+        up_rows_ptr = w1_ptr + row_idx * stride1
+        up = tl.load(up_rows_ptr[:, None] + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+    return w, up
 
 
 @triton.jit
@@ -62,74 +87,88 @@ def _matvec_kernel(
     """out = x @ [w0; w1; w2].T (+ bias): the rows of the first WEIGHTS weights stacked, N0 + N1 + N2
     outputs (the unused weights have 0 rows). GATED: out = silu(x @ w0.T) * (x @ w1.T), N0 outputs,
     each program reading the same rows of both weights. NORM: x is first RMS-normalised (float32) and
-    scaled by norm_weight; its sum of squares accumulates with the products, and the products are scaled
-    by 1 / rms at the end. RESIDUAL: out += the products (out is the float32 residual stream, updated in
-    place). PDL: launched as a programmatic dependent; the first weight tile loads before the wait for the
-    kernel that writes x."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N0 + N1 + N2
-    row_idx = rows.to(tl.int64)  # int64: vocabulary x hidden may pass 2**31
-    w_rows_ptr = w0_ptr + row_idx * stride0
-    if WEIGHTS > 1:
-        w_rows_ptr = tl.where(rows < N0, w_rows_ptr, w1_ptr + (row_idx - N0) * stride1)
-    if WEIGHTS > 2:
-        w_rows_ptr = tl.where(rows < N0 + N1, w_rows_ptr, w2_ptr + (row_idx - N0 - N1) * stride2)
-    up_rows_ptr = w1_ptr + row_idx * stride1  # GATED only
-    cols = tl.arange(0, BLOCK_K)
-    tile_mask = row_mask[:, None] & (cols < K)[None, :]
-    w = tl.load(w_rows_ptr[:, None] + cols[None, :], mask=tile_mask, other=0.0, eviction_policy="evict_first")
-    if GATED:
-        up = tl.load(up_rows_ptr[:, None] + cols[None, :], mask=tile_mask, other=0.0, eviction_policy="evict_first")
+    scaled by norm_weight. RESIDUAL: out += the products (out is the float32 residual stream, updated in
+    place). PDL: launched as a programmatic dependent; the first weight block loads before the wait for the
+    kernel that writes x.
+
+    The grid is a few programs per SM, each walking its tiles of BLOCK_N rows (tile = program, + programs, ...)
+    and each tile's columns in BLOCK_K-wide blocks, one stream of blocks per program: the next block is loaded
+    before the current one is reduced."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    n_chunks = tl.cdiv(K, BLOCK_K)
+    steps = tl.cdiv(tl.cdiv(N0 + N1 + N2, BLOCK_N) - pid, programs) * n_chunks  # this program's blocks
+    w, up = _weight_tile(
+        w0_ptr, w1_ptr, w2_ptr, pid, 0, N0, N1, N2, K, stride0, stride1, stride2, WEIGHTS, GATED, BLOCK_N, BLOCK_K
+    )
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
-    x_k = tl.load(x_ptr + cols * stride_x, mask=cols < K, other=0.0).to(tl.float32)[None, :]
-    squares = x_k * x_k  # NORM only
-    if NORM:
-        x_k *= tl.load(norm_weight_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
-    acc = w.to(tl.float32) * x_k
-    if GATED:
-        acc_up = up.to(tl.float32) * x_k
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        tile_mask = row_mask[:, None] & (cols < K)[None, :]
-        x_k = tl.load(x_ptr + cols * stride_x, mask=cols < K, other=0.0).to(tl.float32)[None, :]
-        if NORM:
+    inv_rms = 1.0
+    if NORM:  # over the whole row first: every tile scales by it
+        squares = tl.zeros([BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            x_k = tl.load(x_ptr + cols * stride_x, mask=cols < K, other=0.0).to(tl.float32)
             squares += x_k * x_k
-            x_k *= tl.load(norm_weight_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
-        w = tl.load(w_rows_ptr[:, None] + cols[None, :], mask=tile_mask, other=0.0, eviction_policy="evict_first")
-        acc += w.to(tl.float32) * x_k
-        if GATED:
-            up = tl.load(
-                up_rows_ptr[:, None] + cols[None, :], mask=tile_mask, other=0.0, eviction_policy="evict_first"
-            )
-            acc_up += up.to(tl.float32) * x_k
-    y = tl.sum(acc, axis=1)
-    if GATED:
-        y_up = tl.sum(acc_up, axis=1)
-    if NORM:
         inv_rms = 1.0 / tl.sqrt(tl.sum(squares) / K + eps)
-        y *= inv_rms
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)  # GATED only
+    for step in range(steps):
+        tile = pid + (step // n_chunks) * programs
+        k0 = (step % n_chunks) * BLOCK_K
+        w_next, up_next = _weight_tile(
+            w0_ptr, w1_ptr, w2_ptr, pid + ((step + 1) // n_chunks) * programs, ((step + 1) % n_chunks) * BLOCK_K,
+            N0, N1, N2, K, stride0, stride1, stride2, WEIGHTS, GATED, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+        cols = k0 + tl.arange(0, BLOCK_K)
+        x_k = tl.load(x_ptr + cols * stride_x, mask=cols < K, other=0.0).to(tl.float32)
+        if NORM:
+            x_k *= tl.load(norm_weight_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+        acc += w.to(tl.float32) * x_k[None, :]
         if GATED:
-            y_up *= inv_rms
-    if GATED:
-        y = y * tl.sigmoid(y) * y_up
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-    if RESIDUAL:
-        y += tl.load(out_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_mask)
+            acc_up += up.to(tl.float32) * x_k[None, :]
+        if k0 + BLOCK_K >= K:  # the tile's last block: its outputs
+            rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            row_mask = rows < N0 + N1 + N2
+            y = tl.sum(acc, axis=1) * inv_rms
+            if GATED:
+                y_up = tl.sum(acc_up, axis=1) * inv_rms
+                y = y * tl.sigmoid(y) * y_up
+            if HAS_BIAS:
+                y += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+            if RESIDUAL:
+                y += tl.load(out_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_mask)
+            acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+            acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        w, up = w_next, up_next
 
 
-def _tile(N: int, K: int) -> dict:
-    """(BLOCK_N, BLOCK_K, warps), from a sweep of samba-421m's decode products with a cold L2
-    (docs/performance-notes.md, Decoding): two rows per program where that gives thousands of programs; otherwise wide
-    K steps and eight warps, so that fewer programs still keep enough loads in flight."""
-    if N >= 4096:
-        return dict(BLOCK_N=2, BLOCK_K=512, num_warps=2)
-    block_k = min(2048, next_power_of_2(K))
-    block_n = min(16, max(1 if N < 1024 else 2, 2048 // block_k))
-    return dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8 if block_k >= 1024 else 4)
+# Blocks of (BLOCK_N rows, up to MAX_BLOCK_K columns), WARPS warps, PROGRAMS_PER_SM programs per SM: the fastest of
+# 18 settings for a token's 49 products chained in one CUDA graph with dependent launches on the H200, 274 us against
+# 333 for the previous kernel (a program per tile, thousands of programs: docs/performance-notes.md, Decoding). With
+# a few programs per SM, the next kernel's programs fit beside them and load their first blocks early.
+BLOCK_N = 4
+MAX_BLOCK_K = 4096
+WARPS = 8
+PROGRAMS_PER_SM = 4
+INTERPRETER_PROGRAMS = 3  # Triton's interpreter: few, so that the tests walk several tiles in a program
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _grid(x: torch.Tensor, rows: int) -> int:
+    programs = PROGRAMS_PER_SM * _sm_count(x.device.index or 0) if x.is_cuda else INTERPRETER_PROGRAMS
+    return min(cdiv(rows, BLOCK_N), programs)
+
+
+def _block_k(K: int, gated: bool) -> int:
+    """The whole row where it fits (half as wide for two weights' blocks)."""
+    return min(next_power_of_2(K), MAX_BLOCK_K // (2 if gated else 1))
 
 
 def _new_output(x: torch.Tensor, weights: list[torch.Tensor], gated: bool) -> torch.Tensor:
@@ -153,8 +192,7 @@ def _launch_matvec(
     stacked = [] if gated else weights[1:]  # gated: the up weight has the gate weight's rows, no more outputs
     padded = weights + [weights[0]] * (3 - len(weights))  # the kernel's unused weights
     rows = [weights[0].shape[0]] + [w.shape[0] for w in stacked] + [0] * (2 - len(stacked))
-    tile = _tile(out.shape[-1] * (2 if gated else 1), x_row.shape[0])
-    _matvec_kernel[(cdiv(out.shape[-1], tile["BLOCK_N"]),)](
+    _matvec_kernel[(_grid(x_row, out.shape[-1]),)](
         x_row,
         *padded,
         padded[0] if bias is None else bias,
@@ -171,7 +209,9 @@ def _launch_matvec(
         NORM=norm_weight is not None,
         RESIDUAL=residual is not None,
         **dependent_launch(x),
-        **tile,
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=_block_k(x_row.shape[0], gated),
+        num_warps=WARPS,
     )
     return out
 
