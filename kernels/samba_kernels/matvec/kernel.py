@@ -83,6 +83,7 @@ def _matvec_kernel(
     PDL: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    WHOLE_ROW: tl.constexpr,
 ):
     """out = x @ [w0; w1; w2].T (+ bias): the rows of the first WEIGHTS weights stacked, N0 + N1 + N2
     outputs (the unused weights have 0 rows). GATED: out = silu(x @ w0.T) * (x @ w1.T), N0 outputs,
@@ -112,37 +113,50 @@ def _matvec_kernel(
             x_k = tl.load(x_ptr + cols * stride_x, mask=cols < K, other=0.0).to(tl.float32)
             squares += x_k * x_k
         inv_rms = 1.0 / tl.sqrt(tl.sum(squares) / K + eps)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)  # GATED only
+    if WHOLE_ROW:  # one block spans the row: x is loaded once, every block reduces to its rows' outputs
+        x_row = _scaled_x(x_ptr, norm_weight_ptr, 0, K, stride_x, NORM, BLOCK_K)
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    acc_up = tl.zeros([BLOCK_N], tl.float32)  # GATED only
     for step in range(steps):
-        tile = pid + (step // n_chunks) * programs
-        k0 = (step % n_chunks) * BLOCK_K
+        if WHOLE_ROW:
+            tile, k0, next_tile, next_k0 = pid + step * programs, 0, pid + (step + 1) * programs, 0
+            x_k = x_row
+        else:
+            tile, k0 = pid + (step // n_chunks) * programs, (step % n_chunks) * BLOCK_K
+            next_tile, next_k0 = pid + ((step + 1) // n_chunks) * programs, ((step + 1) % n_chunks) * BLOCK_K
+            x_k = _scaled_x(x_ptr, norm_weight_ptr, k0, K, stride_x, NORM, BLOCK_K)
         w_next, up_next = _weight_tile(
-            w0_ptr, w1_ptr, w2_ptr, pid + ((step + 1) // n_chunks) * programs, ((step + 1) % n_chunks) * BLOCK_K,
-            N0, N1, N2, K, stride0, stride1, stride2, WEIGHTS, GATED, BLOCK_N, BLOCK_K,
+            w0_ptr, w1_ptr, w2_ptr, next_tile, next_k0, N0, N1, N2, K, stride0, stride1, stride2, WEIGHTS, GATED,
+            BLOCK_N, BLOCK_K,
         )  # fmt: skip
-        cols = k0 + tl.arange(0, BLOCK_K)
-        x_k = tl.load(x_ptr + cols * stride_x, mask=cols < K, other=0.0).to(tl.float32)
-        if NORM:
-            x_k *= tl.load(norm_weight_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-        acc += w.to(tl.float32) * x_k[None, :]
+        acc += tl.sum(w.to(tl.float32) * x_k[None, :], axis=1)
         if GATED:
-            acc_up += up.to(tl.float32) * x_k[None, :]
+            acc_up += tl.sum(up.to(tl.float32) * x_k[None, :], axis=1)
         if k0 + BLOCK_K >= K:  # the tile's last block: its outputs
             rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
             row_mask = rows < N0 + N1 + N2
-            y = tl.sum(acc, axis=1) * inv_rms
+            y = acc * inv_rms
             if GATED:
-                y_up = tl.sum(acc_up, axis=1) * inv_rms
+                y_up = acc_up * inv_rms
                 y = y * tl.sigmoid(y) * y_up
             if HAS_BIAS:
                 y += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
             if RESIDUAL:
                 y += tl.load(out_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
             tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_mask)
-            acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-            acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+            acc = tl.zeros([BLOCK_N], tl.float32)
+            acc_up = tl.zeros([BLOCK_N], tl.float32)
         w, up = w_next, up_next
+
+
+@triton.jit
+def _scaled_x(x_ptr, norm_weight_ptr, k0, K, stride_x, NORM: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x's columns k0.. in float32, times the norm's weight where NORM (the 1 / rms comes after the sums)."""
+    cols = k0 + tl.arange(0, BLOCK_K)
+    x_k = tl.load(x_ptr + cols * stride_x, mask=cols < K, other=0.0).to(tl.float32)
+    if NORM:
+        x_k *= tl.load(norm_weight_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+    return x_k
 
 
 # Blocks of (BLOCK_N rows, up to MAX_BLOCK_K columns), WARPS warps, PROGRAMS_PER_SM programs per SM: the fastest of
@@ -192,6 +206,7 @@ def _launch_matvec(
     stacked = [] if gated else weights[1:]  # gated: the up weight has the gate weight's rows, no more outputs
     padded = weights + [weights[0]] * (3 - len(weights))  # the kernel's unused weights
     rows = [weights[0].shape[0]] + [w.shape[0] for w in stacked] + [0] * (2 - len(stacked))
+    block_k = _block_k(x_row.shape[0], gated)
     _matvec_kernel[(_grid(x_row, out.shape[-1]),)](
         x_row,
         *padded,
@@ -210,7 +225,8 @@ def _launch_matvec(
         RESIDUAL=residual is not None,
         **dependent_launch(x),
         BLOCK_N=BLOCK_N,
-        BLOCK_K=_block_k(x_row.shape[0], gated),
+        BLOCK_K=block_k,
+        WHOLE_ROW=block_k >= x_row.shape[0],
         num_warps=WARPS,
     )
     return out
