@@ -159,13 +159,15 @@ def _scaled_x(x_ptr, norm_weight_ptr, k0, K, stride_x, NORM: tl.constexpr, BLOCK
     return x_k
 
 
-# Blocks of (BLOCK_N rows, up to MAX_BLOCK_K columns), WARPS warps, PROGRAMS_PER_SM programs per SM: the fastest of
-# 18 settings for a token's 49 products chained in one CUDA graph with dependent launches on the H200, 274 us against
-# 333 for the previous kernel (a program per tile, thousands of programs: docs/performance-notes.md, Decoding). With
-# a few programs per SM, the next kernel's programs fit beside them and load their first blocks early.
+# Blocks of (BLOCK_N rows, up to MAX_BLOCK_K columns), WARPS warps, PROGRAMS_PER_SM programs per SM. On the H200,
+# a token's 49 products chained in one CUDA graph with dependent launches took 274-279 us with 4 programs per SM of
+# 4 rows (4 or 8 warps) against 333 for the previous kernel (a program per tile: thousands of programs); the engine's
+# whole captured step, two rounds of nine settings, 445-448 us at 4 x 4 x 4 warps, 452-454 with 8 warps, 455-532
+# with the others (docs/performance-notes.md, Decoding). With a few programs per SM, the next kernel's programs fit
+# beside them and load their first blocks while these finish.
 BLOCK_N = 4
 MAX_BLOCK_K = 4096
-WARPS = 8
+WARPS = 4
 PROGRAMS_PER_SM = 4
 INTERPRETER_PROGRAMS = 3  # Triton's interpreter: few, so that the tests walk several tiles in a program
 
