@@ -724,10 +724,12 @@ class DecodeStep:
 
     def forward(self) -> None:
         masks = {"linear_attention": None}
-        if self.rings:  # the new token's slot becomes readable; its key is written there by the forward
+        if self.rings:
+            masks["sliding_attention"] = self.readable[:, None, None, :]
+        if self.rings and not (self.fused is not None and self.fused.marks_new_slots):
+            # the new token's slot becomes readable; its key is written there by the forward
             slot = self.rings[0].cumulative_length % self.rings[0].max_cache_len
             self.readable.index_fill_(1, slot.view(1), True)
-            masks["sliding_attention"] = self.readable[:, None, None, :]
         if self.fused is not None:
             logits = self.fused(masks)
         else:
@@ -873,6 +875,9 @@ class FusedStep:
             for _, cache_layer, plain in self.layers
             if plain and isinstance(cache_layer, SlidingWindowRingLayer)
         ]
+        # ring_decode_attention marks the new slot readable: where every ring's layer runs it, the first does so
+        # before any other reads the mask
+        self.marks_new_slots = len(self.ring_counts) == len(step.rings)
         self.residual = torch.zeros(
             1, config.hidden_size, device=step.device, dtype=torch.float32 if config.residual_in_fp32 else model.dtype
         )

@@ -25,8 +25,8 @@ def rotated(x, position, inv_freq):
     "heads, kv_heads, slots, tokens_seen", [(4, 2, 40, 17), (4, 4, 300, 1234), (6, 2, 64, 0), (6, 2, 200, 777)]
 )
 def test_ring_decode_attention_matches_float64_attention_over_the_window(heads, kv_heads, slots, tokens_seen):
-    """The token's rotated key and value land at slot tokens_seen % slots; its query attends to the readable
-    slots and itself; rotary embedding as the model applies it."""
+    """The token's rotated key and value land at slot tokens_seen % slots, which becomes readable; its query
+    attends to the readable slots and itself; rotary embedding as the model applies it."""
     g = torch.Generator().manual_seed(heads * slots + tokens_seen)
     head_dim = 16
     q, k, v = (randn(1, n * head_dim, generator=g) for n in (heads, kv_heads, kv_heads))
@@ -56,12 +56,13 @@ def test_ring_decode_attention_matches_float64_attention_over_the_window(heads, 
     for attention in (samba_kernels.ring_decode_attention, ring_decode_attention_ref):
         keys, values = key_ring.clone().to(DEVICE), value_ring.clone().to(DEVICE)
         token = [t.to(DEVICE) for t in (q, k, v)]
-        where = [t.to(DEVICE) for t in (readable, torch.tensor(tokens_seen), position, inv_freq)]
+        where = [t.clone().to(DEVICE) for t in (readable, torch.tensor(tokens_seen), position, inv_freq)]
         with torch.no_grad():
             out = attention(*token, keys, values, *where, 1.0, head_dim**-0.5)
         torch.testing.assert_close(out.double().cpu(), expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(keys.double().cpu(), expected_keys, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(values.double().cpu(), expected_values)
+        assert torch.equal(where[0][0].cpu(), visible), attention  # the new slot is readable from now on
 
 
 def test_a_kept_count_of_finished_programs_serves_call_after_call():

@@ -8,7 +8,8 @@ q (1, heads * head_dim), k and v (1, kv_heads * head_dim): the token's projectio
 any stride between rows). key_ring and value_ring (1, kv_heads, slots, head_dim): the last `slots` tokens'
 rotated keys and values, slot s holding the latest token t with t = s (mod slots); the token's rotated key
 and value are written at slot `tokens_seen % slots`, in place. readable (1, slots) bool: the slots the query
-may read (written, inside the window, not padding); the new slot is read whatever it says. tokens_seen: a
+may read (written, inside the window, not padding); the new slot is read whatever it says, and set in place (it
+holds a token from now on). tokens_seen: a
 0-dim int64 tensor, tokens before this one (the caller counts it up). position: (1, 1) int64, the token's
 RoPE position. inv_freq (head_dim / 2,) float32 and rope_scale: RoPE's inverse frequencies and the
 attention scaling of its type (rotate-half layout, as the model's `apply_rotary_pos_emb`). heads must be a
@@ -129,6 +130,7 @@ def _partial_kernel(
             value_ring_ptr + kv_head * stride_vh + new_slot * stride_vs + dims,
             v_new.to(value_ring_ptr.dtype.element_ty),
         )
+        tl.store(readable_ptr + new_slot, 1)  # every layer's program of the slot stores the same
     # Every thread's partials are stored before the count (the barrier); the count's release and acquire order
     # them before the last program's loads, which bypass L1 (".cg"), where no stale line can be.
     tl.debug_barrier()
@@ -172,7 +174,8 @@ def ring_decode_attention(
         key_ring, value_ring (torch.Tensor): `[1, kv_heads, slots, head_dim]`, contiguous along head_dim (a power
             of two); the rotated keys and the values of the last `slots` tokens, updated in place at slot
             `tokens_seen % slots`.
-        readable (torch.Tensor): `[1, slots]` bool, the slots the query may read besides the new one.
+        readable (torch.Tensor): `[1, slots]` bool, the slots the query may read besides the new one; the new
+            one is set, in place.
         tokens_seen (torch.Tensor): 0-dim int64, the tokens before this one.
         position (torch.Tensor): `[1, 1]` int64, the token's RoPE position.
         inv_freq (torch.Tensor): `[head_dim / 2]` float32, RoPE's inverse frequencies; rope_scale (float): its
