@@ -77,8 +77,9 @@ MAX_GRAPHS = 4
 # on the host at every step (a streamer) or the state exactly at the end (a cache returned to the caller).
 # Asking waits for the device; the steps run past the end are dropped.
 STOP_CHECK_INTERVAL = 16
-# Logits processors whose work depends only on the scores: they run in the captured step as they are.
+# Logits processors that keep the end-of-sequence tokens out below a minimum length (the chooser's length decides).
 MIN_LENGTH_PROCESSORS = (MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor)
+# Logits processors whose work depends only on the scores: they run in the captured step as they are.
 SCORE_ONLY_PROCESSORS = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper)
 # Whether the fused step's kernels launch as programmatic dependents (Hopper and later): each starts while the
 # one before it finishes and loads its weights meanwhile (docs/performance-notes.md has the measurement).
