@@ -2,29 +2,28 @@
 batch-1 decode step, with the token's RoPE and the ring's update, in one launch.
 
     ring_decode_attention(q, k, v, key_ring, value_ring, readable, tokens_seen, position, inv_freq,
-                          rope_scale, scale) -> out (1, heads * head_dim)
+                          rope_scale, scale, finished=None) -> out (1, heads * head_dim)
 
 q (1, heads * head_dim), k and v (1, kv_heads * head_dim): the token's projections, before RoPE (views of
 any stride between rows). key_ring and value_ring (1, kv_heads, slots, head_dim): the last `slots` tokens'
 rotated keys and values, slot s holding the latest token t with t = s (mod slots); the token's rotated key
 and value are written at slot `tokens_seen % slots`, in place. readable (1, slots) bool: the slots the query
 may read (written, inside the window, not padding); the new slot is read whatever it says, and set in place (it
-holds a token from now on). tokens_seen: a
-0-dim int64 tensor, tokens before this one (the caller counts it up). position: (1, 1) int64, the token's
-RoPE position. inv_freq (head_dim / 2,) float32 and rope_scale: RoPE's inverse frequencies and the
-attention scaling of its type (rotate-half layout, as the model's `apply_rotary_pos_emb`). heads must be a
-multiple of kv_heads (grouped-query attention).
+holds a token from now on). tokens_seen: a 0-dim int64 tensor, tokens before this one (the caller counts it up).
+position: (1, 1) int64, the token's RoPE position. inv_freq (head_dim / 2,) float32 and rope_scale: RoPE's
+inverse frequencies and the attention scaling of its type (rotate-half layout, as the model's
+`apply_rotary_pos_emb`). heads must be a multiple of kv_heads (grouped-query attention).
 
 It computes what the model's attention computes for the token (`ring_decode_attention_ref`): RoPE on q and
-k, the cache update, softmax(q K^T scale) V over the readable slots. The first kernel splits the slots
+k, the cache update, softmax(q K^T scale) V over the readable slots. The kernel splits the slots
 between programs, each for one key/value head and its group of query heads (flash-decoding): it rotates
 the query and the new key itself, reads its share of the ring (the new slot from registers, and writes it),
 and leaves a partial softmax (max, sum, weighted values) for each query head of the group, from the keys and
 values it loaded once. The last program of a key/value head to finish (a counter each program adds to) combines
 its group's partials into the output: a separate combine kernel cost a launch of its own in the decode step's
-chain. Statistics in float32. No gradients.
+chain (`finished`: the counts, kept by a caller that captures the call). Statistics in float32. No gradients.
 
-Launched as a programmatic dependent (`dependent_launch`), the first kernel reads its share of the rings before
+Launched as a programmatic dependent (`dependent_launch`), the kernel reads its share of the rings before
 it waits for the kernels ahead of it: the rings' writer (this kernel, at the tokens before) must have finished
 when the kernel ahead began. In the decode engine's step it has: every step begins with ordinary launches.
 """
