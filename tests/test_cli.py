@@ -95,6 +95,23 @@ def test_version_has_one_source():
     )
 
 
+def test_every_package_folder_is_in_the_wheel():
+    """pyproject.toml lists the packages one by one: a new folder left out imports from the tree but not from the
+    wheel (a kernel folder once did, caught only by CI's wheel check)."""
+    from pathlib import Path
+
+    import tomllib
+
+    root = Path(__file__).parents[1]
+    setuptools = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {
+        ".".join((package, *init.parent.relative_to(root / where).parts))
+        for package, where in setuptools["package-dir"].items()
+        for init in (root / where).rglob("__init__.py")
+    }
+    assert folders == set(setuptools["packages"])
+
+
 def test_version_option(capsys):
     assert exit_code(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"samba-hf {samba_hf.__version__}"
