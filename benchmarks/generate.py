@@ -80,7 +80,8 @@ its disk cache in the second process, and where children compiled), summed over 
 with the slowest; a forked child's compile is not seen there.
 
 Case `engine-profile`: the engine's batch-1 step at 4K, each kernel's GPU time under torch.profiler (launched one by
-one, ordinary launches) and the replay of the captured step with and without programmatic dependent launch.
+one, ordinary launches) and the replay of the captured step with and without programmatic dependent launch, a step
+per replay and STEPS_PER_REPLAY per replay (µs per step).
 """
 
 
@@ -503,11 +504,11 @@ def engine_profile_case(ctx):
         us_per_step=sum(us for _, us, _ in kernels),
         launches_per_step=sum(count for *_, count in kernels),
     )
-    if step.graph is None:
+    if not step.graphs:
         return
     for label, dependent in (("captured step, dependent launches", True), ("captured step, ordinary launches", False)):
         with mock.patch.object(generation, "DEPENDENT_LAUNCH", dependent):
-            graph_step = generation.DecodeStep(model, 1, step.chooser, use_graph=True)
+            graph_step = generation.DecodeStep(model, 1, step.chooser, True, generation.STEPS_PER_REPLAY)
         # The engine's state after the prompt and the profiled steps, not zeros.
         for target, source in zip(
             generation.cache_tensors(graph_step.cache)
@@ -515,7 +516,9 @@ def engine_profile_case(ctx):
             generation.cache_tensors(step.cache) + [step.tokens, step.positions, step.readable],
         ):
             target.copy_(source)
-        ctx.add(row="graph", kernel=label, us_per_step=replay_seconds(graph_step.graph, ctx.device) * 1e6)
+        for steps, graph in graph_step.graphs.items():
+            us = replay_seconds(graph, ctx.device) / steps * 1e6
+            ctx.add(row="graph", kernel=f"{label}, {steps} per replay", us_per_step=us)
 
 
 def replay_seconds(graph, device: torch.device) -> float:

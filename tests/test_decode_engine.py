@@ -86,27 +86,47 @@ def test_a_minimum_length_keeps_the_greedy_choice_in_one_kernel(monkeypatch):
     assert calls and all(call[-2] is not None for call in calls)  # the minimum length's blocked tokens
 
 
-def test_every_row_ending_between_two_checks_ends_the_output_there():
-    """The engine asks whether every row has finished every STOP_CHECK_INTERVAL steps and drops the steps after
-    the last row's end."""
+@pytest.mark.parametrize("checks", ["both rows in the second", "one row in each of the first two"])
+def test_every_row_ending_between_two_checks_ends_the_output_there(checks):
+    """The engine runs STEPS_PER_REPLAY steps a replay, asks whether every row has finished every
+    STOP_CHECK_INTERVAL steps, and drops the steps after the last row's end (here inside a replay)."""
     model = small_model()
-    ids = torch.randint(3, 97, (2, 13), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, 97, (2, 13), generator=torch.Generator().manual_seed(1))
     free = model.generate(ids, max_new_tokens=60, decode_engine=False, **GREEDY)[:, ids.shape[1] :]
-    # an end-of-sequence token that each row first generates between the first and the second check, at two steps
-    interval = generation.STOP_CHECK_INTERVAL
+    interval, per_replay = generation.STOP_CHECK_INTERVAL, generation.STEPS_PER_REPLAY
+    # the first token is the prefill's; decode step s (from 0) generates token s + 1
     first_steps = {
-        int(token): [int((row == token).nonzero()[0]) if (row == token).any() else None for row in free]
+        int(token): [int((row == token).nonzero()[0]) - 1 if (row == token).any() else None for row in free]
         for token in free.unique()
     }
+    periods = (1, 1) if checks.startswith("both") else (0, 1)
     ending = [
         token
         for token, steps in first_steps.items()
-        if None not in steps and all(interval + 1 < step < 2 * interval for step in steps) and steps[0] != steps[1]
+        if None not in steps
+        and all(step >= 0 and step // interval == period for step, period in zip(steps, periods))
+        and len({step % per_replay for step in steps}) == 2
+        and max(steps) % per_replay != per_replay - 1  # the last row ends inside a replay
     ]
-    assert ending, "no token ends both rows between the first two checks: change the prompt's seed"
+    assert ending, f"no token ends {checks} check: change the prompt's seed"
     loop, engine = both_paths(model, ids, max_new_tokens=60, eos_token_id=ending[0], **GREEDY)
     assert torch.equal(loop, engine)
-    assert engine.shape[1] == ids.shape[1] + max(first_steps[ending[0]]) + 1
+    assert engine.shape[1] == ids.shape[1] + max(first_steps[ending[0]]) + 2
+
+
+def test_replays_run_several_steps_unless_each_is_needed_on_its_own(monkeypatch):
+    """Without a streamer or a returned cache a replay runs STEPS_PER_REPLAY steps, the rest one at a time."""
+    sizes = []
+    run = generation.DecodeStep.run
+    monkeypatch.setattr(generation.DecodeStep, "run", lambda step, steps=1: sizes.append(steps) or run(step, steps))
+    model = small_model()
+    ids = torch.randint(3, 97, (2, 9))
+    per_replay = generation.STEPS_PER_REPLAY
+    model.generate(ids, max_new_tokens=2 * per_replay + 4, decode_engine="eager", **GREEDY)
+    assert sizes == [per_replay, per_replay, 1, 1, 1]
+    sizes.clear()
+    out = model.generate(ids, max_new_tokens=6, return_dict_in_generate=True, decode_engine="eager", **GREEDY)
+    assert sizes == [1] * 5 and out.sequences.shape[1] == ids.shape[1] + 6
 
 
 @pytest.mark.parametrize("warmed_up", [False, True])

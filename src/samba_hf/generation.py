@@ -6,10 +6,11 @@
   unless `generate(prefill_chunk_size=...)` says otherwise), eagerly: activation memory O(chunk + window)
   whatever the prompt's length, exact (each chunk continues from the state the last one left).
 - `_sample` (greedy search and sampling) hands the decoding loop to a `DecodeEngine` on CUDA. The engine
-  replays each decode step (every layer, the logits and the token choice) as one captured CUDA graph over
-  static buffers: the Mamba conv and SSM states and the sliding-window keys in ring buffers
-  (`SambaStaticCache`). transformers' loop spends most of a small model's step on the host (launching
-  hundreds of kernels, its logits processors, a synchronisation per token); a graph replay is one launch.
+  replays decode steps (every layer, the logits and the token choice) as captured CUDA graphs over static
+  buffers: the Mamba conv and SSM states and the sliding-window keys in ring buffers (`SambaStaticCache`).
+  transformers' loop spends most of a small model's step on the host (launching hundreds of kernels, its
+  logits processors, a synchronisation per token); a graph replay is one launch, for up to `STEPS_PER_REPLAY`
+  steps where nothing needs the tokens one by one.
 
 The engine covers greedy search and sampling with temperature, top-k, top-p, min-p, repetition penalty
 and minimum lengths, `num_return_sequences`, end-of-sequence and maximum-length stopping, time limits and
@@ -27,10 +28,10 @@ First call: before the engine's first capture at a batch size, dtype and token c
 in parallel, in forked processes on Linux (`samba_kernels.compile_ahead`): on a new machine Triton would otherwise
 compile them one after another at their first launch.
 
-Memory: a captured graph keeps its buffers (the window's keys and values and the Mamba states of its batch
-size: about 75 MB per sequence for samba-421m in bf16) and a private pool for the step's activations. An
-engine keeps at most `MAX_GRAPHS` graphs, one per (batch size, dtype, token choice), dropping the least
-recently used; `release_decode_graphs(model)` frees them all. Graphs are reused only while every parameter
+Memory: a captured step keeps its buffers (the window's keys and values and the Mamba states of its batch
+size: about 75 MB per sequence for samba-421m in bf16) and a private pool for a step's activations, which
+its graphs (one per number of steps a replay runs) share. An engine keeps at most `MAX_GRAPHS` steps, one
+per (batch size, dtype, token choice), dropping the least recently used; `release_decode_graphs(model)` frees them all. Graphs are reused only while every parameter
 keeps its address and the model holds only plain modules; a model with adapter or quantized layers gets a
 graph captured for each call (a few tens of ms), since their switches (an adapter turned off, say) would
 not show in a replayed graph.
@@ -77,6 +78,11 @@ MAX_GRAPHS = 4
 # on the host at every step (a streamer) or the state exactly at the end (a cache returned to the caller).
 # Asking waits for the device; the steps run past the end are dropped.
 STOP_CHECK_INTERVAL = 16
+# Steps a replay runs where nothing needs them one at a time: a graph boundary and the loop's work between replays
+# cost about 11 µs a step at batch 1 (docs/performance-notes.md). A kept step has a graph of one step and one of
+# STEPS_PER_REPLAY; a step captured for one call (adapters, quantized layers) only the first, whose capture costs a
+# few tens of ms. A divisor of STOP_CHECK_INTERVAL.
+STEPS_PER_REPLAY = 8
 # Logits processors that keep the end-of-sequence tokens out below a minimum length (the chooser's length decides).
 MIN_LENGTH_PROCESSORS = (MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor)
 # Logits processors whose work depends only on the scores: they run in the captured step as they are.
@@ -414,45 +420,55 @@ class DecodeEngine:
             streamer.put(first.cpu())
 
         cache_is_returned = generation_config.return_dict_in_generate or getattr(cache, "_is_user_defined", False)
-        tokens = [first]
+        decoded = first.new_empty(first.shape[0], 0)
         if max_new > 1 and bool(chooser.unfinished.any()):
             step = self.step_for(chooser, input_ids.shape[0], generation_config)
             step.load(cache, model_kwargs.get("attention_mask"), model_kwargs.get("position_ids"), input_ids, first)
-            tokens += self.decode(step, max_new - 1, stopping_criteria, streamer, every_step=cache_is_returned)
+            decoded = self.decode(step, max_new - 1, stopping_criteria, streamer, every_step=cache_is_returned)
             if cache_is_returned:
-                step.store(cache, decoded=len(tokens) - 1)  # the last token is not fed yet
-        sequences = torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1)
-        self.stats.new_tokens = len(tokens)
+                step.store(cache, decoded=decoded.shape[1])  # the last token is not fed yet
+        sequences = torch.cat([input_ids, first[:, None], decoded], dim=1)
+        self.stats.new_tokens = 1 + decoded.shape[1]
         if streamer is not None:
             streamer.end()
         if generation_config.return_dict_in_generate:
             return GenerateDecoderOnlyOutput(sequences=sequences, cache=cache)
         return sequences
 
-    def decode(self, step: "DecodeStep", steps: int, stopping_criteria, streamer, every_step: bool) -> list:
-        """Up to `steps` more tokens (each a (batch,) tensor), until every row has finished or time is up.
-        Stops are checked every step where the tokens or the state are needed exactly; otherwise every
-        STOP_CHECK_INTERVAL steps, and the tokens past the end are dropped."""
+    def decode(self, step: "DecodeStep", steps: int, stopping_criteria, streamer, every_step: bool) -> torch.Tensor:
+        """Up to `steps` more tokens (batch, n), until every row has finished or time is up. Where the tokens or
+        the state are needed exactly at every step (a streamer, a returned cache), a replay is one step and the
+        rows are checked after each; otherwise a replay runs up to STEPS_PER_REPLAY steps, the rows are checked
+        every STOP_CHECK_INTERVAL steps, and the steps past the last row's end are dropped."""
         max_time = next((c for c in stopping_criteria if isinstance(c, MaxTimeCriteria)), None)
-        interval = 1 if every_step or streamer is not None else STOP_CHECK_INTERVAL
-        tokens, alive = [], []
+        exact = every_step or streamer is not None
+        interval, most = (1, 1) if exact else (STOP_CHECK_INTERVAL, step.steps_per_replay)
+        chooser = step.chooser
+        # the rows' state before the unchecked steps; without end tokens no row finishes early
+        unfinished = chooser.unfinished.clone() if chooser.eos is not None else None
+        kept, unchecked, unchecked_steps, done = [], [], 0, 0  # tokens (batch, n) checked, and not yet
         started = time.perf_counter()
-        for index in range(steps):
-            tokens.append(step.run())
-            alive.append(step.chooser.unfinished.any())
+        while done < steps:
+            unchecked.append(step.run(most if steps - done >= most else 1))
+            unchecked_steps += unchecked[-1].shape[1]
+            done += unchecked[-1].shape[1]
             if streamer is not None:
-                streamer.put(tokens[-1].cpu())
-            if max_time is not None and time.time() - max_time.initial_timestamp > max_time.max_time:
-                break
-            if (index + 1) % interval == 0 or index + 1 == steps:
-                flags = torch.stack(alive).tolist()
-                if not all(flags):
-                    del tokens[len(tokens) - len(flags) + flags.index(False) + 1 :]
+                streamer.put(unchecked[-1][:, 0].cpu())
+            out_of_time = max_time is not None and time.time() - max_time.initial_timestamp > max_time.max_time
+            if unchecked_steps >= interval or done == steps or out_of_time:
+                recent = torch.cat(unchecked, dim=1)
+                end = None if unfinished is None else steps_until_every_row_ended(chooser.ends, unfinished, recent)
+                kept.append(recent[:, :end])
+                if end is not None:
                     break
-                alive = []
+                unchecked, unchecked_steps = [], 0
+                if unfinished is not None:
+                    unfinished.copy_(chooser.unfinished)
+            if out_of_time:
+                break
         synchronize(step.device)
         self.stats.decode_s = time.perf_counter() - started
-        return tokens
+        return torch.cat(kept, dim=1)
 
     def step_key(self, chooser: "TokenChooser", batch: int, generation_config) -> tuple | None:
         """What a kept step is found by; None where steps are not kept (see the module docstring)."""
@@ -511,7 +527,7 @@ class DecodeEngine:
             started = time.perf_counter()
             # The step's own chooser: the capture's warm-up runs choose tokens too, and must not count them for
             # this call.
-            step = DecodeStep(model, batch, chooser.copy(), use_graph)
+            step = DecodeStep(model, batch, chooser.copy(), use_graph, STEPS_PER_REPLAY if key is not None else 1)
             self.stats.capture_s = time.perf_counter() - started
             if key is not None:
                 self.graphs[key] = step
@@ -540,6 +556,16 @@ def random_state_kept(device: torch.device):
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def steps_until_every_row_ended(ends: torch.Tensor, unfinished: torch.Tensor, tokens: torch.Tensor) -> int | None:
+    """Of `tokens` (batch, n), the steps since `unfinished` (batch,) was the rows' state: how many run up to the one
+    after which every row has finished, or None where some row has not. As the token choice ends them, a row ends
+    at its first end token (`ends` (vocab,) bool); a finished row only pads. Waits for the device."""
+    ended = ends[tokens] & unfinished.bool()[:, None]
+    first = torch.where(ended.any(dim=1), ended.int().argmax(dim=1), -1)  # argmax: the first True
+    every_row_ended, last = torch.stack([((first >= 0) | (unfinished == 0)).all().long(), first.max()]).tolist()
+    return last + 1 if every_row_ended else None
 
 
 def processor_key(processor) -> tuple:
@@ -691,22 +717,25 @@ class TokenChooser:
 
 
 class DecodeStep:
-    """One decode step of `model` at a fixed batch size, over static buffers: the model's forward on the last
-    token (a `SambaStaticCache` with rings of `sliding_window` slots), then the token choice. Captured as a
-    CUDA graph and replayed where `use_graph`, else run as it is."""
+    """Decode steps of `model` at a fixed batch size, over static buffers: the model's forward on the last
+    token (a `SambaStaticCache` with rings of `sliding_window` slots), then the token choice. `run(n)` runs n steps
+    (1 or `steps_per_replay`), each reading its input from a column of `tokens` and writing the next; captured as
+    CUDA graphs (one per n) and replayed where `use_graph`, else run as they are."""
 
-    def __init__(self, model, batch: int, chooser: TokenChooser, use_graph: bool):
+    def __init__(self, model, batch: int, chooser: TokenChooser, use_graph: bool, steps_per_replay: int = 1):
         config, self.device = model.config, model.device
         self.model, self.chooser = model, chooser
         window = config.sliding_window if "sliding_attention" in config.layer_types else 1
         self.cache = SambaStaticCache(config=config, max_cache_len=window)
         self.rings = [layer for layer in self.cache.layers if isinstance(layer, SlidingWindowRingLayer)]
-        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        self.steps_per_replay = steps_per_replay
+        # column 0 the next input; n steps write columns 1..n, then column n moves to 0
+        self.tokens = torch.zeros(batch, steps_per_replay + 1, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self.readable = torch.zeros(batch, window, dtype=torch.bool, device=self.device)
         self.allocate(config, batch, model.dtype)
         self.fused = FusedStep(model, self) if FusedStep.applies(model, batch) else None
-        self.graph = None
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if use_graph:
             self.capture()
 
@@ -723,7 +752,9 @@ class DecodeStep:
                 layer.lazy_initialization(conv_states=conv, recurrent_states=ssm)
                 layer.has_previous_state[0] = True
 
-    def forward(self) -> None:
+    def forward(self, column: int = 0) -> None:
+        """One step: the next token of each row from tokens[:, column], into tokens[:, column + 1]."""
+        inputs, outputs = self.tokens[:, column : column + 1], self.tokens[:, column + 1 : column + 2]
         masks = {"linear_attention": None}
         if self.rings:
             masks["sliding_attention"] = self.readable[:, None, None, :]
@@ -732,10 +763,10 @@ class DecodeStep:
             slot = self.rings[0].cumulative_length % self.rings[0].max_cache_len
             self.readable.index_fill_(1, slot.view(1), True)
         if self.fused is not None:
-            logits = self.fused(masks)
+            logits = self.fused(inputs, masks)
         else:
             logits = self.model(
-                input_ids=self.tokens,
+                input_ids=inputs,
                 position_ids=self.positions,
                 cache=self.cache,
                 attention_mask=masks,
@@ -743,7 +774,12 @@ class DecodeStep:
                 logits_to_keep=1,
             ).logits[:, -1]
         # the rings' counts of the fused step's layers (the others count their own), after its last kernel
-        self.chooser.choose_into(logits, self.tokens, self.positions, self.fused.ring_counts if self.fused else ())
+        self.chooser.choose_into(logits, outputs, self.positions, self.fused.ring_counts if self.fused else ())
+
+    def advance(self, steps: int) -> None:
+        for column in range(steps):
+            self.forward(column)
+        self.tokens[:, 0].copy_(self.tokens[:, steps])
 
     def warm_up(self) -> None:
         """Two runs before the capture (kernels compiled, library workspaces allocated). They change the buffers,
@@ -759,18 +795,21 @@ class DecodeStep:
         with torch.cuda.stream(stream):
             self.warm_up()
         torch.cuda.current_stream(self.device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), kernel_launches():
-            self.forward()
+        pool = None  # one memory pool: the graphs replay one after another, and no tensor outlives a replay
+        for steps in sorted({1, self.steps_per_replay}):
+            self.graphs[steps] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graphs[steps], pool=pool), kernel_launches():
+                self.advance(steps)
+            pool = self.graphs[steps].pool()
 
-    def run(self) -> torch.Tensor:
-        """One step: the next token of each row (batch,)."""
-        if self.graph is not None:
-            self.graph.replay()
+    def run(self, steps: int = 1) -> torch.Tensor:
+        """`steps` steps (1 or `steps_per_replay`): the tokens (batch, steps)."""
+        if self.graphs:
+            self.graphs[steps].replay()
         else:
             with kernel_launches():
-                self.forward()
-        return self.tokens[:, 0].clone()
+                self.advance(steps)
+        return self.tokens[:, 1 : steps + 1].clone()
 
     def load(self, cache: Cache, attention_mask, position_ids, input_ids, first_token) -> None:
         """Set the buffers to the state after the prompt (`cache`, filled by the prefill), with `first_token`
@@ -794,7 +833,7 @@ class DecodeStep:
             if attention_mask is not None:
                 readable = readable & attention_mask[:, positions.clamp(min=0)].bool()
             self.readable.copy_(readable)
-        self.tokens.copy_(first_token[:, None])
+        self.tokens[:, 0].copy_(first_token)
         self.positions.copy_(position_ids[:, -1:] if position_ids is not None else seen)
 
     def store(self, cache: Cache, decoded: int) -> None:
@@ -890,9 +929,10 @@ class FusedStep:
         self.inv_freq = rotary.inv_freq if rotary is not None else torch.zeros(half, device=step.device)
         self.rope_scale = rotary.attention_scaling if rotary is not None else 1.0
 
-    def __call__(self, masks: dict) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, masks: dict) -> torch.Tensor:
+        """The logits (1, vocab) after `tokens` (1, 1)."""
         kernels, step, base, residual = self.kernels, self.step, self.model.model, self.residual
-        residual.copy_(base.embed_tokens.weight.index_select(0, step.tokens[0]))
+        residual.copy_(base.embed_tokens.weight.index_select(0, tokens[0]))
         position_embeddings = None
         for layer, cache_layer, plain in self.layers:
             if not plain:  # the layer's own forward, on the same buffers
