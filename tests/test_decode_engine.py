@@ -86,29 +86,29 @@ def test_a_minimum_length_keeps_the_greedy_choice_in_one_kernel(monkeypatch):
     assert calls and all(call[-2] is not None for call in calls)  # the minimum length's blocked tokens
 
 
-@pytest.mark.parametrize("checks", ["both rows in the second", "one row in each of the first two"])
-def test_every_row_ending_between_two_checks_ends_the_output_there(checks):
-    """The engine runs STEPS_PER_REPLAY steps a replay, asks whether every row has finished every
-    STOP_CHECK_INTERVAL steps, and drops the steps after the last row's end (here inside a replay)."""
+@pytest.mark.parametrize("where", ["both rows in the third", "one row in the second, one in the third"])
+def test_every_row_ending_inside_a_replay_ends_the_output_there(where):
+    """The engine runs STEPS_PER_REPLAY steps a replay, checks each replay's tokens for the rows' ends while the next
+    one runs, and drops the steps after the last row's end (here inside a replay, one row ending in an earlier one)."""
     model = small_model()
-    ids = torch.randint(3, 97, (2, 13), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(3, 97, (2, 13), generator=torch.Generator().manual_seed(3))
     free = model.generate(ids, max_new_tokens=60, decode_engine=False, **GREEDY)[:, ids.shape[1] :]
-    interval, per_replay = generation.STOP_CHECK_INTERVAL, generation.STEPS_PER_REPLAY
+    per_replay = generation.STEPS_PER_REPLAY
     # the first token is the prefill's; decode step s (from 0) generates token s + 1
     first_steps = {
         int(token): [int((row == token).nonzero()[0]) - 1 if (row == token).any() else None for row in free]
         for token in free.unique()
     }
-    periods = (1, 1) if checks.startswith("both") else (0, 1)
+    replays = (2, 2) if where.startswith("both") else (1, 2)
     ending = [
         token
         for token, steps in first_steps.items()
         if None not in steps
-        and all(step >= 0 and step // interval == period for step, period in zip(steps, periods))
+        and all(step >= 0 and step // per_replay == replay for step, replay in zip(steps, replays))
         and len({step % per_replay for step in steps}) == 2
         and max(steps) % per_replay != per_replay - 1  # the last row ends inside a replay
     ]
-    assert ending, f"no token ends {checks} check: change the prompt's seed"
+    assert ending, f"no token ends {where} replay: change the prompt's seed"
     loop, engine = both_paths(model, ids, max_new_tokens=60, eos_token_id=ending[0], **GREEDY)
     assert torch.equal(loop, engine)
     assert engine.shape[1] == ids.shape[1] + max(first_steps[ending[0]]) + 2

@@ -74,14 +74,10 @@ from .kernel_dispatch import kernels_serve, requested_implementation
 logger = logging.get_logger(__name__)
 
 MAX_GRAPHS = 4
-# How often, in steps, the host asks the device whether every row has finished, where nothing needs the tokens
-# on the host at every step (a streamer) or the state exactly at the end (a cache returned to the caller).
-# Asking waits for the device; the steps run past the end are dropped.
-STOP_CHECK_INTERVAL = 16
 # Steps a replay runs where nothing needs them one at a time: a graph boundary and the loop's work between replays
 # cost about 11 µs a step at batch 1 (docs/performance-notes.md). A kept step has a graph of one step and one of
 # STEPS_PER_REPLAY; a step captured for one call (adapters, quantized layers) only the first, whose capture costs a
-# few tens of ms. A divisor of STOP_CHECK_INTERVAL.
+# few tens of ms.
 STEPS_PER_REPLAY = 8
 # Logits processors that keep the end-of-sequence tokens out below a minimum length (the chooser's length decides).
 MIN_LENGTH_PROCESSORS = (MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor)
@@ -436,39 +432,42 @@ class DecodeEngine:
         return sequences
 
     def decode(self, step: "DecodeStep", steps: int, stopping_criteria, streamer, every_step: bool) -> torch.Tensor:
-        """Up to `steps` more tokens (batch, n), until every row has finished or time is up. Where the tokens or
-        the state are needed exactly at every step (a streamer, a returned cache), a replay is one step and the
-        rows are checked after each; otherwise a replay runs up to STEPS_PER_REPLAY steps, the rows are checked
-        every STOP_CHECK_INTERVAL steps, and the steps past the last row's end are dropped."""
+        """Up to `steps` more tokens (batch, n), until every row has finished or time is up. Each replay's tokens
+        are copied to the host as it ends, where they are checked for the rows' ends. Where the tokens or the state
+        are needed exactly at each step (a streamer, a returned cache), a replay is one step, checked before the
+        next; otherwise a replay runs `steps_per_replay` steps and is checked while the next one runs, so the
+        device never waits for the host, and the steps past the last row's end are dropped."""
         max_time = next((c for c in stopping_criteria if isinstance(c, MaxTimeCriteria)), None)
         exact = every_step or streamer is not None
-        interval, most = (1, 1) if exact else (STOP_CHECK_INTERVAL, step.steps_per_replay)
+        per_replay, running_ahead = (1, 0) if exact else (step.steps_per_replay, 1)
         chooser = step.chooser
-        # the rows' state before the unchecked steps; without end tokens no row finishes early
-        unfinished = chooser.unfinished.clone() if chooser.eos is not None else None
-        kept, unchecked, unchecked_steps, done = [], [], 0, 0  # tokens (batch, n) checked, and not yet
+        ends = None if chooser.eos is None else chooser.ends.cpu()  # without end tokens no row finishes early
+        finished = ~chooser.unfinished.bool().cpu()  # the rows that finished before the unchecked steps
+        pinned = step.device.type == "cuda"
+        tokens = torch.empty(chooser.unfinished.shape[0], steps, dtype=torch.long, pin_memory=pinned)
+        unchecked = collections.deque()  # (first step, steps, the copy's end) of replays not yet checked
+        done, end = 0, None
         started = time.perf_counter()
-        while done < steps:
-            unchecked.append(step.run(most if steps - done >= most else 1))
-            unchecked_steps += unchecked[-1].shape[1]
-            done += unchecked[-1].shape[1]
-            if streamer is not None:
-                streamer.put(unchecked[-1][:, 0].cpu())
+        while done < steps and end is None:
+            count = per_replay if steps - done >= per_replay else 1
+            tokens[:, done : done + count].copy_(step.run(count), non_blocking=pinned)
+            unchecked.append((done, count, copied_event(step.device)))
+            done += count
             out_of_time = max_time is not None and time.time() - max_time.initial_timestamp > max_time.max_time
-            if unchecked_steps >= interval or done == steps or out_of_time:
-                recent = torch.cat(unchecked, dim=1)
-                end = None if unfinished is None else steps_until_every_row_ended(chooser.ends, unfinished, recent)
-                kept.append(recent[:, :end])
-                if end is not None:
-                    break
-                unchecked, unchecked_steps = [], 0
-                if unfinished is not None:
-                    unfinished.copy_(chooser.unfinished)
+            while len(unchecked) > (0 if done == steps or out_of_time else running_ahead) and end is None:
+                first, count, copied = unchecked.popleft()
+                if copied is not None:
+                    copied.synchronize()
+                if streamer is not None:
+                    streamer.put(tokens[:, first])
+                if ends is not None:
+                    ended = steps_until_every_row_ended(ends, finished, tokens[:, first : first + count])
+                    end = None if ended is None else first + ended
             if out_of_time:
                 break
         synchronize(step.device)
         self.stats.decode_s = time.perf_counter() - started
-        return torch.cat(kept, dim=1)
+        return tokens[:, : done if end is None else end].to(step.device)
 
     def step_key(self, chooser: "TokenChooser", batch: int, generation_config) -> tuple | None:
         """What a kept step is found by; None where steps are not kept (see the module docstring)."""
@@ -506,7 +505,7 @@ class DecodeEngine:
         if isinstance(scratch.get("inputs_embeds"), torch.Tensor):
             scratch["inputs_embeds"] = scratch["inputs_embeds"][:, :length]
         with samba_kernels.compile_ahead(), random_state_kept(input_ids.device):
-            step = DecodeStep(model, input_ids.shape[0], chooser.copy(), use_graph=False)
+            step = DecodeStep(model, input_ids.shape[0], chooser.copy(), False, STEPS_PER_REPLAY)
             with kernel_launches():
                 step.forward()
             if length > 0:
@@ -558,14 +557,23 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def steps_until_every_row_ended(ends: torch.Tensor, unfinished: torch.Tensor, tokens: torch.Tensor) -> int | None:
-    """Of `tokens` (batch, n), the steps since `unfinished` (batch,) was the rows' state: how many run up to the one
-    after which every row has finished, or None where some row has not. As the token choice ends them, a row ends
-    at its first end token (`ends` (vocab,) bool); a finished row only pads. Waits for the device."""
-    ended = ends[tokens] & unfinished.bool()[:, None]
+def copied_event(device: torch.device) -> "torch.cuda.Event | None":
+    """An event at this point of `device`'s current stream (None on the CPU, where copies are done when issued)."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
+
+
+def steps_until_every_row_ended(ends: torch.Tensor, finished: torch.Tensor, tokens: torch.Tensor) -> int | None:
+    """Of `tokens` (batch, n), the next steps' tokens: how many steps run up to the one after which every row has
+    finished, or None where some row has not. `finished` (batch,) bool, the rows finished before them, is updated.
+    As the token choice ends them, a row ends at its first end token (`ends` (vocab,) bool), then only pads."""
+    ended = ends[tokens] & ~finished[:, None]
     first = torch.where(ended.any(dim=1), ended.int().argmax(dim=1), -1)  # argmax: the first True
-    every_row_ended, last = torch.stack([((first >= 0) | (unfinished == 0)).all().long(), first.max()]).tolist()
-    return last + 1 if every_row_ended else None
+    finished |= ended.any(dim=1)
+    return int(first.max()) + 1 if bool(finished.all()) else None
 
 
 def processor_key(processor) -> tuple:
@@ -803,13 +811,13 @@ class DecodeStep:
             pool = self.graphs[steps].pool()
 
     def run(self, steps: int = 1) -> torch.Tensor:
-        """`steps` steps (1 or `steps_per_replay`): the tokens (batch, steps)."""
+        """`steps` steps (1 or `steps_per_replay`): their tokens (batch, steps), a view that the next run overwrites."""
         if self.graphs:
             self.graphs[steps].replay()
         else:
             with kernel_launches():
                 self.advance(steps)
-        return self.tokens[:, 1 : steps + 1].clone()
+        return self.tokens[:, 1 : steps + 1]
 
     def load(self, cache: Cache, attention_mask, position_ids, input_ids, first_token) -> None:
         """Set the buffers to the state after the prompt (`cache`, filled by the prefill), with `first_token`

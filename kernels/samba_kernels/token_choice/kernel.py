@@ -41,7 +41,9 @@ def _scores(row_ptr, start, vocab, blocked_ptr, blocking, MIN_LENGTH: tl.constex
     return scores
 
 
-@triton.jit
+# The decode engine writes each step's tokens to the next column of one buffer: 8-byte steps, which would compile a
+# kernel for each 16-byte alignment.
+@triton.jit(do_not_specialize_on_alignment=["tokens_ptr"])
 def _greedy_token_kernel(
     logits_ptr,
     tokens_ptr,
