@@ -369,20 +369,24 @@ def test_batch_one_runs_the_fused_kernels_with_the_tokens_of_transformers_loop(m
     assert calls.count("greedy_token_") == steps
 
 
-def test_an_adapted_layer_keeps_its_modules_in_the_fused_step():
-    """LoRA on one layer's projections: that layer runs its modules (the adapter's term included), the others
-    the fused kernels, over the same buffers."""
+@pytest.mark.parametrize(
+    "adapted",
+    [dict(target_modules=["q_proj", "in_proj"], layers_to_transform=[1, 2]), dict(target_modules=["lm_head"]),
+     dict(target_modules=["embed_tokens"])],
+    ids=["two layers", "head", "embedding"],
+)  # fmt: skip
+def test_adapted_modules_keep_their_forward_in_the_fused_step(adapted):
+    """LoRA on two layers' projections, on the head or on the embedding: those run their modules (the adapter's
+    term included), the rest the fused kernels, over the same buffers."""
     import peft
 
     import samba_kernels
 
     if not samba_kernels.use_triton(torch.empty(0)):
         pytest.skip("TRITON_INTERPRET is off and there is no GPU")
-    model = peft.get_peft_model(
-        small_model(), peft.LoraConfig(r=4, target_modules=["q_proj", "in_proj"], layers_to_transform=[1, 2])
-    )
+    model = peft.get_peft_model(small_model(), peft.LoraConfig(r=4, **adapted))
     for name, parameter in model.named_parameters():
-        if "lora_B" in name:
+        if "lora_" in name:  # B (and an embedding's A) start at zeros
             torch.nn.init.normal_(parameter, std=0.3)
     ids = torch.randint(3, 97, (1, WINDOW + 3))
     with torch.no_grad():

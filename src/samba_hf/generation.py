@@ -918,6 +918,9 @@ class FusedStep:
             (layer, cache_layer, plain_modules(layer, own))
             for layer, cache_layer in zip(base.layers, step.cache.layers)
         ]
+        # the embedding, and the final norm with the head, also run their modules where those are not plain
+        self.plain_embedding = plain_modules(base.embed_tokens, own)
+        self.plain_head = plain_modules(base.norm, own) and plain_modules(model.lm_head, own)
         self.ring_counts = [
             cache_layer.cumulative_length
             for _, cache_layer, plain in self.layers
@@ -940,7 +943,10 @@ class FusedStep:
     def __call__(self, tokens: torch.Tensor, masks: dict) -> torch.Tensor:
         """The logits (1, vocab) after `tokens` (1, 1)."""
         kernels, step, base, residual = self.kernels, self.step, self.model.model, self.residual
-        residual.copy_(base.embed_tokens.weight.index_select(0, tokens[0]))
+        if self.plain_embedding:
+            residual.copy_(base.embed_tokens.weight.index_select(0, tokens[0]))
+        else:
+            residual.copy_(base.embed_tokens(tokens)[:, 0])
         position_embeddings = None
         for layer, cache_layer, plain in self.layers:
             if not plain:  # the layer's own forward, on the same buffers
@@ -1005,6 +1011,8 @@ class FusedStep:
             if layer.mlp is not None:
                 self.swiglu(layer.mlp_norm, layer.mlp)
         norm, head = base.norm, self.model.lm_head
+        if not self.plain_head:
+            return head(norm(residual[:, None]))[:, -1]
         return kernels.matvec(residual, head.weight, head.bias, norm_weight=norm.weight, eps=norm.variance_epsilon)
 
     def swiglu(self, norm, mlp) -> None:
