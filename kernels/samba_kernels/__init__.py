@@ -18,13 +18,14 @@ Imports torch and triton only, never transformers. Every op is a folder with the
                                                                         the float32 residual add)
     token_choice         greedy_token_                                  (a decode step's greedy token and its
                                                                         end-of-sequence rule)
+    embedding            embedding_rows_                                (a decode step's embedding lookup)
 
 and each reference is the op's name with `_ref`. `compile_ahead` (_compile_ahead.py) compiles a computation's kernels in
 parallel (forked children on Linux, or threads) before it runs, from a dry run. The public ops run their Triton
 kernels on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (see `use_triton`); elsewhere they run the references. The kernels are
 registered as torch.library custom ops (`torch.ops.samba_kernels.*`), so torch.compile traces models that use
 them as one graph; rotary and norm_swiglu have none: under torch.compile they run their references, which inductor
-fuses; nor has token_choice, which only the decode engine's eager step calls. Tests: tests/kernels/test_<op>.py.
+fuses; nor have token_choice and embedding, which only the decode engine's eager step calls. Tests: tests/kernels/test_<op>.py.
 
 Kernel code names what it holds: pointers (arguments, and tensors of pointers) end in `_ptr`, offset tensors
 added to a pointer in `_off`, masks in `_mask`; loaded blocks have plain names (`u`, `dt`, `B_n`), `_raw` where a
@@ -35,6 +36,7 @@ from ._common import programmatic_dependent_launch, use_triton
 from ._compile_ahead import compile_ahead
 from .causal_conv1d import causal_conv1d_fn, causal_conv1d_ref, causal_conv1d_update, causal_conv1d_update_ref
 from .decode_attention import ring_decode_attention, ring_decode_attention_ref
+from .embedding import embedding_rows_, embedding_rows_ref
 from .mamba_decode import mamba_decode_step, mamba_decode_step_ref
 from .matvec import (
     gated_matvec,
@@ -58,6 +60,8 @@ __all__ = [
     "causal_conv1d_update",
     "causal_conv1d_update_ref",
     "compile_ahead",
+    "embedding_rows_",
+    "embedding_rows_ref",
     "gated_matvec",
     "gated_matvec_ref",
     "greedy_token_",

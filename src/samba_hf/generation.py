@@ -944,7 +944,7 @@ class FusedStep:
         """The logits (1, vocab) after `tokens` (1, 1)."""
         kernels, step, base, residual = self.kernels, self.step, self.model.model, self.residual
         if self.plain_embedding:
-            residual.copy_(base.embed_tokens.weight.index_select(0, tokens[0]))
+            kernels.embedding_rows_(base.embed_tokens.weight, tokens, residual)
         else:
             residual.copy_(base.embed_tokens(tokens)[:, 0])
         position_embeddings = None
