@@ -26,7 +26,7 @@ from .harness import columns, free_memory, peak_gib, profiled, registry, rows_of
 TITLE = "Generation: `model.generate()`, samba-421m against the paper's 438M Llama"
 NEW_TOKENS = 128
 # A row's steady and TTFT calls are repeated where a pair of them is short, and their medians taken (see INTRO).
-REPEATED_PAIRS, REPEAT_BELOW_S = 3, 2.0
+REPEATED_PAIRS, REPEAT_BELOW_S = 5, 2.0
 # (batch, context) of each case, in the order of priority: the targets' cells first.
 CELLS = {
     "b1-4k": (1, 4096),
@@ -61,7 +61,8 @@ after `torch._dynamo.reset()`. The modes:
 Calls per row: the first (`first s`: it pays compilation or graph capture), then the same call (`steady s`) and
 one with N = 1 (`TTFT s`: prefill plus the first token) in turn, {REPEATED_PAIRS} times each where such a pair takes
 under {REPEAT_BELOW_S:g} s (a short prompt's prefill is bound by the host's launches and moves by milliseconds from
-call to call), else once (runs dated 2026-12-04 or earlier: once); `steady s` and `TTFT s` are the medians.
+call to call), else once (runs before 2026-12-04 12:10 UTC: once; until 14:50 UTC that day: three times); `steady s`
+and `TTFT s` are the medians.
 Warm-up = first - steady.
 ms/step = (steady - TTFT) / (N - 1); tokens/s = batch / that; e2e tokens/s = batch x N / steady.
 Roofline (batch 1) = (weight bytes + the cache's bytes at that context, measured on a real prefill) / the measured
