@@ -649,6 +649,8 @@ class TokenChooser:
             except ImportError:  # a remote-code install may lack it
                 samba_kernels = None
             self.kernels = samba_kernels
+            # greedy_token_'s count of finished programs per row, which its last program sets back to 0
+            self.programs_finished = torch.zeros(batch, dtype=torch.int32, device=device)
         self.key = (
             self.do_sample,
             tuple(processor_key(p) for p in logits_processor),
@@ -706,7 +708,9 @@ class TokenChooser:
         # Two launches, where PyTorch's argmax and bookkeeping take six to eight
         eos = (self.unfinished, self.ends, self.pad) if self.eos is not None else (None,) * 3
         min_length = (self.eos_mask, self.eos_allowed_from) if self.steps else (None,) * 2
-        self.kernels.greedy_token_(logits, tokens, positions, self.length, *eos, *min_length)
+        self.kernels.greedy_token_(
+            logits, tokens, positions, self.length, *eos, *min_length, finished=self.programs_finished
+        )
         torch._foreach_add_([self.length, *counters], 1)
 
     def copy(self) -> "TokenChooser":
