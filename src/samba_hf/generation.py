@@ -827,16 +827,29 @@ class DecodeStep:
         """Set the buffers to the state after the prompt (`cache`, filled by the prefill), with `first_token`
         (batch,) the next input. attention_mask / position_ids: generate's, the first token's included."""
         seen = input_ids.shape[1]
+        # One copy call and one count call for every layer: on the host, a launch per tensor was a few tenths of a
+        # millisecond of every call, during which the device waits.
+        targets, sources, counts = [], [], []
         for source, target in zip(cache.layers, self.cache.layers):
             if isinstance(target, LinearAttentionCacheLayerMixin):
-                target.conv_states[0].copy_(source.conv_states[0][..., -target.conv_states[0].shape[-1] :])
-                target.recurrent_states[0].copy_(source.recurrent_states[0])
+                conv = target.conv_states[0]
+                targets += [conv, target.recurrent_states[0]]
+                sources += [source.conv_states[0][..., -conv.shape[-1] :], source.recurrent_states[0]]
             elif isinstance(target, SlidingWindowRingLayer):
                 keys, values = ordered_window(source, seen)
-                slots = target.ordered_slots(seen)[-keys.shape[2] :]
-                target.keys.index_copy_(2, slots, keys)
-                target.values.index_copy_(2, slots, values)
-                target.cumulative_length.fill_(seen)
+                # the window's tokens, oldest first, at slots (seen - kept .. seen - 1) % slots: one run of slots, or
+                # two where it wraps around the ring's end
+                slots, kept = target.max_cache_len, keys.shape[2]
+                start = (seen - kept) % slots
+                before_end = min(kept, slots - start)
+                for ring, window in ((target.keys, keys), (target.values, values)):
+                    targets += [ring[:, :, start : start + before_end], ring[:, :, : kept - before_end]]
+                    sources += [window[:, :, :before_end], window[:, :, before_end:]]
+                counts.append(target.cumulative_length)
+        torch._foreach_copy_(targets, sources)
+        if counts:
+            torch._foreach_zero_(counts)
+            torch._foreach_add_(counts, seen)
         if self.rings:
             slots = self.readable.shape[1]
             index = torch.arange(slots, device=self.device)
