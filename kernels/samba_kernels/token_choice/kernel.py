@@ -118,10 +118,10 @@ def _greedy_token_kernel(
             tl.store(finished_ptr + row, 0)  # ready for the next call (a CUDA graph replays this one)
             share = tl.arange(0, BLOCK_SPLITS)
             share_mask = share < splits
-            part = row * splits + share
-            tops = tl.load(part_top_ptr + part, mask=share_mask, other=float("-inf"), cache_modifier=".cg")
-            chosen = tl.load(part_token_ptr + part, mask=share_mask, other=vocab, cache_modifier=".cg")
-            nans = tl.load(part_nan_ptr + part, mask=share_mask, other=vocab, cache_modifier=".cg")
+            parts = row * splits + share
+            tops = tl.load(part_top_ptr + parts, mask=share_mask, other=float("-inf"), cache_modifier=".cg")
+            chosen = tl.load(part_token_ptr + parts, mask=share_mask, other=vocab, cache_modifier=".cg")
+            nans = tl.load(part_nan_ptr + parts, mask=share_mask, other=vocab, cache_modifier=".cg")
             top = tl.max(tops)
             token = tl.min(tl.where(tops == top, chosen, vocab))
             _store_choice(row, token, tl.min(nans), vocab, tokens_ptr, positions_ptr, unfinished_ptr, ends_ptr,
