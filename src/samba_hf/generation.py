@@ -410,17 +410,19 @@ class DecodeEngine:
         cache = model_kwargs["cache"]
         first = chooser(outputs.logits[:, -1].to(dtype=torch.float32, device=device))
         del outputs
-        synchronize(device)
+        finished = chooser.unfinished.cpu() == 0  # waits for the prompt's forward
         self.stats.prefill_s = time.perf_counter() - started
         if streamer is not None:
             streamer.put(first.cpu())
 
         cache_is_returned = generation_config.return_dict_in_generate or getattr(cache, "_is_user_defined", False)
         decoded = first.new_empty(first.shape[0], 0)
-        if max_new > 1 and bool(chooser.unfinished.any()):
+        if max_new > 1 and not bool(finished.all()):
             step = self.step_for(chooser, input_ids.shape[0], generation_config)
             step.load(cache, model_kwargs.get("attention_mask"), model_kwargs.get("position_ids"), input_ids, first)
-            decoded = self.decode(step, max_new - 1, stopping_criteria, streamer, every_step=cache_is_returned)
+            decoded = self.decode(
+                step, max_new - 1, stopping_criteria, streamer, finished, every_step=cache_is_returned
+            )
             if cache_is_returned:
                 step.store(cache, decoded=decoded.shape[1])  # the last token is not fed yet
         sequences = torch.cat([input_ids, first[:, None], decoded], dim=1)
@@ -431,8 +433,11 @@ class DecodeEngine:
             return GenerateDecoderOnlyOutput(sequences=sequences, cache=cache)
         return sequences
 
-    def decode(self, step: "DecodeStep", steps: int, stopping_criteria, streamer, every_step: bool) -> torch.Tensor:
-        """Up to `steps` more tokens (batch, n), until every row has finished or time is up. Each replay's tokens
+    def decode(
+        self, step: "DecodeStep", steps: int, stopping_criteria, streamer, finished: torch.Tensor, every_step: bool
+    ) -> torch.Tensor:
+        """Up to `steps` more tokens (batch, n), until every row has finished or time is up (`finished`: (batch,) bool
+        on the host, the rows finished before, updated). Each replay's tokens
         are copied to the host as it ends, where they are checked for the rows' ends. Where the tokens or the state
         are needed exactly at each step (a streamer, a returned cache), a replay is one step, checked before the
         next; otherwise a replay runs `steps_per_replay` steps and is checked while the next one runs, so the
@@ -441,10 +446,9 @@ class DecodeEngine:
         exact = every_step or streamer is not None
         per_replay, running_ahead = (1, 0) if exact else (step.steps_per_replay, 1)
         chooser = step.chooser
-        ends = None if chooser.eos is None else chooser.ends.cpu()  # without end tokens no row finishes early
-        finished = ~chooser.unfinished.bool().cpu()  # the rows that finished before the unchecked steps
+        ends = chooser.ends_on_host  # None without end tokens: then no row finishes early
         pinned = step.device.type == "cuda"
-        tokens = torch.empty(chooser.unfinished.shape[0], steps, dtype=torch.long, pin_memory=pinned)
+        tokens = torch.empty(finished.shape[0], steps, dtype=torch.long, pin_memory=pinned)
         unchecked = collections.deque()  # (first step, steps, the copy's end) of replays not yet checked
         done, end = 0, None
         started = time.perf_counter()
@@ -626,6 +630,7 @@ class TokenChooser:
         # Which tokens end a row, looked up by token: for a long list of ids, torch.isin(tokens, eos) takes a path
         # that a CUDA graph cannot capture (1,023 ids failed the capture on the H200).
         self.ends = None if self.eos is None else torch.isin(vocab, self.eos)
+        self.ends_on_host = None if self.eos is None else self.ends.cpu()  # for the decode loop's checks
         minimum = [p.min_length for p in logits_processor if isinstance(p, MinLengthLogitsProcessor)]
         minimum += [
             p.prompt_length_to_skip + p.min_new_tokens
