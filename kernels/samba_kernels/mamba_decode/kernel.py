@@ -258,12 +258,13 @@ def _state_kernel(
     )
 
 
-# Tiles: the fastest of a sweep at samba-421m's mixer (docs/performance-notes.md, Decoding). x_proj's
-# rows take one K step where the mixer is at most 4096 channels wide, so that every load issues right
-# after the wait (each program recomputes the convolution of every channel); the state update takes
-# 32 channels per program (3072 channels: 96 programs).
-PROJECT_TILE = dict(BLOCK_N=1, BLOCK_K=4096, num_warps=8)
-STATE_TILE = dict(BLOCK_D=32, num_warps=4)
+# Tiles: the fastest of 15 pairs in the decode engine's captured samba-421m step on the H200 (419.9 against 434.0 µs
+# a step with the tiles before, docs/performance-notes.md, Decoding). x_proj's rows take one K step where the mixer
+# is at most 4096 channels wide, so that every load issues right after the wait (each program recomputes the
+# convolution of every channel), two rows a program; the state update takes 16 channels per program (3072
+# channels: 192 programs).
+PROJECT_TILE = dict(BLOCK_N=2, BLOCK_K=4096, num_warps=16)
+STATE_TILE = dict(BLOCK_D=16, num_warps=4)
 
 
 def _launch(
