@@ -436,17 +436,16 @@ class DecodeEngine:
     def decode(
         self, step: "DecodeStep", steps: int, stopping_criteria, streamer, finished: torch.Tensor, every_step: bool
     ) -> torch.Tensor:
-        """Up to `steps` more tokens (batch, n), until every row has finished or time is up (`finished`: (batch,) bool
-        on the host, the rows finished before, updated). Each replay's tokens
-        are copied to the host as it ends, where they are checked for the rows' ends. Where the tokens or the state
-        are needed exactly at each step (a streamer, a returned cache), a replay is one step, checked before the
-        next; otherwise a replay runs `steps_per_replay` steps and is checked while the next one runs, so the
-        device never waits for the host, and the steps past the last row's end are dropped."""
+        """Up to `steps` more tokens (batch, n), until every row has finished or time is up; `finished` (batch,)
+        bool on the host, the rows finished before, is updated. Each replay's tokens are copied to the host as it
+        ends and checked there for the rows' ends. Where the tokens or the state are needed exactly at each step (a
+        streamer, a returned cache), a replay is one step, checked before the next; otherwise a replay runs
+        `steps_per_replay` steps and is checked while the next one runs, so that the device never waits for the
+        host, and the steps past the last row's end are dropped."""
         max_time = next((c for c in stopping_criteria if isinstance(c, MaxTimeCriteria)), None)
         exact = every_step or streamer is not None
         per_replay, running_ahead = (1, 0) if exact else (step.steps_per_replay, 1)
-        chooser = step.chooser
-        ends = chooser.ends_on_host  # None without end tokens: then no row finishes early
+        ends = step.chooser.ends_on_host  # None without end tokens: then no row finishes early
         pinned = step.device.type == "cuda"
         tokens = torch.empty(finished.shape[0], steps, dtype=torch.long, pin_memory=pinned)
         unchecked = collections.deque()  # (first step, steps, the copy's end) of replays not yet checked
