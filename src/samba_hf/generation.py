@@ -31,10 +31,10 @@ compile them one after another at their first launch.
 Memory: a captured step keeps its buffers (the window's keys and values and the Mamba states of its batch
 size: about 75 MB per sequence for samba-421m in bf16) and a private pool for a step's activations, which
 its graphs (one per number of steps a replay runs) share. An engine keeps at most `MAX_GRAPHS` steps, one
-per (batch size, dtype, token choice), dropping the least recently used; `release_decode_graphs(model)` frees them all. Graphs are reused only while every parameter
-keeps its address and the model holds only plain modules; a model with adapter or quantized layers gets a
-graph captured for each call (a few tens of ms), since their switches (an adapter turned off, say) would
-not show in a replayed graph.
+per (batch size, dtype, token choice), dropping the least recently used; `release_decode_graphs(model)` frees
+them all. Steps are reused only while every parameter keeps its address and the model holds only plain
+modules; a model with adapter or quantized layers gets a step captured for each call (a few tens of ms), since
+their switches (an adapter turned off, say) would not show in a replayed graph.
 """
 
 import collections

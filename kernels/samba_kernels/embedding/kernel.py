@@ -3,7 +3,8 @@
     embedding_rows_(weight, tokens, out) -> None
 
 weight (vocab, hidden), tokens (batch, 1) or (batch,) int64, out (batch, hidden) of any float dtype: out[i] =
-weight[tokens[i]], cast to out's dtype, in place.
+weight[tokens[i]], cast to out's dtype, in place. Token ids must lie in [0, vocab): the kernel does not check them,
+since reading them on the host would wait for the device (the decode engine's come from its argmax).
 
 PyTorch's `index_select` and the cast into the float32 residual are two ordinary launches at the start of a decode
 step, and the step's first product cannot start before they end. Launched as a programmatic dependent, this kernel

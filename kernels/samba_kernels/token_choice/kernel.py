@@ -27,9 +27,9 @@ import triton.language as tl
 from .._common import cdiv, dependent_launch, gdc_launch_dependents, gdc_wait, next_power_of_2, use_triton
 from .naive import greedy_token_ref
 
-# A row's share per program: samba-421m's 32000 logits over 16 programs, each one tile (a single program walking the row
-# took 9.1 µs of the captured step on the H200, docs/performance-notes.md). BLOCK: the widest tile, at 16 scores a
-# thread (16 warps at 8192).
+# A row's share per program: samba-421m's 32000 logits over 16 programs, each one tile (a single program walking
+# the row took 9.1 µs of the captured step on the H200, docs/performance-notes.md). BLOCK: the widest tile, at 16
+# scores a thread (16 warps at 8192).
 SPAN = 2048
 BLOCK = 8192
 WARPS = 16
