@@ -44,6 +44,7 @@ SMOKE_BATCH = {1: 1, 16: 2, 64: 3}
 SMOKE_CONTEXT = {4096: 48, 65536: 80, 131072: 144}
 SMOKE_NEW_TOKENS = 4
 STEP_CONTEXT, STEP_TOKENS, STEP_REPEATS = 4096, 32, 5
+VARIANT_ROUNDS = 5  # engine-variants: alternating rounds over the variants
 
 INTRO = f"""
 Each row times the public call `model.generate(prompt, attention_mask=ones, max_new_tokens=N, min_new_tokens=N,
@@ -83,6 +84,11 @@ with the slowest; a forked child's compile is not seen there.
 Case `engine-profile`: the engine's batch-1 step at 4K, each kernel's GPU time under torch.profiler (launched one by
 one, ordinary launches) and the replay of the captured step with and without programmatic dependent launch, a step
 per replay and STEPS_PER_REPLAY per replay (µs per step).
+
+Case `engine-variants`: the same step captured with the defaults and with other settings of its kernels (the
+embedding by PyTorch, the greedy choice's share per program, the Mamba decode tiles, the decode attention's tiling),
+all from one state after a real 4K prompt, replayed in alternating rounds in one process: what the defaults were
+picked by.
 """
 
 
@@ -508,28 +514,110 @@ def engine_profile_case(ctx):
     if not step.graphs:
         return
     for label, dependent in (("captured step, dependent launches", True), ("captured step, ordinary launches", False)):
-        with mock.patch.object(generation, "DEPENDENT_LAUNCH", dependent):
-            graph_step = generation.DecodeStep(model, 1, step.chooser, True, generation.STEPS_PER_REPLAY)
-        # The engine's state after the prompt and the profiled steps, not zeros.
-        for target, source in zip(
-            generation.cache_tensors(graph_step.cache)
-            + [graph_step.tokens, graph_step.positions, graph_step.readable],
-            generation.cache_tensors(step.cache) + [step.tokens, step.positions, step.readable],
-        ):
-            target.copy_(source)
+        graph_step = captured_twin(model, step, mock.patch.object(generation, "DEPENDENT_LAUNCH", dependent))
         for steps, graph in graph_step.graphs.items():
             us = replay_seconds(graph, ctx.device) / steps * 1e6
             ctx.add(row="graph", kernel=f"{label}, {steps} per replay", us_per_step=us)
 
 
-def replay_seconds(graph, device: torch.device) -> float:
-    """Seconds per replay of a captured step: the median of STEP_REPEATS runs of STEP_TOKENS replays."""
+def captured_twin(model, step, *patches):
+    """A batch-1 step captured afresh (STEPS_PER_REPLAY a replay) under `patches`, holding `step`'s state: the
+    engine's after a real prompt, not zeros."""
+    from samba_hf import generation
+
+    with contextlib.ExitStack() as stack:
+        for patch in patches:
+            stack.enter_context(patch)
+        twin = generation.DecodeStep(model, 1, step.chooser, True, generation.STEPS_PER_REPLAY)
+    for target, source in zip(
+        generation.cache_tensors(twin.cache) + [twin.tokens, twin.positions, twin.readable],
+        generation.cache_tensors(step.cache) + [step.tokens, step.positions, step.readable],
+    ):
+        target.copy_(source)
+    return twin
+
+
+def engine_variants():
+    """The settings the engine-variants case captures beside the defaults: name -> patches."""
+    import samba_kernels
+    from samba_kernels.decode_attention import kernel as attention
+    from samba_kernels.mamba_decode import kernel as mamba
+    from samba_kernels.token_choice import kernel as choice
+
+    def greedy(span):
+        return mock.patch.object(choice, "_launch", functools.partial(choice._launch, span=span))
+
+    def mamba_tiles(project, state):
+        return (
+            mock.patch.object(mamba, "PROJECT_TILE", dict(zip(("BLOCK_N", "BLOCK_K", "num_warps"), project))),
+            mock.patch.object(mamba, "STATE_TILE", dict(zip(("BLOCK_D", "num_warps"), state))),
+        )
+
+    def attention_tiling(slots, warps):
+        return mock.patch.object(attention, "_launch", functools.partial(attention._launch, split_slots=slots,
+                                                                         num_warps=warps))  # fmt: skip
+
+    return {
+        "embedding by index_select and a copy": (
+            mock.patch.object(samba_kernels, "embedding_rows_", samba_kernels.embedding_rows_ref),
+        ),
+        "greedy choice in one program a row": (greedy(1 << 30),),
+        "greedy choice, 1024 logits a program": (greedy(1024),),
+        "greedy choice, 4096 logits a program": (greedy(4096),),
+        "Mamba tiles 1 x 4096 x 8 warps, 32 channels x 4": mamba_tiles((1, 4096, 8), (32, 4)),
+        "Mamba tiles 2 x 4096 x 16 warps, 32 channels x 4": mamba_tiles((2, 4096, 16), (32, 4)),
+        "Mamba tiles 1 x 4096 x 8 warps, 16 channels x 4": mamba_tiles((1, 4096, 8), (16, 4)),
+        "attention 32 slots x 2 warps": (attention_tiling(32, 2),),
+        "attention 32 slots x 1 warp": (attention_tiling(32, 1),),
+    }
+
+
+@case(
+    "engine-variants",
+    "the decode engine's batch-1 step at 4K context against other settings of its kernels, each captured from the "
+    "same state and replayed in alternating rounds",
+)
+@torch.no_grad()
+def engine_variants_case(ctx):
+    """samba-421m's batch-1 step after a real 4K prefill (generate() once), captured with the defaults and with each
+    of `engine_variants()`, all from the same state; VARIANT_ROUNDS alternating rounds of STEP_TOKENS replays of
+    STEPS_PER_REPLAY steps each (µs per step: the median round; `ratio`: against the defaults' median). `same tokens`:
+    whether the variant's last tokens equal the defaults' after every round (the same steps from the same state)."""
+    from samba_hf import generation
+
+    if ctx.device.type != "cuda":
+        ctx.add(variant="defaults", skipped="captured steps need CUDA")
+        return
+    model = models.build("samba", ctx.device, dtype_for(ctx.device), ctx.smoke)
+    prompt = random_prompt(model.config.vocab_size, 1, STEP_CONTEXT, ctx.device)
+    model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    step = next(reversed(generation.decode_engine(model).graphs.values()))
+    steps = {"defaults": captured_twin(model, step)}
+    steps.update((name, captured_twin(model, step, *patches)) for name, patches in engine_variants().items())
+    rounds = {name: [] for name in steps}
+    for _ in range(VARIANT_ROUNDS):
+        for name, twin in steps.items():
+            rounds[name].append(replay_seconds(twin.graphs[generation.STEPS_PER_REPLAY], ctx.device, repeats=1))
+    per_step = {
+        name: statistics.median(seconds) / generation.STEPS_PER_REPLAY * 1e6 for name, seconds in rounds.items()
+    }
+    for name, twin in steps.items():
+        ctx.add(
+            variant=name,
+            us_per_step=per_step[name],
+            ratio=per_step[name] / per_step["defaults"],
+            same_tokens=bool(torch.equal(twin.tokens, steps["defaults"].tokens)),
+        )
+
+
+def replay_seconds(graph, device: torch.device, repeats: int = STEP_REPEATS) -> float:
+    """Seconds per replay of a captured step: the median of `repeats` runs of STEP_TOKENS replays."""
 
     def replays():
         for _ in range(STEP_TOKENS):
             graph.replay()
 
-    return statistics.median(wall_seconds(replays, device)[0] / STEP_TOKENS for _ in range(STEP_REPEATS))
+    return statistics.median(wall_seconds(replays, device)[0] / STEP_TOKENS for _ in range(repeats))
 
 
 def best(rows: list[dict], model: str, mode: str | None = None) -> dict | None:
@@ -599,6 +687,13 @@ COLUMNS = {
         ("kernel or graph", "kernel"),
         ("µs per step", "us_per_step", ".1f"),
         ("launches per step", "launches_per_step", ".1f"),
+        ("note", "skipped"),
+    ],
+    "engine-variants": [
+        ("variant", "variant"),
+        ("µs per step", "us_per_step", ".1f"),
+        ("ratio to the defaults", "ratio", ".3f"),
+        ("same tokens", "same_tokens"),
         ("note", "skipped"),
     ],
     "first-call": [

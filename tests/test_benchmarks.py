@@ -294,3 +294,14 @@ def test_idle_gaps_sum_the_waits_between_kernels_after_each_kernel():
     ]
     gaps = harness.idle_gaps(events, calls=2)
     assert gaps == [("any gap", 125.0, 1.5), ("after c", 100.0, 1.0), ("after d", 25.0, 0.5)]
+
+
+def test_engine_variants_patch_what_the_kernels_have():
+    """Each setting the engine-variants case captures patches attributes the kernel modules still have (a renamed
+    constant or launcher would fail here, not on the GPU)."""
+    import contextlib
+
+    for name, patches in run.suite_module("generate").engine_variants().items():
+        with contextlib.ExitStack() as stack:
+            for patch in patches:
+                stack.enter_context(patch)
