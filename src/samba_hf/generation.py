@@ -653,8 +653,6 @@ class TokenChooser:
             except ImportError:  # a remote-code install may lack it
                 samba_kernels = None
             self.kernels = samba_kernels
-            # greedy_token_'s count of finished programs per row, which its last program sets back to 0
-            self.programs_finished = torch.zeros(batch, dtype=torch.int32, device=device)
         self.key = (
             self.do_sample,
             tuple(processor_key(p) for p in logits_processor),
@@ -712,9 +710,7 @@ class TokenChooser:
         # Two launches, where PyTorch's argmax and bookkeeping take six to eight
         eos = (self.unfinished, self.ends, self.pad) if self.eos is not None else (None,) * 3
         min_length = (self.eos_mask, self.eos_allowed_from) if self.steps else (None,) * 2
-        self.kernels.greedy_token_(
-            logits, tokens, positions, self.length, *eos, *min_length, finished=self.programs_finished
-        )
+        self.kernels.greedy_token_(logits, tokens, positions, self.length, *eos, *min_length)
         torch._foreach_add_([self.length, *counters], 1)
 
     def copy(self) -> "TokenChooser":

@@ -31,18 +31,10 @@ def expected_row(scores, unfinished, ends, pad):
     return (token if unfinished else pad), (0 if bool(ends[token]) else unfinished)
 
 
-# one program, three sharing a row (SPAN 2048 each), and 17 each walking its share in 5 tiles (64 wide)
-SHARES = {"one program": (97, {}), "three programs": (5000, {}), "tiles in shares": (5000, dict(span=300, block=64))}
-
-
-@pytest.mark.parametrize("shares", SHARES)
+@pytest.mark.parametrize("vocab", [97, 5000])  # one tile, and two (the kernel's tile is 4096 wide)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("eos", [False, True])
-def test_greedy_token_matches_argmax_and_the_end_of_sequence_rule(shares, dtype, eos, monkeypatch):
-    vocab, tiling = SHARES[shares]
-    if tiling:
-        monkeypatch.setattr(kernel, "BLOCK", tiling["block"])
-        monkeypatch.setattr(kernel, "SPAN", tiling["span"])
+def test_greedy_token_matches_argmax_and_the_end_of_sequence_rule(vocab, dtype, eos):
     g = gen(vocab)
     batch = 5
     logits = logits_with_edge_cases(batch, vocab, dtype, g)
@@ -54,17 +46,14 @@ def test_greedy_token_matches_argmax_and_the_end_of_sequence_rule(shares, dtype,
     expected = [expected_row(logits[b], int(unfinished[b]), ends if eos else None, int(pad)) for b in range(batch)]
     assert [token for token, _ in expected][:4] == [expected[0][0], 5, 40 if not eos else int(pad), 0]
 
-    finished = torch.zeros(batch, dtype=torch.int32, device=DEVICE)  # kept across calls, as a captured step keeps it
-    for choose in (samba_kernels.greedy_token_, samba_kernels.greedy_token_, greedy_token_ref):
+    for choose in (samba_kernels.greedy_token_, greedy_token_ref):
         state = [t.clone().to(DEVICE) for t in (positions, length, unfinished, ends, pad)]
         tokens = torch.full((batch, 1), -1, device=DEVICE)
-        kept = {} if choose is greedy_token_ref else dict(finished=finished)
-        choose(logits.to(DEVICE), tokens, state[0], state[1], *(state[2:] if eos else (None,) * 3), **kept)
+        choose(logits.to(DEVICE), tokens, state[0], state[1], *(state[2:] if eos else ()))
         assert tokens[:, 0].tolist() == [token for token, _ in expected], choose
         assert torch.equal(state[0].cpu(), positions + 1) and int(state[1]) == 33  # the caller counts length
         if eos:
             assert state[2].tolist() == [flag for _, flag in expected]
-    assert not finished.any()  # set back to 0 by each call's last programs
 
 
 @pytest.mark.parametrize("vocab", [97, 9000])  # one tile, and two
