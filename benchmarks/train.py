@@ -181,13 +181,13 @@ for _key, (_batch, _length) in SHAPES.items():
     )
 
 
-PROFILE_SHAPE, SMOKE_PROFILE_SHAPE = (1, 16384), (1, 48)
+PROFILE_SHAPE, SMOKE_PROFILE_SHAPE = (1, 65536), (1, 48)
 PROFILE_TOP = 15
 
 
 @case(
     "profile",
-    "where samba-421m's training step at batch 1 x 16K goes, eager and compiled: GPU time by kernel, and the step's "
+    "where samba-421m's training step at batch 1 x 64K goes, eager and compiled: GPU time by kernel, and the step's "
     "wall-clock against the sum of its kernels",
 )
 def profile_case(ctx):
