@@ -54,7 +54,9 @@ def selective_scan_ref(
     `initial_state` (float32) at position 0. Arguments and results: `selective_scan_fn`'s."""
     dtype_out = u.dtype
     batch, dim, length = u.shape
-    u, delta, A = u.float(), delta.float(), A.float()
+    # delta contiguous: on the mixer's transposed view, softplus's backward returns a layout that torch.compile's
+    # backward graph does not expect at batch > 1 (a view of it fails under aot_eager).
+    u, delta, A = u.float(), delta.float().contiguous(), A.float()
     if delta_bias is not None:
         delta = delta + delta_bias.float()[None, :, None]
     if delta_softplus:
