@@ -541,6 +541,10 @@ class SambaModel(SambaPreTrainedModel):
         if use_cache and cache is None and seq_idx is None:
             cache = DynamicCache(config=self.config)
 
+        # The masks read packed rows from position ids they are given, and compiled they cannot read their values:
+        # any would count as packed, and a sliding window would take a (length x length) mask. Ids made here pack
+        # nothing, so the masks do not see them.
+        given_position_ids = position_ids
         if position_ids is None:
             past_seen_tokens = 0
             if cache is not None and self.first_attention_layer is not None:
@@ -551,7 +555,7 @@ class SambaModel(SambaPreTrainedModel):
         if isinstance(attention_mask, dict):  # masks prepared by `generate` (compiled steps) or the decode engine
             masks = attention_mask
         else:
-            masks = create_layer_masks(self.config, inputs_embeds, attention_mask, cache, position_ids)
+            masks = create_layer_masks(self.config, inputs_embeds, attention_mask, cache, given_position_ids)
 
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids) if self.rotary_emb is not None else None
         hidden_states = inputs_embeds
