@@ -92,7 +92,8 @@ def test_static_cache_generate_gives_the_dynamic_cache_tokens(implementation, ba
 @pytest.mark.parametrize("packed", [True, False])
 def test_compiled_training_step_matches_the_eager_step(packed, monkeypatch):
     """torch.compile(model, fullgraph=True) with the Triton kernels as custom ops; unpacked, the window layers
-    trace the fused window kernel (FlexAttention) into the graph."""
+    trace the fused window kernel (FlexAttention) into the graph. Without a cache, as training runs: with one,
+    the masks never looked for packed rows, and a compiled step without it took a full-length masked sdpa."""
     ids = torch.randint(0, 1024, (1, 300), device="cuda")
     position_ids = torch.cat([torch.arange(n, device="cuda") for n in (120, 180)])[None] if packed else None
     window_kernel, window_calls = samba_kernels.windowed_attention, []
@@ -106,7 +107,7 @@ def test_compiled_training_step_matches_the_eager_step(packed, monkeypatch):
         window_calls.clear()
         model = random_model("triton")
         run = torch.compile(model, fullgraph=True) if compiled else model
-        loss = run(ids, labels=ids, position_ids=position_ids).loss
+        loss = run(ids, labels=ids, position_ids=position_ids, use_cache=False).loss
         loss.backward()
         results.append((loss.detach(), {name: p.grad for name, p in model.named_parameters()}))
     (eager_loss, eager_grads), (loss, grads) = results
