@@ -150,14 +150,13 @@ def test_compiled_training_step_is_one_graph_with_exact_gradients(implementation
         torch.testing.assert_close(p_compiled.grad, p_eager.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
-
 @pytest.mark.parametrize("given", ["nothing", "position_ids from 0"])
 def test_compiled_training_keeps_the_window_unmasked_without_packed_rows(monkeypatch, given):
     """Compiled, transformers' masks cannot read position ids (a data-dependent check), so any they are given
     count as packed rows and the sliding-window layers get a (length x length) mask: quadratic attention
-    (samba-421m's compiled training step at 1 x 64K took 4.5x the eager one's time). Position ids the model
-    makes itself, or that count from 0 in every row... are still values: only the ones it makes are known not
-    to pack. The windowed path must run, and give eager's loss and gradients."""
+    (samba-421m's compiled training step at 1 x 64K took 4.5x the eager one's time). The ids the model makes
+    itself pack nothing and must not reach the masks: the windowed path runs. Ids a caller gives take the
+    masked path (they may pack). Both give eager's loss and gradients."""
     windowed_calls = []
     windowed_sdpa = kernel_dispatch.windowed_sdpa
 
@@ -184,6 +183,7 @@ def test_compiled_training_keeps_the_window_unmasked_without_packed_rows(monkeyp
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-5)
     for (name, p_eager), p_compiled in zip(eager.named_parameters(), model.parameters()):
         torch.testing.assert_close(p_compiled.grad, p_eager.grad, rtol=1e-4, atol=1e-5, msg=name)
+
 
 # ------------------------------------------------------------------------------- the examples
 
