@@ -4,8 +4,13 @@ through a stand-in for its compiled extension), the wheel checks, and the commit
 
 import json
 import math
+import os
+import re
+import subprocess
+import sys
 import types
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -305,3 +310,19 @@ def test_engine_variants_patch_what_the_kernels_have():
         with contextlib.ExitStack() as stack:
             for patch in patches:
                 stack.enter_context(patch)
+
+
+def test_scan_issue_bound_counts_one_exp_per_element_in_each_pass():
+    """benchmarks/scan_issue_bound.py compiles the split forward's kernels for sm_90 (no GPU) and counts their main
+    loops: each pass computes one decay exp2 per (channel, state, step), so a loop other than the scan's would show
+    fewer, and the bound is at least one floor for the lanes pass plus the summary's share."""
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    script = Path(run.__file__).with_name("scan_issue_bound.py")
+    printed = subprocess.run(
+        [sys.executable, str(script), "--length", "16384"], env=environment, capture_output=True, text=True, check=True
+    ).stdout
+    passes = dict(re.findall(r"^(\w+)\s+[\d.]+ instructions and ([\d.]+) MUFU operations", printed, re.MULTILINE))
+    assert set(passes) == {"summary", "lanes"} and all(float(mufu) >= 1.0 for mufu in passes.values()), printed
+    chunks = int(re.search(r"(\d+) chunks of", printed).group(1))
+    bound = float(re.search(r"at least ([\d.]+) exp floors", printed).group(1))
+    assert bound >= 1 + (chunks - 1) / chunks, printed
