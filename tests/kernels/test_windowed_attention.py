@@ -165,3 +165,59 @@ def test_compiled_flex_serves_prompts_of_any_length_with_two_compilations():
         out = _compiled_flex()(q, k, v, block_mask=_block_mask(len_q, len_kv, window, "cpu"))
         torch.testing.assert_close(out.double(), _explicit_window_attention(q, k, v, window), rtol=1e-4, atol=1e-4)
     assert counters["stats"]["unique_graphs"] <= 2
+
+
+def _packed_rows(g, batch, length, heads, kv_heads, head_dim=16):
+    """q, k, v of rows of packed documents and their seq_idx: documents of random lengths, starts differing
+    between rows."""
+    q = randn(g, batch, heads, length, head_dim).requires_grad_()
+    k = randn(g, batch, kv_heads, length, head_dim).requires_grad_()
+    v = randn(g, batch, kv_heads, length, head_dim).requires_grad_()
+    starts = torch.rand(batch, length, generator=g, device=DEVICE) < 0.08
+    starts[:, 0] = False
+    return q, k, v, starts.cumsum(dim=1).to(torch.int32)
+
+
+@pytest.mark.parametrize("heads, kv_heads, length, window", [(2, 2, 40, 6), (4, 2, 33, 50)])
+def test_windowed_attention_over_packed_documents_equals_each_document_alone(heads, kv_heads, length, window):
+    """With seq_idx, each document's output and gradients are those of the document attended alone."""
+    g = gen(length + window)
+    q, k, v, seq_idx = _packed_rows(g, 2, length, heads, kv_heads)
+    out = samba_kernels.windowed_attention(q, k, v, window, seq_idx=seq_idx)
+    grad = randn(g, *out.shape)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+    for b in range(2):
+        for document in seq_idx[b].unique():
+            span = (seq_idx[b] == document).nonzero()[:, 0]
+            piece = slice(int(span[0]), int(span[-1]) + 1)
+            alone = [x[b : b + 1, :, piece].detach().requires_grad_() for x in (q, k, v)]
+            out_alone = samba_kernels.windowed_attention(*alone, window)
+            torch.testing.assert_close(out[b : b + 1, :, piece], out_alone)
+            grads_alone = torch.autograd.grad(out_alone, alone, grad[b : b + 1, :, piece])
+            for full, one in zip((dq, dk, dv), grads_alone):
+                torch.testing.assert_close(full[b : b + 1, :, piece], one)
+
+
+def test_windowed_attention_refuses_documents_that_continue_cached_keys():
+    q, k = torch.randn(1, 2, 4, 16), torch.randn(1, 2, 9, 16)
+    with pytest.raises(ValueError, match="packed documents cannot continue cached keys"):
+        samba_kernels.windowed_attention(q, k, k, 4, seq_idx=torch.zeros(1, 9, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("length, window", [(300, 100), (700, 128), (520, 300)])
+def test_document_block_mask_lists_the_windows_band_of_blocks(length, window):
+    """The band built from block indices lists exactly the blocks create_block_mask finds for the window alone
+    (it evaluates the mask at every pair: the independent account), none of them full (a document may start
+    inside any), and flex with it equals the reference (unfused flex on the CPU)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    g = gen(length)
+    q, k, v, seq_idx = (x.detach().cpu() for x in _packed_rows(g, 1, length, 2, 2))
+    mask = window_kernel._document_block_mask(seq_idx, window)
+    window_alone = create_block_mask(
+        lambda b, h, q_idx, kv_idx: (kv_idx <= q_idx) & (q_idx - kv_idx < window), 1, None, length, length, "cpu"
+    )
+    assert mask.full_kv_num_blocks is None
+    torch.testing.assert_close(mask.to_dense(), window_alone.to_dense())
+    out = flex_attention(q, k, v, block_mask=mask)
+    torch.testing.assert_close(out, samba_kernels.windowed_attention_ref(q, k, v, window, seq_idx=seq_idx))

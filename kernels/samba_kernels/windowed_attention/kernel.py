@@ -1,7 +1,7 @@
 """Causal sliding-window attention: an own Triton forward where no gradient is needed, torch's
 flex_attention (compiled once) for training on CUDA, an exact eager reference elsewhere.
 
-    windowed_attention(query, key, value, window, scale=None) -> (batch, heads, len_q, head_dim)
+    windowed_attention(query, key, value, window, scale=None, seq_idx=None) -> (batch, heads, len_q, head_dim)
 
 query (batch, heads, len_q, head_dim); key, value (batch, kv_heads, len_kv, head_dim) with
 heads % kv_heads == 0 (grouped-query attention) and len_q <= len_kv. Queries are aligned to the END
@@ -26,6 +26,10 @@ materialises the whole score matrix (docs/performance-notes.md: a 64K-token pref
 a torch.compile'd model, it is traced into the model's graph (flex_attention and the block mask,
 without the caches). CPU (and any other device) tensors that need gradients take the eager reference
 with an explicit boolean mask, computed in float32 (flex has no CPU backward).
+
+Rows of packed documents (`seq_idx`, a whole sequence) take flex on CUDA with or without gradients, with a block
+mask built from the window's band of blocks, every block partial (`_document_block_mask`), and the reference
+elsewhere.
 """
 
 import functools
@@ -34,7 +38,7 @@ import math
 import torch
 import triton
 import triton.language as tl
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from .._common import cdiv, use_triton
 from .naive import check_inputs, windowed_attention_ref
@@ -316,7 +320,31 @@ def _block_mask(len_q: int, len_kv: int, window: int, device: str):
     return create_block_mask(sliding_window, B=None, H=None, Q_LEN=len_q, KV_LEN=len_kv, device=device)
 
 
-def windowed_attention(query, key, value, window, scale=None, kernel_options=None):
+FLEX_BLOCK = 128  # flex_attention's default block size, the block masks' tiles
+
+
+def _document_block_mask(seq_idx: torch.Tensor, window: int) -> BlockMask:
+    """The window's BlockMask over rows of packed documents (seq_idx (batch, length)): each block of queries
+    reaches its band of key blocks, every one partial (a document may start inside any of them), and the mask
+    compares the documents too. Built from the band's block indices, in O(blocks^2): create_block_mask would
+    evaluate the mask at every (query, key) pair, O(length^2)."""
+    length, device = seq_idx.shape[1], seq_idx.device
+    blocks = cdiv(length, FLEX_BLOCK)
+    q_block = torch.arange(blocks, device=device, dtype=torch.int32)
+    first = torch.clamp(torch.div(q_block * FLEX_BLOCK - window + 1, FLEX_BLOCK, rounding_mode="floor"), min=0)
+    kv_num_blocks = (q_block - first + 1).to(torch.int32)
+    kv_indices = torch.clamp(first[:, None] + q_block[None, :], max=blocks - 1).to(torch.int32)
+
+    def window_in_document(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < window) & (seq_idx[b, q_idx] == seq_idx[b, kv_idx])
+
+    return BlockMask.from_kv_blocks(
+        kv_num_blocks[None, None], kv_indices[None, None], BLOCK_SIZE=FLEX_BLOCK, mask_mod=window_in_document,
+        seq_lengths=(length, length),
+    )  # fmt: skip
+
+
+def windowed_attention(query, key, value, window, scale=None, kernel_options=None, seq_idx=None):
     """Causal sliding-window attention (semantics: `windowed_attention_ref`; paths: the module docstring),
     differentiable in query, key and value.
 
@@ -327,24 +355,30 @@ def windowed_attention(query, key, value, window, scale=None, kernel_options=Non
         window (int): keys each query sees, itself included: query i, at position `len_kv - len_q + i`, sees
             the keys at positions `p - window + 1 .. p`.
         scale (float | None): the scores' scale, `head_dim ** -0.5` where None.
-        kernel_options (dict | None): passed to flex_attention where it runs (CUDA, gradients needed; e.g. block
-            sizes), ignored elsewhere.
+        kernel_options (dict | None): passed to flex_attention where it runs (CUDA, gradients needed or documents;
+            e.g. block sizes), ignored elsewhere.
+        seq_idx (torch.Tensor | None): shape `[batch, length]`, the document of each token of rows of packed
+            documents (a query sees only keys of its own document); only for a whole sequence (`len_q == len_kv`).
+            On CUDA it runs flex, with or without gradients.
 
     Returns:
         query's shape and dtype.
     """
-    check_inputs(query, key, value, window)
-    if _kernel_fits(query, key, value):
+    check_inputs(query, key, value, window, seq_idx)
+    if seq_idx is None and _kernel_fits(query, key, value):
         return _window_fwd(query, key, value, int(window), scale)
     if not query.is_cuda:
-        return windowed_attention_ref(query, key, value, window, scale)
+        return windowed_attention_ref(query, key, value, window, scale, seq_idx)
     # Inside a caller's torch.compile, its graph compiles flex and the mask itself: the host-side
     # caches (the compiled function, the block masks) are for eager callers.
     compiling = torch.compiler.is_compiling()
     attend = flex_attention if compiling else _compiled_flex()
-    mask = (_block_mask.__wrapped__ if compiling else _block_mask)(
-        query.shape[2], key.shape[2], int(window), str(query.device)
-    )
+    if seq_idx is not None:
+        mask = _document_block_mask(seq_idx, int(window))
+    else:
+        mask = (_block_mask.__wrapped__ if compiling else _block_mask)(
+            query.shape[2], key.shape[2], int(window), str(query.device)
+        )
     return attend(
         query,
         key,
