@@ -150,23 +150,30 @@ def test_compiled_training_step_is_one_graph_with_exact_gradients(implementation
         torch.testing.assert_close(p_compiled.grad, p_eager.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("given", ["nothing", "position_ids from 0"])
-def test_compiled_training_keeps_the_window_unmasked_without_packed_rows(monkeypatch, given):
-    """Compiled, transformers' masks cannot read position ids (a data-dependent check), so any they are given
-    count as packed rows and the sliding-window layers get a (length x length) mask: quadratic attention
-    (samba-421m's compiled training step at 1 x 64K took 4.5x the eager one's time). The ids the model makes
-    itself pack nothing and must not reach the masks: the windowed path runs. Ids a caller gives take the
-    masked path (they may pack). Both give eager's loss and gradients."""
+POSITIONS = {
+    "nothing": None,
+    "position ids from 0": torch.arange(24).expand(2, -1),
+    "packed position ids": torch.cat([torch.arange(9), torch.arange(15)]).expand(2, -1),
+}
+
+
+@pytest.mark.parametrize("given", POSITIONS)
+def test_training_keeps_the_window_without_a_length_x_length_mask(monkeypatch, given):
+    """The sliding-window layers take the windowed path, eager and compiled, whether or not rows are packed, and
+    the compiled step gives the eager one's loss and gradients. Compiled, transformers' masks cannot read position
+    ids (a data-dependent check): any they see count as packed rows, and the window got a (length x length) mask,
+    quadratic (samba-421m's compiled training step at 1 x 64K took 4.5x the eager one's time). Packed rows, eager
+    or compiled, had that mask too; now the windowed path keeps each query in its document (seq_idx)."""
     windowed_calls = []
     windowed_sdpa = kernel_dispatch.windowed_sdpa
 
     def counted_windowed_sdpa(*args, **kwargs):
-        windowed_calls.append(1)
+        windowed_calls.append(kwargs.get("seq_idx") is not None)
         return windowed_sdpa(*args, **kwargs)
 
     monkeypatch.setattr(kernel_dispatch, "windowed_sdpa", counted_windowed_sdpa)
     ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(0))
-    kwargs = {} if given == "nothing" else {"position_ids": torch.arange(24).expand(2, -1)}
+    kwargs = {} if POSITIONS[given] is None else {"position_ids": POSITIONS[given]}
 
     def step(model):
         loss = model(ids, labels=ids, use_cache=False, **kwargs).loss
@@ -175,11 +182,12 @@ def test_compiled_training_keeps_the_window_unmasked_without_packed_rows(monkeyp
 
     eager = small_model(num_hidden_layers=2)
     eager_loss = step(eager)
-    eager_calls, windowed_calls[:] = len(windowed_calls), []
+    eager_calls, windowed_calls[:] = list(windowed_calls), []
     model = small_model(num_hidden_layers=2)
     compiled_loss = step(torch.compile(model, fullgraph=True, backend="aot_eager"))
 
-    assert eager_calls == 1 and len(windowed_calls) == (1 if given == "nothing" else 0)
+    # compiled, any given ids become documents (all one where they count from 0)
+    assert eager_calls == [given == "packed position ids"] and windowed_calls == [given != "nothing"]
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-5)
     for (name, p_eager), p_compiled in zip(eager.named_parameters(), model.parameters()):
         torch.testing.assert_close(p_compiled.grad, p_eager.grad, rtol=1e-4, atol=1e-5, msg=name)

@@ -158,13 +158,15 @@ def samba_sdpa_mask(*, attention_mask=None, local_size=None, allow_is_causal_ski
 
 
 def samba_sdpa_attention(
-    module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, **kwargs
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, seq_idx=None, **kwargs
 ):
-    """sdpa, except for sliding-window layers that `samba_sdpa_mask` left without a mask: those run
-    `windowed_attention` (samba_kernels' on CUDA, `windowed_sdpa` elsewhere), queries aligned to the end
-    of the keys (a continuation of cached keys, or a whole sequence)."""
+    """sdpa, except for sliding-window layers left without a mask (by `samba_sdpa_mask`, or over packed rows by
+    the model): those run `windowed_attention` (samba_kernels' on CUDA, `windowed_sdpa` elsewhere), queries
+    aligned to the end of the keys (a continuation of cached keys, or a whole sequence), each query within its
+    document where `seq_idx` marks packed documents."""
     q_len, kv_len = query.shape[2], key.shape[2]
-    if attention_mask is not None or sliding_window is None or q_len == 1 or q_len == kv_len <= sliding_window:
+    window_covers_all = q_len == kv_len <= sliding_window and seq_idx is None
+    if attention_mask is not None or sliding_window is None or q_len == 1 or window_covers_all:
         return sdpa_attention_forward(
             module,
             query,
@@ -178,8 +180,10 @@ def samba_sdpa_attention(
         )
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     if fused_window_kernel(module.config, query):
-        return samba_kernels.windowed_attention(query, key, value, sliding_window, scale).transpose(1, 2), None
-    return windowed_sdpa(query, key, value, sliding_window, scale).transpose(1, 2), None
+        output = samba_kernels.windowed_attention(query, key, value, sliding_window, scale, seq_idx=seq_idx)
+    else:
+        output = windowed_sdpa(query, key, value, sliding_window, scale, seq_idx=seq_idx)
+    return output.transpose(1, 2), None
 
 
 def fused_window_kernel(config, query: torch.Tensor) -> bool:
@@ -191,23 +195,27 @@ def fused_window_kernel(config, query: torch.Tensor) -> bool:
     return config.windowed_attention_kernel and query.shape[2] >= MIN_KERNEL_QUERIES
 
 
-def windowed_sdpa(query, key, value, window: int, scale: float, block: int = 1024) -> torch.Tensor:
+def windowed_sdpa(query, key, value, window: int, scale: float, block: int = 1024, seq_idx=None) -> torch.Tensor:
     """Causal sliding-window attention, query i at position len_kv - len_q + i seeing keys p - window + 1 .. p,
     computed by sdpa in blocks of `block` queries against the keys their window reaches: memory
     O(block x (block + window)) rather than O(len_q x len_kv). (batch, heads, len_q, head_dim) in and out;
-    key/value heads may divide the query heads (grouped-query attention)."""
+    key/value heads may divide the query heads (grouped-query attention). With `seq_idx` (batch, length), the
+    documents of packed rows (a whole sequence), a query sees only keys of its own document."""
     offset, outputs = key.shape[2] - query.shape[2], []
     for start in range(0, query.shape[2], block):
         end = min(start + block, query.shape[2])
         first_key, last_key = max(0, offset + start - window + 1), offset + end
         q_pos = torch.arange(offset + start, offset + end, device=query.device)[:, None]
         k_pos = torch.arange(first_key, last_key, device=query.device)[None, :]
+        mask = (k_pos <= q_pos) & (k_pos > q_pos - window)
+        if seq_idx is not None:  # (batch, 1, queries, keys)
+            mask = mask & (seq_idx[:, None, start:end, None] == seq_idx[:, None, None, first_key:last_key])
         outputs.append(
             F.scaled_dot_product_attention(
                 query[:, :, start:end],
                 key[:, :, first_key:last_key],
                 value[:, :, first_key:last_key],
-                attn_mask=(k_pos <= q_pos) & (k_pos > q_pos - window),
+                attn_mask=mask,
                 scale=scale,
                 enable_gqa=query.shape[1] != key.shape[1],
             )

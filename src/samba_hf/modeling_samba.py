@@ -402,7 +402,9 @@ class SambaDecoderLayer(GradientCheckpointingLayer):
         elif self.mixer_type == "mlp":
             update = self.mixer(mixer_input)
         else:
-            update, _ = self.mixer(mixer_input, position_embeddings, attention_mask, cache=cache, **kwargs)
+            update, _ = self.mixer(
+                mixer_input, position_embeddings, attention_mask, cache=cache, seq_idx=seq_idx, **kwargs
+            )
         hidden_states = self.add_residual(hidden_states, update)
         if self.mlp is not None:
             hidden_states = self.add_residual(hidden_states, self.mlp(self.mlp_norm(hidden_states)))
@@ -555,7 +557,7 @@ class SambaModel(SambaPreTrainedModel):
         if isinstance(attention_mask, dict):  # masks prepared by `generate` (compiled steps) or the decode engine
             masks = attention_mask
         else:
-            masks = create_layer_masks(self.config, inputs_embeds, attention_mask, cache, given_position_ids)
+            masks = create_layer_masks(self.config, inputs_embeds, attention_mask, cache, given_position_ids, seq_idx)
 
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids) if self.rotary_emb is not None else None
         hidden_states = inputs_embeds
@@ -636,9 +638,10 @@ def document_numbers(seq_idx: torch.Tensor) -> torch.Tensor:
     return starts.cumsum(dim=1)
 
 
-def create_layer_masks(config: SambaConfig, inputs_embeds, attention_mask, cache, position_ids) -> dict:
+def create_layer_masks(config: SambaConfig, inputs_embeds, attention_mask, cache, position_ids, seq_idx=None) -> dict:
     """The attention mask of each layer type (transformers' mask functions; `ring_window_mask` for a
-    one-token step over a ring-buffer static cache)."""
+    one-token step over a ring-buffer static cache). Over packed rows (`seq_idx`) "samba_sdpa" takes no window
+    mask: its windowed attention keeps each query in its document, without a (length x length) mask."""
     mask_kwargs = {
         "config": config,
         "inputs_embeds": inputs_embeds,
@@ -658,6 +661,8 @@ def create_layer_masks(config: SambaConfig, inputs_embeds, attention_mask, cache
     for layer_type in set(config.layer_types):
         if layer_type == "sliding_attention" and ring is not None:
             masks[layer_type] = ring_window_mask(config, inputs_embeds, attention_mask, ring)
+        elif layer_type == "sliding_attention" and seq_idx is not None and config._attn_implementation == SAMBA_SDPA:
+            masks[layer_type] = None
         elif layer_type in mask_functions:
             masks[layer_type] = mask_functions[layer_type](**mask_kwargs)
     return masks

@@ -46,14 +46,28 @@ def test_continuation_from_the_cache_and_decode_kernels_match_one_forward():
     assert relative_error(continued, full) <= FLOAT32_TOLERANCE
 
 
-@torch.no_grad()
-def test_packed_documents_match_the_documents_run_separately():
+@pytest.mark.parametrize("gradients", [False, True])
+def test_packed_documents_match_the_documents_run_separately(gradients, monkeypatch):
+    """Packed rows run the window layers in flex with the documents' block mask, with and without gradients: the
+    logits, and the gradients of a random projection of them, are the documents' run one by one."""
+    document_masks, document_mask = [], window_kernel_module._document_block_mask
+    monkeypatch.setattr(
+        window_kernel_module, "_document_block_mask", lambda *args: document_masks.append(1) or document_mask(*args)
+    )
     model = random_model("triton")
     documents = [torch.randint(0, 1024, (1, n), device="cuda") for n in (70, 150, 33)]
     position_ids = torch.cat([torch.arange(d.shape[1], device="cuda") for d in documents])[None]
-    packed = model(torch.cat(documents, dim=1), position_ids=position_ids).logits
-    separate = torch.cat([model(d).logits for d in documents], dim=1)
+    with torch.set_grad_enabled(gradients):
+        packed = model(torch.cat(documents, dim=1), position_ids=position_ids, use_cache=False).logits
+        separate = torch.cat([model(d, use_cache=False).logits for d in documents], dim=1)
+    assert len(document_masks) == model.config.layer_types.count("sliding_attention")
     assert relative_error(packed, separate) <= FLOAT32_TOLERANCE
+    if gradients:
+        projection, parameters = torch.randn_like(packed), list(model.parameters())
+        packed_grads = torch.autograd.grad((packed * projection).sum(), parameters)
+        separate_grads = torch.autograd.grad((separate * projection).sum(), parameters)
+        for name, got, expected in zip(dict(model.named_parameters()), packed_grads, separate_grads):
+            assert relative_error(got, expected) <= FLOAT32_TOLERANCE, name
 
 
 @pytest.mark.parametrize("module", ["in_proj", "x_proj", "dt_proj", "out_proj"])
