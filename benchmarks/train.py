@@ -8,8 +8,18 @@ from .harness import columns, free_memory, peak_gib, profiled, registry, rows_of
 
 TITLE = "Training: tokens/s and peak memory, samba-421m against the paper's 438M Llama"
 # (batch, length) per case, in the order of priority: the long single sequences first.
-SHAPES = {"b1-64k": (1, 65536), "b2-32k": (2, 32768), "b1-16k": (1, 16384), "b8-4k": (8, 4096)}
-SMOKE_SHAPES = {"b1-64k": (1, 96), "b2-32k": (2, 64), "b1-16k": (1, 48), "b8-4k": (2, 32)}
+SHAPES = {
+    "b1-64k": (1, 65536),
+    "b1-64k-packed": (1, 65536),
+    "b2-32k": (2, 32768),
+    "b1-16k": (1, 16384),
+    "b8-4k": (8, 4096),
+}
+SMOKE_SHAPES = {"b1-64k": (1, 96), "b1-64k-packed": (1, 96), "b2-32k": (2, 64), "b1-16k": (1, 48), "b8-4k": (2, 32)}
+# Rows of packed documents, as DataCollatorWithFlattening makes them (position ids restarting at each document):
+# documents of DOCUMENT_TOKENS tokens, uniformly at random (seeded), the last one cut at the row's end.
+PACKED = {"b1-64k-packed"}
+DOCUMENT_TOKENS = (1024, 8192)
 SMOKE_CHECKPOINTED = "b1-64k"  # a smoke run checkpoints this shape's activations, so that the path runs
 MODES = ("eager", "compiled")
 WARMUP_STEPS, STEPS = 2, 5
@@ -73,8 +83,22 @@ def predicted_peak(name: str, mode: str, batch: int, length: int) -> float:
     return batch * length * per_token
 
 
-def training_step(model, batch: int, length: int, device: torch.device, compiled: bool, smoke: bool):
-    """One AdamW step on random tokens (see INTRO), as a function that returns the loss."""
+def packed_position_ids(batch: int, length: int, device: torch.device, smoke: bool) -> torch.Tensor:
+    """(batch, length) position ids of rows of packed documents (see DOCUMENT_TOKENS; 8 to 32 tokens in smoke
+    runs)."""
+    shortest, longest = (8, 32) if smoke else DOCUMENT_TOKENS
+    generator, rows = torch.Generator().manual_seed(0), []
+    for _ in range(batch):
+        lengths = []
+        while sum(lengths) < length:
+            lengths.append(int(torch.randint(shortest, longest + 1, (), generator=generator)))
+        rows.append(torch.cat([torch.arange(n) for n in lengths])[:length])
+    return torch.stack(rows).to(device)
+
+
+def training_step(model, batch: int, length: int, device: torch.device, compiled: bool, smoke: bool, packed=False):
+    """One AdamW step on random tokens (see INTRO), as a function that returns the loss; `packed`: rows of packed
+    documents (`packed_position_ids`)."""
     model.train()
     if compiled:  # smoke runs trace with dynamo only: inductor's CPU compile takes minutes
         forward = torch.compile(model, fullgraph=True, **({"backend": "eager"} if smoke else {}))
@@ -84,10 +108,11 @@ def training_step(model, batch: int, length: int, device: torch.device, compiled
     generator = torch.Generator(device=device).manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (batch, length), device=device, generator=generator)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    documents = {"position_ids": packed_position_ids(batch, length, device, smoke)} if packed else {}
 
     def step():
         with autocast:
-            loss = forward(input_ids=ids, labels=ids, use_cache=False).loss
+            loss = forward(input_ids=ids, labels=ids, use_cache=False, **documents).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -97,9 +122,9 @@ def training_step(model, batch: int, length: int, device: torch.device, compiled
     return step
 
 
-def train_steps(model, batch: int, length: int, device: torch.device, compiled: bool, smoke: bool) -> dict:
+def train_steps(model, batch: int, length: int, device: torch.device, compiled: bool, smoke: bool, packed=False):
     """tokens/s, step seconds, peak GiB, the last loss and the first step's seconds of AdamW steps."""
-    step = training_step(model, batch, length, device, compiled, smoke)
+    step = training_step(model, batch, length, device, compiled, smoke, packed)
     warmup, steps = (1, 1) if smoke else (WARMUP_STEPS, STEPS)
     first_s, _ = wall_seconds(step, device)
     for _ in range(warmup - 1):
@@ -119,7 +144,7 @@ def train_steps(model, batch: int, length: int, device: torch.device, compiled: 
     )
 
 
-def measure(ctx, name: str, mode: str, batch: int, length: int, checkpointing: bool = False) -> None:
+def measure(ctx, name: str, mode: str, batch: int, length: int, checkpointing: bool = False, packed=False) -> None:
     cell = dict(model=name, mode=mode, batch=batch, length=length)
     if not checkpointing and ctx.memory_refusal(predicted_peak(name, mode, batch, length)):
         checkpointing, note = True, "activation checkpointing: predicted not to fit without"
@@ -137,7 +162,7 @@ def measure(ctx, name: str, mode: str, batch: int, length: int, checkpointing: b
         if checkpointing:
             model.activation_checkpointing_enable()
         try:
-            row = train_steps(model, batch, length, ctx.device, mode == "compiled", ctx.smoke)
+            row = train_steps(model, batch, length, ctx.device, mode == "compiled", ctx.smoke, packed)
         except torch.OutOfMemoryError as error:  # retried once with checkpointing, else recorded
             out_of_memory = f"out of memory ({str(error).splitlines()[0][:160]})"
         except torch._dynamo.exc.Unsupported as error:  # recorded: a model that torch.compile refuses
@@ -170,15 +195,16 @@ def shape_case(key: str):
         batch, length = SMOKE_SHAPES[key] if ctx.smoke else SHAPES[key]
         for mode in MODES:
             for name in models.MODELS:
-                measure(ctx, name, mode, batch, length, checkpointing=ctx.smoke and key == SMOKE_CHECKPOINTED)
+                checkpointing = ctx.smoke and key == SMOKE_CHECKPOINTED
+                measure(ctx, name, mode, batch, length, checkpointing=checkpointing, packed=key in PACKED)
 
     return run
 
 
 for _key, (_batch, _length) in SHAPES.items():
-    case(_key, f"training steps at batch {_batch} x {_length // 1024}K tokens, both models, eager and compiled")(
-        shape_case(_key)
-    )
+    _rows = f", rows of packed documents of {DOCUMENT_TOKENS[0]} to {DOCUMENT_TOKENS[1]} tokens" * (_key in PACKED)
+    _title = f"training steps at batch {_batch} x {_length // 1024}K tokens{_rows}, both models, eager and compiled"
+    case(_key, _title)(shape_case(_key))
 
 
 PROFILE_SHAPE, SMOKE_PROFILE_SHAPE = (1, 65536), (1, 48)

@@ -107,6 +107,30 @@ def test_prefill_profile_case_accounts_for_the_call(tmp_path, case):
     assert all(ms > 0 for ms in totals.values())
 
 
+def test_train_packed_case_trains_on_rows_of_documents(tmp_path, monkeypatch):
+    """The packed case hands the models position ids that restart at each document (as DataCollatorWithFlattening
+    does), documents of the smoke run's 8 to 32 tokens."""
+    from benchmarks import train
+
+    given = []
+    step = train.training_step
+
+    def recording_step(model, batch, length, device, compiled, smoke, packed=False):
+        given.append(packed)
+        return step(model, batch, length, device, compiled, smoke, packed)
+
+    monkeypatch.setattr(train, "training_step", recording_step)
+    result = smoke("train", "b1-64k-packed", tmp_path)
+    rows = measured(result, "b1-64k-packed", "tokens_per_s")
+    assert {(row["model"], row["mode"]) for row in rows} == {
+        (m, mode) for m in ("samba", "llama") for mode in ("eager", "compiled")
+    }
+    assert given and all(given)
+    positions = train.packed_position_ids(2, 96, torch.device("cpu"), smoke=True)
+    starts = (positions == 0).sum(dim=1)
+    assert positions.shape == (2, 96) and bool((starts >= 3).all()) and bool((starts <= 12).all())
+
+
 def test_train_case_with_activation_checkpointing(tmp_path):
     result = smoke("train", "b1-64k", tmp_path)  # the smoke run checkpoints this shape, eager and compiled
     rows = measured(result, "b1-64k", "tokens_per_s")
