@@ -312,6 +312,49 @@ def test_left_padded_batch_equals_each_row_alone():
             assert torch.equal(batched[row, width:], alone[0, len(r) :])
 
 
+PAD_LAYOUTS = {  # 1 where a token is real: two rows, the first padded as named, the second not
+    "left": [0] * 5 + [1] * 19,
+    "right": [1] * 17 + [0] * 7,
+    "middle": [1] * 6 + [0] * 4 + [1] * 11 + [0] * 3,
+}
+
+
+@pytest.mark.parametrize("layout, compiled", [("left", False), ("right", False), ("middle", False), ("middle", True)])
+def test_padded_rows_without_a_cache_keep_the_window_with_each_pad_alone(monkeypatch, layout, compiled):
+    """Padded rows without a cache (training) run the sliding windows' windowed path, each pad a document of its
+    own, not a (length x length) mask: the logits at real tokens and the gradients of a loss over them equal
+    transformers' masks' (attn_implementation="sdpa"), eager and compiled (where the mask's values cannot be
+    read, a mask becomes documents)."""
+    from samba_hf import kernel_dispatch
+
+    documents = []
+    windowed_sdpa = kernel_dispatch.windowed_sdpa
+    monkeypatch.setattr(
+        kernel_dispatch,
+        "windowed_sdpa",
+        lambda *args, **kwargs: documents.append(kwargs["seq_idx"]) or windowed_sdpa(*args, **kwargs),
+    )
+    mask = torch.tensor([PAD_LAYOUTS[layout], [1] * 24])
+    ids = torch.randint(1, 97, (2, 24), generator=torch.Generator().manual_seed(1)) * mask
+    weights = torch.randn(2, 24, 97, generator=torch.Generator().manual_seed(2)) * mask[..., None]
+
+    def logits_and_grads(model):
+        logits = model(ids, attention_mask=mask, use_cache=False).logits
+        grads = torch.autograd.grad((logits * weights).sum(), list(model.parameters()))
+        return logits * mask[..., None], grads
+
+    model = small_model(num_hidden_layers=2)
+    got = logits_and_grads(torch.compile(model, fullgraph=True, backend="aot_eager") if compiled else model)
+    reference = small_model(num_hidden_layers=2)
+    reference.set_attn_implementation("sdpa")
+    expected = logits_and_grads(reference)
+
+    assert len(documents) == 1 and bool((documents[0][0] < 0).eq(mask[0] == 0).all())
+    torch.testing.assert_close(got[0], expected[0], **FP32)
+    for name, a, b in zip(dict(model.named_parameters()), got[1], expected[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_packed_documents_equal_the_documents_run_separately():
     model = small_model()
     lengths = [5, WINDOW + 4, 3]

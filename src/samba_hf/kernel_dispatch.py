@@ -160,13 +160,13 @@ def samba_sdpa_mask(*, attention_mask=None, local_size=None, allow_is_causal_ski
 def samba_sdpa_attention(
     module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, seq_idx=None, **kwargs
 ):
-    """sdpa, except for sliding-window layers left without a mask (by `samba_sdpa_mask`, or over packed rows by
-    the model): those run `windowed_attention` (samba_kernels' on CUDA, `windowed_sdpa` elsewhere), queries
-    aligned to the end of the keys (a continuation of cached keys, or a whole sequence), each query within its
-    document where `seq_idx` marks packed documents."""
+    """sdpa, except for sliding-window layers left without a mask (by `samba_sdpa_mask`, or by the model over
+    packed or padded rows without a cache): those run `windowed_attention` (samba_kernels' on CUDA, `windowed_sdpa`
+    elsewhere), queries aligned to the end of the keys (a continuation of cached keys, or a whole sequence), each
+    query within its document where `seq_idx` gives them (`modeling_samba.window_documents`)."""
     q_len, kv_len = query.shape[2], key.shape[2]
-    window_covers_all = q_len == kv_len <= sliding_window and seq_idx is None
-    if attention_mask is not None or sliding_window is None or q_len == 1 or window_covers_all:
+    plain = attention_mask is not None or sliding_window is None or q_len == 1
+    if plain or (seq_idx is None and q_len == kv_len <= sliding_window):  # the window covers every key: causal sdpa
         return sdpa_attention_forward(
             module,
             query,

@@ -394,8 +394,11 @@ class SambaDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: Cache | None = None,
         seq_idx: torch.Tensor | None = None,
+        window_documents: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
+        """seq_idx: packed documents, for the Mamba layers; window_documents: the documents the sliding windows
+        keep to (packed documents, or each pad alone: `window_documents`)."""
         mixer_input = self.mixer_norm(hidden_states)
         if self.mixer_type == "linear_attention":
             update = self.mixer(mixer_input, cache=cache, padding_mask=attention_mask, seq_idx=seq_idx)
@@ -403,7 +406,7 @@ class SambaDecoderLayer(GradientCheckpointingLayer):
             update = self.mixer(mixer_input)
         else:
             update, _ = self.mixer(
-                mixer_input, position_embeddings, attention_mask, cache=cache, seq_idx=seq_idx, **kwargs
+                mixer_input, position_embeddings, attention_mask, cache=cache, seq_idx=window_documents, **kwargs
             )
         hidden_states = self.add_residual(hidden_states, update)
         if self.mlp is not None:
@@ -555,9 +558,12 @@ class SambaModel(SambaPreTrainedModel):
             position_ids = position_ids.unsqueeze(0)
 
         if isinstance(attention_mask, dict):  # masks prepared by `generate` (compiled steps) or the decode engine
-            masks = attention_mask
+            masks, documents = attention_mask, None
         else:
-            masks = create_layer_masks(self.config, inputs_embeds, attention_mask, cache, given_position_ids, seq_idx)
+            documents = window_documents(self.config, attention_mask, cache, seq_idx)
+            masks = create_layer_masks(
+                self.config, inputs_embeds, attention_mask, cache, given_position_ids, documents is not None
+            )
 
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids) if self.rotary_emb is not None else None
         hidden_states = inputs_embeds
@@ -568,6 +574,7 @@ class SambaModel(SambaPreTrainedModel):
                 position_embeddings=position_embeddings,
                 cache=cache,
                 seq_idx=seq_idx,
+                window_documents=documents,
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
@@ -612,6 +619,25 @@ def packed_documents(seq_idx, position_ids, attention_mask, cache) -> tuple[torc
     return packed.to(torch.int32).contiguous(), position_ids
 
 
+def window_documents(config: SambaConfig, attention_mask, cache, seq_idx) -> torch.Tensor | None:
+    """The document (int32) of each token as "samba_sdpa"'s sliding windows see a whole sequence (no cache), where
+    the rows need more than the window: packed documents (`seq_idx`), or for padded rows one document for the real
+    tokens and one for each pad (no token sees a pad; a pad sees itself, so that its output stays finite). The
+    window then needs no (length x length) mask. None where the rows need nothing more, or transformers' masks
+    serve (another attention implementation, a cache, a 4-D mask). Eager, a mask without a pad needs nothing;
+    compiled its values cannot be read, and it becomes documents."""
+    if config._attn_implementation != SAMBA_SDPA or cache is not None:
+        return None
+    if seq_idx is not None:
+        return seq_idx
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    if not torch.compiler.is_compiling() and bool(attention_mask.all()):
+        return None
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return torch.where(attention_mask.bool(), 0, -1 - positions).to(torch.int32)
+
+
 def holds_state(cache: Cache) -> bool:
     """Whether `cache` holds what tokens before left: a Mamba layer's states or an attention layer's keys (an
     MLP-only layer's placeholder holds none)."""
@@ -638,10 +664,12 @@ def document_numbers(seq_idx: torch.Tensor) -> torch.Tensor:
     return starts.cumsum(dim=1)
 
 
-def create_layer_masks(config: SambaConfig, inputs_embeds, attention_mask, cache, position_ids, seq_idx=None) -> dict:
+def create_layer_masks(
+    config: SambaConfig, inputs_embeds, attention_mask, cache, position_ids, windows_take_documents=False
+) -> dict:
     """The attention mask of each layer type (transformers' mask functions; `ring_window_mask` for a
-    one-token step over a ring-buffer static cache). Over packed rows (`seq_idx`) "samba_sdpa" takes no window
-    mask: its windowed attention keeps each query in its document, without a (length x length) mask."""
+    one-token step over a ring-buffer static cache). Where the sliding windows take `window_documents`, they get
+    no mask: the windowed attention keeps each query in its document, without a (length x length) mask."""
     mask_kwargs = {
         "config": config,
         "inputs_embeds": inputs_embeds,
@@ -661,7 +689,7 @@ def create_layer_masks(config: SambaConfig, inputs_embeds, attention_mask, cache
     for layer_type in set(config.layer_types):
         if layer_type == "sliding_attention" and ring is not None:
             masks[layer_type] = ring_window_mask(config, inputs_embeds, attention_mask, ring)
-        elif layer_type == "sliding_attention" and seq_idx is not None and config._attn_implementation == SAMBA_SDPA:
+        elif layer_type == "sliding_attention" and windows_take_documents:
             masks[layer_type] = None
         elif layer_type in mask_functions:
             masks[layer_type] = mask_functions[layer_type](**mask_kwargs)
