@@ -70,6 +70,33 @@ def test_packed_documents_match_the_documents_run_separately(gradients, monkeypa
             assert relative_error(got, expected) <= FLOAT32_TOLERANCE, name
 
 
+def test_padded_rows_without_a_cache_match_transformers_masks(monkeypatch):
+    """Padded rows (left and middle pads) without a cache run the window layers in flex with each pad a document of
+    its own: the logits at real tokens, and the gradients of a random projection of them, are those of
+    transformers' masks (attn_implementation="sdpa")."""
+    document_masks, document_mask = [], window_kernel_module._document_block_mask
+    monkeypatch.setattr(
+        window_kernel_module, "_document_block_mask", lambda *args: document_masks.append(1) or document_mask(*args)
+    )
+    mask = torch.ones(2, 300, dtype=torch.long, device="cuda")
+    mask[0, :40], mask[1, 100:130] = 0, 0
+    ids = torch.randint(1, 1024, (2, 300), device="cuda") * mask
+    torch.manual_seed(1)
+    projection = None
+    results = []
+    for implementation in ("samba_sdpa", "sdpa"):
+        model = random_model("triton")
+        model.set_attn_implementation(implementation)
+        logits = model(ids, attention_mask=mask, use_cache=False).logits * mask[..., None]
+        projection = torch.randn_like(logits) if projection is None else projection
+        results.append((logits, torch.autograd.grad((logits * projection).sum(), list(model.parameters()))))
+    assert len(document_masks) == model.config.layer_types.count("sliding_attention")
+    (logits, grads), (expected_logits, expected_grads) = results
+    assert relative_error(logits, expected_logits) <= FLOAT32_TOLERANCE
+    for name, got, expected in zip(dict(model.named_parameters()), grads, expected_grads):
+        assert relative_error(got, expected) <= FLOAT32_TOLERANCE, name
+
+
 @pytest.mark.parametrize("module", ["in_proj", "x_proj", "dt_proj", "out_proj"])
 @torch.no_grad()
 def test_lora_on_a_mamba_projection_applies_on_the_kernel_path(module):
