@@ -319,12 +319,16 @@ PAD_LAYOUTS = {  # 1 where a token is real: two rows, the first padded as named,
 }
 
 
-@pytest.mark.parametrize("layout, compiled", [("left", False), ("right", False), ("middle", False), ("middle", True)])
-def test_padded_rows_without_a_cache_keep_the_window_with_each_pad_alone(monkeypatch, layout, compiled):
-    """Padded rows without a cache (training) run the sliding windows' windowed path, each pad a document of its
-    own, not a (length x length) mask: the logits at real tokens and the gradients of a loss over them equal
-    transformers' masks' (attn_implementation="sdpa"), eager and compiled (where the mask's values cannot be
-    read, a mask becomes documents)."""
+@pytest.mark.parametrize(
+    "layout, compiled, use_cache",
+    [("left", False, False), ("right", False, False), ("middle", False, False), ("middle", True, False)]
+    + [("left", False, None)],
+)
+def test_padded_rows_without_a_cache_keep_the_window_with_each_pad_alone(monkeypatch, layout, compiled, use_cache):
+    """Padded rows without a cache (training), or with the new one a forward makes by default, run the sliding
+    windows' windowed path, each pad a document of its own, not a (length x length) mask: the logits at real
+    tokens and the gradients of a loss over them equal transformers' masks' (attn_implementation="sdpa"), eager
+    and compiled (where the mask's values cannot be read, a mask becomes documents)."""
     from samba_hf import kernel_dispatch
 
     documents = []
@@ -339,7 +343,7 @@ def test_padded_rows_without_a_cache_keep_the_window_with_each_pad_alone(monkeyp
     weights = torch.randn(2, 24, 97, generator=torch.Generator().manual_seed(2)) * mask[..., None]
 
     def logits_and_grads(model):
-        logits = model(ids, attention_mask=mask, use_cache=False).logits
+        logits = model(ids, attention_mask=mask, use_cache=use_cache).logits
         grads = torch.autograd.grad((logits * weights).sum(), list(model.parameters()))
         return logits * mask[..., None], grads
 

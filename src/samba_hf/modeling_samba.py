@@ -620,13 +620,16 @@ def packed_documents(seq_idx, position_ids, attention_mask, cache) -> tuple[torc
 
 
 def window_documents(config: SambaConfig, attention_mask, cache, seq_idx) -> torch.Tensor | None:
-    """The document (int32) of each token as "samba_sdpa"'s sliding windows see a whole sequence (no cache), where
-    the rows need more than the window: packed documents (`seq_idx`), or for padded rows one document for the real
-    tokens and one for each pad (no token sees a pad; a pad sees itself, so that its output stays finite). The
-    window then needs no (length x length) mask. None where the rows need nothing more, or transformers' masks
-    serve (another attention implementation, a cache, a 4-D mask). Eager, a mask without a pad needs nothing;
-    compiled its values cannot be read, and it becomes documents."""
-    if config._attn_implementation != SAMBA_SDPA or cache is not None:
+    """The document (int32) of each token as "samba_sdpa"'s sliding windows see a whole sequence (no cache, or a
+    new DynamicCache, whose window layers hand back this call's keys), where the rows need more than the window:
+    packed documents (`seq_idx`), or for padded rows one document for the real tokens and one for each pad (no
+    token sees a pad; a pad sees itself, so that its output stays finite). The window then needs no
+    (length x length) mask. None where the rows need nothing more, or transformers' masks serve (another attention
+    implementation, a cache holding tokens or of another kind, a 4-D mask). Eager, a mask without a pad needs
+    nothing; compiled its values cannot be read, and it becomes documents."""
+    if config._attn_implementation != SAMBA_SDPA:
+        return None
+    if cache is not None and (type(cache) is not DynamicCache or holds_state(cache)):
         return None
     if seq_idx is not None:
         return seq_idx
