@@ -560,7 +560,7 @@ class SambaModel(SambaPreTrainedModel):
         if isinstance(attention_mask, dict):  # masks prepared by `generate` (compiled steps) or the decode engine
             masks, documents = attention_mask, None
         else:
-            documents = window_documents(self.config, attention_mask, cache, seq_idx)
+            documents = window_documents(self.config, attention_mask, cache, seq_idx, inputs_embeds.shape[1])
             masks = create_layer_masks(
                 self.config, inputs_embeds, attention_mask, cache, given_position_ids, documents is not None
             )
@@ -619,21 +619,22 @@ def packed_documents(seq_idx, position_ids, attention_mask, cache) -> tuple[torc
     return packed.to(torch.int32).contiguous(), position_ids
 
 
-def window_documents(config: SambaConfig, attention_mask, cache, seq_idx) -> torch.Tensor | None:
+def window_documents(config: SambaConfig, attention_mask, cache, seq_idx, length: int) -> torch.Tensor | None:
     """The document (int32) of each token as "samba_sdpa"'s sliding windows see a whole sequence (no cache, or a
     new DynamicCache, whose window layers hand back this call's keys), where the rows need more than the window:
     packed documents (`seq_idx`), or for padded rows one document for the real tokens and one for each pad (no
     token sees a pad; a pad sees itself, so that its output stays finite). The window then needs no
     (length x length) mask. None where the rows need nothing more, or transformers' masks serve (another attention
-    implementation, a cache holding tokens or of another kind, a 4-D mask). Eager, a mask without a pad needs
-    nothing; compiled its values cannot be read, and it becomes documents."""
+    implementation, a cache holding tokens or of another kind, a mask that is not one (batch, length) row of this
+    call's tokens). Eager, a mask without a pad needs nothing; compiled its values cannot be read, and it becomes
+    documents."""
     if config._attn_implementation != SAMBA_SDPA:
         return None
     if cache is not None and (type(cache) is not DynamicCache or holds_state(cache)):
         return None
     if seq_idx is not None:
         return seq_idx
-    if attention_mask is None or attention_mask.dim() != 2:
+    if attention_mask is None or attention_mask.dim() != 2 or attention_mask.shape[1] != length:
         return None
     if not torch.compiler.is_compiling() and bool(attention_mask.all()):
         return None
